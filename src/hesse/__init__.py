@@ -1,0 +1,52 @@
+"""hesse: exact second-order calculus of deep networks in PyTorch.
+
+The public API is this file: a `Problem` (model, loss, data, parameters), exact
+quantities as functions of it, and curvature operators that behave like
+``scipy.sparse.linalg.LinearOperator`` objects.
+"""
+
+from hesse._api import (
+    Decomposition,
+    decompose,
+    fisher_vp,
+    ggn,
+    ggn_vp,
+    gradient,
+    hessian,
+    hessian_blocks,
+    hvp,
+    jacobian,
+)
+from hesse._check import CheckReport, CheckRow, check
+from hesse._operators import (
+    CurvatureOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+)
+from hesse._problem import Problem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckReport",
+    "CheckRow",
+    "CurvatureOperator",
+    "Decomposition",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "Problem",
+    "ResidualOperator",
+    "check",
+    "decompose",
+    "fisher_vp",
+    "ggn",
+    "ggn_vp",
+    "gradient",
+    "hessian",
+    "hessian_blocks",
+    "hvp",
+    "jacobian",
+]

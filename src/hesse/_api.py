@@ -1,0 +1,173 @@
+"""Exact quantities as functions of a `Problem`: thin wrappers over the operators."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import Tensor
+
+from hesse import _products
+from hesse._bishop import bishop_hessian
+from hesse._operators import FisherOperator, GGNOperator, HessianOperator, ResidualOperator
+from hesse._problem import Problem
+
+__all__ = [
+    "Decomposition",
+    "decompose",
+    "fisher_vp",
+    "ggn",
+    "ggn_vp",
+    "gradient",
+    "hessian",
+    "hessian_blocks",
+    "hvp",
+    "jacobian",
+]
+
+Vector = Tensor | Sequence[Tensor]
+
+
+def gradient(problem: Problem) -> Tensor:
+    """Gradient ``dL/dtheta``, shape ``(P,)``. Cost: one forward and backward per batch.
+
+    Example:
+        >>> g = hesse.gradient(problem); problem.unflatten(g)  # per-parameter tensors
+    """
+    return _products.gradient(problem)
+
+
+def hvp(problem: Problem, v: Vector, method: str = "reverse") -> Tensor | list[Tensor]:
+    """Hessian-vector product ``H v`` (Pearlmutter 1994).
+
+    Args:
+        problem: the `Problem`.
+        v: ``(P,)``, ``(P, k)`` or a list of per-parameter tensors; the result has the
+            same form.
+        method: ``"reverse"`` (reverse-over-reverse, default, fastest on CPU) or
+            ``"forward"`` (forward-over-reverse R-operator).
+    """
+    return HessianOperator(problem, method=method) @ v
+
+
+def ggn_vp(problem: Problem, v: Vector) -> Tensor | list[Tensor]:
+    """Generalised Gauss-Newton-vector product ``G v = J^T H_loss J v``; ``v`` as in `hvp`."""
+    return GGNOperator(problem) @ v
+
+
+def fisher_vp(problem: Problem, v: Vector, kind: str = "true") -> Tensor | list[Tensor]:
+    """Fisher-vector product; ``kind="true"`` or ``"empirical"`` (see `FisherOperator`)."""
+    return FisherOperator(problem, kind=kind) @ v
+
+
+def hessian(
+    problem: Problem,
+    *,
+    method: str = "autodiff",
+    max_memory: int | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """Dense Hessian ``(P, P)`` of the objective, cross-parameter blocks included.
+
+    Args:
+        problem: the `Problem`.
+        method: ``"autodiff"`` (default: ``P`` Hessian-vector products in
+            memory-bounded chunks of columns) or ``"bishop"`` (Bishop's 1992
+            propagation, for ``nn.Sequential`` MLPs of ``Linear`` layers and
+            element-wise activations).
+        max_memory: bytes of working memory per chunk (default 1 GiB).
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Cost: about ``P`` gradient evaluations (autodiff); memory ``P^2`` for the result.
+    """
+    if method == "autodiff":
+        return HessianOperator(problem).to_dense(max_memory=max_memory, progress=progress)
+    if method == "bishop":
+        return bishop_hessian(problem)
+    raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
+
+
+def ggn(problem: Problem, *, max_memory: int | None = None,
+        progress: bool | None = None) -> Tensor:
+    """Dense generalised Gauss-Newton matrix ``(P, P)``."""
+    return GGNOperator(problem).to_dense(max_memory=max_memory, progress=progress)
+
+
+def hessian_blocks(
+    problem: Problem,
+    pairs: str | Sequence[tuple[str, str]] = "diagonal",
+    *,
+    max_memory: int | None = None,
+) -> dict[tuple[str, str], Tensor]:
+    """Blocks of the Hessian addressed by parameter names.
+
+    Args:
+        pairs: ``"diagonal"`` (each parameter with itself, default), ``"all"`` (every
+            ordered pair, i.e. the whole Hessian cut into blocks) or a list of
+            ``(row_name, col_name)`` pairs.
+
+    Returns:
+        ``{(row, col): tensor of shape row_param.shape + col_param.shape}``. Cost: one
+        Hessian-vector product per column of each distinct ``col`` parameter.
+    """
+    names = problem.names
+    if pairs == "diagonal":
+        pairs = [(n, n) for n in names]
+    elif pairs == "all":
+        pairs = [(a, b) for a in names for b in names]
+    elif isinstance(pairs, str):
+        raise ValueError(f"pairs must be 'diagonal', 'all' or a list of name pairs; got {pairs!r}")
+    pairs = list(pairs)
+    for a, b in pairs:
+        for n in (a, b):
+            if n not in problem.slices:
+                raise ValueError(f"unknown parameter {n!r}; selected: {names}")
+    op = HessianOperator(problem)
+    shapes = dict(zip(names, problem.shapes, strict=True))
+    out: dict[tuple[str, str], Tensor] = {}
+    for col in dict.fromkeys(b for _, b in pairs):  # one pass of products per column block
+        sl = problem.slices[col]
+        cols = op._columns(range(sl.start, sl.stop), max_memory, progress=False)
+        for a, b in pairs:
+            if b == col:
+                out[(a, b)] = cols[problem.slices[a]].reshape(*shapes[a], *shapes[b])
+    return out
+
+
+def jacobian(problem: Problem) -> Tensor:
+    """Jacobian of the model's outputs w.r.t. the selected parameters,
+    shape ``(N, *output_shape, P)`` over all batches (no loss weighting)."""
+    return _products.jacobian(problem)
+
+
+class Decomposition(NamedTuple):
+    """The chain-rule split of the Hessian, ``hessian = ggn + residual`` (all ``(P, P)``).
+
+    ``ggn = J^T (d^2 L/d f^2) J`` is the first term of seed 001's
+    ``D2_z L . D_w z . D_w z + D_z L . D2_w z``, ``residual`` the second.
+    """
+
+    hessian: Tensor
+    ggn: Tensor
+    residual: Tensor
+
+    def block_norms(self, problem: Problem) -> dict[str, dict[str, float]]:
+        """Frobenius norms of each parameter's diagonal block of the three matrices."""
+        out = {}
+        for name, sl in problem.slices.items():
+            out[name] = {k: float(getattr(self, k)[sl, sl].norm()) for k in self._fields}
+        return out
+
+
+def decompose(problem: Problem, *, max_memory: int | None = None,
+              progress: bool | None = None) -> Decomposition:
+    """Dense Hessian, GGN and residual, each computed on its own (the residual as the
+    Hessian of ``<dL/df, f(theta)>`` with the adjoint held fixed), so that
+    ``hessian == ggn + residual`` is a check, not an identity of the code."""
+    kw = {"max_memory": max_memory, "progress": progress}
+    return Decomposition(
+        hessian=HessianOperator(problem).to_dense(**kw),
+        ggn=GGNOperator(problem).to_dense(**kw),
+        residual=ResidualOperator(problem).to_dense(**kw),
+    )
+

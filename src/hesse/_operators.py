@@ -1,0 +1,272 @@
+"""Curvature operators: one abstraction for "a symmetric P x P matrix we can multiply by".
+
+`CurvatureOperator` owns everything that is the same for every curvature matrix:
+the ``@`` operator on flat vectors, matrices and per-parameter lists, dense
+materialisation in memory-bounded column chunks with a progress bar, per-block
+views, and the export to ``scipy.sparse.linalg.LinearOperator``. A subclass only
+chooses its product (``_matmat``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor
+
+from hesse import _products
+from hesse._problem import Problem
+
+__all__ = [
+    "CurvatureOperator",
+    "FisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "ResidualOperator",
+]
+
+_DEFAULT_MAX_MEMORY = 2**30  # bytes of working memory for a chunk of columns
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    """A tqdm bar when asked for, or (``None``) when stderr is a terminal and the
+    job has more than a few chunks; a no-op object otherwise."""
+    if enabled is None:
+        enabled = total > 4 and sys.stderr.isatty()
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="col", leave=False)
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
+
+
+class CurvatureOperator:
+    """A symmetric ``(P, P)`` curvature matrix of a `Problem`, applied matrix-free.
+
+    Supports ``op @ v`` for a flat vector ``(P,)``, a matrix ``(P, k)`` of column
+    vectors, or a list of per-parameter tensors (the result has the same form),
+    ``.shape``, ``.dtype``, ``.device``, ``.to_dense()``, ``.block(name_i, name_j)``
+    and ``.to_scipy()``.
+
+    Attributes:
+        symmetric: always ``True`` for curvature matrices.
+        psd: ``True`` when the matrix is positive semi-definite by construction
+            (Gauss-Newton, Fisher), ``False`` when it may be indefinite (Hessian).
+    """
+
+    symmetric: bool = True
+    psd: bool = False
+    name: str = "curvature"
+
+    def __init__(self, problem: Problem) -> None:
+        if not isinstance(problem, Problem):
+            raise TypeError(f"expected a hesse.Problem; got {type(problem).__name__}")
+        self.problem = problem
+
+    # ---------------------------------------------------------------- interface
+    def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        P = self.problem.num_params
+        return (P, P)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.problem.device
+
+    def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        as_list = isinstance(v, (list, tuple))
+        flat = self.problem.as_flat(v)
+        out = self._matmat(flat.unsqueeze(1) if flat.ndim == 1 else flat)
+        out = out.squeeze(1) if flat.ndim == 1 else out
+        return self.problem.unflatten(out) if as_list else out
+
+    def matvec(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """Same as ``self @ v``."""
+        return self @ v
+
+    # ---------------------------------------------------------------- dense
+    def _chunk_size(self, max_memory: int | None) -> int:
+        """Columns per chunk so that the batched products stay within ``max_memory``
+        bytes: a column costs about one parameter vector plus one set of
+        activations of the largest batch, for each pass that is batched."""
+        budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        P = self.problem.num_params
+        per_col = 4 * itemsize * (P + self._activation_numel())
+        return max(1, min(P, budget // max(per_col, 1)))
+
+    def _activation_numel(self) -> int:
+        if not hasattr(self, "_act_numel"):
+            numel = 0
+
+            def hook(_m, _i, out):  # count every module output once
+                nonlocal numel
+                if isinstance(out, Tensor):
+                    numel += out.numel()
+
+            handles = [m.register_forward_hook(hook) for m in self.problem.model.modules()]
+            try:
+                inputs, _t, _w = next(iter(self.problem.batches()))
+                with torch.no_grad():
+                    self.problem.outputs([p.detach() for p in self.problem.params], inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._act_numel = numel
+        return self._act_numel
+
+    def _columns(self, cols: Sequence[int], max_memory: int | None,
+                 progress: bool | None) -> Tensor:
+        """``self @ I[:, cols]`` in chunks, as ``(P, len(cols))``."""
+        P = self.problem.num_params
+        chunk = self._chunk_size(max_memory)
+        out = torch.empty(P, len(cols), dtype=self.dtype, device=self.device)
+        bar = _progress(len(cols), f"{self.name} columns", progress)
+        try:
+            for start in range(0, len(cols), chunk):
+                idx = torch.as_tensor(cols[start:start + chunk], device=self.device)
+                E = torch.zeros(P, len(idx), dtype=self.dtype, device=self.device)
+                E[idx, torch.arange(len(idx), device=self.device)] = 1.0
+                out[:, start:start + len(idx)] = self._matmat(E)
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        return out
+
+    def to_dense(self, max_memory: int | None = None, progress: bool | None = None) -> Tensor:
+        """The dense ``(P, P)`` matrix, cross-parameter blocks included.
+
+        Built from ``P`` products in chunks of columns, each chunk in one batched
+        pass per data batch. ``max_memory`` (bytes, default 1 GiB) bounds the working
+        memory of a chunk; the result itself needs ``P^2`` numbers. ``progress``
+        shows a tqdm bar (default: when stderr is a terminal and the job is long).
+        The result is symmetrised, ``(M + M^T)/2``, to remove round-off asymmetry.
+        """
+        M = self._columns(range(self.problem.num_params), max_memory, progress)
+        return 0.5 * (M + M.T)
+
+    def block(self, row: str, col: str, max_memory: int | None = None) -> Tensor:
+        """The block of rows for parameter ``row`` and columns for ``col``, shaped
+        ``row_param.shape + col_param.shape``; costs one product per column of ``col``."""
+        sl = self.problem.slices
+        for n in (row, col):
+            if n not in sl:
+                raise ValueError(f"unknown parameter {n!r}; selected: {self.problem.names}")
+        cols = range(sl[col].start, sl[col].stop)
+        M = self._columns(cols, max_memory, progress=False)[sl[row]]
+        shapes = dict(zip(self.problem.names, self.problem.shapes, strict=True))
+        return M.reshape(*shapes[row], *shapes[col])
+
+    # ---------------------------------------------------------------- scipy
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) whose
+        products run in PyTorch on the problem's device; works with ``eigsh``,
+        ``cg``, ``minres``, ``lobpcg``."""
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def matmat(X: np.ndarray) -> np.ndarray:
+            X2 = np.asarray(X).reshape(self.shape[1], -1)
+            V = torch.as_tensor(X2, device=self.device).to(self.dtype)
+            return self._matmat(V).detach().cpu().numpy().astype(np_dtype, copy=False)
+
+        def matvec(x: np.ndarray) -> np.ndarray:
+            return matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+        return LinearOperator(self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat,
+                              rmatmat=matmat, dtype=np_dtype)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, psd={self.psd})"
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian ``H = d^2 L / d theta^2`` of the objective (indefinite in general).
+
+    Args:
+        problem: the `Problem`.
+        method: ``"reverse"`` (default: reverse-over-reverse, graph reused for all
+            columns) or ``"forward"`` (Pearlmutter's R-operator, forward-over-reverse).
+
+    Cost of ``H @ V``: about 2-3 gradient evaluations per column.
+    """
+
+    name = "Hessian"
+
+    def __init__(self, problem: Problem, method: str = "reverse") -> None:
+        super().__init__(problem)
+        if method not in ("reverse", "forward"):
+            raise ValueError(f"method must be 'reverse' or 'forward'; got {method!r}")
+        self.method = method
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return _products.hessian_matmat(self.problem, V, self.method)
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalised Gauss-Newton matrix ``G = sum_b J_b^T (d^2 loss_b/d f^2) J_b``
+    (Schraudolph 2002), positive semi-definite for convex losses. ``J`` is the Jacobian
+    of the model's outputs. Cost of ``G @ v``: about 1.5 gradients (one forward-mode
+    pass and one backward)."""
+
+    name = "GGN"
+    psd = True
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return _products.ggn_matmat(self.problem, V)
+
+
+class ResidualOperator(CurvatureOperator):
+    """The residual of the Hessian chain rule, ``R = sum_k (dL/df_k) d^2 f_k/d theta^2``,
+    so that ``H = G + R``. Zero for models linear in their parameters; for piecewise
+    linear networks (ReLU) its within-layer blocks vanish (seed 001)."""
+
+    name = "residual"
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return _products.residual_matmat(self.problem, V)
+
+
+class FisherOperator(CurvatureOperator):
+    """The Fisher information of the likelihood that the loss is the negative log of.
+
+    With ``L = c sum_n l_n`` (``c = 1/N`` for cross-entropy with ``reduction="mean"``,
+    ``1/(N C)`` for MSE and BCE with ``"mean"``, ``1`` for ``"sum"``):
+
+    - ``kind="true"``: ``F = c sum_n J_n^T E_{y ~ p(y|f_n)}[grad_f l grad_f l^T] J_n``,
+      computed exactly in closed form (not by sampling). For ``CrossEntropyLoss``,
+      ``MSELoss`` and ``BCEWithLogitsLoss`` it equals the GGN (Martens 2014, sec. 9).
+    - ``kind="empirical"``: ``F = c sum_n grad l_n grad l_n^T`` with the observed
+      labels (the uncentred gradient covariance).
+
+    Supported losses: ``nn.CrossEntropyLoss`` (outputs ``(n, C)``), ``nn.MSELoss``,
+    ``nn.BCEWithLogitsLoss``.
+    """
+
+    name = "Fisher"
+    psd = True
+
+    def __init__(self, problem: Problem, kind: str = "true") -> None:
+        super().__init__(problem)
+        if kind not in ("true", "empirical"):
+            raise ValueError(f"kind must be 'true' or 'empirical'; got {kind!r}")
+        _products._fisher_loss(problem)  # validate the loss before any work
+        self.kind = kind
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return _products.fisher_matmat(self.problem, V, self.kind)
+

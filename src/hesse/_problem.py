@@ -1,0 +1,397 @@
+"""The problem object: model + loss + data + selected parameters.
+
+`Problem` is the only place that knows how parameters are flattened, how batches
+are iterated and how the loss's reduction weights batches. Every product, operator
+and check in hesse goes through it.
+
+The objective is
+
+    L(theta) = sum_b w_b * loss_fn(model(inputs_b; theta), targets_b)
+
+with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over all
+``N`` samples whatever the batching, batches of unequal size included) and
+``w_b = 1`` for ``reduction="sum"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["Batch", "Problem"]
+
+Batch = tuple[Any, Tensor | None]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _tensor_leaves(obj: Any) -> Iterator[Tensor]:
+    """Yield the tensors inside a nested tuple/list/dict structure."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensor_leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensor_leaves(v)
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a nested tuple/list/dict structure."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    return obj
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and (isinstance(data[1], Tensor) or data[1] is None)
+    )
+
+
+@dataclass(frozen=True)
+class _BatchInfo:
+    size: int
+    weight: float
+
+
+class Problem:
+    """A model, a loss, data and the parameters to differentiate with respect to.
+
+    Args:
+        model: any ``torch.nn.Module``.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; typically an ``nn`` loss
+            module (``CrossEntropyLoss``, ``MSELoss``, ...) whose ``reduction`` is
+            read and honoured.
+        data: one ``(inputs, targets)`` batch, or an iterable of such batches (a
+            list, a ``DataLoader``). ``inputs`` may be a tensor, a tuple (passed as
+            positional arguments), a dict (keyword arguments) or any object the
+            model's ``forward`` accepts; ``targets`` is a tensor whose first
+            dimension is the batch size, or ``None`` for a loss that needs none.
+        params: the parameters to differentiate with respect to, as names from
+            ``model.named_parameters()`` or as the parameter tensors themselves.
+            Default: all parameters that require grad. Their order is always that of
+            ``named_parameters()``, which fixes the flattening.
+        reduction: ``"mean"`` or ``"sum"``; only needed for a plain loss function
+            without a ``reduction`` attribute and several batches (default
+            ``"mean"``).
+
+    The objective is ``L = sum_b w_b loss_b`` with ``w_b = n_b / N`` for ``"mean"``
+    and ``w_b = 1`` for ``"sum"``: several batches give the same value, gradient and
+    curvature as one concatenated batch.
+
+    Attributes:
+        names: parameter names, in flattening order.
+        shapes: their shapes.
+        num_params: ``P``, the length of flat vectors.
+        num_samples: ``N``, the total number of samples over all batches.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> prob = Problem(model, torch.nn.MSELoss(), (torch.randn(5, 3), torch.randn(5, 2)))
+        >>> prob.num_params
+        8
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Any], Tensor],
+        data: Batch | Iterable[Batch],
+        params: Sequence[str | Tensor] | None = None,
+        *,
+        reduction: str | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.reduction = self._resolve_reduction(loss_fn, reduction)
+
+        self.names, self._params = self._select_params(model, params)
+        self.shapes = [tuple(p.shape) for p in self._params]
+        self.sizes = [p.numel() for p in self._params]
+        self.num_params = sum(self.sizes)
+        offsets = [0]
+        for s in self.sizes:
+            offsets.append(offsets[-1] + s)
+        self.slices = {n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:])}
+        self.dtype = self._params[0].dtype
+        self.device = self._params[0].device
+
+        self._data = [data] if _is_single_batch(data) else data
+        if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
+            self._data = list(self._data)
+        self._batch_info = self._scan_data()
+        self.num_samples = sum(b.size for b in self._batch_info)
+        self._warn_about_modes(model)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
+        own = getattr(loss_fn, "reduction", None)
+        if own is not None and reduction is not None and own != reduction:
+            raise ValueError(
+                f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}"
+            )
+        red = own if own is not None else (reduction or "mean")
+        if red not in ("mean", "sum"):
+            raise ValueError(
+                f"the loss must reduce to a scalar with reduction 'mean' or 'sum'; "
+                f"got reduction={red!r}"
+            )
+        return red
+
+    @staticmethod
+    def _select_params(
+        model: nn.Module, params: Sequence[str | Tensor] | None
+    ) -> tuple[list[str], list[Tensor]]:
+        named = list(model.named_parameters())
+        if params is None:
+            chosen = [(n, p) for n, p in named if p.requires_grad]
+        else:
+            if isinstance(params, (str, Tensor)):
+                params = [params]
+            by_name = dict(named)
+            wanted_names: set[str] = set()
+            for item in params:
+                if isinstance(item, str):
+                    if item not in by_name:
+                        raise ValueError(
+                            f"unknown parameter name {item!r}; the model has "
+                            f"{[n for n, _ in named]}"
+                        )
+                    wanted_names.add(item)
+                elif isinstance(item, Tensor):
+                    match = [n for n, p in named if p is item]
+                    if not match:
+                        raise ValueError(
+                            f"a tensor of shape {tuple(item.shape)} in params is not a "
+                            "parameter of the model (pass the model's own parameters "
+                            "or their names)"
+                        )
+                    wanted_names.add(match[0])
+                else:
+                    raise TypeError(
+                        f"params must hold names (str) or parameter tensors; got "
+                        f"{type(item).__name__}"
+                    )
+            chosen = [(n, p) for n, p in named if n in wanted_names]
+        if not chosen:
+            raise ValueError("no parameters selected: the model has no parameter that "
+                             "requires grad, or params is empty")
+        for n, p in chosen:
+            if not (p.is_floating_point()):
+                raise TypeError(
+                    f"parameter {n!r} has dtype {p.dtype}; only real floating-point "
+                    "parameters can be differentiated"
+                )
+        dtypes = {p.dtype for _, p in chosen}
+        devices = {p.device for _, p in chosen}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(
+                f"selected parameters must share one dtype and device; got dtypes "
+                f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}"
+            )
+        for n, p in chosen:
+            if not torch.isfinite(p).all():
+                raise ValueError(f"parameter {n!r} contains NaN or inf")
+        return [n for n, _ in chosen], [p for _, p in chosen]
+
+    def _scan_data(self) -> list[_BatchInfo]:
+        sizes = []
+        for i, batch in enumerate(self._iter_raw()):
+            inputs, targets = self._split_batch(batch, i)
+            for t in list(_tensor_leaves(inputs)) + list(_tensor_leaves(targets)):
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"batch {i} contains NaN or inf")
+            sizes.append(self._batch_size(inputs, targets, i))
+        if not sizes or sum(sizes) == 0:
+            raise ValueError("data is empty: expected at least one (inputs, targets) batch "
+                             "with at least one sample")
+        total = sum(sizes)
+        if self.reduction == "mean":
+            return [_BatchInfo(n, n / total) for n in sizes]
+        return [_BatchInfo(n, 1.0) for n in sizes]
+
+    @staticmethod
+    def _split_batch(batch: Any, index: int) -> Batch:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(
+                f"batch {index}: expected an (inputs, targets) pair; got "
+                f"{type(batch).__name__}"
+            )
+        return batch[0], batch[1]
+
+    @staticmethod
+    def _batch_size(inputs: Any, targets: Tensor | None, index: int) -> int:
+        if isinstance(targets, Tensor) and targets.ndim >= 1:
+            return int(targets.shape[0])
+        leaves = [t for t in _tensor_leaves(inputs) if t.ndim >= 1]
+        if leaves:
+            return int(leaves[0].shape[0])
+        raise ValueError(f"batch {index}: cannot tell its batch size (no tensor with a "
+                         "leading batch dimension in inputs or targets)")
+
+    def _warn_about_modes(self, model: nn.Module) -> None:
+        if not model.training:
+            return
+        if any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
+            warnings.warn(
+                "the model is in training mode and has active Dropout: every loss "
+                "evaluation draws a new mask, so gradients and curvature are random. "
+                "Call model.eval() for the deterministic curvature.",
+                stacklevel=3,
+            )
+        if any(isinstance(m, _BATCHNORM) for m in model.modules()):
+            warnings.warn(
+                "the model is in training mode and has BatchNorm: it normalises with "
+                "the statistics of the current batch, so samples in a batch are coupled, "
+                "the loss is not a sum over samples (per-sample quantities such as the "
+                "empirical Fisher are undefined) and several batches differ from one "
+                "concatenated batch; running statistics are also updated by every "
+                "evaluation. Call model.eval() to use the running statistics.",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ data
+    def _iter_raw(self) -> Iterator[Any]:
+        return iter(self._data)
+
+    def batches(self) -> Iterator[tuple[Any, Tensor | None, float]]:
+        """Yield ``(inputs, targets, weight)`` for each batch, on the parameters'
+        device, with the batch's weight ``w_b`` in the objective."""
+        dev = self.device
+        for i, (batch, info) in enumerate(zip(self._iter_raw(), self._batch_info, strict=False)):
+            inputs, targets = self._split_batch(batch, i)
+            yield (
+                _map_tensors(inputs, lambda t: t.to(dev)),
+                targets.to(dev) if isinstance(targets, Tensor) else targets,
+                info.weight,
+            )
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Number of samples in each batch."""
+        return [b.size for b in self._batch_info]
+
+    # ------------------------------------------------------------------ flattening
+    @property
+    def params(self) -> list[Tensor]:
+        """The selected parameter tensors (the model's own, not copies)."""
+        return list(self._params)
+
+    def param_vector(self) -> Tensor:
+        """Current values of the selected parameters as one flat ``(P,)`` tensor."""
+        return self.flatten([p.detach() for p in self._params])
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-parameter tensors -> flat vector ``(P,)``; tensors with one extra
+        trailing dimension ``k`` (shape ``param.shape + (k,)``) -> matrix ``(P, k)``."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.shapes):
+            raise ValueError(
+                f"expected {len(self.shapes)} tensors (one per parameter {self.names}); "
+                f"got {len(tensors)}"
+            )
+        extra = None
+        flat = []
+        for name, shape, t in zip(self.names, self.shapes, tensors, strict=True):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"entry for {name!r} must be a tensor; got {type(t).__name__}")
+            tail = tuple(t.shape[len(shape):])
+            if tuple(t.shape[: len(shape)]) != shape or len(tail) > 1 or (
+                extra is not None and tail != extra
+            ):
+                raise ValueError(
+                    f"entry for {name!r} has shape {tuple(t.shape)}; expected {shape} "
+                    f"(a vector) or {shape} + (k,) (a matrix of k columns)"
+                )
+            extra = tail
+            flat.append(t.reshape(-1, *tail))
+        return torch.cat(flat, dim=0)
+
+    def unflatten(self, vec: Tensor) -> list[Tensor]:
+        """Flat ``(P,)`` vector -> per-parameter tensors (views); ``(P, k)`` ->
+        tensors of shape ``param.shape + (k,)``."""
+        vec = self.as_flat(vec)
+        tail = tuple(vec.shape[1:])
+        return [
+            vec[sl].reshape(*shape, *tail)
+            for sl, shape in zip(self.slices.values(), self.shapes, strict=True)
+        ]
+
+    def as_flat(self, v: Tensor | Sequence[Tensor], name: str = "v") -> Tensor:
+        """Validate and convert a vector or matrix to the flat form ``(P,)`` or
+        ``(P, k)``, on the problem's device and dtype."""
+        if isinstance(v, (list, tuple)):
+            v = self.flatten(v)
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a tensor or a list of per-parameter tensors; "
+                            f"got {type(v).__name__}")
+        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(
+                f"{name} has shape {tuple(v.shape)}; expected ({self.num_params},) or "
+                f"({self.num_params}, k) for the {self.num_params} selected parameters"
+            )
+        if not (v.is_floating_point()):
+            raise TypeError(f"{name} has dtype {v.dtype}; expected a floating-point dtype")
+        return v.to(device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ evaluation
+    def outputs(self, params: Sequence[Tensor], inputs: Any) -> Any:
+        """The model's outputs on ``inputs`` with the selected parameters replaced by
+        ``params`` (all other parameters and buffers are the model's own)."""
+        mapping = dict(zip(self.names, params, strict=True))
+        if isinstance(inputs, dict):
+            return functional_call(self.model, mapping, (), inputs)
+        if isinstance(inputs, tuple):
+            return functional_call(self.model, mapping, inputs)
+        return functional_call(self.model, mapping, (inputs,))
+
+    def batch_loss(self, outputs: Any, targets: Tensor | None, weight: float) -> Tensor:
+        """Weighted loss of one batch, ``w_b * loss_fn(outputs, targets)``."""
+        loss = self.loss_fn(outputs, targets)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return a scalar (0-dim) tensor; got {shape}. Use "
+                "reduction='mean' or 'sum'."
+            )
+        return loss * weight
+
+    def loss(self, params: Sequence[Tensor] | None = None) -> Tensor:
+        """The objective ``L`` at ``params`` (default: the current parameters)."""
+        ps = [p.detach() for p in self._params] if params is None else list(params)
+        total = None
+        with torch.no_grad():
+            for inputs, targets, w in self.batches():
+                term = self.batch_loss(self.outputs(ps, inputs), targets, w)
+                total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def __repr__(self) -> str:
+        return (
+            f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
+            f"N={self.num_samples}, batches={len(self._batch_info)}, "
+            f"reduction={self.reduction!r}, dtype={self.dtype})"
+        )

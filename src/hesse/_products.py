@@ -1,0 +1,366 @@
+"""The primitives everything else is built from.
+
+All functions take a `Problem` and a flat matrix ``V`` of shape ``(P, k)`` (``k``
+right-hand sides) and return ``(P, k)``. Per batch, the expensive part (the forward
+pass, the gradient graph) is built once and reused for all ``k`` columns; the columns
+go through one batched backward (``is_grads_batched``) where the model allows it, and
+through a loop otherwise.
+
+Curvature matrices in the Gauss-Newton family are ``J^T Lambda J`` with ``J`` the
+Jacobian of the model's outputs w.r.t. the parameters and ``Lambda`` a symmetric
+output-space matrix (block diagonal over samples):
+
+- GGN: ``Lambda`` = Hessian of the (weighted) loss w.r.t. the outputs;
+- true Fisher: ``Lambda = c E_{y ~ p(y|f)}[grad_f l grad_f l^T]`` (closed form);
+- empirical Fisher: ``Lambda = c grad_f l_n grad_f l_n^T`` per sample.
+
+Here ``L = c sum_n l_n`` with ``l_n`` the per-sample loss summed over its output
+elements and ``c`` the reduction factor (``1/N`` for cross-entropy with
+``reduction="mean"``, ``1/(N C)`` for MSE / BCE with ``"mean"``, ``1`` for ``"sum"``),
+the convention of curvlinops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+
+from hesse._problem import Problem
+
+__all__ = [
+    "apply_batched",
+    "ggn_matmat",
+    "gradient",
+    "hessian_matmat",
+    "jacobian",
+    "loss_and_gradient",
+    "residual_matmat",
+]
+
+
+def _leaves(problem: Problem, at: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Fresh leaf tensors holding the current parameter values (or ``at``)."""
+    src = problem.params if at is None else at
+    return [p.detach().requires_grad_(True) for p in src]
+
+
+def _flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
+    """Concatenate per-parameter results (``None`` = zero) into ``(*batch, P)``."""
+    parts = []
+    for t, p in zip(tensors, like, strict=True):
+        if t is None:
+            t = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        parts.append(t.reshape(*t.shape[:batch_dims], -1))
+    return torch.cat(parts, dim=-1)
+
+
+def apply_batched(
+    outputs: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, retain_graph: bool = True
+) -> Tensor:
+    """Vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for a batch of
+    cotangents ``(k, *outputs.shape)``; returns ``(k, sum(numel(inputs)))``.
+
+    Uses one batched backward (``is_grads_batched``) and falls back to a loop over
+    the ``k`` cotangents for operations that do not support it. Inputs on which
+    ``outputs`` does not depend contribute zeros.
+    """
+    k = cotangents.shape[0]
+    inputs = list(inputs)
+    if not outputs.requires_grad:
+        n = sum(p.numel() for p in inputs)
+        return torch.zeros(k, n, dtype=cotangents.dtype, device=cotangents.device)
+    try:
+        gs = torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
+            is_grads_batched=True, materialize_grads=True,
+        )
+        res = _flat(gs, inputs, batch_dims=1)
+    except RuntimeError:
+        rows = []
+        for j in range(k):
+            gs = torch.autograd.grad(outputs, inputs, cotangents[j], retain_graph=True,
+                                     allow_unused=True, materialize_grads=True)
+            rows.append(_flat(gs, inputs))
+        res = torch.stack(rows)
+    if not retain_graph:
+        del outputs
+    return res
+
+
+def _to_param_cotangents(V: Tensor) -> Tensor:
+    """``(P, k)`` -> ``(k, P)``, the layout of batched cotangents."""
+    return V.T.contiguous()
+
+
+# --------------------------------------------------------------------------- first order
+def loss_and_gradient(
+    problem: Problem, at: Sequence[Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Objective ``L`` and its gradient ``(P,)`` at the current parameters, or at the
+    per-parameter values ``at``."""
+    total = torch.zeros((), dtype=problem.dtype, device=problem.device)
+    grad = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
+    for inputs, targets, w in problem.batches():
+        ps = _leaves(problem, at)
+        loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
+        gs = torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True)
+        grad += _flat(gs, ps)
+        total += loss.detach()
+    return total, grad
+
+
+def gradient(problem: Problem) -> Tensor:
+    """Gradient ``dL/dtheta`` as a flat ``(P,)`` tensor."""
+    return loss_and_gradient(problem)[1]
+
+
+# --------------------------------------------------------------------------- Hessian
+def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tensor:
+    """``H V`` for ``V`` of shape ``(P, k)``.
+
+    ``method="reverse"`` (default, fastest on CPU): reverse-over-reverse, the
+    gradient graph is built once per batch and differentiated again for all columns.
+    ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
+    forward pass and one backward per column, ``torch.autograd.forward_ad``).
+    """
+    if method == "reverse":
+        out = torch.zeros_like(V)
+        cot = _to_param_cotangents(V)
+        for inputs, targets, w in problem.batches():
+            ps = _leaves(problem)
+            loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
+            gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+            out += apply_batched(_flat(gs, ps), ps, cot).T
+        return out
+    if method == "forward":
+        return _hessian_matmat_forward(problem, V)
+    raise ValueError(f"method must be 'reverse' or 'forward'; got {method!r}")
+
+
+def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
+    out = torch.zeros_like(V)
+    for inputs, targets, w in problem.batches():
+        for j in range(V.shape[1]):
+            tangents = problem.unflatten(V[:, j])
+            ps = _leaves(problem)
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(p, t) for p, t in zip(ps, tangents, strict=True)]
+                loss = problem.batch_loss(problem.outputs(duals, inputs), targets, w)
+                gs = torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True)
+                tan = [fwAD.unpack_dual(g).tangent for g in gs]
+            out[:, j] += _flat(tan, ps)
+    return out
+
+
+# --------------------------------------------------------------------------- J^T Lambda J
+OutputMap = Callable[[Tensor, Any, float, Tensor], Tensor]
+"""``(outputs, targets, weight, U) -> Lambda U`` for ``U`` of shape ``(k, *outputs.shape)``."""
+
+
+def _require_tensor_output(out: Any) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "Gauss-Newton, Fisher and Jacobian products need a model whose forward "
+            f"returns one tensor; got {type(out).__name__}"
+        )
+    return out
+
+
+def _jvp_batched(out: Tensor, ps: Sequence[Tensor], V: Tensor) -> Tensor:
+    """``J V`` as ``(k, *out.shape)`` by the double-vjp trick: ``J^T u`` is linear in
+    ``u``, so ``J v = d/du <v, J^T u>``; one extra backward for all columns."""
+    u = torch.zeros_like(out, requires_grad=True)
+    gu = torch.autograd.grad(out, ps, u, create_graph=True, allow_unused=True,
+                             materialize_grads=True)
+    return apply_batched(_flat(gu, ps), [u], _to_param_cotangents(V)).reshape(
+        V.shape[1], *out.shape
+    )
+
+
+def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
+    """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
+    out = torch.zeros_like(V)
+    k = V.shape[1]
+    for inputs, targets, w in problem.batches():
+        ps = _leaves(problem)
+        if k == 1:  # one forward-mode pass: cheaper than the double-vjp trick
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(p, t) for p, t in
+                         zip(ps, problem.unflatten(V[:, 0]), strict=True)]
+                o_dual = _require_tensor_output(problem.outputs(duals, inputs))
+                o, jv = fwAD.unpack_dual(o_dual)
+            if jv is None:  # outputs do not depend on the selected parameters
+                continue
+            JV = jv.unsqueeze(0)
+        else:
+            o = _require_tensor_output(problem.outputs(ps, inputs))
+            if not o.requires_grad:
+                continue
+            JV = _jvp_batched(o, ps, V)
+        LJV = output_map(o.detach(), targets, w, JV.detach())
+        out += apply_batched(o, ps, LJV).T
+    return out
+
+
+def _loss_hessian_map(problem: Problem) -> OutputMap:
+    """``Lambda`` = Hessian of the weighted batch loss w.r.t. the outputs (autodiff)."""
+
+    def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
+        o = o.detach().requires_grad_(True)
+        loss = problem.batch_loss(o, targets, w)
+        (g,) = torch.autograd.grad(loss, [o], create_graph=True)
+        return apply_batched(g.reshape(-1), [o], U.reshape(U.shape[0], -1)).reshape(U.shape)
+
+    return apply
+
+
+def ggn_matmat(problem: Problem, V: Tensor) -> Tensor:
+    """Generalised Gauss-Newton ``G V = sum_b J_b^T (d^2 loss_b / d f^2) J_b V``."""
+    return jtlj_matmat(problem, V, _loss_hessian_map(problem))
+
+
+def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
+    """Residual of the chain rule, ``R V`` with ``R = sum_k (dL/df_k) d^2 f_k/dtheta^2``.
+
+    Computed as the Hessian of ``theta -> <lam, f(theta)>`` with the output adjoint
+    ``lam = dL/df`` held fixed, so that ``H = G + R`` (seed 001) holds by
+    construction of neither side.
+    """
+    out = torch.zeros_like(V)
+    cot = _to_param_cotangents(V)
+    for inputs, targets, w in problem.batches():
+        ps = _leaves(problem)
+        o = _require_tensor_output(problem.outputs(ps, inputs))
+        o_leaf = o.detach().requires_grad_(True)
+        (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
+        if not o.requires_grad:
+            continue
+        gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True,
+                                 materialize_grads=True)
+        out += apply_batched(_flat(gs, ps), ps, cot).T
+    return out
+
+
+# --------------------------------------------------------------------------- Fisher
+_FISHER_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+def _fisher_loss(problem: Problem) -> nn.Module:
+    lf = problem.loss_fn
+    if not isinstance(lf, _FISHER_LOSSES):
+        raise NotImplementedError(
+            "Fisher products need a likelihood: loss_fn must be one of "
+            f"{[c.__name__ for c in _FISHER_LOSSES]}; got {type(lf).__name__}"
+        )
+    if isinstance(lf, nn.CrossEntropyLoss) and (
+        lf.weight is not None or lf.label_smoothing != 0.0
+    ):
+        raise NotImplementedError("Fisher products for CrossEntropyLoss with class weights or "
+                                  "label smoothing are not supported")
+    if isinstance(lf, nn.BCEWithLogitsLoss) and (
+        lf.weight is not None or lf.pos_weight is not None
+    ):
+        raise NotImplementedError("Fisher products for BCEWithLogitsLoss with weights are "
+                                  "not supported")
+    return lf
+
+
+def _reduction_factor(lf: nn.Module, o: Tensor, w: float) -> float:
+    """``c`` of ``w_b loss_b = c sum_n l_n`` for this batch (see module docstring)."""
+    if lf.reduction == "sum":
+        return w
+    n = o.shape[0]
+    per_sample = 1 if isinstance(lf, nn.CrossEntropyLoss) else o[0].numel()
+    return w / (n * per_sample)
+
+
+def _check_ce_output(o: Tensor) -> None:
+    if o.ndim != 2:
+        raise NotImplementedError(
+            f"Fisher products for CrossEntropyLoss need outputs of shape (n, C); got "
+            f"{tuple(o.shape)}"
+        )
+
+
+def _true_fisher_map(problem: Problem) -> OutputMap:
+    """``Lambda = c E_{y~p(y|f)}[grad_f l grad_f l^T]`` in closed form:
+    ``diag(p) - p p^T`` (softmax), ``2 I`` (Gaussian of MSE), ``diag(s (1 - s))``
+    (Bernoulli of BCE with logits)."""
+    lf = _fisher_loss(problem)
+
+    def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
+        c = _reduction_factor(lf, o, w)
+        if isinstance(lf, nn.CrossEntropyLoss):
+            _check_ce_output(o)
+            p = torch.softmax(o, dim=-1)
+            return c * (p * U - p * (p * U).sum(-1, keepdim=True))
+        if isinstance(lf, nn.MSELoss):
+            return 2.0 * c * U
+        s = torch.sigmoid(o)
+        return c * s * (1 - s) * U
+
+    return apply
+
+
+def _per_sample_output_grads(lf: nn.Module, o: Tensor, targets: Tensor) -> Tensor:
+    """``grad_f l_n`` for each sample (``l_n`` summed over its output elements)."""
+    o = o.detach().requires_grad_(True)
+    if isinstance(lf, nn.CrossEntropyLoss):
+        _check_ce_output(o)
+        loss = nn.functional.cross_entropy(o, targets, reduction="sum",
+                                           ignore_index=lf.ignore_index)
+    elif isinstance(lf, nn.MSELoss):
+        loss = nn.functional.mse_loss(o, targets, reduction="sum")
+    else:
+        loss = nn.functional.binary_cross_entropy_with_logits(o, targets, reduction="sum")
+    (g,) = torch.autograd.grad(loss, [o])
+    return g
+
+
+def _empirical_fisher_map(problem: Problem) -> OutputMap:
+    """``Lambda_n = c g_n g_n^T`` with ``g_n = grad_f l_n``."""
+    lf = _fisher_loss(problem)
+
+    def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
+        c = _reduction_factor(lf, o, w)
+        g = _per_sample_output_grads(lf, o, targets)  # (n, ...)
+        dims = tuple(range(2, U.ndim))
+        coef = (g.unsqueeze(0) * U).sum(dim=dims, keepdim=True) if dims else g * U
+        return c * coef * g.unsqueeze(0)
+
+    return apply
+
+
+def fisher_matmat(problem: Problem, V: Tensor, kind: str = "true") -> Tensor:
+    """Fisher products: ``kind="true"`` (expected over the model's predictive
+    distribution, exact) or ``kind="empirical"`` (observed labels)."""
+    if kind == "true":
+        return jtlj_matmat(problem, V, _true_fisher_map(problem))
+    if kind == "empirical":
+        return jtlj_matmat(problem, V, _empirical_fisher_map(problem))
+    raise ValueError(f"kind must be 'true' or 'empirical'; got {kind!r}")
+
+
+# --------------------------------------------------------------------------- Jacobian
+def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
+    """Jacobian of the model's outputs w.r.t. the selected parameters.
+
+    Returns ``(N, *out_shape, P)``: the outputs of all batches concatenated along the
+    first (sample) dimension, as the model returns them (no loss weighting).
+    """
+    rows = []
+    for inputs, _targets, _w in problem.batches():
+        ps = _leaves(problem)
+        o = _require_tensor_output(problem.outputs(ps, inputs))
+        m = o.numel()
+        flat_o = o.reshape(-1)
+        eye = torch.eye(m, dtype=o.dtype, device=o.device)
+        blocks = [apply_batched(flat_o, ps, eye[i:i + chunk_size])
+                  for i in range(0, m, chunk_size)]
+        rows.append(torch.cat(blocks).reshape(*o.shape, problem.num_params))
+    return torch.cat(rows, dim=0)
