@@ -87,8 +87,7 @@ def hessian(
     raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
-def ggn(problem: Problem, *, max_memory: int | None = None,
-        progress: bool | None = None) -> Tensor:
+def ggn(problem: Problem, *, max_memory: int | None = None, progress: bool | None = None) -> Tensor:
     """Dense generalised Gauss-Newton matrix ``(P, P)``."""
     return GGNOperator(problem).to_dense(max_memory=max_memory, progress=progress)
 
@@ -159,8 +158,9 @@ class Decomposition(NamedTuple):
         return out
 
 
-def decompose(problem: Problem, *, max_memory: int | None = None,
-              progress: bool | None = None) -> Decomposition:
+def decompose(
+    problem: Problem, *, max_memory: int | None = None, progress: bool | None = None
+) -> Decomposition:
     """Dense Hessian, GGN and residual, each computed on its own (the residual as the
     Hessian of ``<dL/df, f(theta)>`` with the adjoint held fixed), so that
     ``hessian == ggn + residual`` is a check, not an identity of the code."""
@@ -170,4 +170,3 @@ def decompose(problem: Problem, *, max_memory: int | None = None,
         ggn=GGNOperator(problem).to_dense(**kw),
         residual=ResidualOperator(problem).to_dense(**kw),
     )
-

@@ -34,8 +34,22 @@ from hesse._problem import Problem
 __all__ = ["bishop_hessian", "mlp_layers"]
 
 ELEMENTWISE = (
-    nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
-    nn.Softplus, nn.Mish, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardtanh, nn.Identity,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Hardtanh,
+    nn.Identity,
 )
 
 
@@ -48,8 +62,9 @@ def _flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, n
     return [(prefix[:-1], model)]
 
 
-def mlp_layers(model: nn.Module) -> tuple[Callable[[Tensor], Tensor],
-                                           list[tuple[str, nn.Linear, list[nn.Module]]]]:
+def mlp_layers(
+    model: nn.Module,
+) -> tuple[Callable[[Tensor], Tensor], list[tuple[str, nn.Linear, list[nn.Module]]]]:
     """Split an ``nn.Sequential`` MLP into an input transform and layers
     ``(name, Linear, [element-wise modules after it])``.
 
@@ -101,7 +116,9 @@ def _activation_derivatives(mods: list[nn.Module], a: Tensor) -> tuple[Tensor, T
     return z.detach(), d1.detach(), d2.detach()
 
 
-def _output_hessian(problem: Problem, z: Tensor, targets: Tensor | None, w: float) -> tuple[Tensor, Tensor]:
+def _output_hessian(
+    problem: Problem, z: Tensor, targets: Tensor | None, w: float
+) -> tuple[Tensor, Tensor]:
     """Per-sample ``dE/dz`` ``(n, C)`` and ``d^2E/dz^2`` ``(n, C, C)`` of the weighted
     batch loss; one Hessian-vector product per output unit (the loss is a sum over
     samples, so each sample's block is read off the same product)."""
@@ -114,8 +131,9 @@ def _output_hessian(problem: Problem, z: Tensor, targets: Tensor | None, w: floa
         e = torch.zeros_like(z)
         e[:, c] = 1.0
         if g.requires_grad:
-            (hc,) = torch.autograd.grad(g, z, e, retain_graph=True, allow_unused=True,
-                                        materialize_grads=True)
+            (hc,) = torch.autograd.grad(
+                g, z, e, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
         else:
             hc = torch.zeros_like(z)
         cols.append(hc)
@@ -146,8 +164,9 @@ def bishop_hessian(problem: Problem) -> Tensor:
         offset += u_out * cols
     missing = [n for n in problem.names if n not in index_of]
     if missing:
-        raise ValueError(f"Bishop's method differentiates Linear weights and biases only; "
-                         f"cannot place {missing}")
+        raise ValueError(
+            f"Bishop's method differentiates Linear weights and biases only; cannot place {missing}"
+        )
     H = torch.zeros(offset, offset, dtype=problem.dtype, device=problem.device)
     starts = [sum(aug_sizes[:k]) for k in range(len(aug_sizes))]
     K = len(layers)
@@ -156,8 +175,10 @@ def bishop_hessian(problem: Problem) -> Tensor:
         with torch.no_grad():
             x = pre_fn(inputs)
         if x.ndim != 2:
-            raise ValueError(f"Bishop's method needs inputs of shape (n, features); got "
-                             f"{tuple(x.shape)} after the leading modules")
+            raise ValueError(
+                f"Bishop's method needs inputs of shape (n, features); got "
+                f"{tuple(x.shape)} after the leading modules"
+            )
         Ws = [lin.weight.detach() for _, lin, _ in layers]
         zhat, d1s, d2s = [], [], []  # zhat[k] = [z_k, 1] (input of layer k+1)
         z = x
@@ -188,7 +209,8 @@ def bishop_hessian(problem: Problem) -> Tensor:
             b = {K - 1: Ha @ g[K - 1]}
             for m in range(K - 2, k - 1, -1):
                 b[m] = (d2s[m] * back[m])[:, :, None] * g[m] + d1s[m][:, :, None] * torch.einsum(
-                    "ro,nrk->nok", Ws[m + 1], b[m + 1])
+                    "ro,nrk->nok", Ws[m + 1], b[m + 1]
+                )
             for m in range(k, K):
                 # term 2: zhat_j^(k-1) zhat_l^(m-1) b_ni ;  term 1: zhat_j sigma_n dzhat_l/da_i
                 blk = torch.einsum("sj,sl,sni->ijnl", zhat[k], zhat[m], b[m])
@@ -199,8 +221,8 @@ def bishop_hessian(problem: Problem) -> Tensor:
                     blk = blk + torch.einsum("sj,sn,sli->ijnl", zhat[k], sig[m], D)
                 r0, c0 = starts[k], starts[m]
                 blk = blk.reshape(aug_sizes[k], aug_sizes[m])
-                H[r0:r0 + aug_sizes[k], c0:c0 + aug_sizes[m]] += blk
+                H[r0 : r0 + aug_sizes[k], c0 : c0 + aug_sizes[m]] += blk
                 if m > k:
-                    H[c0:c0 + aug_sizes[m], r0:r0 + aug_sizes[k]] += blk.T
+                    H[c0 : c0 + aug_sizes[m], r0 : r0 + aug_sizes[k]] += blk.T
     idx = torch.cat([index_of[n] for n in problem.names]).to(problem.device)
     return H[idx][:, idx]

@@ -60,7 +60,9 @@ class CheckReport:
                 f"{r.tol:8.0e}  {'yes' if r.passed else 'NO'}"
             )
         verdict = "all passed" if self.passed else "FAILED"
-        lines.append(f"{verdict} ({self.dtype}, central differences, relative step {self.step:.1e})")
+        lines.append(
+            f"{verdict} ({self.dtype}, central differences, relative step {self.step:.1e})"
+        )
         return "\n".join(lines)
 
 
@@ -121,7 +123,9 @@ def check(
         lm = problem.loss(at(theta - h * d))
         fd = (lp - lm) / (2 * h)
         ex = g0 @ d
-        report.rows.append(CheckRow("gradient", name, *_rel(ex.reshape(1), fd.reshape(1), floor), tol))
+        report.rows.append(
+            CheckRow("gradient", name, *_rel(ex.reshape(1), fd.reshape(1), floor), tol)
+        )
         _, gp = _products.loss_and_gradient(problem, at(theta + h * d))
         _, gm = _products.loss_and_gradient(problem, at(theta - h * d))
         fd_hv = (gp - gm) / (2 * h)

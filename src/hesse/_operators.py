@@ -130,8 +130,9 @@ class CurvatureOperator:
             self._act_numel = numel
         return self._act_numel
 
-    def _columns(self, cols: Sequence[int], max_memory: int | None,
-                 progress: bool | None) -> Tensor:
+    def _columns(
+        self, cols: Sequence[int], max_memory: int | None, progress: bool | None
+    ) -> Tensor:
         """``self @ I[:, cols]`` in chunks, as ``(P, len(cols))``."""
         P = self.problem.num_params
         chunk = self._chunk_size(max_memory)
@@ -139,10 +140,10 @@ class CurvatureOperator:
         bar = _progress(len(cols), f"{self.name} columns", progress)
         try:
             for start in range(0, len(cols), chunk):
-                idx = torch.as_tensor(cols[start:start + chunk], device=self.device)
+                idx = torch.as_tensor(cols[start : start + chunk], device=self.device)
                 E = torch.zeros(P, len(idx), dtype=self.dtype, device=self.device)
                 E[idx, torch.arange(len(idx), device=self.device)] = 1.0
-                out[:, start:start + len(idx)] = self._matmat(E)
+                out[:, start : start + len(idx)] = self._matmat(E)
                 bar.update(len(idx))
         finally:
             bar.close()
@@ -187,8 +188,9 @@ class CurvatureOperator:
         def matvec(x: np.ndarray) -> np.ndarray:
             return matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
 
-        return LinearOperator(self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat,
-                              rmatmat=matmat, dtype=np_dtype)
+        return LinearOperator(
+            self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np_dtype
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, psd={self.psd})"
@@ -269,4 +271,3 @@ class FisherOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return _products.fisher_matmat(self.problem, V, self.kind)
-

@@ -133,7 +133,9 @@ class Problem:
         offsets = [0]
         for s in self.sizes:
             offsets.append(offsets[-1] + s)
-        self.slices = {n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:])}
+        self.slices = {
+            n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:], strict=False)
+        }
         self.dtype = self._params[0].dtype
         self.device = self._params[0].device
 
@@ -149,9 +151,7 @@ class Problem:
     def _resolve_reduction(loss_fn: Any, reduction: str | None) -> str:
         own = getattr(loss_fn, "reduction", None)
         if own is not None and reduction is not None and own != reduction:
-            raise ValueError(
-                f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}"
-            )
+            raise ValueError(f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}")
         red = own if own is not None else (reduction or "mean")
         if red not in ("mean", "sum"):
             raise ValueError(
@@ -196,8 +196,10 @@ class Problem:
                     )
             chosen = [(n, p) for n, p in named if n in wanted_names]
         if not chosen:
-            raise ValueError("no parameters selected: the model has no parameter that "
-                             "requires grad, or params is empty")
+            raise ValueError(
+                "no parameters selected: the model has no parameter that "
+                "requires grad, or params is empty"
+            )
         for n, p in chosen:
             if not (p.is_floating_point()):
                 raise TypeError(
@@ -225,8 +227,10 @@ class Problem:
                     raise ValueError(f"batch {i} contains NaN or inf")
             sizes.append(self._batch_size(inputs, targets, i))
         if not sizes or sum(sizes) == 0:
-            raise ValueError("data is empty: expected at least one (inputs, targets) batch "
-                             "with at least one sample")
+            raise ValueError(
+                "data is empty: expected at least one (inputs, targets) batch "
+                "with at least one sample"
+            )
         total = sum(sizes)
         if self.reduction == "mean":
             return [_BatchInfo(n, n / total) for n in sizes]
@@ -236,8 +240,7 @@ class Problem:
     def _split_batch(batch: Any, index: int) -> Batch:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
-                f"batch {index}: expected an (inputs, targets) pair; got "
-                f"{type(batch).__name__}"
+                f"batch {index}: expected an (inputs, targets) pair; got {type(batch).__name__}"
             )
         return batch[0], batch[1]
 
@@ -248,8 +251,10 @@ class Problem:
         leaves = [t for t in _tensor_leaves(inputs) if t.ndim >= 1]
         if leaves:
             return int(leaves[0].shape[0])
-        raise ValueError(f"batch {index}: cannot tell its batch size (no tensor with a "
-                         "leading batch dimension in inputs or targets)")
+        raise ValueError(
+            f"batch {index}: cannot tell its batch size (no tensor with a "
+            "leading batch dimension in inputs or targets)"
+        )
 
     def _warn_about_modes(self, model: nn.Module) -> None:
         if not model.training:
@@ -317,9 +322,11 @@ class Problem:
         for name, shape, t in zip(self.names, self.shapes, tensors, strict=True):
             if not isinstance(t, Tensor):
                 raise TypeError(f"entry for {name!r} must be a tensor; got {type(t).__name__}")
-            tail = tuple(t.shape[len(shape):])
-            if tuple(t.shape[: len(shape)]) != shape or len(tail) > 1 or (
-                extra is not None and tail != extra
+            tail = tuple(t.shape[len(shape) :])
+            if (
+                tuple(t.shape[: len(shape)]) != shape
+                or len(tail) > 1
+                or (extra is not None and tail != extra)
             ):
                 raise ValueError(
                     f"entry for {name!r} has shape {tuple(t.shape)}; expected {shape} "
@@ -345,8 +352,10 @@ class Problem:
         if isinstance(v, (list, tuple)):
             v = self.flatten(v)
         if not isinstance(v, Tensor):
-            raise TypeError(f"{name} must be a tensor or a list of per-parameter tensors; "
-                            f"got {type(v).__name__}")
+            raise TypeError(
+                f"{name} must be a tensor or a list of per-parameter tensors; "
+                f"got {type(v).__name__}"
+            )
         if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
             raise ValueError(
                 f"{name} has shape {tuple(v.shape)}; expected ({self.num_params},) or "

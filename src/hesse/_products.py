@@ -75,15 +75,26 @@ def apply_batched(
         return torch.zeros(k, n, dtype=cotangents.dtype, device=cotangents.device)
     try:
         gs = torch.autograd.grad(
-            outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
-            is_grads_batched=True, materialize_grads=True,
+            outputs,
+            inputs,
+            cotangents,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+            materialize_grads=True,
         )
         res = _flat(gs, inputs, batch_dims=1)
     except RuntimeError:
         rows = []
         for j in range(k):
-            gs = torch.autograd.grad(outputs, inputs, cotangents[j], retain_graph=True,
-                                     allow_unused=True, materialize_grads=True)
+            gs = torch.autograd.grad(
+                outputs,
+                inputs,
+                cotangents[j],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
             rows.append(_flat(gs, inputs))
         res = torch.stack(rows)
     if not retain_graph:
@@ -133,8 +144,9 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
         for inputs, targets, w in problem.batches():
             ps = _leaves(problem)
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
-            gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True,
-                                     materialize_grads=True)
+            gs = torch.autograd.grad(
+                loss, ps, create_graph=True, allow_unused=True, materialize_grads=True
+            )
             out += apply_batched(_flat(gs, ps), ps, cot).T
         return out
     if method == "forward":
@@ -175,8 +187,9 @@ def _jvp_batched(out: Tensor, ps: Sequence[Tensor], V: Tensor) -> Tensor:
     """``J V`` as ``(k, *out.shape)`` by the double-vjp trick: ``J^T u`` is linear in
     ``u``, so ``J v = d/du <v, J^T u>``; one extra backward for all columns."""
     u = torch.zeros_like(out, requires_grad=True)
-    gu = torch.autograd.grad(out, ps, u, create_graph=True, allow_unused=True,
-                             materialize_grads=True)
+    gu = torch.autograd.grad(
+        out, ps, u, create_graph=True, allow_unused=True, materialize_grads=True
+    )
     return apply_batched(_flat(gu, ps), [u], _to_param_cotangents(V)).reshape(
         V.shape[1], *out.shape
     )
@@ -190,8 +203,10 @@ def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
         ps = _leaves(problem)
         if k == 1:  # one forward-mode pass: cheaper than the double-vjp trick
             with fwAD.dual_level():
-                duals = [fwAD.make_dual(p, t) for p, t in
-                         zip(ps, problem.unflatten(V[:, 0]), strict=True)]
+                duals = [
+                    fwAD.make_dual(p, t)
+                    for p, t in zip(ps, problem.unflatten(V[:, 0]), strict=True)
+                ]
                 o_dual = _require_tensor_output(problem.outputs(duals, inputs))
                 o, jv = fwAD.unpack_dual(o_dual)
             if jv is None:  # outputs do not depend on the selected parameters
@@ -240,8 +255,9 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
         (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
         if not o.requires_grad:
             continue
-        gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True,
-                                 materialize_grads=True)
+        gs = torch.autograd.grad(
+            (lam * o).sum(), ps, create_graph=True, allow_unused=True, materialize_grads=True
+        )
         out += apply_batched(_flat(gs, ps), ps, cot).T
     return out
 
@@ -257,16 +273,17 @@ def _fisher_loss(problem: Problem) -> nn.Module:
             "Fisher products need a likelihood: loss_fn must be one of "
             f"{[c.__name__ for c in _FISHER_LOSSES]}; got {type(lf).__name__}"
         )
-    if isinstance(lf, nn.CrossEntropyLoss) and (
-        lf.weight is not None or lf.label_smoothing != 0.0
-    ):
-        raise NotImplementedError("Fisher products for CrossEntropyLoss with class weights or "
-                                  "label smoothing are not supported")
+    if isinstance(lf, nn.CrossEntropyLoss) and (lf.weight is not None or lf.label_smoothing != 0.0):
+        raise NotImplementedError(
+            "Fisher products for CrossEntropyLoss with class weights or "
+            "label smoothing are not supported"
+        )
     if isinstance(lf, nn.BCEWithLogitsLoss) and (
         lf.weight is not None or lf.pos_weight is not None
     ):
-        raise NotImplementedError("Fisher products for BCEWithLogitsLoss with weights are "
-                                  "not supported")
+        raise NotImplementedError(
+            "Fisher products for BCEWithLogitsLoss with weights are not supported"
+        )
     return lf
 
 
@@ -312,8 +329,9 @@ def _per_sample_output_grads(lf: nn.Module, o: Tensor, targets: Tensor) -> Tenso
     o = o.detach().requires_grad_(True)
     if isinstance(lf, nn.CrossEntropyLoss):
         _check_ce_output(o)
-        loss = nn.functional.cross_entropy(o, targets, reduction="sum",
-                                           ignore_index=lf.ignore_index)
+        loss = nn.functional.cross_entropy(
+            o, targets, reduction="sum", ignore_index=lf.ignore_index
+        )
     elif isinstance(lf, nn.MSELoss):
         loss = nn.functional.mse_loss(o, targets, reduction="sum")
     else:
@@ -360,7 +378,8 @@ def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
         m = o.numel()
         flat_o = o.reshape(-1)
         eye = torch.eye(m, dtype=o.dtype, device=o.device)
-        blocks = [apply_batched(flat_o, ps, eye[i:i + chunk_size])
-                  for i in range(0, m, chunk_size)]
+        blocks = [
+            apply_batched(flat_o, ps, eye[i : i + chunk_size]) for i in range(0, m, chunk_size)
+        ]
         rows.append(torch.cat(blocks).reshape(*o.shape, problem.num_params))
     return torch.cat(rows, dim=0)
