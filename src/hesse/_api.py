@@ -129,7 +129,7 @@ def hessian_blocks(
         cols = op._columns(range(sl.start, sl.stop), max_memory, progress=False)
         for a, b in pairs:
             if b == col:
-                out[(a, b)] = cols[problem.slices[a]].reshape(*shapes[a], *shapes[b])
+                out[(a, b)] = cols[problem.slices[a]].reshape((*shapes[a], *shapes[b]))
     return out
 
 

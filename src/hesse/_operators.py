@@ -171,7 +171,7 @@ class CurvatureOperator:
         cols = range(sl[col].start, sl[col].stop)
         M = self._columns(cols, max_memory, progress=False)[sl[row]]
         shapes = dict(zip(self.problem.names, self.problem.shapes, strict=True))
-        return M.reshape(*shapes[row], *shapes[col])
+        return M.reshape((*shapes[row], *shapes[col]))
 
     # ---------------------------------------------------------------- scipy
     def to_scipy(self) -> LinearOperator:

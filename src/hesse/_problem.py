@@ -342,7 +342,7 @@ class Problem:
         vec = self.as_flat(vec)
         tail = tuple(vec.shape[1:])
         return [
-            vec[sl].reshape(*shape, *tail)
+            vec[sl].reshape((*shape, *tail))
             for sl, shape in zip(self.slices.values(), self.shapes, strict=True)
         ]
 

@@ -48,13 +48,15 @@ def _leaves(problem: Problem, at: Sequence[Tensor] | None = None) -> list[Tensor
     return [p.detach().requires_grad_(True) for p in src]
 
 
-def _flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor], batch_dims: int = 0) -> Tensor:
+def _flat(
+    tensors: Sequence[Tensor | None], like: Sequence[Tensor], batch: tuple[int, ...] = ()
+) -> Tensor:
     """Concatenate per-parameter results (``None`` = zero) into ``(*batch, P)``."""
     parts = []
     for t, p in zip(tensors, like, strict=True):
         if t is None:
-            t = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-        parts.append(t.reshape(*t.shape[:batch_dims], -1))
+            t = torch.zeros((*batch, p.numel()), dtype=p.dtype, device=p.device)
+        parts.append(t.reshape((*batch, -1)))
     return torch.cat(parts, dim=-1)
 
 
@@ -74,16 +76,12 @@ def apply_batched(
         n = sum(p.numel() for p in inputs)
         return torch.zeros(k, n, dtype=cotangents.dtype, device=cotangents.device)
     try:
+        # (materialize_grads would give unused inputs zeros without the batch dimension)
         gs = torch.autograd.grad(
-            outputs,
-            inputs,
-            cotangents,
-            retain_graph=True,
-            allow_unused=True,
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
             is_grads_batched=True,
-            materialize_grads=True,
         )
-        res = _flat(gs, inputs, batch_dims=1)
+        res = _flat(gs, inputs, batch=(k,))
     except RuntimeError:
         rows = []
         for j in range(k):
@@ -162,7 +160,14 @@ def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
             ps = _leaves(problem)
             with fwAD.dual_level():
                 duals = [fwAD.make_dual(p, t) for p, t in zip(ps, tangents, strict=True)]
-                loss = problem.batch_loss(problem.outputs(duals, inputs), targets, w)
+                # torch 2.13: mse_loss's backward under forward AD fails on a target
+                # without tangent ("ZeroTensors are immutable"); give it an explicit zero.
+                tgt = (
+                    fwAD.make_dual(targets, torch.zeros_like(targets))
+                    if isinstance(targets, Tensor) and targets.is_floating_point()
+                    else targets
+                )
+                loss = problem.batch_loss(problem.outputs(duals, inputs), tgt, w)
                 gs = torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True)
                 tan = [fwAD.unpack_dual(g).tangent for g in gs]
             out[:, j] += _flat(tan, ps)
@@ -381,5 +386,5 @@ def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
         blocks = [
             apply_batched(flat_o, ps, eye[i : i + chunk_size]) for i in range(0, m, chunk_size)
         ]
-        rows.append(torch.cat(blocks).reshape(*o.shape, problem.num_params))
+        rows.append(torch.cat(blocks).reshape((*o.shape, problem.num_params)))
     return torch.cat(rows, dim=0)

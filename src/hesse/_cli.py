@@ -1,0 +1,299 @@
+"""The ``hesse`` command line: ``hesse analyze`` and ``hesse check``.
+
+The only module that prints or writes files; the library never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import hesse
+
+DEFAULT_HIDDEN = 32
+DEFAULT_TRAIN_STEPS = 300
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Setup:
+    """What a subcommand works on: a model, its loss, its data and a description."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    X: Tensor
+    y: Tensor
+    description: str
+
+
+# ----------------------------------------------------------------------------- inputs
+def default_model(hidden: int = DEFAULT_HIDDEN, seed: int = DEFAULT_SEED) -> nn.Module:
+    """The built-in model: a 64-hidden-10 tanh MLP for the 8x8 digits."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
+
+
+def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits (1797 images of 8x8 pixels), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.as_tensor(d.data / 16.0, dtype=dtype), torch.as_tensor(d.target).long()
+
+
+def train_default(setup: Setup, steps: int, seed: int) -> float:
+    """A few seconds of full-batch Adam, seeded, so the summary is of a trained net."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(setup.model.parameters(), lr=1e-2)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        setup.loss_fn(setup.model(setup.X), setup.y).backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def load_factory(spec: str) -> nn.Module:
+    """``path/to/file.py:factory`` -> ``factory()``, which must return an ``nn.Module``."""
+    if ":" not in spec:
+        raise SystemExit(f"--model expects FILE.py:FACTORY; got {spec!r}")
+    path, name = spec.rsplit(":", 1)
+    if not Path(path).is_file():
+        raise SystemExit(f"--model: no such file {path!r}")
+    mod_spec = importlib.util.spec_from_file_location("hesse_user_model", path)
+    assert mod_spec is not None and mod_spec.loader is not None
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise SystemExit(f"--model: {path!r} has no callable {name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"--model: {name}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_npz(path: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Arrays ``X`` (or ``x``) and ``y`` from a ``.npz`` file; integer ``y`` are class labels."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--data: no such file {path!r}")
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.files)
+        xk = "X" if "X" in keys else "x" if "x" in keys else None
+        if xk is None or "y" not in keys:
+            raise SystemExit(f"--data: {path!r} must hold arrays 'X' and 'y'; found {sorted(keys)}")
+        X, y = f[xk], f["y"]
+    if len(X) != len(y) or len(X) == 0:
+        raise SystemExit(f"--data: X has {len(X)} rows and y {len(y)}; expected equal, non-zero")
+    yt = torch.as_tensor(y)
+    yt = yt.long() if not yt.is_floating_point() else yt.to(dtype)
+    return torch.as_tensor(X).to(dtype), yt
+
+
+def build_setup(args: argparse.Namespace) -> Setup:
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    if args.data:
+        X, y = load_npz(args.data, dtype)
+        data_desc = f"{args.data} ({len(X)} samples)"
+    else:
+        X, y = load_digits_data(dtype)
+        data_desc = f"scikit-learn digits ({len(X)} samples)"
+    if args.samples:
+        X, y = X[: args.samples], y[: args.samples]
+    if args.model:
+        model = load_factory(args.model)
+        desc = f"{args.model}"
+    else:
+        model = default_model(args.hidden, args.seed)
+        desc = f"tanh MLP 64-{args.hidden}-10"
+    model = model.to(dtype)
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        desc += f", weights {args.weights}"
+    loss_kind = args.loss
+    if loss_kind == "auto":
+        loss_kind = "ce" if not y.is_floating_point() else "mse"
+    loss_fn = nn.CrossEntropyLoss() if loss_kind == "ce" else nn.MSELoss()
+    setup = Setup(model, loss_fn, X, y, f"{desc} on {data_desc}, {type(loss_fn).__name__}")
+    if not args.model and not args.weights and args.train_steps > 0:
+        secs = train_default(setup, args.train_steps, args.seed)
+        setup.description += f", trained {args.train_steps} Adam steps ({secs:.1f} s)"
+    model.eval()
+    return setup
+
+
+# ----------------------------------------------------------------------------- output
+def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON to a temporary file in the target folder, then rename it into place,
+    so that no half-written file is ever left at ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _layer_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def analyze(setup: Setup, max_dense: int, progress: bool | None) -> dict[str, Any]:
+    """The exact curvature summary of a problem, as a JSON-ready dict."""
+    prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
+    t0 = time.perf_counter()
+    loss, g = hesse._products.loss_and_gradient(prob)
+    P = prob.num_params
+    out: dict[str, Any] = {
+        "model": setup.description,
+        "num_params": P,
+        "num_samples": prob.num_samples,
+        "dtype": str(prob.dtype).replace("torch.", ""),
+        "loss": float(loss),
+        "grad_norm": float(g.norm()),
+    }
+    if P <= max_dense:
+        dec = hesse.decompose(prob, progress=progress)
+        evals = torch.linalg.eigvalsh(dec.hessian)
+        tol = float(evals.abs().max()) * P * torch.finfo(prob.dtype).eps
+        out |= {
+            "method": "dense",
+            "trace": float(dec.hessian.trace()),
+            "eig_max": float(evals[-1]),
+            "eig_min": float(evals[0]),
+            "num_negative": int((evals < -tol).sum()),
+            "num_zero": int((evals.abs() <= tol).sum()),
+            "zero_tol": tol,
+            "ggn_trace": float(dec.ggn.trace()),
+            "residual_trace": float(dec.residual.trace()),
+        }
+        layers: dict[str, list[slice]] = {}
+        for name, sl in prob.slices.items():
+            layers.setdefault(_layer_of(name), []).append(sl)
+        rows = []
+        for layer, sls in layers.items():
+            idx = torch.cat([torch.arange(s.start, s.stop) for s in sls])
+            rows.append(
+                {
+                    "layer": layer,
+                    "params": len(idx),
+                    **{
+                        f"{k}_norm": float(getattr(dec, k)[idx][:, idx].norm())
+                        for k in ("hessian", "ggn", "residual")
+                    },
+                }
+            )
+        out["layers"] = rows
+    else:
+        from scipy.sparse.linalg import eigsh
+
+        lin = hesse.HessianOperator(prob).to_scipy()
+        top = eigsh(lin, k=1, which="LA", return_eigenvectors=False)
+        bottom = eigsh(lin, k=1, which="SA", return_eigenvectors=False)
+        out |= {"method": "lanczos", "eig_max": float(top[0]), "eig_min": float(bottom[0])}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"model       {s['model']}",
+        f"parameters  {s['num_params']}    samples {s['num_samples']}    dtype {s['dtype']}",
+        f"loss        {s['loss']:.6g}    |grad| {s['grad_norm']:.3e}",
+    ]
+    if s["method"] == "dense":
+        lines += [
+            f"Hessian     trace {s['trace']:.6g}    eigenvalues in "
+            f"[{s['eig_min']:.4g}, {s['eig_max']:.4g}]",
+            f"            {s['num_negative']} negative, {s['num_zero']} zero "
+            f"(|lambda| <= {s['zero_tol']:.1e}) of {s['num_params']}",
+            f"split       trace H = trace GGN {s['ggn_trace']:.6g} + trace residual "
+            f"{s['residual_trace']:.4g}",
+            "",
+            f"{'layer':<12}{'params':>8}{'|H| block':>13}{'|GGN|':>12}{'|residual|':>13}",
+        ]
+        for r in s["layers"]:
+            lines.append(
+                f"{r['layer']:<12}{r['params']:>8}{r['hessian_norm']:>13.4e}"
+                f"{r['ggn_norm']:>12.4e}{r['residual_norm']:>13.4e}"
+            )
+    else:
+        lines.append(
+            f"Hessian     eigenvalues in [{s['eig_min']:.4g}, {s['eig_max']:.4g}] (Lanczos; "
+            f"P > --max-dense, so no trace or counts)"
+        )
+    lines.append(f"({s['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="FILE.py:FACTORY returning an nn.Module (default: built-in "
+                                   "tanh MLP trained on digits)")
+    p.add_argument("--data", help=".npz with arrays X and y (default: scikit-learn digits)")
+    p.add_argument("--weights", help="state_dict saved with torch.save (loaded weights_only)")
+    p.add_argument("--loss", choices=["auto", "ce", "mse"], default="auto",
+                   help="loss; auto: cross-entropy for integer y, MSE otherwise")
+    p.add_argument("--samples", type=int, default=0, help="use only the first N samples")
+    p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="built-in model's width")
+    p.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
+                   help="Adam steps for the built-in model (0: analyse at initialisation)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="never show progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hesse", description="Exact second-order calculus of deep networks."
+    )
+    parser.add_argument("--version", action="version", version=f"hesse {hesse.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    pa = sub.add_parser("analyze", help="exact curvature summary of a model")
+    _common(pa)
+    pa.add_argument("--max-dense", type=int, default=6000,
+                    help="largest P for the dense Hessian (beyond: Lanczos extremes only)")
+    pc = sub.add_parser("check", help="derivatives against finite differences")
+    _common(pc)
+    pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
+    args = parser.parse_args(argv)
+    progress = False if args.no_progress else None
+
+    setup = build_setup(args)
+    if args.command == "analyze":
+        summary = analyze(setup, args.max_dense, progress)
+        print(format_summary(summary))
+        if args.json:
+            write_json_atomic(args.json, summary)
+        return 0
+    prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
+    report = hesse.check(prob, hessian=args.hessian or None)
+    print(f"model       {setup.description}")
+    print(report)
+    if args.json:
+        write_json_atomic(args.json, report.to_dict() | {"model": setup.description})
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

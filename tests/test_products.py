@@ -1,0 +1,182 @@
+"""Every exact quantity against the independent dense torch.func reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+import torch
+from conftest import LOSSES, MODELS, Reference, make_case, rel_err
+
+import hesse
+
+TOL64 = 1e-10
+BATCHES = [3, 1, 3]  # unequal batch sizes, summing to the 7 samples of every case
+
+
+@pytest.fixture(scope="module", params=[(m, lo) for m in MODELS for lo in LOSSES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def setting(request):
+    name, loss = request.param
+    case = make_case(name, loss, seed=hash((name, loss)) % 1000)
+    ref = Reference(case)
+    prob = hesse.Problem(case.model, case.loss_fn, case.batches(BATCHES))
+    return case, ref, prob
+
+
+def _vecs(prob: hesse.Problem, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(prob.num_params, k, generator=g)
+
+
+def test_gradient(setting):
+    _, ref, prob = setting
+    assert rel_err(hesse.gradient(prob), ref.gradient()) < TOL64
+
+
+def test_hessian_dense(setting):
+    _, ref, prob = setting
+    assert rel_err(hesse.hessian(prob), ref.hessian()) < TOL64
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_hvp_vector_and_matrix(setting, method):
+    _, ref, prob = setting
+    H = ref.hessian()
+    V = _vecs(prob, 3, 1)
+    assert rel_err(hesse.hvp(prob, V[:, 0], method=method), H @ V[:, 0]) < TOL64
+    assert rel_err(hesse.hvp(prob, V, method=method), H @ V) < TOL64
+
+
+def test_ggn(setting):
+    _, ref, prob = setting
+    G = ref.ggn()
+    V = _vecs(prob, 2, 2)
+    assert rel_err(hesse.ggn_vp(prob, V[:, 0]), G @ V[:, 0]) < TOL64  # forward-mode path
+    assert rel_err(hesse.ggn_vp(prob, V), G @ V) < TOL64  # batched double-vjp path
+    assert rel_err(hesse.ggn(prob), G) < TOL64
+
+
+def test_decompose_adds_up(setting):
+    _, ref, prob = setting
+    d = hesse.decompose(prob)
+    H, G, R = ref.hessian(), ref.ggn(), ref.residual()
+    assert rel_err(d.hessian, H) < TOL64
+    assert rel_err(d.ggn, G) < TOL64
+    assert rel_err(d.residual, R) < TOL64
+    assert rel_err(d.ggn + d.residual, H) < TOL64
+    norms = d.block_norms(prob)
+    assert set(norms) == set(prob.names)
+
+
+@pytest.mark.parametrize("kind", ["true", "empirical"])
+def test_fisher(setting, kind):
+    _, ref, prob = setting
+    F = ref.true_fisher() if kind == "true" else ref.empirical_fisher()
+    op = hesse.FisherOperator(prob, kind=kind)
+    V = _vecs(prob, 2, 3)
+    assert rel_err(op @ V[:, 0], F @ V[:, 0]) < TOL64
+    assert rel_err(hesse.fisher_vp(prob, V, kind=kind), F @ V) < TOL64
+    assert rel_err(op.to_dense(), F) < TOL64
+
+
+def test_true_fisher_equals_ggn_for_ce():
+    case = make_case("mlp-tanh", "ce", seed=11)
+    ref = Reference(case)
+    assert rel_err(ref.true_fisher(), ref.ggn()) < 1e-12  # the enumeration is independent
+
+
+def test_jacobian(setting):
+    _, ref, prob = setting
+    assert rel_err(hesse.jacobian(prob), ref.jacobian()) < TOL64
+
+
+def test_operator_interface(setting):
+    case, ref, prob = setting
+    H = ref.hessian()
+    op = hesse.HessianOperator(prob)
+    assert op.shape == (prob.num_params, prob.num_params)
+    assert op.dtype == torch.float64 and op.symmetric and not op.psd
+    assert hesse.GGNOperator(prob).psd
+    # per-parameter lists in, per-parameter lists out
+    v = _vecs(prob, 1, 4)[:, 0]
+    out = op @ prob.unflatten(v)
+    assert isinstance(out, list) and [o.shape for o in out] == [torch.Size(s) for s in prob.shapes]
+    assert rel_err(prob.flatten(out), H @ v) < TOL64
+    # blocks
+    a, b = prob.names[0], prob.names[-1]
+    blk = op.block(a, b)
+    assert blk.shape == (*prob.shapes[0], *prob.shapes[-1])
+    assert rel_err(blk.reshape(prob.sizes[0], prob.sizes[-1]), H[prob.slices[a], prob.slices[b]]) < TOL64
+    # tiny memory budget: one column per chunk, same result
+    assert rel_err(op.to_dense(max_memory=1), H) < TOL64
+
+
+def test_scipy_export(setting):
+    _, ref, prob = setting
+    H = ref.hessian().numpy()
+    lin = hesse.HessianOperator(prob).to_scipy()
+    x = np.random.default_rng(0).standard_normal(prob.num_params)
+    assert np.allclose(lin @ x, H @ x, rtol=0, atol=1e-12 * np.abs(H).max())
+    top = sla.eigsh(lin, k=2, which="LA", return_eigenvectors=False)
+    assert np.allclose(np.sort(top), np.linalg.eigvalsh(H)[-2:], rtol=1e-8)
+    # conjugate gradients on the (PSD) GGN plus damping
+    G = ref.ggn().numpy() + np.eye(prob.num_params)
+    glin = hesse.GGNOperator(prob).to_scipy() + sla.aslinearoperator(np.eye(prob.num_params))
+    sol, info = sla.cg(glin, x, rtol=1e-12, maxiter=2000)
+    assert info == 0 and np.allclose(sol, np.linalg.solve(G, x), rtol=1e-8, atol=1e-10)
+
+
+def test_hessian_blocks(setting):
+    _, ref, prob = setting
+    H = ref.hessian()
+    diag = hesse.hessian_blocks(prob)
+    assert list(diag) == [(n, n) for n in prob.names]
+    for (a, _), blk in diag.items():
+        sl = prob.slices[a]
+        assert rel_err(blk.reshape(sl.stop - sl.start, -1), H[sl, sl]) < TOL64
+    full = hesse.hessian_blocks(prob, "all")
+    rebuilt = torch.cat([torch.cat([full[(a, b)].reshape(prob.slices[a].stop - prob.slices[a].start, -1)
+                                    for b in prob.names], 1) for a in prob.names], 0)
+    assert rel_err(rebuilt, H) < TOL64
+
+
+@pytest.mark.parametrize("name", ["mlp-tanh", "cnn", "rnn"])
+def test_float32_matches_float64_reference(name):
+    case64 = make_case(name, "ce", seed=5)
+    ref = Reference(case64)
+    H = ref.hessian()
+    G = ref.ggn()
+    case32 = make_case(name, "ce", seed=5, dtype=torch.float32)
+    prob = hesse.Problem(case32.model, case32.loss_fn, case32.batches(BATCHES))
+    v = _vecs(prob, 1, 6)[:, 0]
+    assert prob.dtype == torch.float32
+    assert hesse.hvp(prob, v.float()).dtype == torch.float32
+    assert rel_err(hesse.hvp(prob, v.float()), H @ v) < 1e-5
+    assert rel_err(hesse.ggn_vp(prob, v.float()), G @ v) < 1e-5
+    assert rel_err(hesse.hessian(prob), H) < 1e-5
+
+
+def test_param_subset_is_the_submatrix():
+    case = make_case("mlp-tanh", "mse", seed=3)
+    names = ["0.weight", "4.bias"]
+    full = Reference(case).hessian()
+    prob_full = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    idx = torch.cat([torch.arange(prob_full.slices[n].start, prob_full.slices[n].stop) for n in names])
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y), params=names)
+    assert prob.names == names
+    assert rel_err(hesse.hessian(prob), full[idx][:, idx]) < TOL64
+    # selecting by tensor gives the same
+    named = dict(case.model.named_parameters())
+    prob_t = hesse.Problem(case.model, case.loss_fn, (case.X, case.y),
+                           params=[named["4.bias"], named["0.weight"]])
+    assert prob_t.names == names  # named_parameters() order, whatever the order given
+
+
+def test_sum_reduction_and_batches():
+    case = make_case("mlp-softplus", "mse", seed=4)
+    case.loss_fn = torch.nn.MSELoss(reduction="sum")
+    H = Reference(case).hessian()
+    prob = hesse.Problem(case.model, case.loss_fn, case.batches([2, 5]))
+    assert rel_err(hesse.hessian(prob), H) < TOL64
+    assert rel_err(prob.loss(), Reference(case).loss(Reference(case).theta0)) < 1e-14
