@@ -7,6 +7,7 @@ loss on all data as one concatenated batch, and use only ``torch.func`` and
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ class TwoInputNet(nn.Module):
 
 def mlp(widths: list[int], act: type[nn.Module] = nn.Tanh, bias: bool = True) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b, bias=bias))
         if i < len(widths) - 2:
             layers.append(act())
@@ -74,7 +75,7 @@ class Case:
     def batches(self, sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
         out, start = [], 0
         for s in sizes:
-            out.append((self.X[start:start + s], self.y[start:start + s]))
+            out.append((self.X[start : start + s], self.y[start : start + s]))
             start += s
         assert start == len(self.X)
         return out
@@ -85,8 +86,9 @@ def make_case(name: str, loss: str, seed: int = 0, dtype: torch.dtype = torch.fl
     torch.manual_seed(seed)
     n, C = 7, 3
     if name.startswith("mlp-"):
-        act = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus,
-               "sigmoid": nn.Sigmoid}[name[4:]]
+        act = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid}[
+            name[4:]
+        ]
         model = mlp([5, 6, 4, C], act)
         X = torch.randn(n, 5, generator=g)
     elif name == "cnn":
@@ -130,7 +132,7 @@ class Reference:
         out, i = {}, 0
         for n, s in zip(self.names, self.shapes, strict=True):
             k = int(torch.tensor(s).prod()) if len(s) else 1
-            out[n] = flat[i:i + k].reshape(s)
+            out[n] = flat[i : i + k].reshape(s)
             i += k
         return out
 
@@ -198,7 +200,7 @@ class Reference:
         for c in range(probs.shape[1]):
             yc = torch.full((self.case.X.shape[0],), c)
             g = self._per_sample_grads(yc)
-            F += (g * probs[:, c:c + 1]).T @ g
+            F += (g * probs[:, c : c + 1]).T @ g
         return self._c() * F
 
 

@@ -21,8 +21,9 @@ def test_flatten_roundtrip_and_order():
     assert torch.equal(prob.flatten(parts), v)
     M = torch.randn(prob.num_params, 4)
     assert torch.equal(prob.flatten(prob.unflatten(M)), M)
-    assert torch.equal(prob.param_vector(),
-                       torch.cat([p.detach().reshape(-1) for p in case.model.parameters()]))
+    assert torch.equal(
+        prob.param_vector(), torch.cat([p.detach().reshape(-1) for p in case.model.parameters()])
+    )
 
 
 @pytest.mark.parametrize("sizes", [[7], [1, 6], [3, 1, 3], [2, 2, 2, 1]])
@@ -69,7 +70,7 @@ def test_structured_inputs(as_dict):
         ps, i = {}, 0
         for n, s in zip(names, shapes, strict=True):
             k = s.numel()
-            ps[n] = flat[i:i + k].reshape(s)
+            ps[n] = flat[i : i + k].reshape(s)
             i += k
         return lf(functional_call(model, ps, (x, z)), y)
 
@@ -106,7 +107,7 @@ def test_wrong_vector_shape(small):
     with pytest.raises(ValueError, match="expected 6 tensors"):
         hesse.hvp(prob, [torch.randn(3)])
     with pytest.raises(ValueError, match=r"entry for '0.weight' has shape \(2, 2\)"):
-        hesse.hvp(prob, [torch.randn(2, 2)] + prob.unflatten(torch.randn(P))[1:])
+        hesse.hvp(prob, [torch.randn(2, 2), *prob.unflatten(torch.randn(P))[1:]])
     with pytest.raises(TypeError, match="floating-point"):
         hesse.hvp(prob, torch.ones(P, dtype=torch.long))
 

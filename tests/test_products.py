@@ -14,8 +14,11 @@ TOL64 = 1e-10
 BATCHES = [3, 1, 3]  # unequal batch sizes, summing to the 7 samples of every case
 
 
-@pytest.fixture(scope="module", params=[(m, lo) for m in MODELS for lo in LOSSES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(m, lo) for m in MODELS for lo in LOSSES],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def setting(request):
     name, loss = request.param
     case = make_case(name, loss, seed=hash((name, loss)) % 1000)
@@ -92,7 +95,7 @@ def test_jacobian(setting):
 
 
 def test_operator_interface(setting):
-    case, ref, prob = setting
+    _case, ref, prob = setting
     H = ref.hessian()
     op = hesse.HessianOperator(prob)
     assert op.shape == (prob.num_params, prob.num_params)
@@ -107,7 +110,10 @@ def test_operator_interface(setting):
     a, b = prob.names[0], prob.names[-1]
     blk = op.block(a, b)
     assert blk.shape == (*prob.shapes[0], *prob.shapes[-1])
-    assert rel_err(blk.reshape(prob.sizes[0], prob.sizes[-1]), H[prob.slices[a], prob.slices[b]]) < TOL64
+    assert (
+        rel_err(blk.reshape(prob.sizes[0], prob.sizes[-1]), H[prob.slices[a], prob.slices[b]])
+        < TOL64
+    )
     # tiny memory budget: one column per chunk, same result
     assert rel_err(op.to_dense(max_memory=1), H) < TOL64
 
@@ -136,8 +142,19 @@ def test_hessian_blocks(setting):
         sl = prob.slices[a]
         assert rel_err(blk.reshape(sl.stop - sl.start, -1), H[sl, sl]) < TOL64
     full = hesse.hessian_blocks(prob, "all")
-    rebuilt = torch.cat([torch.cat([full[(a, b)].reshape(prob.slices[a].stop - prob.slices[a].start, -1)
-                                    for b in prob.names], 1) for a in prob.names], 0)
+    rebuilt = torch.cat(
+        [
+            torch.cat(
+                [
+                    full[(a, b)].reshape(prob.slices[a].stop - prob.slices[a].start, -1)
+                    for b in prob.names
+                ],
+                1,
+            )
+            for a in prob.names
+        ],
+        0,
+    )
     assert rel_err(rebuilt, H) < TOL64
 
 
@@ -162,14 +179,17 @@ def test_param_subset_is_the_submatrix():
     names = ["0.weight", "4.bias"]
     full = Reference(case).hessian()
     prob_full = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
-    idx = torch.cat([torch.arange(prob_full.slices[n].start, prob_full.slices[n].stop) for n in names])
+    idx = torch.cat(
+        [torch.arange(prob_full.slices[n].start, prob_full.slices[n].stop) for n in names]
+    )
     prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y), params=names)
     assert prob.names == names
     assert rel_err(hesse.hessian(prob), full[idx][:, idx]) < TOL64
     # selecting by tensor gives the same
     named = dict(case.model.named_parameters())
-    prob_t = hesse.Problem(case.model, case.loss_fn, (case.X, case.y),
-                           params=[named["4.bias"], named["0.weight"]])
+    prob_t = hesse.Problem(
+        case.model, case.loss_fn, (case.X, case.y), params=[named["4.bias"], named["0.weight"]]
+    )
     assert prob_t.names == names  # named_parameters() order, whatever the order given
 
 

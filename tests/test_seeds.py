@@ -11,6 +11,7 @@ from torch import nn
 
 import hesse
 
+
 # ============================================================================ seed 000
 class ScalarStage(nn.Module):
     """``z_l = z_{l-1} * x_l`` (bilinear) or ``z_{l-1} * x_l^2`` (quadratic)."""
@@ -47,7 +48,8 @@ def _notebook_000(xs: np.ndarray, z0: float, power: int):
     D_zz = np.zeros((L, L))
     grad = (Minv @ D_x)[-1]
     H = D_D @ (D_xx + D_xz @ P @ Minv @ D_x) + D_x.T @ Minv.T @ P.T @ D_D @ (
-        D_xz + D_zz @ P @ Minv @ D_x)
+        D_xz + D_zz @ P @ Minv @ D_x
+    )
     return backwards, Minv, grad, H
 
 
@@ -71,8 +73,12 @@ def test_seed000_scalar_chains(power, L):
     np.testing.assert_allclose(hesse.gradient(prob).numpy(), grad_actual, rtol=1e-12)
     np.testing.assert_allclose(hesse.hessian(prob).numpy(), H_actual, rtol=1e-12, atol=1e-14)
     v = rng.standard_normal(L)
-    np.testing.assert_allclose(hesse.hvp(prob, torch.tensor(v), method="forward").numpy(),
-                               H_actual @ v, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(
+        hesse.hvp(prob, torch.tensor(v), method="forward").numpy(),
+        H_actual @ v,
+        rtol=1e-11,
+        atol=1e-13,
+    )
 
 
 # ============================================================================ seed 001
@@ -87,8 +93,9 @@ def _digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _net001(act: type[nn.Module], seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 30), act(), nn.Linear(30, 30), act(),
-                         nn.Linear(30, 10)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 30), act(), nn.Linear(30, 30), act(), nn.Linear(30, 10)
+    ).double()
 
 
 @pytest.mark.parametrize("n", [1, 5])
@@ -126,8 +133,12 @@ class Quadratic(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.x = nn.Parameter(torch.ones(4, 1, dtype=torch.float64))
-        self.register_buffer("A", torch.tensor([[1, 2, 3, 4], [2, 1, 5, 6], [3, 5, 1, 7],
-                                                [4, 6, 7, 1]], dtype=torch.float64))
+        self.register_buffer(
+            "A",
+            torch.tensor(
+                [[1, 2, 3, 4], [2, 1, 5, 6], [3, 5, 1, 7], [4, 6, 7, 1]], dtype=torch.float64
+            ),
+        )
         self.register_buffer("b", torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64))
 
     def forward(self, _unused: torch.Tensor) -> torch.Tensor:
@@ -172,8 +183,9 @@ def test_seed002_mlp_values_and_input_gradient():
     prob = _param_problem(model, params=["x"])
     # the notebook ran in float32 and printed its rounding: agree to float32 resolution
     assert float(prob.loss()) == pytest.approx(2.7463741, abs=4 * 2.4e-7)
-    np.testing.assert_allclose(hesse.gradient(prob).numpy(),
-                               [0.00771682, 0.00966905, 0.01162129], rtol=5e-6)
+    np.testing.assert_allclose(
+        hesse.gradient(prob).numpy(), [0.00771682, 0.00966905, 0.01162129], rtol=5e-6
+    )
 
 
 def test_seed002_jacobians():
@@ -201,12 +213,18 @@ def test_seed002_jacobians():
         def forward(self, _u):
             return torch.sigmoid(model.l2(torch.sigmoid(model.l1(self.x))))[None]
 
-    J2 = hesse.jacobian(hesse.Problem(Z2OfX(), lambda o, _t: o.sum(), (torch.zeros(1), None),
-                                      params=["x"]))[0]
+    J2 = hesse.jacobian(
+        hesse.Problem(Z2OfX(), lambda o, _t: o.sum(), (torch.zeros(1), None), params=["x"])
+    )[0]
     with torch.no_grad():
         z1 = torch.sigmoid(model.l1(model.x))
         z2 = torch.sigmoid(model.l2(z1))
-        ref = torch.diag(z2 * (1 - z2)) @ model.l2.weight @ torch.diag(z1 * (1 - z1)) @ model.l1.weight
+        ref = (
+            torch.diag(z2 * (1 - z2))
+            @ model.l2.weight
+            @ torch.diag(z1 * (1 - z1))
+            @ model.l1.weight
+        )
     np.testing.assert_allclose(J2.numpy(), ref.numpy(), rtol=1e-13)
 
 
@@ -284,8 +302,7 @@ def test_seed002_static_rnn(T, x_size, h_size, y_size):
         gp = hesse._products.loss_and_gradient(prob, prob.unflatten(theta + e))[1]
         gm = hesse._products.loss_and_gradient(prob, prob.unflatten(theta - e))[1]
         cols.append((gp - gm) / (2 * h))
-    np.testing.assert_allclose(hesse.hessian(prob).numpy(), torch.stack(cols, 1).numpy(),
-                               atol=1e-8)
+    np.testing.assert_allclose(hesse.hessian(prob).numpy(), torch.stack(cols, 1).numpy(), atol=1e-8)
 
 
 # ============================================================================ seed 003
@@ -306,27 +323,55 @@ def test_seed003_closed_forms(n):
     x = torch.randn(n, generator=g)
     A_sq = torch.randn(n, n, generator=g)  # not symmetric
     A = torch.randn(m, n, generator=g)
-    b_n, b_m, a = torch.randn(n, generator=g), torch.randn(m, generator=g), torch.randn(n, generator=g)
+    b_n, b_m, a = (
+        torch.randn(n, generator=g),
+        torch.randn(m, generator=g),
+        torch.randn(n, generator=g),
+    )
     s = torch.sigmoid(a @ x)
     cases = [
-        (lambda x: 0.5 * x @ A_sq @ x - b_n @ x, 0.5 * (A_sq + A_sq.T) @ x - b_n, 0.5 * (A_sq + A_sq.T)),
-        (lambda x: -torch.exp(-x @ x), 2 * torch.exp(-x @ x) * x,
-         2 * torch.exp(-x @ x) * (torch.eye(n) - 2 * torch.outer(x, x))),
+        (
+            lambda x: 0.5 * x @ A_sq @ x - b_n @ x,
+            0.5 * (A_sq + A_sq.T) @ x - b_n,
+            0.5 * (A_sq + A_sq.T),
+        ),
+        (
+            lambda x: -torch.exp(-x @ x),
+            2 * torch.exp(-x @ x) * x,
+            2 * torch.exp(-x @ x) * (torch.eye(n) - 2 * torch.outer(x, x)),
+        ),
         (lambda x: 0.5 * (A @ x - b_m).pow(2).sum(), A.T @ (A @ x - b_m), A.T @ A),
         (lambda x: torch.log1p(torch.exp(a @ x)), s * a, s * (1 - s) * torch.outer(a, a)),
     ]
     for fn, grad_ref, hess_ref in cases:
         prob = _param_problem(OfX(fn, x))
-        np.testing.assert_allclose(hesse.gradient(prob).numpy(), grad_ref.numpy(), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(hesse.hessian(prob).numpy(), hess_ref.numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            hesse.gradient(prob).numpy(), grad_ref.numpy(), rtol=1e-12, atol=1e-14
+        )
+        np.testing.assert_allclose(
+            hesse.hessian(prob).numpy(), hess_ref.numpy(), rtol=1e-12, atol=1e-14
+        )
 
 
 # ============================================================================ seed 004
 X004 = np.array([[0.52, 1.12, 0.77], [0.88, -1.08, 0.15], [0.52, 0.06, -1.30], [0.74, -2.49, 1.39]])
 Y004 = (X004[:, 0] ** 2 - 3 * X004[:, 1] * X004[:, 2]).reshape(-1, 1)
 # the parameters the notebook printed (W1, B1, W2, B2 flattened)
-PARAMS004 = np.array([-0.38575379, -0.62680877, 0.19602057, 0.34699285, -0.51387488, 1.07746459,
-                      -0.81365418, 0.98266259, -0.99810959, 0.96349786, 0.98364881])
+PARAMS004 = np.array(
+    [
+        -0.38575379,
+        -0.62680877,
+        0.19602057,
+        0.34699285,
+        -0.51387488,
+        1.07746459,
+        -0.81365418,
+        0.98266259,
+        -0.99810959,
+        0.96349786,
+        0.98364881,
+    ]
+)
 
 
 def _autograd_objective(flat, x, y):
@@ -341,20 +386,49 @@ def _hesse_problem_004(flat: np.ndarray, x: np.ndarray, y: np.ndarray) -> hesse.
     net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)).double()
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(torch.tensor(flat), net.parameters())
-    return hesse.Problem(net, lambda o, t: 0.5 * nn.functional.mse_loss(o, t),
-                         (torch.tensor(x), torch.tensor(y)))
+    return hesse.Problem(
+        net, lambda o, t: 0.5 * nn.functional.mse_loss(o, t), (torch.tensor(x), torch.tensor(y))
+    )
 
 
 def test_seed004_printed_values():
     prob = _hesse_problem_004(PARAMS004, X004, Y004)
     g = hesse.gradient(prob).numpy()
     np.testing.assert_allclose(
-        g, [-0.20980657, -5.42853043, 1.58130118, 0.20253104, 5.24028375, -1.52646595,
-            -0.75951313, 0.73317528, -4.41988815, -3.68119392, 0.76095164], atol=2e-8)
+        g,
+        [
+            -0.20980657,
+            -5.42853043,
+            1.58130118,
+            0.20253104,
+            5.24028375,
+            -1.52646595,
+            -0.75951313,
+            0.73317528,
+            -4.41988815,
+            -3.68119392,
+            0.76095164,
+        ],
+        atol=2e-8,
+    )
     H = hesse.hessian(prob).numpy()
     np.testing.assert_allclose(
-        H[10], [-0.66374288, 0.59637048, -0.25202267, 0.64072608, -0.57568997, 0.24328321,
-                -0.99810959, 0.96349786, -0.64616702, 1.79251289, 1.0], atol=2e-8)
+        H[10],
+        [
+            -0.66374288,
+            0.59637048,
+            -0.25202267,
+            0.64072608,
+            -0.57568997,
+            0.24328321,
+            -0.99810959,
+            0.96349786,
+            -0.64616702,
+            1.79251289,
+            1.0,
+        ],
+        atol=2e-8,
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -170,7 +170,7 @@ def analyze(setup: Setup, max_dense: int, progress: bool | None) -> dict[str, An
         "loss": float(loss),
         "grad_norm": float(g.norm()),
     }
-    if P <= max_dense:
+    if max_dense >= P:
         dec = hesse.decompose(prob, progress=progress)
         evals = torch.linalg.eigvalsh(dec.hessian)
         tol = float(evals.abs().max()) * P * torch.finfo(prob.dtype).eps
@@ -246,16 +246,27 @@ def format_summary(s: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- main
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="FILE.py:FACTORY returning an nn.Module (default: built-in "
-                                   "tanh MLP trained on digits)")
+    p.add_argument(
+        "--model",
+        help="FILE.py:FACTORY returning an nn.Module (default: built-in "
+        "tanh MLP trained on digits)",
+    )
     p.add_argument("--data", help=".npz with arrays X and y (default: scikit-learn digits)")
     p.add_argument("--weights", help="state_dict saved with torch.save (loaded weights_only)")
-    p.add_argument("--loss", choices=["auto", "ce", "mse"], default="auto",
-                   help="loss; auto: cross-entropy for integer y, MSE otherwise")
+    p.add_argument(
+        "--loss",
+        choices=["auto", "ce", "mse"],
+        default="auto",
+        help="loss; auto: cross-entropy for integer y, MSE otherwise",
+    )
     p.add_argument("--samples", type=int, default=0, help="use only the first N samples")
     p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="built-in model's width")
-    p.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
-                   help="Adam steps for the built-in model (0: analyse at initialisation)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=DEFAULT_TRAIN_STEPS,
+        help="Adam steps for the built-in model (0: analyse at initialisation)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
@@ -270,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     pa = sub.add_parser("analyze", help="exact curvature summary of a model")
     _common(pa)
-    pa.add_argument("--max-dense", type=int, default=6000,
-                    help="largest P for the dense Hessian (beyond: Lanczos extremes only)")
+    pa.add_argument(
+        "--max-dense",
+        type=int,
+        default=6000,
+        help="largest P for the dense Hessian (beyond: Lanczos extremes only)",
+    )
     pc = sub.add_parser("check", help="derivatives against finite differences")
     _common(pc)
     pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
@@ -296,4 +311,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

@@ -61,48 +61,48 @@ def _flat(
 
 
 def apply_batched(
-    outputs: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, retain_graph: bool = True
+    outputs: Tensor | Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: Tensor | Sequence[Tensor],
 ) -> Tensor:
-    """Vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for a batch of
-    cotangents ``(k, *outputs.shape)``; returns ``(k, sum(numel(inputs)))``.
+    """Vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for ``k`` cotangents.
 
-    Uses one batched backward (``is_grads_batched``) and falls back to a loop over
-    the ``k`` cotangents for operations that do not support it. Inputs on which
-    ``outputs`` does not depend contribute zeros.
+    ``outputs`` is a tensor or a list of tensors; ``cotangents`` matches it with a
+    leading dimension ``k`` (``(k, *output.shape)`` each). Returns ``(k, sum(numel(inputs)))``.
+    One plain backward for ``k = 1``; one batched backward (``is_grads_batched``)
+    otherwise, with a loop over the cotangents for operations that do not support it.
+    Inputs on which ``outputs`` does not depend contribute zeros. The graph is kept.
     """
-    k = cotangents.shape[0]
+    outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    cots = [cotangents] if isinstance(cotangents, Tensor) else list(cotangents)
+    k = cots[0].shape[0]
     inputs = list(inputs)
-    if not outputs.requires_grad:
+    pairs = [(o, c) for o, c in zip(outs, cots, strict=True) if o.requires_grad]
+    if not pairs:
         n = sum(p.numel() for p in inputs)
-        return torch.zeros(k, n, dtype=cotangents.dtype, device=cotangents.device)
-    try:
-        # (materialize_grads would give unused inputs zeros without the batch dimension)
+        return torch.zeros(k, n, dtype=cots[0].dtype, device=cots[0].device)
+    outs, cots = [o for o, _ in pairs], [c for _, c in pairs]
+
+    def one(j: int) -> Tensor:
         gs = torch.autograd.grad(
-            outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
-            is_grads_batched=True,
+            outs, inputs, [c[j] for c in cots], retain_graph=True, allow_unused=True
         )
-        res = _flat(gs, inputs, batch=(k,))
+        return _flat(gs, inputs)
+
+    if k == 1:
+        return one(0).unsqueeze(0)
+    try:  # (materialize_grads would give unused inputs zeros without the batch dimension)
+        gs = torch.autograd.grad(
+            outs, inputs, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return _flat(gs, inputs, batch=(k,))
     except RuntimeError:
-        rows = []
-        for j in range(k):
-            gs = torch.autograd.grad(
-                outputs,
-                inputs,
-                cotangents[j],
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            rows.append(_flat(gs, inputs))
-        res = torch.stack(rows)
-    if not retain_graph:
-        del outputs
-    return res
+        return torch.stack([one(j) for j in range(k)])
 
 
-def _to_param_cotangents(V: Tensor) -> Tensor:
-    """``(P, k)`` -> ``(k, P)``, the layout of batched cotangents."""
-    return V.T.contiguous()
+def _param_cotangents(problem: Problem, V: Tensor) -> list[Tensor]:
+    """``(P, k)`` -> per-parameter cotangents of shape ``(k, *param.shape)``."""
+    return [t.movedim(-1, 0) for t in problem.unflatten(V)]
 
 
 # --------------------------------------------------------------------------- first order
@@ -138,14 +138,14 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
     """
     if method == "reverse":
         out = torch.zeros_like(V)
-        cot = _to_param_cotangents(V)
+        cot = _param_cotangents(problem, V)
         for inputs, targets, w in problem.batches():
             ps = _leaves(problem)
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
-            gs = torch.autograd.grad(
-                loss, ps, create_graph=True, allow_unused=True, materialize_grads=True
-            )
-            out += apply_batched(_flat(gs, ps), ps, cot).T
+            gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+            used = [(g, c) for g, c in zip(gs, cot, strict=True) if g is not None]
+            if used:
+                out += apply_batched([g for g, _ in used], ps, [c for _, c in used]).T
         return out
     if method == "forward":
         return _hessian_matmat_forward(problem, V)
@@ -195,9 +195,7 @@ def _jvp_batched(out: Tensor, ps: Sequence[Tensor], V: Tensor) -> Tensor:
     gu = torch.autograd.grad(
         out, ps, u, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    return apply_batched(_flat(gu, ps), [u], _to_param_cotangents(V)).reshape(
-        V.shape[1], *out.shape
-    )
+    return apply_batched(_flat(gu, ps), [u], V.T).reshape((V.shape[1], *out.shape))
 
 
 def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
@@ -252,7 +250,7 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
     construction of neither side.
     """
     out = torch.zeros_like(V)
-    cot = _to_param_cotangents(V)
+    cot = _param_cotangents(problem, V)
     for inputs, targets, w in problem.batches():
         ps = _leaves(problem)
         o = _require_tensor_output(problem.outputs(ps, inputs))
@@ -260,10 +258,10 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
         (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
         if not o.requires_grad:
             continue
-        gs = torch.autograd.grad(
-            (lam * o).sum(), ps, create_graph=True, allow_unused=True, materialize_grads=True
-        )
-        out += apply_batched(_flat(gs, ps), ps, cot).T
+        gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True)
+        used = [(g, c) for g, c in zip(gs, cot, strict=True) if g is not None]
+        if used:
+            out += apply_batched([g for g, _ in used], ps, [c for _, c in used]).T
     return out
 
 

@@ -1,0 +1,155 @@
+"""Bishop's MLP Hessian, the derivative checker, and algebraic properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Reference, make_case, mlp, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hesse
+
+# ----------------------------------------------------------------------------- Bishop
+ACTS = [nn.Tanh, nn.Sigmoid, nn.Softplus, nn.GELU, nn.ELU]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.__name__)
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize(
+    ("widths", "bias"), [([5, 6, 3], True), ([4, 7, 5, 3], True), ([3, 2, 4, 1, 3], False)]
+)
+def test_bishop_equals_autodiff(act, loss, widths, bias):
+    g = torch.Generator().manual_seed(len(widths) * 10 + bias)
+    torch.manual_seed(len(widths))
+    model = mlp(widths, act, bias=bias).double()
+    model.append(act())  # an output activation too: Bishop's d^2E/da_K^2 has both terms
+    n = 6
+    X = torch.randn(n, widths[0], generator=g)
+    if loss == "ce":
+        y, lf = torch.randint(0, widths[-1], (n,), generator=g), nn.CrossEntropyLoss()
+    else:
+        y, lf = torch.randn(n, widths[-1], generator=g), nn.MSELoss()
+    prob = hesse.Problem(model, lf, [(X[:4], y[:4]), (X[4:], y[4:])])
+    Hb = hesse.hessian(prob, method="bishop")
+    Ha = hesse.hessian(prob)
+    assert rel_err(Hb, Ha) < 1e-10
+    # a parameter subset, in named_parameters order
+    sub = [prob.names[-1], prob.names[0]]
+    prob_sub = hesse.Problem(model, lf, (X, y), params=sub)
+    idx = torch.cat(
+        [torch.arange(prob.slices[n].start, prob.slices[n].stop) for n in prob_sub.names]
+    )
+    assert rel_err(hesse.hessian(prob_sub, method="bishop"), Ha[idx][:, idx]) < 1e-10
+
+
+def test_bishop_nested_sequential_and_flatten():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Sequential(nn.Linear(6, 4), nn.Tanh()), nn.Linear(4, 3)
+    ).double()
+    X, y = torch.randn(5, 2, 3), torch.randint(0, 3, (5,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    assert rel_err(hesse.hessian(prob, method="bishop"), hesse.hessian(prob)) < 1e-10
+
+
+def test_bishop_rejects_non_mlps():
+    case = make_case("cnn", "ce")
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    with pytest.raises(ValueError, match="needs an nn.Sequential MLP; got TinyCNN"):
+        hesse.hessian(prob, method="bishop")
+    seq = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    prob = hesse.Problem(seq, nn.CrossEntropyLoss(), (torch.randn(3, 5), torch.tensor([0, 1, 2])))
+    with pytest.raises(ValueError, match="module '1' is LayerNorm"):
+        hesse.hessian(prob, method="bishop")
+
+
+# ----------------------------------------------------------------------------- check
+@pytest.mark.parametrize("name", ["mlp-tanh", "cnn", "rnn"])
+def test_check_passes_on_exact_derivatives(name):
+    case = make_case(name, "ce", seed=8)
+    prob = hesse.Problem(case.model, case.loss_fn, case.batches([4, 3]))
+    rep = hesse.check(prob, hessian=(name == "mlp-tanh"))
+    assert rep.passed, str(rep)
+    kinds = {r.quantity for r in rep.rows}
+    assert kinds == ({"gradient", "hvp", "hessian"} if name == "mlp-tanh" else {"gradient", "hvp"})
+    assert {r.block for r in rep.rows} == set(prob.names)
+    assert "all passed" in str(rep) and rep.to_dict()["passed"] is True
+
+
+class _WrongTanh(torch.autograd.Function):
+    """tanh with a backward that is off by 2 percent: a bug the checker must catch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y) * 1.02
+
+
+class _WrongNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(_WrongTanh.apply(self.a(x)))
+
+
+def test_check_catches_a_wrong_derivative():
+    torch.manual_seed(0)
+    model = _WrongNet().double()
+    X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    rep = hesse.check(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), hessian=False)
+    assert not rep.passed
+    bad = {r.block for r in rep.rows if r.quantity == "gradient" and not r.passed}
+    assert {"a.weight", "a.bias"} <= bad  # the layer below the wrong backward
+    assert all(r.passed for r in rep.rows if r.quantity == "gradient" and r.block.startswith("b."))
+    assert "FAILED" in str(rep)
+
+
+def test_check_float32_uses_looser_tolerance():
+    case = make_case("mlp-tanh", "ce", seed=2, dtype=torch.float32)
+    rep = hesse.check(hesse.Problem(case.model, case.loss_fn, (case.X, case.y)))
+    assert rep.dtype == "float32" and rep.rows[0].tol == 3e-2
+    assert rep.passed, str(rep)
+
+
+# ----------------------------------------------------------------------------- properties
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    n=st.integers(1, 5),
+    act=st.sampled_from([nn.Tanh, nn.Softplus, nn.Sigmoid, nn.GELU]),
+    loss=st.sampled_from(["ce", "mse"]),
+    seed=st.integers(0, 2**16),
+)
+def test_identities_on_random_mlps(widths, n, act, loss, seed):
+    """Symmetry, H = GGN + residual, GGN PSD for convex losses, and agreement with the
+    dense reference, on random shapes (odd sizes and batch 1 included)."""
+    widths = [*widths, 3]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = mlp(widths, act).double()
+    X = torch.randn(n, widths[0], generator=g)
+    if loss == "ce":
+        y, lf = torch.randint(0, 3, (n,), generator=g), nn.CrossEntropyLoss()
+    else:
+        y, lf = torch.randn(n, 3, generator=g), nn.MSELoss()
+    prob = hesse.Problem(model, lf, (X, y))
+    d = hesse.decompose(prob)
+    scale = float(d.hessian.abs().max()) + 1e-300
+    assert float((d.hessian - d.hessian.T).abs().max()) <= 1e-12 * scale
+    assert float((d.ggn + d.residual - d.hessian).abs().max()) <= 1e-11 * scale
+    assert float(torch.linalg.eigvalsh(d.ggn)[0]) >= -1e-12 * (float(d.ggn.abs().max()) + 1e-300)
+    from conftest import Case
+
+    ref = Reference(Case("rand", model, X, y, lf))
+    assert rel_err(d.hessian, ref.hessian()) < 1e-10

@@ -1,0 +1,161 @@
+"""The hesse command line, on small settings so that it runs in seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+from hesse import _cli
+
+SMALL = ["--samples", "150", "--hidden", "5", "--train-steps", "25", "--no-progress"]
+
+
+def _reference_summary(args: list[str]) -> dict:
+    """Rebuild the CLI's setup and compute the summary with torch.func / eigvalsh."""
+    ns = _cli.argparse.Namespace(
+        model=None,
+        data=None,
+        weights=None,
+        loss="auto",
+        samples=150,
+        hidden=5,
+        train_steps=25,
+        seed=0,
+        dtype="float64",
+    )
+    for i, a in enumerate(args):
+        if a == "--seed":
+            ns.seed = int(args[i + 1])
+    setup = _cli.build_setup(ns)
+    names = [n for n, _ in setup.model.named_parameters()]
+    shapes = [p.shape for p in setup.model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in setup.model.parameters()])
+
+    def L(flat):
+        ps, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            ps[n] = flat[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return setup.loss_fn(functional_call(setup.model, ps, (setup.X,)), setup.y)
+
+    H = hessian(L)(theta)
+    ev = torch.linalg.eigvalsh(H)
+    return {
+        "loss": float(L(theta)),
+        "trace": float(H.trace()),
+        "eig_max": float(ev[-1]),
+        "eig_min": float(ev[0]),
+        "num_params": len(theta),
+    }
+
+
+def test_analyze_default_matches_reference(tmp_path, capsys):
+    out = tmp_path / "sub" / "summary.json"
+    assert _cli.main(["analyze", *SMALL, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "negative" in printed and "layer" in printed
+    s = json.loads(out.read_text())
+    ref = _reference_summary(SMALL)
+    assert s["num_params"] == ref["num_params"] == 64 * 5 + 5 + 5 * 10 + 10
+    for k in ("loss", "trace", "eig_max", "eig_min"):
+        assert s[k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12)
+    assert s["trace"] == pytest.approx(s["ggn_trace"] + s["residual_trace"], rel=1e-10)
+    assert [r["layer"] for r in s["layers"]] == ["0", "2"]
+    assert s["layers"][1]["residual_norm"] < 1e-12  # the output layer is linear in its weights
+    assert list(out.parent.iterdir()) == [out]  # no temporary files left behind
+
+
+def test_analyze_lanczos_path(tmp_path):
+    out = tmp_path / "s.json"
+    assert _cli.main(["analyze", *SMALL, "--max-dense", "10", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    ref = _reference_summary(SMALL)
+    assert s["method"] == "lanczos"
+    assert s["eig_max"] == pytest.approx(ref["eig_max"], rel=1e-6)
+    assert s["eig_min"] == pytest.approx(ref["eig_min"], rel=1e-4, abs=1e-8)
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(4, 6), nn.Softplus(), nn.Linear(6, 2))
+"""
+
+
+def test_user_model_data_and_weights(tmp_path, capsys):
+    (tmp_path / "m.py").write_text(FACTORY)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 2))
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Softplus(), nn.Linear(6, 2))
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "s.json"
+    args = [
+        "analyze",
+        "--model",
+        f"{tmp_path / 'm.py'}:make",
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--weights",
+        str(tmp_path / "w.pt"),
+        "--json",
+        str(out),
+        "--no-progress",
+    ]
+    assert _cli.main(args) == 0
+    s = json.loads(out.read_text())
+    with torch.no_grad():
+        expected = nn.MSELoss()(net.double()(torch.tensor(X)), torch.tensor(y))
+    assert s["loss"] == pytest.approx(float(expected), rel=1e-12)
+    assert s["num_params"] == 4 * 6 + 6 + 6 * 2 + 2 and s["num_samples"] == 30
+    assert "MSELoss" in s["model"]
+
+
+def test_check_command(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    assert _cli.main(["check", *SMALL, "--json", str(out)]) == 0
+    assert "all passed" in capsys.readouterr().out
+    rep = json.loads(out.read_text())
+    # P = 385 <= 600: the dense Hessian is checked too by default
+    assert rep["passed"] and {r["quantity"] for r in rep["rows"]} == {"gradient", "hvp", "hessian"}
+
+
+def test_bad_cli_input(tmp_path):
+    with pytest.raises(SystemExit, match="FILE.py:FACTORY"):
+        _cli.main(["analyze", "--model", "nocolon.py", *SMALL])
+    with pytest.raises(SystemExit, match="no such file"):
+        _cli.main(["analyze", "--model", "missing.py:make", *SMALL])
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    with pytest.raises(SystemExit, match="must hold arrays 'X' and 'y'"):
+        _cli.main(["analyze", "--data", str(tmp_path / "bad.npz"), *SMALL])
+    (tmp_path / "m.py").write_text("def make():\n    return 3\n")
+    with pytest.raises(SystemExit, match="not an nn.Module"):
+        _cli.main(["analyze", "--model", f"{tmp_path / 'm.py'}:make", *SMALL])
+
+
+def test_json_target_that_is_a_directory_leaves_nothing(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    with pytest.raises(OSError):
+        _cli.write_json_atomic(str(target), {"a": 1})
+    assert list(tmp_path.iterdir()) == [target] and list(target.iterdir()) == []
+
+
+def test_console_script_entry_point():
+    r = subprocess.run(
+        [sys.executable, "-m", "hesse._cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0 and r.stdout.startswith("hesse ")
