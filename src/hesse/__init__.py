@@ -17,6 +17,7 @@ from hesse._api import (
     hvp,
     jacobian,
 )
+from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
 from hesse._check import CheckReport, CheckRow, check
 from hesse._operators import (
     CurvatureOperator,
@@ -26,10 +27,21 @@ from hesse._operators import (
     ResidualOperator,
 )
 from hesse._problem import Problem
+from hesse._solve import (
+    NewtonStep,
+    count_eigenvalues,
+    eigenvalue,
+    inertia,
+    logdet,
+    newton_step,
+    solve,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chain",
+    "ChainFactorization",
     "CheckReport",
     "CheckRow",
     "CurvatureOperator",
@@ -37,10 +49,16 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "Inertia",
+    "NewtonStep",
     "Problem",
     "ResidualOperator",
+    "SingularPivotError",
     "check",
+    "count_eigenvalues",
     "decompose",
+    "eigenvalue",
+    "factorize",
     "fisher_vp",
     "ggn",
     "ggn_vp",
@@ -48,5 +66,9 @@ __all__ = [
     "hessian",
     "hessian_blocks",
     "hvp",
+    "inertia",
     "jacobian",
+    "logdet",
+    "newton_step",
+    "solve",
 ]

@@ -1,0 +1,430 @@
+"""The chain solver: exact ``(C + eps I)^-1 v``, ``log|det(C + eps I)|`` and inertia in
+time linear in the number of stages, for ``C`` the Hessian or the Gauss-Newton matrix.
+
+Math and names: ../shared/design/chain-curvature.md. The backward (Riccati) sweep is
+block Gaussian elimination of ``C + eps I`` in the order ``x_L, ..., x_1``; its pivots
+are the ``Q_xx`` of the stages, so the log-determinant is the sum of the pivots'
+log-determinants and (Sylvester) the inertia is the sum of their inertias. The sweep
+sees stages only through their A, B and G products (`hesse._chain_stages`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from hesse._bishop import _flatten_sequential
+from hesse._chain_stages import LossStage, Stage, StageDerivatives, make_stage
+from hesse._problem import Problem
+
+__all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
+
+
+class SingularPivotError(ValueError):
+    """A pivot ``Q_xx`` of the sweep is singular: ``C + eps I`` is singular or the
+    elimination order breaks down at that stage; more damping helps."""
+
+
+class Inertia(NamedTuple):
+    """Numbers of negative, zero and positive eigenvalues."""
+
+    negative: int
+    zero: int
+    positive: int
+
+
+# ----------------------------------------------------------------------------- the chain
+class Chain:
+    """A network as a chain of stages ``z_l = f_l(z_{l-1}; x_l)`` ending in its loss.
+
+    Build one with `Chain.from_sequential` (an ``nn.Sequential``; nested Sequentials are
+    flattened, each module becomes a stage) or `Chain.from_problem`, or declare the
+    stages by hand: ``Chain([m1, m2, ...], loss_fn, data)`` makes each module one stage
+    (a residual block, a convolution: any module that maps ``(n, ...)`` activations to
+    ``(n, ...)`` activations). ``nn.Linear`` and element-wise activations get structured
+    fast paths; every other module goes through ``torch.func`` (dense over the batch).
+
+    The batch is part of the activations, so all data is used as one batch (several
+    batches are concatenated; the loss's reduction is honoured as in `Problem`).
+    Memory grows with ``(n * width)^2`` per stage: the solver is for deep, narrow
+    networks and moderate batches.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        loss_fn: Any,
+        data: Any,
+        params: Sequence[str | Tensor] | None = None,
+        *,
+        _generic: bool = False,
+    ) -> None:
+        if isinstance(stages, nn.Module):
+            raise TypeError("stages must be a list of modules; use Chain.from_sequential for an "
+                            "nn.Sequential")
+        model = nn.Sequential(*stages)
+        self._init(Problem(model, loss_fn, data, params=params), [
+            (str(i), m) for i, m in enumerate(stages)], _generic)
+
+    @classmethod
+    def from_sequential(cls, model: nn.Module, loss_fn: Any, data: Any,
+                        params: Sequence[str | Tensor] | None = None) -> Chain:
+        """A chain from an ``nn.Sequential`` (nested Sequentials flattened)."""
+        return cls.from_problem(Problem(model, loss_fn, data, params=params))
+
+    @classmethod
+    def from_problem(cls, problem: Problem, *, _generic: bool = False) -> Chain:
+        """The chain of a `Problem` whose model is an ``nn.Sequential``."""
+        if not isinstance(problem.model, nn.Sequential):
+            raise ValueError(
+                f"the chain solver needs an nn.Sequential model (or stages declared with "
+                f"hesse.Chain([...])); got {type(problem.model).__name__}. Use method='cg' "
+                "for models that are not chains."
+            )
+        self = cls.__new__(cls)
+        self._init(problem, _flatten_sequential(problem.model), _generic)
+        return self
+
+    def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:
+        self.problem = problem
+        selected = set(problem.names)
+        self.stages: list[Stage] = [make_stage(n, m, selected, generic) for n, m in modules]
+        order = [n for s in self.stages for n in s.param_names]
+        if order != problem.names:
+            raise ValueError(
+                f"the chain's stages hold parameters {order}, but the problem selects "
+                f"{problem.names}; every selected parameter must belong to exactly one stage"
+            )
+        # one batch: concatenate the problem's batches (tensor inputs only)
+        xs, ys = [], []
+        for inputs, targets, _w in problem.batches():
+            if not isinstance(inputs, Tensor):
+                raise TypeError("the chain solver needs tensor inputs (n, ...); got "
+                                f"{type(inputs).__name__}")
+            xs.append(inputs)
+            ys.append(targets)
+        self.inputs = torch.cat(xs) if len(xs) > 1 else xs[0]
+        if all(isinstance(y, Tensor) for y in ys):
+            self.targets: Any = torch.cat(ys) if len(ys) > 1 else ys[0]
+        elif all(y is None for y in ys):
+            self.targets = None
+        else:
+            raise TypeError("targets must all be tensors or all None")
+        self.loss_stage = LossStage(problem.loss_fn, self.targets)
+        offsets, start = [], 0
+        for s in self.stages:
+            offsets.append(slice(start, start + s.num_params))
+            start += s.num_params
+        self._blocks = offsets
+
+    @property
+    def num_params(self) -> int:
+        return self.problem.num_params
+
+    def __len__(self) -> int:
+        return len(self.stages) + 1
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(s.describe() for s in self.stages)
+        return f"Chain([{kinds}], loss, n={self.inputs.shape[0]}, P={self.num_params})"
+
+    # ------------------------------------------------------------------------- passes
+    def _forward_backward(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Stage inputs ``z_0..z_{L-1}`` and output adjoints ``lam_1..lam_L``."""
+        n = self.inputs.shape[0]
+        zs, outs, ins = [self.inputs.detach()], [], []
+        for stage in [*self.stages, self.loss_stage]:
+            z_in = zs[-1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = stage.forward(z_in)
+            if stage is not self.loss_stage and (
+                    not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n):
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(
+                    f"stage {stage.name!r} ({stage.describe()}) maps a batch of {n} to {shape}; "
+                    "the chain solver needs every stage to keep the samples along dim 0"
+                )
+            ins.append(z_in)
+            outs.append(out)
+            zs.append(out.detach())
+        lams: list[Tensor] = [torch.ones((), dtype=self.inputs.dtype, device=self.inputs.device)]
+        for z_in, out in zip(reversed(ins[1:]), reversed(outs[1:]), strict=True):
+            if out.requires_grad:
+                (lam,) = torch.autograd.grad(out, z_in, lams[0], allow_unused=True,
+                                             materialize_grads=True)
+            else:
+                lam = torch.zeros_like(z_in)
+            lams.insert(0, lam.detach())  # lam_{l-1} = A_l^T lam_l
+        return zs[:-1], lams
+
+
+# ----------------------------------------------------------------------------- pivots
+class _Pivot:
+    """One stage's pivot ``Q_xx``, factored once: Cholesky when it is positive definite,
+    else Bunch-Kaufman ``LDL^T``; log-determinant and inertia are read off the factor."""
+
+    def __init__(self, Q: Tensor, stage: str, try_cholesky: bool) -> None:
+        Q = 0.5 * (Q + Q.T)
+        p = Q.shape[0]
+        scale = float(Q.abs().max()) if p else 0.0
+        tol = max(p, 1) * torch.finfo(Q.dtype).eps * scale
+        self.stage = stage
+        self.kind = "ldl"
+        if try_cholesky:
+            L, info = torch.linalg.cholesky_ex(Q)
+            d = torch.diagonal(L) ** 2 if int(info) == 0 else None
+            if d is not None and bool((d > tol).all()):
+                self.kind, self.L = "cholesky", L
+                self.sign, self.logabs = 1.0, float(torch.log(d).sum())
+                self.inertia = Inertia(0, 0, p)
+                self._check(d.abs(), tol, scale)
+                return
+        self.LD, self.piv, _ = torch.linalg.ldl_factor_ex(Q)
+        evs = self._block_eigenvalues()
+        self.inertia = Inertia(int((evs < -tol).sum()), int((evs.abs() <= tol).sum()),
+                               int((evs > tol).sum()))
+        self.sign = float(torch.prod(torch.sign(evs))) if p else 1.0
+        self.logabs = float(torch.log(evs.abs()).sum()) if p else 0.0
+        self._check(evs.abs(), tol, scale)
+
+    def _block_eigenvalues(self) -> Tensor:
+        """Eigenvalues of the 1x1 and 2x2 blocks of ``D`` (their product is ``det D``)."""
+        LD, piv = self.LD, self.piv.tolist()
+        out, k, p = [], 0, len(piv)
+        while k < p:
+            if piv[k] > 0:
+                out.append(LD[k, k].reshape(1))
+                k += 1
+            else:
+                blk = torch.stack([torch.stack([LD[k, k], LD[k + 1, k]]),
+                                   torch.stack([LD[k + 1, k], LD[k + 1, k + 1]])])
+                out.append(torch.linalg.eigvalsh(blk))
+                k += 2
+        return torch.cat(out) if out else LD.new_zeros(0)
+
+    def _check(self, mags: Tensor, tol: float, scale: float) -> None:
+        self.singular = bool((mags <= tol).any()) if mags.numel() else False
+        if self.singular:
+            return
+        if mags.numel() and scale > 0 and float(mags.min()) < 1e-10 * scale:
+            warnings.warn(
+                f"the pivot of stage {self.stage!r} is nearly singular (smallest "
+                f"{float(mags.min()):.2e} against scale {scale:.2e}); the solve may be "
+                "inaccurate: increase the damping",
+                stacklevel=4,
+            )
+
+    def solve(self, B: Tensor) -> Tensor:
+        if self.singular:
+            raise SingularPivotError(
+                f"the pivot Q_xx of stage {self.stage!r} is singular: C + eps I is singular "
+                "(or nearly so) there; increase the damping eps"
+            )
+        if self.kind == "cholesky":
+            return torch.cholesky_solve(B, self.L)
+        return torch.linalg.ldl_solve(self.LD, self.piv, B)
+
+
+# ----------------------------------------------------------------------------- factorisation
+@dataclass
+class _StageFactor:
+    stage: Stage
+    d: StageDerivatives
+    pivot: _Pivot | None
+    K: Tensor | None  # K_l = -Q_xx^-1 Q_xz   (p x a_in), None for the first stage
+
+
+class ChainFactorization:
+    """The backward sweep of a `Chain`, done once; cheap ``solve``, ``logdet`` and
+    ``inertia`` afterwards (lineax's init/compute split).
+
+    Attributes:
+        damping: ``eps`` of ``C + eps I``.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        num_params: ``P``.
+    """
+
+    def __init__(self, chain: Chain, damping: float, curvature: str) -> None:
+        self.chain, self.damping, self.curvature = chain, float(damping), curvature
+        self.num_params = chain.num_params
+        gn = curvature == "ggn"
+        zs, lams = chain._forward_backward()
+        stages = chain.stages
+        dev, dt = chain.inputs.device, chain.inputs.dtype
+        # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
+        loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
+        S = loss_d.q_blocks(None, gn, True)[0]
+        factors: list[_StageFactor] = []
+        for l_ in range(len(stages) - 1, -1, -1):
+            stage = stages[l_]
+            d = stage.derivatives(zs[l_], lams[l_])
+            need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
+            Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
+            pivot = K = None
+            if d.p > 0:
+                Q_xx = Q_xx + self.damping * torch.eye(d.p, dtype=dt, device=dev)
+                pivot = _Pivot(Q_xx, stage.name, try_cholesky=gn and self.damping > 0)
+                if need_z:
+                    if pivot.singular:
+                        pivot.solve(Q_xz)  # raises, naming the stage
+                    K = -pivot.solve(Q_xz)  # K_l = -Q_xx^-1 Q_xz
+                    S = Q_zz + Q_xz.T @ K  # S_{l-1} = Q_zz + Q_zx K_l
+                    S = 0.5 * (S + S.T)
+            else:
+                S = Q_zz  # a stage without parameters passes S_{l-1} = Q_zz
+            factors.append(_StageFactor(stage, d, pivot, K))
+        factors.reverse()
+        self._factors = factors
+        self._loss_d = loss_d
+
+    # ------------------------------------------------------------------------- queries
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(C + eps I)|)`` as ``torch.linalg.slogdet`` returns them:
+        the sum of the pivots' log-determinants, their signs multiplied. A singular
+        matrix gives ``(0.0, -inf)``."""
+        sign, total = 1.0, 0.0
+        for f in self._factors:
+            if f.pivot is not None:
+                if f.pivot.singular:
+                    return 0.0, -math.inf
+                sign *= f.pivot.sign
+                total += f.pivot.logabs
+        return sign, total
+
+    def inertia(self) -> Inertia:
+        """Counts of negative, zero and positive eigenvalues of ``C + eps I``
+        (Sylvester: the sum of the pivots' inertias)."""
+        neg = zero = pos = 0
+        for f in self._factors:
+            if f.pivot is not None:
+                neg += f.pivot.inertia.negative
+                zero += f.pivot.inertia.zero
+                pos += f.pivot.inertia.positive
+        return Inertia(neg, zero, pos)
+
+    def solve(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """``(C + eps I)^-1 v`` for ``v`` of shape ``(P,)``, ``(P, k)`` or a list of
+        per-parameter tensors (returned in the same form). Cost: one backward and one
+        forward pass over the stages, ``O(sum_l (a_l + p_l)^2 k)``."""
+        prob = self.chain.problem
+        as_list = isinstance(v, (list, tuple))
+        V = prob.as_flat(v, "v")
+        vec = V.ndim == 1
+        V = V.unsqueeze(1) if vec else V
+        R = V.shape[1]
+        # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v
+        r = [self._internal(-V[blk], f.stage) for blk, f in zip(self.chain._blocks, self._factors,
+                                                                 strict=True)]
+        # backward sweep: s_L = 0 (the loss stage has no parameters and S_L = 0)
+        s = None
+        ks: list[Tensor | None] = [None] * len(self._factors)
+        for l_ in range(len(self._factors) - 1, -1, -1):
+            f = self._factors[l_]
+            need_z = l_ > 0
+            q_z = f.d.At(s) if (s is not None and need_z) else None  # q_z = A^T s_l
+            if f.d.p > 0:
+                q_x = r[l_] + (f.d.Bt(s) if s is not None else 0.0)  # q_x = r_l + B^T s_l
+                ks[l_] = -f.pivot.solve(q_x)  # k_l = -Q_xx^-1 q_x
+                if need_z:
+                    corr = f.K.T @ q_x  # Q_zx k_l = K_l^T q_x
+                    s = corr if q_z is None else q_z + corr  # s_{l-1} = q_z + Q_zx k_l
+            else:
+                s = q_z
+        # forward sweep: dz_0 = 0, dx_l = k_l + K_l dz_{l-1}, dz_l = A dz_{l-1} + B dx_l
+        dz = None
+        out = torch.empty_like(V)
+        for l_, (f, blk) in enumerate(zip(self._factors, self.chain._blocks, strict=True)):
+            dx = None
+            if f.d.p > 0:
+                dx = ks[l_] if (dz is None or f.K is None) else ks[l_] + f.K @ dz
+                out[blk] = self._external(dx, f.stage)
+            if l_ + 1 < len(self._factors):
+                nxt = f.d.A(dz) if dz is not None else None
+                if dx is not None:
+                    bdx = f.d.B(dx)
+                    nxt = bdx if nxt is None else nxt + bdx
+                dz = nxt
+        out = out.squeeze(1) if vec else out
+        return prob.unflatten(out) if as_list else out
+
+    @staticmethod
+    def _internal(block: Tensor, stage: Stage) -> Tensor:
+        return block if stage.perm is None else block[stage.perm.to(block.device)]
+
+    @staticmethod
+    def _external(block: Tensor, stage: Stage) -> Tensor:
+        if stage.perm is None:
+            return block
+        out = torch.empty_like(block)
+        out[stage.perm.to(block.device)] = block
+        return out
+
+
+def _as_chain(obj: Problem | Chain) -> Chain:
+    if isinstance(obj, Chain):
+        return obj
+    if isinstance(obj, Problem):
+        return Chain.from_problem(obj)
+    raise TypeError(f"expected a hesse.Problem or hesse.Chain; got {type(obj).__name__}")
+
+
+def _promoted(chain: Chain) -> Chain:
+    """A float64 copy of the chain's model and data."""
+    prob = chain.problem
+    model = copy.deepcopy(prob.model).double()
+    X = chain.inputs.double()
+    y = chain.targets.double() if isinstance(chain.targets, Tensor) and \
+        chain.targets.is_floating_point() else chain.targets
+    p2 = Problem(model, prob.loss_fn, (X, y), params=prob.names)
+    generic = all(type(s).__name__ == "GenericStage" for s in chain.stages)
+    return Chain.from_problem(p2, _generic=generic)
+
+
+def factorize(
+    problem_or_chain: Problem | Chain,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    *,
+    promote: bool = False,
+) -> ChainFactorization:
+    """Run the backward sweep once for ``C + eps I`` (``C`` the Hessian or the GGN).
+
+    Args:
+        problem_or_chain: a `Chain`, or a `Problem` whose model is an ``nn.Sequential``.
+        damping: ``eps`` (may be negative: ``eps = -sigma`` counts eigenvalues below
+            ``sigma``).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        promote: compute in float64 on a copy when the model is float32 (otherwise
+            float32 only warns: solves and log-determinants lose digits).
+
+    Returns:
+        a `ChainFactorization` with ``.solve(v)``, ``.logdet()`` and ``.inertia()``.
+
+    Cost: time and memory linear in the number of stages, ``O(a^3 + p^3 + a p (a + p))``
+    per stage for ``a`` activations (batch x width) and ``p`` parameters.
+    Reference: design note ``chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
+    """
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
+    if not math.isfinite(float(damping)):
+        raise ValueError(f"damping must be finite; got {damping}")
+    chain = _as_chain(problem_or_chain)
+    if chain.problem.dtype != torch.float64:
+        if promote:
+            chain = _promoted(chain)
+        else:
+            warnings.warn(
+                f"the chain solver runs in {chain.problem.dtype}; float64 is recommended for "
+                "solves and log-determinants (pass promote=True to compute in float64)",
+                stacklevel=2,
+            )
+    return ChainFactorization(chain, damping, curvature)
+
+

@@ -1,0 +1,433 @@
+"""Stages of a chain and their derivatives (design note: ../shared/design/chain-curvature.md).
+
+A stage maps the previous activations ``z_{l-1}`` (the whole batch, ``(n, ...)``) and
+its own parameters ``x_l`` to ``z_l = f_l(z_{l-1}; x_l)``. The sweep sees a stage only
+through `StageDerivatives`: products with ``A = df/dz`` and ``B = df/dx``, their
+transposes, and the blocks of ``Q = G + [A B]^T S [A B]`` (``G`` = Hessian of
+``lam . f`` over ``(z, x)`` with the adjoint ``lam`` fixed). Activations are flattened
+sample-major: ``a_l = n * prod(z_l.shape[1:])``.
+
+Structured stages never form matrices they do not need:
+
+- `LinearStage` (``nn.Linear``): ``A = I_n (x) W`` (block diagonal over samples),
+  ``B = Zhat (x) I_o`` with ``Zhat = [z, 1]``, ``G_zz = G_xx = 0``,
+  ``G_xz[(o, j), (m, i)] = lam[m, o] delta_ij``. All products are contractions of
+  ``S`` viewed as ``(n, o, n, o)``.
+- `ElementwiseStage` (activations): ``A = diag(h'(z))``, ``G_zz = diag(lam * h''(z))``.
+- `IdentityStage` (``Flatten``, eval-mode ``Dropout``): ``A = I``.
+- `LossStage`: the scalar loss; only its ``G_zz`` (the loss Hessian) matters, since
+  ``S_L = 0`` and ``s_L = 0``.
+- `GenericStage` (any module, e.g. a residual block or ``Conv2d``): dense ``A``, ``B``,
+  ``G`` over the flattened batch from ``torch.func``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev
+
+from hesse._bishop import ELEMENTWISE
+
+__all__ = ["ElementwiseStage", "GenericStage", "IdentityStage", "LinearStage", "LossStage",
+           "Stage", "StageDerivatives", "make_stage"]
+
+
+class StageDerivatives:
+    """Derivatives of one stage at its input ``z`` and output adjoint ``lam``.
+
+    Shapes: ``a_in``, ``a_out`` activations, ``p`` parameters (in the stage's internal
+    order, see `Stage.perm`); right-hand sides are columns, ``(a, R)`` or ``(p, R)``.
+    """
+
+    a_in: int
+    a_out: int
+    p: int
+
+    def A(self, dz: Tensor) -> Tensor:  # (a_in, R) -> (a_out, R)
+        raise NotImplementedError
+
+    def At(self, s: Tensor) -> Tensor:  # (a_out, R) -> (a_in, R)
+        raise NotImplementedError
+
+    def B(self, dx: Tensor) -> Tensor:  # (p, R) -> (a_out, R)
+        raise NotImplementedError
+
+    def Bt(self, s: Tensor) -> Tensor:  # (a_out, R) -> (p, R)
+        raise NotImplementedError
+
+    def q_blocks(self, S: Tensor | None, gauss_newton: bool, need_z: bool
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(Q_zz, Q_xx, Q_xz)`` without damping: ``Q_zz = G_zz + A^T S A``,
+        ``Q_xx = G_xx + B^T S B``, ``Q_xz = G_xz + B^T S A``; ``G`` is dropped for
+        the Gauss-Newton matrix. ``S = None`` means ``S = 0``. With ``need_z=False``
+        (first stage: ``dz_0 = 0``) ``Q_zz`` and ``Q_xz`` are not formed."""
+        raise NotImplementedError
+
+
+class Stage:
+    """A stage: ``forward(z) -> z_next`` with parameters ``params`` (possibly none).
+
+    Attributes:
+        name: a label for messages (the module's name in the model).
+        param_names: names of the stage's parameters in the model.
+        perm: ``x_internal = x_problem[perm]`` for this stage's block (``None``: same).
+    """
+
+    name: str = ""
+    param_names: list[str]
+    perm: Tensor | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.param_names = []
+
+    @property
+    def num_params(self) -> int:
+        return 0
+
+    def forward(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+# ----------------------------------------------------------------------------- Linear
+class _LinearDerivs(StageDerivatives):
+    def __init__(self, W: Tensor, zhat: Tensor, lam: Tensor, in_dim: int) -> None:
+        self.W, self.zhat, self.lam = W, zhat, lam
+        self.n, self.J = zhat.shape
+        self.o, self.i = W.shape
+        self.in_dim = in_dim
+        self.a_in, self.a_out, self.p = self.n * self.i, self.n * self.o, self.o * self.J
+
+    def A(self, dz):
+        return torch.einsum("niR,oi->noR", dz.view(self.n, self.i, -1), self.W).reshape(self.a_out, -1)
+
+    def At(self, s):
+        return torch.einsum("noR,oi->niR", s.view(self.n, self.o, -1), self.W).reshape(self.a_in, -1)
+
+    def B(self, dx):
+        return torch.einsum("ojR,nj->noR", dx.view(self.o, self.J, -1), self.zhat).reshape(self.a_out, -1)
+
+    def Bt(self, s):
+        return torch.einsum("noR,nj->ojR", s.view(self.n, self.o, -1), self.zhat).reshape(self.p, -1)
+
+    def q_blocks(self, S, gauss_newton, need_z):
+        n, o, i, J = self.n, self.o, self.i, self.J
+        Q_zz = Q_xz = None
+        if S is None:
+            Q_xx = torch.zeros(self.p, self.p, dtype=self.W.dtype, device=self.W.device)
+        else:
+            S4 = S.view(n, o, n, o)
+            T = torch.einsum("nj,nomq->jomq", self.zhat, S4)  # Zhat^T S, shared by two blocks
+            Q_xx = torch.einsum("jomq,mk->ojqk", T, self.zhat).reshape(self.p, self.p)
+            if need_z:
+                Q_xz = torch.einsum("jomq,qk->ojmk", T, self.W).reshape(self.p, self.a_in)
+                SW = torch.einsum("nomq,qk->nomk", S4, self.W)
+                Q_zz = torch.einsum("oi,nomk->nimk", self.W, SW).reshape(self.a_in, self.a_in)
+        if need_z and not gauss_newton:  # G_xz[(o, j), (m, i)] = lam[m, o] delta_ij
+            G = torch.zeros(o, J, n, i, dtype=self.W.dtype, device=self.W.device)
+            idx = torch.arange(min(i, J) if self.in_dim else 0, device=self.W.device)
+            G[:, idx, :, idx] = self.lam.T.unsqueeze(0).expand(len(idx), o, n)
+            G = G.reshape(self.p, self.a_in)
+            Q_xz = G if Q_xz is None else Q_xz + G
+        if need_z:
+            if Q_zz is None:
+                Q_zz = torch.zeros(self.a_in, self.a_in, dtype=self.W.dtype, device=self.W.device)
+            if Q_xz is None:
+                Q_xz = torch.zeros(self.p, self.a_in, dtype=self.W.dtype, device=self.W.device)
+        return Q_zz, Q_xx, Q_xz
+
+
+class LinearStage(Stage):
+    """``nn.Linear`` on ``(n, in)`` inputs; parameters weight (and bias) as selected.
+
+    Internal parameter order is ``[W | b]`` row by row (``(o, in + 1)``); `perm` maps it
+    from the model's order (all of ``weight``, then ``bias``).
+    """
+
+    def __init__(self, name: str, module: nn.Linear, weight: bool = True, bias: bool = True) -> None:
+        super().__init__(name)
+        self.module = module
+        self.use_w = weight
+        self.use_b = bias and module.bias is not None
+        if not self.use_w and self.use_b:  # bias only: treat as a generic stage would; rare
+            raise ValueError(f"stage {name!r}: selecting a Linear bias without its weight "
+                             "is not supported by the chain solver")
+        prefix = f"{name}." if name else ""
+        self.param_names = ([f"{prefix}weight"] if self.use_w else []) + (
+            [f"{prefix}bias"] if self.use_b else [])
+        o, i = module.out_features, module.in_features
+        if self.use_w:
+            J = i + self.use_b
+            internal = torch.arange(o * J).reshape(o, J)
+            prob_index = torch.empty(o, J, dtype=torch.long)
+            prob_index[:, :i] = torch.arange(o * i).reshape(o, i)
+            if self.use_b:
+                prob_index[:, i] = o * i + torch.arange(o)
+            self.perm = prob_index.reshape(-1)[internal.reshape(-1)]
+
+    @property
+    def num_params(self) -> int:
+        o, i = self.module.out_features, self.module.in_features
+        return (o * i if self.use_w else 0) + (o if self.use_b else 0)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.module(z)
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        if z.ndim != 2:
+            raise ValueError(f"stage {self.name!r} (Linear) expects inputs (n, features); got "
+                             f"{tuple(z.shape)}")
+        W = self.module.weight.detach()
+        if self.use_w:
+            zhat = torch.cat([z, torch.ones_like(z[:, :1])], 1) if self.use_b else z
+            return _LinearDerivs(W, zhat, lam, in_dim=z.shape[1])
+        # no selected parameters: A only
+        return _LinearDerivs(W, z[:, :0], lam, in_dim=0)
+
+
+# ----------------------------------------------------------------------------- element-wise
+class _DiagDerivs(StageDerivatives):
+    def __init__(self, d1: Tensor, gzz: Tensor | None) -> None:
+        self.d1, self.gzz = d1, gzz
+        self.a_in = self.a_out = d1.numel()
+        self.p = 0
+
+    def A(self, dz):
+        return self.d1[:, None] * dz
+
+    def At(self, s):
+        return self.d1[:, None] * s
+
+    def B(self, dx):
+        return torch.zeros(self.a_out, dx.shape[1], dtype=self.d1.dtype, device=self.d1.device)
+
+    def Bt(self, s):
+        return s[:0]
+
+    def q_blocks(self, S, gauss_newton, need_z):
+        if S is None:
+            Q_zz = torch.zeros(self.a_in, self.a_in, dtype=self.d1.dtype, device=self.d1.device)
+        else:
+            Q_zz = self.d1[:, None] * S * self.d1[None, :]
+        if self.gzz is not None and not gauss_newton:
+            Q_zz = Q_zz + torch.diag(self.gzz)
+        return Q_zz, None, None
+
+
+class ElementwiseStage(Stage):
+    """A parameter-free element-wise activation: diagonal ``A`` and ``G_zz``."""
+
+    def __init__(self, name: str, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(name)
+        self.fn = fn
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fn(z)
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        a = z.detach().reshape(-1).requires_grad_(True)
+        out = self.fn(a)
+        (d1,) = torch.autograd.grad(out.sum(), a, create_graph=True)
+        if d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), a, allow_unused=True, materialize_grads=True)
+        else:
+            d2 = torch.zeros_like(a)
+        return _DiagDerivs(d1.detach(), lam.reshape(-1) * d2.detach())
+
+
+class IdentityStage(Stage):
+    """A stage that reshapes or passes through (``Flatten``, eval-mode ``Dropout``):
+    sample-major flattening makes its ``A`` the identity."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name)
+        self.module = module
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.module(z)
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        return _DiagDerivs(torch.ones(z.numel(), dtype=z.dtype, device=z.device), None)
+
+
+# ----------------------------------------------------------------------------- loss
+class _LossDerivs(StageDerivatives):
+    def __init__(self, grad: Tensor, hess: Tensor) -> None:
+        self.grad, self.hess = grad, hess
+        self.a_in, self.a_out, self.p = grad.numel(), 1, 0
+
+    def A(self, dz):
+        return self.grad[None, :] @ dz
+
+    def At(self, s):
+        return self.grad[:, None] * s
+
+    def B(self, dx):
+        return torch.zeros(1, dx.shape[1], dtype=self.grad.dtype, device=self.grad.device)
+
+    def Bt(self, s):
+        return s[:0]
+
+    def q_blocks(self, S, gauss_newton, need_z):
+        Q_zz = self.hess.clone()  # the loss Hessian is kept by the Gauss-Newton matrix too
+        if S is not None:
+            Q_zz += S[0, 0] * torch.outer(self.grad, self.grad)
+        return Q_zz, None, None
+
+
+class LossStage(Stage):
+    """The last stage: ``z -> weight * loss_fn(z, targets)``, a scalar."""
+
+    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, weight: float = 1.0
+                 ) -> None:
+        super().__init__("loss")
+        self.loss_fn, self.targets, self.weight = loss_fn, targets, weight
+
+    def forward(self, z: Tensor) -> Tensor:
+        loss = self.loss_fn(z, self.targets)
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            raise ValueError("loss_fn must return a scalar (0-dim) tensor")
+        return self.weight * loss
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        shape = z.shape
+        zf = z.detach().reshape(-1).requires_grad_(True)
+        loss = self.forward(zf.view(shape))
+        (g,) = torch.autograd.grad(loss, zf, create_graph=True)
+        a = zf.numel()
+        if g.requires_grad:
+            eye = torch.eye(a, dtype=z.dtype, device=z.device)
+            try:
+                (H,) = torch.autograd.grad(g, zf, eye, is_grads_batched=True, allow_unused=True)
+            except RuntimeError:
+                H = torch.stack([torch.autograd.grad(g, zf, e, retain_graph=True)[0] for e in eye])
+            H = torch.zeros(a, a, dtype=z.dtype, device=z.device) if H is None else H
+        else:
+            H = torch.zeros(a, a, dtype=z.dtype, device=z.device)
+        return _LossDerivs(g.detach(), 0.5 * (H + H.T).detach())
+
+
+# ----------------------------------------------------------------------------- generic
+class _DenseDerivs(StageDerivatives):
+    def __init__(self, A: Tensor, B: Tensor, Gzz: Tensor, Gxx: Tensor, Gxz: Tensor) -> None:
+        self.Am, self.Bm, self.Gzz, self.Gxx, self.Gxz = A, B, Gzz, Gxx, Gxz
+        self.a_out, self.a_in = A.shape
+        self.p = B.shape[1]
+
+    def A(self, dz):
+        return self.Am @ dz
+
+    def At(self, s):
+        return self.Am.T @ s
+
+    def B(self, dx):
+        return self.Bm @ dx
+
+    def Bt(self, s):
+        return self.Bm.T @ s
+
+    def q_blocks(self, S, gauss_newton, need_z):
+        Q_zz = Q_xx = Q_xz = None
+        if S is not None:
+            SA = S @ self.Am
+            SB = S @ self.Bm
+            Q_xx = self.Bm.T @ SB
+            if need_z:
+                Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
+        zeros = (lambda r, c: torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device))
+        Q_xx = zeros(self.p, self.p) if Q_xx is None else Q_xx
+        if need_z:
+            Q_zz = zeros(self.a_in, self.a_in) if Q_zz is None else Q_zz
+            Q_xz = zeros(self.p, self.a_in) if Q_xz is None else Q_xz
+        if not gauss_newton:
+            Q_xx = Q_xx + self.Gxx
+            if need_z:
+                Q_zz, Q_xz = Q_zz + self.Gzz, Q_xz + self.Gxz
+        return Q_zz, Q_xx, Q_xz
+
+
+class GenericStage(Stage):
+    """Any module as one stage; dense derivatives over the flattened batch from
+    ``torch.func`` (``jacrev`` for ``A`` and ``B``, ``hessian`` of ``lam . f`` for ``G``).
+    Cost per stage: ``O((a_in + p) a_out)`` memory for the Jacobians and
+    ``O((a_in + p)^2)`` for ``G``."""
+
+    def __init__(self, name: str, module: nn.Module, param_names: list[str] | None = None) -> None:
+        super().__init__(name)
+        self.module = module
+        own = [n for n, p in module.named_parameters() if p.requires_grad]
+        local = own if param_names is None else param_names
+        self._local = local
+        prefix = f"{name}." if name else ""
+        self.param_names = [f"{prefix}{n}" for n in local]
+        shapes = dict(module.named_parameters())
+        self._shapes = [shapes[n].shape for n in local]
+        self._sizes = [shapes[n].numel() for n in local]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self._sizes)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.module(z)
+
+    def _f(self, zf: Tensor, xf: Tensor, shape: torch.Size) -> Tensor:
+        params, i = {}, 0
+        for n, s, k in zip(self._local, self._shapes, self._sizes, strict=True):
+            params[n] = xf[i:i + k].view(s)
+            i += k
+        return functional_call(self.module, params, (zf.view(shape),)).reshape(-1)
+
+    def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
+        named = dict(self.module.named_parameters())
+        x0 = (torch.cat([named[n].detach().reshape(-1) for n in self._local])
+              if self._local else torch.zeros(0, dtype=z.dtype, device=z.device))
+        zf = z.detach().reshape(-1)
+        shape = z.shape
+        A, B = jacrev(self._f, argnums=(0, 1))(zf, x0, shape)
+        lam_f = lam.detach().reshape(-1)
+
+        def lf(zz: Tensor, xx: Tensor) -> Tensor:
+            return lam_f @ self._f(zz, xx, shape)
+
+        (Gzz, Gzx), (Gxz, Gxx) = hessian(lf, argnums=(0, 1))(zf, x0)
+        return _DenseDerivs(A, B, Gzz, Gxx, Gxz)
+
+
+def make_stage(name: str, module: nn.Module, selected: set[str] | None, generic: bool = False
+               ) -> Stage:
+    """The structured stage for ``module`` if there is one, else a `GenericStage`.
+
+    ``selected`` holds the model-level parameter names to differentiate (``None``: all
+    that require grad); ``generic=True`` forces the dense path (the benchmark's
+    naive baseline).
+    """
+    prefix = f"{name}." if name else ""
+    own = [n for n, p in module.named_parameters() if p.requires_grad]
+    local = own if selected is None else [n for n, _ in module.named_parameters()
+                                          if f"{prefix}{n}" in selected]
+    if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+        raise ValueError(f"stage {name!r}: Dropout in training mode makes the chain random; "
+                         "call model.eval()")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        raise ValueError(f"stage {name!r}: BatchNorm in training mode couples the samples and "
+                         "updates its running statistics on every pass; call model.eval()")
+    if generic:
+        return GenericStage(name, module, local)
+    if isinstance(module, nn.Linear):
+        return LinearStage(name, module, weight="weight" in local, bias="bias" in local)
+    if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
+        return ElementwiseStage(name, module)
+    if isinstance(module, (nn.Flatten, nn.Dropout)) and not local:
+        return IdentityStage(name, module)
+    return GenericStage(name, module, local)

@@ -1,0 +1,224 @@
+"""Solves, log-determinants, eigenvalue counts and Newton steps for curvature matrices:
+one entry point each, with the chain solver, Krylov methods or a dense reference."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+from torch import Tensor
+
+from hesse import _products
+from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
+from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
+from hesse._problem import Problem
+
+__all__ = [
+    "NewtonStep",
+    "count_eigenvalues",
+    "eigenvalue",
+    "inertia",
+    "logdet",
+    "newton_step",
+    "solve",
+]
+
+
+def _check_curvature(curvature: str) -> None:
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
+
+
+def _operator(problem: Problem, curvature: str) -> CurvatureOperator:
+    return HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)
+
+
+def _problem_of(obj: Problem | Chain) -> Problem:
+    return obj.problem if isinstance(obj, Chain) else obj
+
+
+def _chainable(obj: Problem | Chain) -> bool:
+    if isinstance(obj, Chain):
+        return True
+    try:
+        Chain.from_problem(obj)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def solve(
+    problem: Problem | Chain,
+    v: Tensor | Sequence[Tensor],
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
+) -> Tensor | list[Tensor]:
+    """``x = (C + eps I)^-1 v`` with ``C`` the Hessian or the Gauss-Newton matrix.
+
+    Args:
+        problem: a `Problem` or a `Chain`.
+        v: ``(P,)``, ``(P, k)`` or a list of per-parameter tensors (same form returned).
+        damping: ``eps``.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        method: ``"chain"`` (exact, linear in depth; ``nn.Sequential`` models),
+            ``"cg"`` (conjugate gradients on the GGN with ``eps > 0``, MINRES otherwise,
+            on the matrix-free operator: any model), ``"dense"`` (the reference: dense
+            matrix and ``torch.linalg.solve``), or ``"auto"`` (chain when the model is a
+            chain, else cg).
+        rtol, maxiter: stopping rule of the Krylov methods (``scipy.sparse.linalg``
+            conventions); a warning reports the residual when they do not converge.
+    """
+    _check_curvature(curvature)
+    if method == "auto":
+        method = "chain" if _chainable(problem) else "cg"
+    if method == "chain":
+        return factorize(problem, damping, curvature).solve(v)
+    prob = _problem_of(problem)
+    as_list = isinstance(v, (list, tuple))
+    V = prob.as_flat(v, "v")
+    if method == "dense":
+        C = _operator(prob, curvature).to_dense()
+        x = torch.linalg.solve(C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device), V)
+    elif method == "cg":
+        x = _krylov(prob, V, damping, curvature, rtol, maxiter)
+    else:
+        raise ValueError(f"method must be 'auto', 'chain', 'cg' or 'dense'; got {method!r}")
+    return prob.unflatten(x) if as_list else x
+
+
+def _krylov(prob: Problem, V: Tensor, damping: float, curvature: str, rtol: float,
+            maxiter: int | None) -> Tensor:
+    op = _operator(prob, curvature).to_scipy()
+    P = prob.num_params
+    shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + damping * x, dtype=op.dtype)
+    use_cg = curvature == "ggn" and damping > 0
+    cols = V.unsqueeze(1) if V.ndim == 1 else V
+    out = []
+    for j in range(cols.shape[1]):
+        b = cols[:, j].detach().cpu().numpy().astype(np.float64)
+        if use_cg:
+            x, info = sla.cg(shifted, b, rtol=rtol, maxiter=maxiter)
+        else:
+            x, info = sla.minres(shifted, b, rtol=rtol, maxiter=maxiter)
+        if info != 0:
+            res = np.linalg.norm(shifted @ x - b) / max(np.linalg.norm(b), 1e-300)
+            warnings.warn(
+                f"{'CG' if use_cg else 'MINRES'} did not converge (info={info}); relative "
+                f"residual {res:.2e}. Raise maxiter or the damping, or use method='chain'.",
+                stacklevel=3,
+            )
+        out.append(torch.as_tensor(x, dtype=prob.dtype, device=prob.device))
+    X = torch.stack(out, 1)
+    return X.squeeze(1) if V.ndim == 1 else X
+
+
+def logdet(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
+           ) -> tuple[float, float]:
+    """``(sign, log|det(C + eps I)|)`` from the chain sweep, as ``torch.linalg.slogdet``."""
+    return factorize(problem, damping, curvature).logdet()
+
+
+def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
+            ) -> Inertia:
+    """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (chain sweep)."""
+    return factorize(problem, damping, curvature).inertia()
+
+
+def count_eigenvalues(problem: Problem | Chain, below: float, curvature: str = "hessian") -> int:
+    """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
+    negative inertia of ``C - sigma I``, from one chain sweep."""
+    f = _quiet_factorize(problem, -float(below), curvature)
+    return f.inertia().negative
+
+
+def _quiet_factorize(problem: Problem | Chain, damping: float, curvature: str
+                     ) -> ChainFactorization:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # near-singular pivots are expected
+        return factorize(problem, damping, curvature)
+
+
+def eigenvalue(
+    problem: Problem | Chain,
+    k: int,
+    curvature: str = "hessian",
+    *,
+    tol: float = 1e-10,
+    bounds: tuple[float, float] | None = None,
+) -> float:
+    """The ``k``-th smallest eigenvalue of ``C`` (``k = 1`` the smallest, ``k = P`` the
+    largest) by bisection on exact eigenvalue counts (one chain sweep per step).
+
+    Args:
+        k: ``1 <= k <= P``.
+        tol: absolute tolerance on the eigenvalue, relative to the spectral bound
+            (``tol * max(1, |lambda|_max bound)``).
+        bounds: an interval known to hold the eigenvalue; default: found by doubling.
+
+    Cost: ``O(log(range / tol))`` sweeps.
+    """
+    chain = problem if isinstance(problem, Chain) else Chain.from_problem(problem)
+    P = chain.num_params
+    if not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}]; got {k}")
+
+    def count(sigma: float) -> int:  # eigenvalues < sigma
+        try:
+            return count_eigenvalues(chain, sigma, curvature)
+        except SingularPivotError:  # sigma hit a pivot's singularity: step aside
+            return count_eigenvalues(chain, sigma + 1e-12 * max(1.0, abs(sigma)), curvature)
+
+    if bounds is None:
+        hi = 1.0
+        while count(hi) < k:
+            hi *= 2.0
+        lo = -1.0
+        while count(lo) >= k:
+            lo *= 2.0
+    else:
+        lo, hi = bounds
+        if not (count(lo) < k <= count(hi)):
+            raise ValueError(f"bounds {bounds} do not hold the {k}-th eigenvalue")
+    scale = max(1.0, abs(lo), abs(hi))
+    while hi - lo > tol * scale:
+        mid = 0.5 * (lo + hi)
+        if count(mid) >= k:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+class NewtonStep(NamedTuple):
+    """A damped Newton-type step ``dx = -(C + eps I)^-1 g`` and the change of the
+    quadratic model ``m(dx) = g . dx + 1/2 dx^T C dx`` it predicts."""
+
+    step: Tensor
+    predicted_change: float
+    gradient: Tensor
+
+
+def newton_step(problem: Problem | Chain, damping: float = 0.0, curvature: str = "ggn",
+                *, method: str = "auto") -> NewtonStep:
+    """The damped Gauss-Newton (default) or Newton step ``-(C + eps I)^-1 g`` in one call.
+
+    Returns a `NewtonStep` (flat tensors, shape ``(P,)``). The predicted change uses
+    ``dx^T (C + eps I) dx = -g . dx``: ``m = 1/2 g . dx - 1/2 eps |dx|^2``.
+    """
+    prob = _problem_of(problem)
+    g = _products.gradient(prob)
+    dx = solve(problem, -g, damping, curvature, method=method)
+    assert isinstance(dx, Tensor)
+    pred = 0.5 * float(g @ dx) - 0.5 * damping * float(dx @ dx)
+    if not math.isfinite(pred):
+        raise FloatingPointError("the Newton step is not finite; increase the damping")
+    return NewtonStep(dx, pred, g)
