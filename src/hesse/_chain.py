@@ -67,15 +67,20 @@ class Chain:
         _generic: bool = False,
     ) -> None:
         if isinstance(stages, nn.Module):
-            raise TypeError("stages must be a list of modules; use Chain.from_sequential for an "
-                            "nn.Sequential")
+            raise TypeError(
+                "stages must be a list of modules; use Chain.from_sequential for an nn.Sequential"
+            )
         model = nn.Sequential(*stages)
-        self._init(Problem(model, loss_fn, data, params=params), [
-            (str(i), m) for i, m in enumerate(stages)], _generic)
+        self._init(
+            Problem(model, loss_fn, data, params=params),
+            [(str(i), m) for i, m in enumerate(stages)],
+            _generic,
+        )
 
     @classmethod
-    def from_sequential(cls, model: nn.Module, loss_fn: Any, data: Any,
-                        params: Sequence[str | Tensor] | None = None) -> Chain:
+    def from_sequential(
+        cls, model: nn.Module, loss_fn: Any, data: Any, params: Sequence[str | Tensor] | None = None
+    ) -> Chain:
         """A chain from an ``nn.Sequential`` (nested Sequentials flattened)."""
         return cls.from_problem(Problem(model, loss_fn, data, params=params))
 
@@ -106,8 +111,9 @@ class Chain:
         xs, ys = [], []
         for inputs, targets, _w in problem.batches():
             if not isinstance(inputs, Tensor):
-                raise TypeError("the chain solver needs tensor inputs (n, ...); got "
-                                f"{type(inputs).__name__}")
+                raise TypeError(
+                    f"the chain solver needs tensor inputs (n, ...); got {type(inputs).__name__}"
+                )
             xs.append(inputs)
             ys.append(targets)
         self.inputs = torch.cat(xs) if len(xs) > 1 else xs[0]
@@ -145,7 +151,8 @@ class Chain:
             with torch.enable_grad():
                 out = stage.forward(z_in)
             if stage is not self.loss_stage and (
-                    not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n):
+                not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n
+            ):
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise ValueError(
                     f"stage {stage.name!r} ({stage.describe()}) maps a batch of {n} to {shape}; "
@@ -157,8 +164,9 @@ class Chain:
         lams: list[Tensor] = [torch.ones((), dtype=self.inputs.dtype, device=self.inputs.device)]
         for z_in, out in zip(reversed(ins[1:]), reversed(outs[1:]), strict=True):
             if out.requires_grad:
-                (lam,) = torch.autograd.grad(out, z_in, lams[0], allow_unused=True,
-                                             materialize_grads=True)
+                (lam,) = torch.autograd.grad(
+                    out, z_in, lams[0], allow_unused=True, materialize_grads=True
+                )
             else:
                 lam = torch.zeros_like(z_in)
             lams.insert(0, lam.detach())  # lam_{l-1} = A_l^T lam_l
@@ -188,8 +196,9 @@ class _Pivot:
                 return
         self.LD, self.piv, _ = torch.linalg.ldl_factor_ex(Q)
         evs = self._block_eigenvalues()
-        self.inertia = Inertia(int((evs < -tol).sum()), int((evs.abs() <= tol).sum()),
-                               int((evs > tol).sum()))
+        self.inertia = Inertia(
+            int((evs < -tol).sum()), int((evs.abs() <= tol).sum()), int((evs > tol).sum())
+        )
         self.sign = float(torch.prod(torch.sign(evs))) if p else 1.0
         self.logabs = float(torch.log(evs.abs()).sum()) if p else 0.0
         self._check(evs.abs(), tol, scale)
@@ -203,17 +212,24 @@ class _Pivot:
                 out.append(LD[k, k].reshape(1))
                 k += 1
             else:
-                blk = torch.stack([torch.stack([LD[k, k], LD[k + 1, k]]),
-                                   torch.stack([LD[k + 1, k], LD[k + 1, k + 1]])])
+                blk = torch.stack(
+                    [
+                        torch.stack([LD[k, k], LD[k + 1, k]]),
+                        torch.stack([LD[k + 1, k], LD[k + 1, k + 1]]),
+                    ]
+                )
                 out.append(torch.linalg.eigvalsh(blk))
                 k += 2
         return torch.cat(out) if out else LD.new_zeros(0)
 
     def _check(self, mags: Tensor, tol: float, scale: float) -> None:
         self.singular = bool((mags <= tol).any()) if mags.numel() else False
+        self.near_singular = self.singular or bool(
+            mags.numel() and scale > 0 and float(mags.min()) < 1e-10 * scale
+        )
         if self.singular:
             return
-        if mags.numel() and scale > 0 and float(mags.min()) < 1e-10 * scale:
+        if self.near_singular:
             warnings.warn(
                 f"the pivot of stage {self.stage!r} is nearly singular (smallest "
                 f"{float(mags.min()):.2e} against scale {scale:.2e}); the solve may be "
@@ -298,6 +314,12 @@ class ChainFactorization:
                 total += f.pivot.logabs
         return sign, total
 
+    @property
+    def near_singular(self) -> bool:
+        """Whether a pivot is singular or nearly so (relative size below 1e-10): an
+        eigenvalue of ``C + eps I`` lies within rounding of zero."""
+        return any(f.pivot is not None and f.pivot.near_singular for f in self._factors)
+
     def inertia(self) -> Inertia:
         """Counts of negative, zero and positive eigenvalues of ``C + eps I``
         (Sylvester: the sum of the pivots' inertias)."""
@@ -320,8 +342,10 @@ class ChainFactorization:
         V = V.unsqueeze(1) if vec else V
         R = V.shape[1]
         # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v
-        r = [self._internal(-V[blk], f.stage) for blk, f in zip(self.chain._blocks, self._factors,
-                                                                 strict=True)]
+        r = [
+            self._internal(-V[blk], f.stage)
+            for blk, f in zip(self.chain._blocks, self._factors, strict=True)
+        ]
         # backward sweep: s_L = 0 (the loss stage has no parameters and S_L = 0)
         s = None
         ks: list[Tensor | None] = [None] * len(self._factors)
@@ -380,8 +404,11 @@ def _promoted(chain: Chain) -> Chain:
     prob = chain.problem
     model = copy.deepcopy(prob.model).double()
     X = chain.inputs.double()
-    y = chain.targets.double() if isinstance(chain.targets, Tensor) and \
-        chain.targets.is_floating_point() else chain.targets
+    y = (
+        chain.targets.double()
+        if isinstance(chain.targets, Tensor) and chain.targets.is_floating_point()
+        else chain.targets
+    )
     p2 = Problem(model, prob.loss_fn, (X, y), params=prob.names)
     generic = all(type(s).__name__ == "GenericStage" for s in chain.stages)
     return Chain.from_problem(p2, _generic=generic)
@@ -426,5 +453,3 @@ def factorize(
                 stacklevel=2,
             )
     return ChainFactorization(chain, damping, curvature)
-
-

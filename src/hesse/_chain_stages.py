@@ -32,8 +32,16 @@ from torch.func import functional_call, hessian, jacrev
 
 from hesse._bishop import ELEMENTWISE
 
-__all__ = ["ElementwiseStage", "GenericStage", "IdentityStage", "LinearStage", "LossStage",
-           "Stage", "StageDerivatives", "make_stage"]
+__all__ = [
+    "ElementwiseStage",
+    "GenericStage",
+    "IdentityStage",
+    "LinearStage",
+    "LossStage",
+    "Stage",
+    "StageDerivatives",
+    "make_stage",
+]
 
 
 class StageDerivatives:
@@ -59,8 +67,9 @@ class StageDerivatives:
     def Bt(self, s: Tensor) -> Tensor:  # (a_out, R) -> (p, R)
         raise NotImplementedError
 
-    def q_blocks(self, S: Tensor | None, gauss_newton: bool, need_z: bool
-                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(Q_zz, Q_xx, Q_xz)`` without damping: ``Q_zz = G_zz + A^T S A``,
         ``Q_xx = G_xx + B^T S B``, ``Q_xz = G_xz + B^T S A``; ``G`` is dropped for
         the Gauss-Newton matrix. ``S = None`` means ``S = 0``. With ``need_z=False``
@@ -109,16 +118,24 @@ class _LinearDerivs(StageDerivatives):
         self.a_in, self.a_out, self.p = self.n * self.i, self.n * self.o, self.o * self.J
 
     def A(self, dz):
-        return torch.einsum("niR,oi->noR", dz.view(self.n, self.i, -1), self.W).reshape(self.a_out, -1)
+        return torch.einsum("niR,oi->noR", dz.view(self.n, self.i, -1), self.W).reshape(
+            self.a_out, -1
+        )
 
     def At(self, s):
-        return torch.einsum("noR,oi->niR", s.view(self.n, self.o, -1), self.W).reshape(self.a_in, -1)
+        return torch.einsum("noR,oi->niR", s.view(self.n, self.o, -1), self.W).reshape(
+            self.a_in, -1
+        )
 
     def B(self, dx):
-        return torch.einsum("ojR,nj->noR", dx.view(self.o, self.J, -1), self.zhat).reshape(self.a_out, -1)
+        return torch.einsum("ojR,nj->noR", dx.view(self.o, self.J, -1), self.zhat).reshape(
+            self.a_out, -1
+        )
 
     def Bt(self, s):
-        return torch.einsum("noR,nj->ojR", s.view(self.n, self.o, -1), self.zhat).reshape(self.p, -1)
+        return torch.einsum("noR,nj->ojR", s.view(self.n, self.o, -1), self.zhat).reshape(
+            self.p, -1
+        )
 
     def q_blocks(self, S, gauss_newton, need_z):
         n, o, i, J = self.n, self.o, self.i, self.J
@@ -154,17 +171,22 @@ class LinearStage(Stage):
     from the model's order (all of ``weight``, then ``bias``).
     """
 
-    def __init__(self, name: str, module: nn.Linear, weight: bool = True, bias: bool = True) -> None:
+    def __init__(
+        self, name: str, module: nn.Linear, weight: bool = True, bias: bool = True
+    ) -> None:
         super().__init__(name)
         self.module = module
         self.use_w = weight
         self.use_b = bias and module.bias is not None
         if not self.use_w and self.use_b:  # bias only: treat as a generic stage would; rare
-            raise ValueError(f"stage {name!r}: selecting a Linear bias without its weight "
-                             "is not supported by the chain solver")
+            raise ValueError(
+                f"stage {name!r}: selecting a Linear bias without its weight "
+                "is not supported by the chain solver"
+            )
         prefix = f"{name}." if name else ""
         self.param_names = ([f"{prefix}weight"] if self.use_w else []) + (
-            [f"{prefix}bias"] if self.use_b else [])
+            [f"{prefix}bias"] if self.use_b else []
+        )
         o, i = module.out_features, module.in_features
         if self.use_w:
             J = i + self.use_b
@@ -185,8 +207,9 @@ class LinearStage(Stage):
 
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         if z.ndim != 2:
-            raise ValueError(f"stage {self.name!r} (Linear) expects inputs (n, features); got "
-                             f"{tuple(z.shape)}")
+            raise ValueError(
+                f"stage {self.name!r} (Linear) expects inputs (n, features); got {tuple(z.shape)}"
+            )
         W = self.module.weight.detach()
         if self.use_w:
             zhat = torch.cat([z, torch.ones_like(z[:, :1])], 1) if self.use_b else z
@@ -288,8 +311,9 @@ class _LossDerivs(StageDerivatives):
 class LossStage(Stage):
     """The last stage: ``z -> weight * loss_fn(z, targets)``, a scalar."""
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, weight: float = 1.0
-                 ) -> None:
+    def __init__(
+        self, loss_fn: Callable[[Any, Any], Tensor], targets: Any, weight: float = 1.0
+    ) -> None:
         super().__init__("loss")
         self.loss_fn, self.targets, self.weight = loss_fn, targets, weight
 
@@ -344,7 +368,7 @@ class _DenseDerivs(StageDerivatives):
             Q_xx = self.Bm.T @ SB
             if need_z:
                 Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
-        zeros = (lambda r, c: torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device))
+        zeros = lambda r, c: torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device)
         Q_xx = zeros(self.p, self.p) if Q_xx is None else Q_xx
         if need_z:
             Q_zz = zeros(self.a_in, self.a_in) if Q_zz is None else Q_zz
@@ -384,14 +408,17 @@ class GenericStage(Stage):
     def _f(self, zf: Tensor, xf: Tensor, shape: torch.Size) -> Tensor:
         params, i = {}, 0
         for n, s, k in zip(self._local, self._shapes, self._sizes, strict=True):
-            params[n] = xf[i:i + k].view(s)
+            params[n] = xf[i : i + k].view(s)
             i += k
         return functional_call(self.module, params, (zf.view(shape),)).reshape(-1)
 
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         named = dict(self.module.named_parameters())
-        x0 = (torch.cat([named[n].detach().reshape(-1) for n in self._local])
-              if self._local else torch.zeros(0, dtype=z.dtype, device=z.device))
+        x0 = (
+            torch.cat([named[n].detach().reshape(-1) for n in self._local])
+            if self._local
+            else torch.zeros(0, dtype=z.dtype, device=z.device)
+        )
         zf = z.detach().reshape(-1)
         shape = z.shape
         A, B = jacrev(self._f, argnums=(0, 1))(zf, x0, shape)
@@ -404,8 +431,9 @@ class GenericStage(Stage):
         return _DenseDerivs(A, B, Gzz, Gxx, Gxz)
 
 
-def make_stage(name: str, module: nn.Module, selected: set[str] | None, generic: bool = False
-               ) -> Stage:
+def make_stage(
+    name: str, module: nn.Module, selected: set[str] | None, generic: bool = False
+) -> Stage:
     """The structured stage for ``module`` if there is one, else a `GenericStage`.
 
     ``selected`` holds the model-level parameter names to differentiate (``None``: all
@@ -414,14 +442,20 @@ def make_stage(name: str, module: nn.Module, selected: set[str] | None, generic:
     """
     prefix = f"{name}." if name else ""
     own = [n for n, p in module.named_parameters() if p.requires_grad]
-    local = own if selected is None else [n for n, _ in module.named_parameters()
-                                          if f"{prefix}{n}" in selected]
+    local = (
+        own
+        if selected is None
+        else [n for n, _ in module.named_parameters() if f"{prefix}{n}" in selected]
+    )
     if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-        raise ValueError(f"stage {name!r}: Dropout in training mode makes the chain random; "
-                         "call model.eval()")
+        raise ValueError(
+            f"stage {name!r}: Dropout in training mode makes the chain random; call model.eval()"
+        )
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-        raise ValueError(f"stage {name!r}: BatchNorm in training mode couples the samples and "
-                         "updates its running statistics on every pass; call model.eval()")
+        raise ValueError(
+            f"stage {name!r}: BatchNorm in training mode couples the samples and "
+            "updates its running statistics on every pass; call model.eval()"
+        )
     if generic:
         return GenericStage(name, module, local)
     if isinstance(module, nn.Linear):

@@ -95,8 +95,9 @@ def solve(
     return prob.unflatten(x) if as_list else x
 
 
-def _krylov(prob: Problem, V: Tensor, damping: float, curvature: str, rtol: float,
-            maxiter: int | None) -> Tensor:
+def _krylov(
+    prob: Problem, V: Tensor, damping: float, curvature: str, rtol: float, maxiter: int | None
+) -> Tensor:
     op = _operator(prob, curvature).to_scipy()
     P = prob.num_params
     shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + damping * x, dtype=op.dtype)
@@ -121,27 +122,48 @@ def _krylov(prob: Problem, V: Tensor, damping: float, curvature: str, rtol: floa
     return X.squeeze(1) if V.ndim == 1 else X
 
 
-def logdet(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
-           ) -> tuple[float, float]:
+def logdet(
+    problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
+) -> tuple[float, float]:
     """``(sign, log|det(C + eps I)|)`` from the chain sweep, as ``torch.linalg.slogdet``."""
     return factorize(problem, damping, curvature).logdet()
 
 
-def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
-            ) -> Inertia:
+def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian") -> Inertia:
     """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (chain sweep)."""
     return factorize(problem, damping, curvature).inertia()
 
 
-def count_eigenvalues(problem: Problem | Chain, below: float, curvature: str = "hessian") -> int:
+def count_eigenvalues(
+    problem: Problem | Chain, below: float, curvature: str = "hessian", *, rtol: float = 1e-12
+) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
-    negative inertia of ``C - sigma I``, from one chain sweep."""
-    f = _quiet_factorize(problem, -float(below), curvature)
-    return f.inertia().negative
+    negative inertia of ``C - sigma I`` (Sylvester), from one chain sweep.
+
+    When ``sigma`` is itself an eigenvalue up to rounding (a pivot of the sweep is
+    singular or nearly so, e.g. ``sigma = 0`` for a rank-deficient Hessian), the count
+    is taken at ``sigma - delta`` for the first ``delta`` in ``rtol * 10^j * max(1,
+    |sigma|)``, ``j = 0..4``, at which the sweep is well conditioned: eigenvalues
+    numerically equal to ``sigma`` do not count as below it.
+    """
+    sigma = float(below)
+    last: ChainFactorization | None = None
+    for delta in [0.0] + [rtol * 10.0**j * max(1.0, abs(sigma)) for j in range(5)]:
+        try:
+            f = _quiet_factorize(problem, -(sigma - delta), curvature)
+        except SingularPivotError:
+            continue
+        if not f.near_singular:
+            return f.inertia().negative
+        last = f
+    if last is None:
+        raise SingularPivotError(f"no well-conditioned sweep near sigma = {sigma}")
+    return last.inertia().negative
 
 
-def _quiet_factorize(problem: Problem | Chain, damping: float, curvature: str
-                     ) -> ChainFactorization:
+def _quiet_factorize(
+    problem: Problem | Chain, damping: float, curvature: str
+) -> ChainFactorization:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # near-singular pivots are expected
         return factorize(problem, damping, curvature)
@@ -164,7 +186,9 @@ def eigenvalue(
             (``tol * max(1, |lambda|_max bound)``).
         bounds: an interval known to hold the eigenvalue; default: found by doubling.
 
-    Cost: ``O(log(range / tol))`` sweeps.
+    Cost: ``O(log(range / tol))`` sweeps. An eigenvalue inside a cluster of exact
+    zeros (a rank-deficient Hessian) is resolved to about ``1e-8 max(1, |sigma|)``
+    only: see `count_eigenvalues`.
     """
     chain = problem if isinstance(problem, Chain) else Chain.from_problem(problem)
     P = chain.num_params
@@ -172,10 +196,7 @@ def eigenvalue(
         raise ValueError(f"k must be in [1, {P}]; got {k}")
 
     def count(sigma: float) -> int:  # eigenvalues < sigma
-        try:
-            return count_eigenvalues(chain, sigma, curvature)
-        except SingularPivotError:  # sigma hit a pivot's singularity: step aside
-            return count_eigenvalues(chain, sigma + 1e-12 * max(1.0, abs(sigma)), curvature)
+        return count_eigenvalues(chain, sigma, curvature)
 
     if bounds is None:
         hi = 1.0
@@ -207,8 +228,9 @@ class NewtonStep(NamedTuple):
     gradient: Tensor
 
 
-def newton_step(problem: Problem | Chain, damping: float = 0.0, curvature: str = "ggn",
-                *, method: str = "auto") -> NewtonStep:
+def newton_step(
+    problem: Problem | Chain, damping: float = 0.0, curvature: str = "ggn", *, method: str = "auto"
+) -> NewtonStep:
     """The damped Gauss-Newton (default) or Newton step ``-(C + eps I)^-1 g`` in one call.
 
     Returns a `NewtonStep` (flat tensors, shape ``(P,)``). The predicted change uses

@@ -1,0 +1,306 @@
+"""The chain solver against the dense float64 reference (torch.linalg on torch.func's
+Hessian and GGN): solve, log-determinant, inertia, eigenvalues, Newton steps."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import Reference, make_case, rel_err
+from test_seeds import ScalarStage, _scalar_chain
+from torch import nn
+
+import hesse
+
+TOL = 1e-9
+
+
+def _chain_model(widths, act, bias, extra_free):
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(act())
+            if extra_free:  # parameter-free stages of other kinds, and nesting
+                layers.append(nn.Sequential(nn.Dropout(0.3), nn.Identity()))
+    return nn.Sequential(*layers)
+
+
+CONFIGS = [
+    # widths, activation, bias, extra parameter-free stages, batch
+    ([3, 4, 5, 3], nn.Tanh, True, False, 4),
+    ([2, 5, 3], nn.Softplus, True, True, 1),
+    ([4, 3, 3, 2, 3], nn.GELU, False, False, 3),
+    ([3, 6, 2, 3], nn.Sigmoid, True, True, 2),
+]
+
+
+def _setup(cfg, loss, seed):
+    widths, act, bias, extra, n = cfg
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _chain_model(widths, act, bias, extra).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.4 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    X = torch.randn(n, widths[0], generator=g)
+    C = widths[-1]
+    if loss == "ce":
+        y, lf = torch.randint(0, C, (n,), generator=g), nn.CrossEntropyLoss()
+    else:
+        y, lf = torch.randn(n, C, generator=g), nn.MSELoss()
+    return hesse.Problem(model, lf, (X, y))
+
+
+def _shifts(C: torch.Tensor) -> list[float]:
+    """A large shift, a small one, and minus the midpoint of the widest gap of the
+    spectrum: C + eps I indefinite but far from singular (C may have many exact zeros)."""
+    ev = torch.linalg.eigvalsh(C)
+    j = int(torch.argmax(ev[1:] - ev[:-1]))  # the widest gap: eigenvalues on both sides
+    return [1.0, 1e-2, -float(ev[j] + ev[j + 1]) / 2]
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[1].__name__}-{len(c[0])}-n{c[4]}")
+def test_chain_against_dense(cfg, loss, curvature):
+    prob = _setup(cfg, loss, seed=len(cfg[0]) * 7 + cfg[4])
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    P = prob.num_params
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(1))
+    for eps in _shifts(C):
+        Ce = C + eps * torch.eye(P)
+        f = hesse.factorize(prob, damping=eps, curvature=curvature)
+        assert rel_err(f.solve(V), torch.linalg.solve(Ce, V)) < TOL
+        assert rel_err(f.solve(V[:, 0]), torch.linalg.solve(Ce, V[:, 0])) < TOL
+        parts = f.solve(prob.unflatten(V[:, 1]))
+        assert isinstance(parts, list)
+        assert rel_err(prob.flatten(parts), torch.linalg.solve(Ce, V[:, 1])) < TOL
+        sign, la = torch.linalg.slogdet(Ce)
+        fs, fla = f.logdet()
+        assert fs == float(sign) and abs(fla - float(la)) <= TOL * max(1.0, abs(float(la)))
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+
+
+def test_chain_generic_stages_equal_structured_and_dense():
+    """Forcing every stage through torch.func (the naive path) changes nothing."""
+    prob = _setup(CONFIGS[0], "ce", seed=3)
+    H = hesse.hessian(prob)
+    v = torch.randn(prob.num_params, dtype=torch.float64)
+    naive = hesse.Chain.from_problem(prob, _generic=True)
+    assert all(type(s).__name__ == "GenericStage" for s in naive.stages)
+    for eps in (0.5, -0.01):
+        ref = torch.linalg.solve(H + eps * torch.eye(len(H)), v)
+        assert rel_err(hesse.factorize(naive, eps).solve(v), ref) < TOL
+        assert rel_err(hesse.factorize(prob, eps).solve(v), ref) < TOL
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, z):
+        return z + torch.tanh(self.lin(z))
+
+
+def test_hand_declared_stages_conv_and_residual():
+    torch.manual_seed(0)
+    stages = [
+        nn.Conv2d(2, 3, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+        Residual(5),
+        nn.Linear(5, 3),
+    ]
+    X, y = torch.randn(3, 2, 4, 4), torch.randint(0, 3, (3,))
+    chain = hesse.Chain([s.double() for s in stages], nn.CrossEntropyLoss(), (X, y))
+    kinds = [type(s).__name__ for s in chain.stages]
+    assert kinds == [
+        "GenericStage",
+        "ElementwiseStage",
+        "IdentityStage",
+        "LinearStage",
+        "GenericStage",
+        "LinearStage",
+    ]
+    prob = chain.problem
+    for curvature, C in [("hessian", hesse.hessian(prob)), ("ggn", hesse.ggn(prob))]:
+        eps = _shifts(C)[2]
+        Ce = C + eps * torch.eye(len(C))
+        f = hesse.factorize(chain, eps, curvature)
+        v = torch.randn(len(C))
+        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia().negative == int((ev < 0).sum())
+        assert abs(f.logdet()[1] - float(torch.linalg.slogdet(Ce)[1])) < 1e-9
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("L", [3, 6])
+def test_seed000_scalar_chains_solve(power, L):
+    rng = np.random.default_rng(7 * power + L)
+    xs, z0 = rng.standard_normal(L) + 0.5, float(rng.random()) + 0.5
+    model = _scalar_chain(xs, power).double()
+    assert all(isinstance(m, ScalarStage) for m in model)
+    prob = hesse.Problem(model, lambda out, _t: out.sum(), (torch.tensor([[z0]]), None))
+    zL = z0 * np.prod(xs**power)
+    H = power**2 * zL / xs[:, None] / xs[None, :]
+    H[np.diag_indices(L)] = 0 if power == 1 else 2 * zL / xs**2
+    H = torch.tensor(H)
+    v = torch.tensor(rng.standard_normal(L))
+    for eps in (2.0, 0.1, -float(torch.linalg.eigvalsh(H)[L // 2]) - 1e-3):
+        Ce = H + eps * torch.eye(L)
+        f = hesse.factorize(prob, eps)
+        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia().negative == int((ev < 0).sum())
+        assert abs(f.logdet()[1] - float(torch.linalg.slogdet(Ce)[1])) < 1e-9
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_eigenvalue_bisection_and_counts(curvature):
+    prob = _setup(CONFIGS[3], "ce", seed=5)
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    ev = torch.linalg.eigvalsh(C)
+    P = len(ev)
+    gaps = torch.minimum(
+        torch.cat([ev[1:] - ev[:-1], ev.new_ones(1)]), torch.cat([ev.new_ones(1), ev[1:] - ev[:-1]])
+    )
+    simple = [k for k in range(1, P + 1) if gaps[k - 1] > 1e-6]  # not in a cluster
+    middle = min(simple, key=lambda k: abs(k - P // 2))
+    for k in (1, middle, P):
+        lam = hesse.eigenvalue(prob, k, curvature, tol=1e-11)
+        scale = max(1.0, float(ev.abs().max()))
+        assert abs(lam - float(ev[k - 1])) <= 2e-11 * scale * 4
+    for sigma in (-0.1, 0.0, 0.05, float(ev[-1]) + 1):
+        # eigenvalues within rounding of sigma (the exact zeros of a rank-deficient
+        # matrix, seen by eigvalsh as +-1e-17) count as not below it
+        ref = int((ev < sigma - 1e-9 * max(1.0, abs(sigma))).sum())
+        assert hesse.count_eigenvalues(prob, below=sigma, curvature=curvature) == ref
+    with pytest.raises(ValueError, match=r"k must be in \[1, "):
+        hesse.eigenvalue(prob, P + 1)
+
+
+def test_newton_steps_and_methods():
+    prob = _setup(CONFIGS[0], "mse", seed=9)
+    g = hesse.gradient(prob)
+    for curvature in ("ggn", "hessian"):
+        C = hesse.ggn(prob) if curvature == "ggn" else hesse.hessian(prob)
+        eps = 0.3
+        ref = -torch.linalg.solve(C + eps * torch.eye(len(C)), g)
+        st = hesse.newton_step(prob, eps, curvature)
+        assert rel_err(st.step, ref) < TOL
+        assert st.predicted_change == pytest.approx(float(g @ ref + 0.5 * ref @ C @ ref), rel=1e-9)
+        for method in ("chain", "dense", "cg", "auto"):
+            x = hesse.solve(prob, -g, eps, curvature, method=method)
+            assert rel_err(x, ref) < (TOL if method != "cg" else 1e-7), method
+
+
+def test_solve_auto_uses_cg_for_non_chains():
+    case = make_case("cnn", "ce", seed=2)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    G = Reference(case).ggn()
+    v = torch.randn(prob.num_params)
+    ref = torch.linalg.solve(G + 0.5 * torch.eye(len(G)), v)
+    assert rel_err(hesse.solve(prob, v, 0.5, "ggn"), ref) < 1e-7
+    with pytest.raises(ValueError, match="needs an nn.Sequential model"):
+        hesse.factorize(prob, 0.5)
+
+
+def test_batches_and_parameter_subsets():
+    prob1 = _setup(CONFIGS[0], "ce", seed=4)
+    model, lf = prob1.model, prob1.loss_fn
+    ((X, y),) = [(b[0], b[1]) for b in prob1.batches()]
+    several = hesse.Problem(model, lf, [(X[:1], y[:1]), (X[1:], y[1:])])
+    v = torch.randn(prob1.num_params)
+    H = hesse.hessian(prob1)
+    ref = torch.linalg.solve(H + 0.2 * torch.eye(len(H)), v)
+    assert rel_err(hesse.solve(several, v, 0.2, method="chain"), ref) < TOL
+    sub = hesse.Problem(model, lf, (X, y), params=["0.weight", "4.weight", "4.bias"])
+    Hs = hesse.hessian(sub)
+    vs = torch.randn(sub.num_params)
+    assert (
+        rel_err(
+            hesse.solve(sub, vs, 0.2, method="chain"),
+            torch.linalg.solve(Hs + 0.2 * torch.eye(len(Hs)), vs),
+        )
+        < TOL
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+class BatchMixer(nn.Module):
+    def forward(self, z):
+        return z.reshape(1, -1)
+
+
+def test_bad_input():
+    prob = _setup(CONFIGS[0], "ce", seed=1)
+    f = hesse.factorize(prob, 0.5)
+    with pytest.raises(ValueError, match=rf"expected \({prob.num_params},\)"):
+        f.solve(torch.randn(prob.num_params + 2))
+    with pytest.raises(ValueError, match="curvature must be"):
+        hesse.factorize(prob, 0.5, "fisher")
+    X, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    bad = nn.Sequential(nn.Linear(3, 3), BatchMixer(), nn.Linear(12, 3)).double()
+    with pytest.raises(ValueError, match=r"stage '1' .* maps a batch of 4 to \(1, 12\)"):
+        hesse.factorize(hesse.Problem(bad, nn.MSELoss(), (X, torch.randn(1, 3))), 0.1)
+    train_drop = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 3)).double().train()
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match="stage '1': Dropout in training"),
+    ):
+        hesse.Chain.from_sequential(train_drop, nn.CrossEntropyLoss(), (X, y))
+    bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double().train()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="stage '1': BatchNorm"):
+        hesse.Chain.from_sequential(bn, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(TypeError, match="list of modules"):
+        hesse.Chain(nn.Linear(3, 3), nn.MSELoss(), (X, y))
+
+
+def test_singular_pivot_names_the_stage():
+    """With eps = 0 the GGN of a net with more parameters than n*C outputs is singular."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    prob = hesse.Problem(model, nn.MSELoss(), (torch.randn(2, 3), torch.randn(2, 2)))
+    with pytest.raises(hesse.SingularPivotError, match=r"stage '2'.*increase the damping"):
+        hesse.factorize(prob, 0.0, "ggn")
+    f = hesse.factorize(prob, 1e-3, "ggn")  # damping cures it
+    assert f.inertia() == (0, 0, prob.num_params)
+
+
+def test_float32_warns_and_promote():
+    prob64 = _setup(CONFIGS[0], "ce", seed=6)
+    H = hesse.hessian(prob64)
+    v = torch.randn(len(H))
+    ref = torch.linalg.solve(H + 0.3 * torch.eye(len(H)), v)
+    m32 = prob64.model.float()
+    ((X, y),) = [(b[0], b[1]) for b in prob64.batches()]
+    prob32 = hesse.Problem(m32, prob64.loss_fn, (X.float(), y))
+    with pytest.warns(UserWarning, match="float64 is recommended"):
+        f32 = hesse.factorize(prob32, 0.3)
+    assert rel_err(f32.solve(v.float()), ref) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp = hesse.factorize(prob32, 0.3, promote=True)
+    # the float32 weights, promoted: exact up to the float32 rounding of the weights
+    assert rel_err(fp.solve(v), ref) < 1e-5
+    assert fp.chain.problem.dtype == torch.float64
+
+
+def test_eigenvalue_inside_a_zero_cluster():
+    """A rank-deficient GGN: its zero eigenvalue is found to the documented ~1e-8."""
+    prob = _setup(CONFIGS[1], "ce", seed=11)  # batch 1: rank(GGN) <= C - 1
+    G = hesse.ggn(prob)
+    ev = torch.linalg.eigvalsh(G)
+    zeros = int((ev.abs() < 1e-12).sum())
+    assert zeros > 10
+    k = int((ev < -1e-12).sum()) + zeros // 2 + 1
+    assert abs(hesse.eigenvalue(prob, k, "ggn")) < 1e-7
+    assert hesse.count_eigenvalues(prob, below=0.0, curvature="ggn") == 0
+    assert hesse.count_eigenvalues(prob, below=1e-6, curvature="ggn") == zeros
