@@ -3,6 +3,7 @@ Hessian and GGN): solve, log-determinant, inertia, eigenvalues, Newton steps."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ TOL = 1e-9
 
 def _chain_model(widths, act, bias, extra_free):
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b, bias=bias))
         if i < len(widths) - 2:
             layers.append(act())

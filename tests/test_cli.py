@@ -159,3 +159,41 @@ def test_console_script_entry_point():
         check=False,
     )
     assert r.returncode == 0 and r.stdout.startswith("hesse ")
+
+
+def test_analyze_chain_section_matches_dense(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert (
+        _cli.main(
+            ["analyze", *SMALL, "--chain-samples", "40", "--damping", "0.01", "--json", str(out)]
+        )
+        == 0
+    )
+    assert "chain sweep" in capsys.readouterr().out
+    c = json.loads(out.read_text())["chain"]
+    d = c["dense_check"]  # the dense eigendecomposition of the same 40-sample problem
+    assert c["samples"] == 40 and c["num_negative"] == d["num_negative"] > 0
+    assert c["logdet"] == pytest.approx(d["logdet"], rel=1e-9)
+    assert c["inertia"] == d["inertia"]
+    assert c["ggn_step_predicted_change"] < 0  # damped Gauss-Newton: a descent direction
+
+
+def test_analyze_skips_chain_for_non_sequential(tmp_path, capsys):
+    (tmp_path / "m.py").write_text(
+        "from torch import nn\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.l = nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.l(x)\n"
+        "def make():\n"
+        "    return M()\n"
+    )
+    assert (
+        _cli.main(
+            ["analyze", "--model", f"{tmp_path / 'm.py'}:make", "--samples", "50", "--no-progress"]
+        )
+        == 0
+    )
+    assert "chain sweep skipped: the model is not an nn.Sequential" in capsys.readouterr().out

@@ -175,77 +175,130 @@ class Chain:
 
 # ----------------------------------------------------------------------------- pivots
 class _Pivot:
-    """One stage's pivot ``Q_xx``, factored once: Cholesky when it is positive definite,
-    else Bunch-Kaufman ``LDL^T``; log-determinant and inertia are read off the factor."""
+    """One stage's pivot ``Q_xx``, factored once.
+
+    Positive definite pivots (the GGN with ``eps > 0``, usually) use Cholesky ``L L^T``;
+    the Schur update is then ``W = L^-1 Q_xz``, ``S -= W^T W`` (design note: half the
+    flops of ``Q_zx Q_xx^-1 Q_xz``, and ``S`` stays symmetric). Indefinite pivots use
+    LU with partial pivoting for the solves (BLAS-3 triangular solves; LAPACK's
+    symmetric-indefinite solve is BLAS-2 and several times slower) and read
+    ``log|det|`` and its sign off ``U``; the inertia comes from a Bunch-Kaufman
+    ``LDL^T`` (``torch.linalg.ldl_factor``), computed when first asked for.
+    """
 
     def __init__(self, Q: Tensor, stage: str, try_cholesky: bool) -> None:
         Q = 0.5 * (Q + Q.T)
         p = Q.shape[0]
-        scale = float(Q.abs().max()) if p else 0.0
-        tol = max(p, 1) * torch.finfo(Q.dtype).eps * scale
-        self.stage = stage
-        self.kind = "ldl"
+        self.Q, self.stage, self.p = Q, stage, p
+        self.scale = float(Q.abs().max()) if p else 0.0
+        self.tol = max(p, 1) * torch.finfo(Q.dtype).eps * self.scale
+        self._inertia: Inertia | None = None
         if try_cholesky:
             L, info = torch.linalg.cholesky_ex(Q)
-            d = torch.diagonal(L) ** 2 if int(info) == 0 else None
-            if d is not None and bool((d > tol).all()):
+            d = torch.diagonal(L) ** 2
+            if int(info) == 0 and bool((d > self.tol).all()):
                 self.kind, self.L = "cholesky", L
                 self.sign, self.logabs = 1.0, float(torch.log(d).sum())
-                self.inertia = Inertia(0, 0, p)
-                self._check(d.abs(), tol, scale)
+                self._inertia = Inertia(0, 0, p)
+                self._check(d)
                 return
-        self.LD, self.piv, _ = torch.linalg.ldl_factor_ex(Q)
-        evs = self._block_eigenvalues()
-        self.inertia = Inertia(
-            int((evs < -tol).sum()), int((evs.abs() <= tol).sum()), int((evs > tol).sum())
+        self.kind = "lu"
+        self.LU, self.piv, _ = torch.linalg.lu_factor_ex(Q)
+        u = torch.diagonal(self.LU)
+        swaps = int(
+            (self.piv != torch.arange(1, p + 1, device=Q.device, dtype=self.piv.dtype)).sum()
         )
-        self.sign = float(torch.prod(torch.sign(evs))) if p else 1.0
-        self.logabs = float(torch.log(evs.abs()).sum()) if p else 0.0
-        self._check(evs.abs(), tol, scale)
+        self.sign = float(torch.prod(torch.sign(u))) * (-1.0) ** swaps
+        self.logabs = float(torch.log(u.abs()).sum())
+        self._check(u.abs())
 
-    def _block_eigenvalues(self) -> Tensor:
-        """Eigenvalues of the 1x1 and 2x2 blocks of ``D`` (their product is ``det D``)."""
-        LD, piv = self.LD, self.piv.tolist()
-        out, k, p = [], 0, len(piv)
-        while k < p:
-            if piv[k] > 0:
-                out.append(LD[k, k].reshape(1))
-                k += 1
-            else:
-                blk = torch.stack(
-                    [
-                        torch.stack([LD[k, k], LD[k + 1, k]]),
-                        torch.stack([LD[k + 1, k], LD[k + 1, k + 1]]),
-                    ]
-                )
-                out.append(torch.linalg.eigvalsh(blk))
-                k += 2
-        return torch.cat(out) if out else LD.new_zeros(0)
-
-    def _check(self, mags: Tensor, tol: float, scale: float) -> None:
-        self.singular = bool((mags <= tol).any()) if mags.numel() else False
+    def _check(self, mags: Tensor) -> None:
+        self.singular = bool((mags <= self.tol).any()) if mags.numel() else False
         self.near_singular = self.singular or bool(
-            mags.numel() and scale > 0 and float(mags.min()) < 1e-10 * scale
+            mags.numel() and self.scale > 0 and float(mags.min()) < 1e-10 * self.scale
         )
-        if self.singular:
-            return
-        if self.near_singular:
+        if self.near_singular and not self.singular:
             warnings.warn(
                 f"the pivot of stage {self.stage!r} is nearly singular (smallest "
-                f"{float(mags.min()):.2e} against scale {scale:.2e}); the solve may be "
+                f"{float(mags.min()):.2e} against scale {self.scale:.2e}); the solve may be "
                 "inaccurate: increase the damping",
-                stacklevel=4,
+                stacklevel=5,
             )
 
-    def solve(self, B: Tensor) -> Tensor:
+    @property
+    def inertia(self) -> Inertia:
+        if self._inertia is None:
+            LD, piv, _ = torch.linalg.ldl_factor_ex(self.Q)
+            evs = _block_eigenvalues(LD, piv)
+            tol = self.tol
+            self._inertia = Inertia(
+                int((evs < -tol).sum()), int((evs.abs() <= tol).sum()), int((evs > tol).sum())
+            )
+            if evs.numel():  # trust the symmetric factor's view of near-singularity too
+                small = float(evs.abs().min())
+                self.singular = self.singular or small <= tol
+                self.near_singular = self.near_singular or small < 1e-10 * self.scale
+        return self._inertia
+
+    def _raise_if_singular(self) -> None:
         if self.singular:
             raise SingularPivotError(
                 f"the pivot Q_xx of stage {self.stage!r} is singular: C + eps I is singular "
                 "(or nearly so) there; increase the damping eps"
             )
+
+    def solve(self, B: Tensor) -> Tensor:
+        """``Q_xx^-1 B``."""
+        self._raise_if_singular()
         if self.kind == "cholesky":
             return torch.cholesky_solve(B, self.L)
-        return torch.linalg.ldl_solve(self.LD, self.piv, B)
+        return torch.linalg.lu_solve(self.LU, self.piv, B)
+
+    def eliminate(self, Q_zz: Tensor, Q_xz: Tensor) -> tuple[Tensor, Tensor]:
+        """The Schur complement ``S_{l-1} = Q_zz - Q_zx Q_xx^-1 Q_xz`` and what the
+        sweeps keep of ``K_l = -Q_xx^-1 Q_xz``: ``W = L^-1 Q_xz`` (Cholesky) or ``K``."""
+        self._raise_if_singular()
+        if self.kind == "cholesky":
+            W = torch.linalg.solve_triangular(self.L, Q_xz, upper=False)
+            S = torch.addmm(Q_zz, W.T, W, alpha=-1.0)
+            return 0.5 * (S + S.T), W
+        K = -torch.linalg.lu_solve(self.LU, self.piv, Q_xz)
+        S = torch.addmm(Q_zz, Q_xz.T, K)
+        return 0.5 * (S + S.T), K
+
+    def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
+        """``K_l dz``."""
+        if self.kind == "cholesky":  # K = -L^-T W
+            return -torch.linalg.solve_triangular(self.L.T, store @ dz, upper=True)
+        return store @ dz
+
+    def Kt_times(self, store: Tensor, q: Tensor) -> Tensor:
+        """``K_l^T q``."""
+        if self.kind == "cholesky":  # K^T q = -W^T L^-1 q
+            return -(store.T @ torch.linalg.solve_triangular(self.L, q, upper=False))
+        return store.T @ q
+
+
+def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
+    """Eigenvalues of the 1x1 and 2x2 blocks of the ``D`` of a Bunch-Kaufman factor
+    (LAPACK ``sytrf`` convention: a negative pivot pair marks a 2x2 block)."""
+    p = LD.shape[0]
+    if p == 0:
+        return LD.new_zeros(0)
+    diag = torch.diagonal(LD).tolist()
+    sub = [*torch.diagonal(LD, -1).tolist(), 0.0]
+    pv = piv.tolist()
+    out, k = [], 0
+    while k < p:
+        if pv[k] > 0:
+            out.append(diag[k])
+            k += 1
+        else:
+            a, b, c = diag[k], sub[k], diag[k + 1]
+            mid, rad = 0.5 * (a + c), math.hypot(0.5 * (a - c), b)
+            out += [mid - rad, mid + rad]
+            k += 2
+    return torch.tensor(out, dtype=LD.dtype)
 
 
 # ----------------------------------------------------------------------------- factorisation
@@ -254,7 +307,7 @@ class _StageFactor:
     stage: Stage
     d: StageDerivatives
     pivot: _Pivot | None
-    K: Tensor | None  # K_l = -Q_xx^-1 Q_xz   (p x a_in), None for the first stage
+    K: Tensor | None  # K_l = -Q_xx^-1 Q_xz (p x a_in), or W = L^-1 Q_xz; None: first stage
 
 
 class ChainFactorization:
@@ -273,7 +326,7 @@ class ChainFactorization:
         gn = curvature == "ggn"
         zs, lams = chain._forward_backward()
         stages = chain.stages
-        dev, dt = chain.inputs.device, chain.inputs.dtype
+        _dev, _dt = chain.inputs.device, chain.inputs.dtype
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
         S = loss_d.q_blocks(None, gn, True)[0]
@@ -285,14 +338,10 @@ class ChainFactorization:
             Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
             pivot = K = None
             if d.p > 0:
-                Q_xx = Q_xx + self.damping * torch.eye(d.p, dtype=dt, device=dev)
+                Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
                 pivot = _Pivot(Q_xx, stage.name, try_cholesky=gn and self.damping > 0)
-                if need_z:
-                    if pivot.singular:
-                        pivot.solve(Q_xz)  # raises, naming the stage
-                    K = -pivot.solve(Q_xz)  # K_l = -Q_xx^-1 Q_xz
-                    S = Q_zz + Q_xz.T @ K  # S_{l-1} = Q_zz + Q_zx K_l
-                    S = 0.5 * (S + S.T)
+                if need_z:  # S_{l-1} = Q_zz + Q_zx K_l,  K_l = -Q_xx^-1 Q_xz
+                    S, K = pivot.eliminate(Q_zz, Q_xz)
             else:
                 S = Q_zz  # a stage without parameters passes S_{l-1} = Q_zz
             factors.append(_StageFactor(stage, d, pivot, K))
@@ -326,9 +375,8 @@ class ChainFactorization:
         neg = zero = pos = 0
         for f in self._factors:
             if f.pivot is not None:
-                neg += f.pivot.inertia.negative
-                zero += f.pivot.inertia.zero
-                pos += f.pivot.inertia.positive
+                i = f.pivot.inertia
+                neg, zero, pos = neg + i.negative, zero + i.zero, pos + i.positive
         return Inertia(neg, zero, pos)
 
     def solve(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
@@ -340,7 +388,7 @@ class ChainFactorization:
         V = prob.as_flat(v, "v")
         vec = V.ndim == 1
         V = V.unsqueeze(1) if vec else V
-        R = V.shape[1]
+        V.shape[1]
         # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v
         r = [
             self._internal(-V[blk], f.stage)
@@ -357,7 +405,7 @@ class ChainFactorization:
                 q_x = r[l_] + (f.d.Bt(s) if s is not None else 0.0)  # q_x = r_l + B^T s_l
                 ks[l_] = -f.pivot.solve(q_x)  # k_l = -Q_xx^-1 q_x
                 if need_z:
-                    corr = f.K.T @ q_x  # Q_zx k_l = K_l^T q_x
+                    corr = f.pivot.Kt_times(f.K, q_x)  # Q_zx k_l = K_l^T q_x
                     s = corr if q_z is None else q_z + corr  # s_{l-1} = q_z + Q_zx k_l
             else:
                 s = q_z
@@ -367,7 +415,7 @@ class ChainFactorization:
         for l_, (f, blk) in enumerate(zip(self._factors, self.chain._blocks, strict=True)):
             dx = None
             if f.d.p > 0:
-                dx = ks[l_] if (dz is None or f.K is None) else ks[l_] + f.K @ dz
+                dx = ks[l_] if (dz is None or f.K is None) else ks[l_] + f.pivot.K_times(f.K, dz)
                 out[blk] = self._external(dx, f.stage)
             if l_ + 1 < len(self._factors):
                 nxt = f.d.A(dz) if dz is not None else None

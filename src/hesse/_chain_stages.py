@@ -143,13 +143,16 @@ class _LinearDerivs(StageDerivatives):
         if S is None:
             Q_xx = torch.zeros(self.p, self.p, dtype=self.W.dtype, device=self.W.device)
         else:
-            S4 = S.view(n, o, n, o)
-            T = torch.einsum("nj,nomq->jomq", self.zhat, S4)  # Zhat^T S, shared by two blocks
-            Q_xx = torch.einsum("jomq,mk->ojqk", T, self.zhat).reshape(self.p, self.p)
+            # T[j, o, m, q] = sum_n Zhat[n, j] S[(n, o), (m, q)]: B^T S, shared by two blocks
+            T = (self.zhat.T @ S.view(n, o * n * o)).view(J, o, n, o).transpose(0, 1)
+            # Q_xx[(o, j), (q, k)] = sum_m T[o, j, m, q] Zhat[m, k]
+            Q_xx = (T.transpose(2, 3) @ self.zhat).reshape(self.p, self.p)
             if need_z:
-                Q_xz = torch.einsum("jomq,qk->ojmk", T, self.W).reshape(self.p, self.a_in)
-                SW = torch.einsum("nomq,qk->nomk", S4, self.W)
-                Q_zz = torch.einsum("oi,nomk->nimk", self.W, SW).reshape(self.a_in, self.a_in)
+                # Q_xz[(o, j), (m, k)] = sum_q T[o, j, m, q] W[q, k]
+                Q_xz = (T @ self.W).reshape(self.p, self.a_in)
+                # Q_zz[(n, i), (m, k)] = sum_{o, q} W[o, i] S[(n, o), (m, q)] W[q, k]
+                SW = (S.view(n * o * n, o) @ self.W).view(n, o, n * i)
+                Q_zz = (self.W.T @ SW).reshape(self.a_in, self.a_in)
         if need_z and not gauss_newton:  # G_xz[(o, j), (m, i)] = lam[m, o] delta_ij
             G = torch.zeros(o, J, n, i, dtype=self.W.dtype, device=self.W.device)
             idx = torch.arange(min(i, J) if self.in_dim else 0, device=self.W.device)
@@ -368,7 +371,10 @@ class _DenseDerivs(StageDerivatives):
             Q_xx = self.Bm.T @ SB
             if need_z:
                 Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
-        zeros = lambda r, c: torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device)
+
+        def zeros(r, c):
+            return torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device)
+
         Q_xx = zeros(self.p, self.p) if Q_xx is None else Q_xx
         if need_z:
             Q_zz = zeros(self.a_in, self.a_in) if Q_zz is None else Q_zz
@@ -427,7 +433,7 @@ class GenericStage(Stage):
         def lf(zz: Tensor, xx: Tensor) -> Tensor:
             return lam_f @ self._f(zz, xx, shape)
 
-        (Gzz, Gzx), (Gxz, Gxx) = hessian(lf, argnums=(0, 1))(zf, x0)
+        (Gzz, _Gzx), (Gxz, Gxx) = hessian(lf, argnums=(0, 1))(zf, x0)
         return _DenseDerivs(A, B, Gzz, Gxx, Gxz)
 
 
