@@ -273,6 +273,9 @@ def test_singular_pivot_names_the_stage():
         hesse.factorize(prob, 0.0, "ggn")
     f = hesse.factorize(prob, 1e-3, "ggn")  # damping cures it
     assert f.inertia() == (0, 0, prob.num_params)
+    with pytest.warns(UserWarning, match=r"pivot of stage '2' is nearly singular"):
+        near = hesse.factorize(prob, 1e-12, "ggn")  # damping below the warning threshold
+    assert near.near_singular
 
 
 def test_float32_warns_and_promote():

@@ -25,6 +25,7 @@ import hesse
 DEFAULT_HIDDEN = 32
 DEFAULT_TRAIN_STEPS = 300
 DEFAULT_SEED = 0
+NEGATIVE_TOL = 1e-9  # the chain section counts eigenvalues below -NEGATIVE_TOL as negative
 
 
 @dataclass
@@ -221,8 +222,10 @@ def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) ->
     t0 = time.perf_counter()
     X, y = setup.X[:samples], setup.y[:samples]
     prob = hesse.Problem(setup.model, setup.loss_fn, (X, y))
-    out: dict[str, Any] = {"samples": len(X), "damping": damping}
-    out["num_negative"] = hesse.count_eigenvalues(prob, below=0.0)
+    # "negative" = below -tau: a Hessian may have many eigenvalues within rounding of 0
+    tau = NEGATIVE_TOL
+    out: dict[str, Any] = {"samples": len(X), "damping": damping, "negative_below": -tau}
+    out["num_negative"] = hesse.count_eigenvalues(prob, below=-tau)
     f = hesse.factorize(prob, damping)
     sign, logabs = f.logdet()
     out |= {"logdet_sign": sign, "logdet": logabs, "inertia": list(f.inertia())}
@@ -234,10 +237,9 @@ def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) ->
     if prob.num_params <= max_dense:
         H = hesse.hessian(prob, progress=False)
         ev = torch.linalg.eigvalsh(H)
-        tol = 1e-9 * max(1.0, float(ev.abs().max()))
         shifted = ev + damping
         out["dense_check"] = {
-            "num_negative": int((ev < -tol).sum()),
+            "num_negative": int((ev < -tau).sum()),
             "logdet": float(torch.log(shifted.abs()).sum()),
             "inertia": [int((shifted < 0).sum()), 0, int((shifted > 0).sum())],
         }
@@ -274,21 +276,33 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"({s['seconds']:.1f} s)")
     c = s.get("chain")
     if c:
+
+        def row(label: str, value: str) -> str:
+            return f"  {label:<31}{value}"
+
         lines += [
             "",
             f"chain sweep, exact, linear in depth (first {c['samples']} samples, "
             f"eps = {c['damping']:g}):",
-            f"  negative Hessian eigenvalues  {c['num_negative']}",
-            f"  log|det(H + eps I)|           {c['logdet']:.6g}   (sign {c['logdet_sign']:+.0f}; "
-            f"inertia {c['inertia'][0]} negative, {c['inertia'][2]} positive)",
-            f"  predicted loss change         Newton {c['hessian_step_predicted_change']:.4e}, "
-            f"Gauss-Newton {c['ggn_step_predicted_change']:.4e}",
+            row(f"Hessian eigenvalues < {c['negative_below']:.0e}", str(c["num_negative"])),
+            row(
+                "log|det(H + eps I)|",
+                f"{c['logdet']:.6g}   (sign {c['logdet_sign']:+.0f}; "
+                f"inertia {c['inertia'][0]} negative, {c['inertia'][2]} positive)",
+            ),
+            row(
+                "predicted loss change",
+                f"Newton {c['hessian_step_predicted_change']:.4e}, "
+                f"Gauss-Newton {c['ggn_step_predicted_change']:.4e}",
+            ),
         ]
         if "dense_check" in c:
             d = c["dense_check"]
             lines.append(
-                f"  dense check (same samples)    {d['num_negative']} negative, "
-                f"log|det| {d['logdet']:.6g}"
+                row(
+                    "dense check (same samples)",
+                    f"{d['num_negative']} below, log|det| {d['logdet']:.6g}",
+                )
             )
         lines.append(f"  ({c['seconds']:.1f} s)")
     elif "chain_skipped" in s:

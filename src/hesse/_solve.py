@@ -134,31 +134,25 @@ def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "he
     return factorize(problem, damping, curvature).inertia()
 
 
-def count_eigenvalues(
-    problem: Problem | Chain, below: float, curvature: str = "hessian", *, rtol: float = 1e-12
-) -> int:
+def count_eigenvalues(problem: Problem | Chain, below: float, curvature: str = "hessian",
+                      *, rtol: float = 1e-12) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
     negative inertia of ``C - sigma I`` (Sylvester), from one chain sweep.
 
-    When ``sigma`` is itself an eigenvalue up to rounding (a pivot of the sweep is
-    singular or nearly so, e.g. ``sigma = 0`` for a rank-deficient Hessian), the count
-    is taken at ``sigma - delta`` for the first ``delta`` in ``rtol * 10^j * max(1,
-    |sigma|)``, ``j = 0..4``, at which the sweep is well conditioned: eigenvalues
-    numerically equal to ``sigma`` do not count as below it.
+    When ``sigma`` is an eigenvalue (a pivot of the sweep is singular, e.g. ``sigma = 0``
+    for a rank-deficient Hessian), the count is taken at ``sigma - delta`` for the first
+    ``delta`` in ``rtol * 10^j * max(1, |sigma|)``, ``j = 0..4``, at which no pivot is
+    singular: eigenvalues numerically equal to ``sigma`` do not count as below it. A
+    Hessian may have many eigenvalues near zero; to count "negative" ones robustly, ask
+    for ``below=-tau`` with a tolerance ``tau`` of your choosing.
     """
     sigma = float(below)
-    last: ChainFactorization | None = None
     for delta in [0.0] + [rtol * 10.0**j * max(1.0, abs(sigma)) for j in range(5)]:
         try:
-            f = _quiet_factorize(problem, -(sigma - delta), curvature)
+            return _quiet_factorize(problem, -(sigma - delta), curvature).inertia().negative
         except SingularPivotError:
             continue
-        if not f.near_singular:
-            return f.inertia().negative
-        last = f
-    if last is None:
-        raise SingularPivotError(f"no well-conditioned sweep near sigma = {sigma}")
-    return last.inertia().negative
+    raise SingularPivotError(f"every sweep near sigma = {sigma} met a singular pivot")
 
 
 def _quiet_factorize(
