@@ -36,6 +36,17 @@ from hesse._solve import (
     newton_step,
     solve,
 )
+from hesse._spectral import (
+    EigResult,
+    SpectralDensity,
+    TraceEstimate,
+    diagonal,
+    eigenvalue_histogram,
+    eigs,
+    eigvalsh,
+    spectral_density,
+    trace,
+)
 
 __version__ = "0.1.0"
 
@@ -46,6 +57,7 @@ __all__ = [
     "CheckRow",
     "CurvatureOperator",
     "Decomposition",
+    "EigResult",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
@@ -54,10 +66,16 @@ __all__ = [
     "Problem",
     "ResidualOperator",
     "SingularPivotError",
+    "SpectralDensity",
+    "TraceEstimate",
     "check",
     "count_eigenvalues",
     "decompose",
+    "diagonal",
     "eigenvalue",
+    "eigenvalue_histogram",
+    "eigs",
+    "eigvalsh",
     "factorize",
     "fisher_vp",
     "ggn",
@@ -71,4 +89,6 @@ __all__ = [
     "logdet",
     "newton_step",
     "solve",
+    "spectral_density",
+    "trace",
 ]

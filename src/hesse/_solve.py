@@ -134,8 +134,9 @@ def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "he
     return factorize(problem, damping, curvature).inertia()
 
 
-def count_eigenvalues(problem: Problem | Chain, below: float, curvature: str = "hessian",
-                      *, rtol: float = 1e-12) -> int:
+def count_eigenvalues(
+    problem: Problem | Chain, below: float, curvature: str = "hessian", *, rtol: float = 1e-12
+) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
     negative inertia of ``C - sigma I`` (Sylvester), from one chain sweep.
 

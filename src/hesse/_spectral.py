@@ -1,0 +1,415 @@
+"""Spectra of curvature operators: Lanczos eigenpairs, Hutchinson / Hutch++ traces,
+diagonals, stochastic Lanczos quadrature densities, and exact counts for chains.
+
+Every function takes a `CurvatureOperator` (or a dense symmetric ``(P, P)`` tensor) and
+an optional ``torch.Generator`` that makes the estimate reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from hesse._chain import Chain
+from hesse._operators import CurvatureOperator
+from hesse._problem import Problem
+
+__all__ = [
+    "EigResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "diagonal",
+    "eigenvalue_histogram",
+    "eigs",
+    "eigvalsh",
+    "spectral_density",
+    "trace",
+]
+
+Operator = CurvatureOperator | Tensor
+
+
+class _Counted:
+    """``op`` as a counted ``(P, k) -> (P, k)`` map, validated once."""
+
+    def __init__(self, op: Operator) -> None:
+        if isinstance(op, CurvatureOperator):
+            if not op.symmetric:
+                raise ValueError(
+                    f"{type(op).__name__} is not symmetric; this method needs a symmetric operator"
+                )
+            self.P, self.dtype, self.device = op.shape[0], op.dtype, op.device
+            self._mm: Callable[[Tensor], Tensor] = op._matmat
+        elif isinstance(op, Tensor):
+            if op.ndim != 2 or op.shape[0] != op.shape[1]:
+                raise ValueError(f"expected a square (P, P) matrix; got {tuple(op.shape)}")
+            if not op.is_floating_point():
+                raise TypeError(f"expected a floating-point matrix; got {op.dtype}")
+            scale = float(op.abs().max()) if op.numel() else 0.0
+            if float((op - op.T).abs().max()) > 1e-10 * max(scale, 1e-300):
+                raise ValueError(
+                    "the matrix is not symmetric; this method needs a symmetric operator"
+                )
+            self.P, self.dtype, self.device = op.shape[0], op.dtype, op.device
+            self._mm = op.__matmul__
+        else:
+            raise TypeError(
+                f"expected a CurvatureOperator or a square tensor; got {type(op).__name__}"
+            )
+        self.count = 0
+
+    def __call__(self, V: Tensor) -> Tensor:
+        self.count += V.shape[1]
+        return self._mm(V)
+
+
+def _rademacher(
+    P: int, k: int, gen: torch.Generator | None, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    bits = torch.randint(0, 2, (P, k), generator=gen)
+    return (2.0 * bits - 1.0).to(dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------- Lanczos
+def _lanczos(
+    A: _Counted,
+    v0: Tensor,
+    steps: int,
+    *,
+    stop: Callable[[Tensor, Tensor, float], bool] | None = None,
+    check_every: int = 5,
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Lanczos with full reorthogonalisation (twice is enough, Parlett) from ``v0``.
+
+    Returns the basis ``Q (P, m)``, the tridiagonal's ``alpha (m,)``, ``beta (m-1,)``
+    and the last ``beta_m`` (zero when the Krylov space became invariant).
+    """
+    P = A.P
+    Q = torch.zeros(P, min(steps, P) + 1, dtype=A.dtype, device=A.device)
+    q = v0 / v0.norm()
+    Q[:, 0] = q
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta_last = 0.0
+    for j in range(min(steps, P)):
+        w = A(Q[:, j : j + 1])[:, 0]
+        a = float(Q[:, j] @ w)
+        alphas.append(a)
+        w = w - a * Q[:, j] - (betas[-1] * Q[:, j - 1] if j > 0 else 0.0)
+        for _ in range(2):  # full reorthogonalisation against all earlier vectors
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        b = float(w.norm())
+        beta_last = b
+        m = j + 1
+        if b <= 1e-14 * max(1.0, max(abs(x) for x in alphas)) or m == P:
+            beta_last = 0.0 if m == P or b <= 1e-14 else b
+            break
+        Q[:, j + 1] = w / b
+        if stop is not None and (m % check_every == 0):
+            T = _tridiag(alphas, betas, A.dtype)
+            if stop(T, Q[:, :m], b):
+                break
+        betas.append(b)
+    m = len(alphas)
+    return (
+        Q[:, :m],
+        torch.tensor(alphas, dtype=A.dtype),
+        torch.tensor(betas[: m - 1], dtype=A.dtype),
+        beta_last,
+    )
+
+
+def _tridiag(alphas: Sequence[float], betas: Sequence[float], dtype: torch.dtype) -> Tensor:
+    m = len(alphas)
+    T = torch.diag(torch.tensor(alphas, dtype=dtype))
+    if m > 1:
+        off = torch.tensor(list(betas[: m - 1]), dtype=dtype)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    if which == "largest":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "smallest":
+        return torch.argsort(theta)[:k]
+    if which == "magnitude":
+        return torch.argsort(theta.abs(), descending=True)[:k]
+    raise ValueError(f"which must be 'largest', 'smallest' or 'magnitude'; got {which!r}")
+
+
+class EigResult(NamedTuple):
+    """Eigenpairs from `eigs`: ``eigenvalues (k,)`` in the order asked for,
+    ``eigenvectors (P, k)``, the operator products used, the Ritz residual norms
+    ``|A x - theta x|`` ``(k,)`` and whether all met the tolerance."""
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    num_products: int
+    residuals: Tensor
+    converged: bool
+
+
+def eigs(
+    op: Operator,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    tol: float = 1e-10,
+    max_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    v0: Tensor | None = None,
+) -> EigResult:
+    """``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Args:
+        op: a `CurvatureOperator` (Hessian, GGN, Fisher) or a dense symmetric tensor.
+        k: number of eigenpairs, ``1 <= k <= P``.
+        which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic: the most negative
+            curvature of a Hessian) or ``"magnitude"``.
+        tol: stop when every wanted Ritz pair has residual ``|A x - theta x| <= tol *
+            max|theta|``.
+        max_steps: Lanczos steps at most (default ``min(P, 300 + 10 k)``); the basis
+            takes ``P x max_steps`` numbers.
+        generator: seeds the start vector; ``v0`` gives it instead.
+
+    Returns:
+        an `EigResult`. A warning reports the achieved residual if ``tol`` was not met.
+
+    Cost: one operator product per step. Reference: Lanczos (1950); Parlett, *The
+    Symmetric Eigenvalue Problem* (1998), ch. 13 (full reorthogonalisation).
+    """
+    A = _Counted(op)
+    P = A.P
+    if not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}] for a {P} x {P} operator; got {k}")
+    _select(torch.zeros(1), 1, which)  # validate `which` early
+    steps = min(P, max_steps if max_steps is not None else 300 + 10 * k)
+    if v0 is None:
+        v0 = torch.randn(P, generator=generator, dtype=torch.float64).to(A.dtype).to(A.device)
+
+    def ritz(T: Tensor, Q: Tensor, b: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        theta, S = torch.linalg.eigh(T)
+        idx = _select(theta, min(k, len(theta)), which)
+        res = (b * S[-1, idx]).abs()
+        return theta, S, idx, res
+
+    def stop(T: Tensor, Q: Tensor, b: float) -> bool:
+        if T.shape[0] < k:
+            return False
+        theta, _S, _idx, res = ritz(T, Q, b)
+        return bool((res <= tol * float(theta.abs().max())).all())
+
+    Q, alpha, beta, b = _lanczos(A, v0, steps, stop=stop)
+    T = _tridiag(alpha.tolist(), beta.tolist(), A.dtype)
+    theta, S, idx, res = ritz(T, Q, b)
+    if len(idx) < k:
+        raise ValueError(
+            f"the Krylov space of the start vector has dimension {len(theta)} < "
+            f"k = {k}; pass another v0 or generator"
+        )
+    scale = float(theta.abs().max()) if len(theta) else 1.0
+    converged = bool((res <= tol * max(scale, 1e-300)).all())
+    if not converged:
+        warnings.warn(
+            f"Lanczos did not converge in {Q.shape[1]} steps: largest Ritz residual "
+            f"{float(res.max()):.2e} against the requested {tol * scale:.2e}; raise max_steps",
+            stacklevel=2,
+        )
+    X = Q @ S[:, idx].to(Q.dtype)
+    return EigResult(theta[idx].to(A.device), X, A.count, res, converged)
+
+
+# ----------------------------------------------------------------------------- trace, diagonal
+class TraceEstimate(NamedTuple):
+    """``estimate`` of the trace with its ``std_error`` (0 for exact), the operator
+    products used and the method."""
+
+    estimate: float
+    std_error: float
+    num_products: int
+    method: str
+
+
+def trace(
+    op: Operator,
+    *,
+    method: str = "hutch++",
+    num_products: int = 60,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
+    """The trace of a symmetric operator.
+
+    Args:
+        method: ``"hutch++"`` (Meyer, Musco, Musco, Woodruff 2021: a third of the budget
+            sketches the top of the spectrum, which is then traced exactly; Hutchinson on
+            the rest), ``"hutchinson"`` (Hutchinson 1989, Rademacher vectors) or ``"exact"``
+            (``P`` products, one per unit vector).
+        num_products: operator products to spend (at least 3 for Hutch++, 2 otherwise).
+
+    Returns:
+        a `TraceEstimate`; the standard error is the sample standard deviation of the
+        Hutchinson part over the square root of its number of vectors.
+    """
+    A = _Counted(op)
+    P = A.P
+    if method == "exact":
+        return TraceEstimate(float(diagonal(op, method="exact").sum()), 0.0, P, "exact")
+    if method == "hutchinson":
+        if num_products < 2:
+            raise ValueError("hutchinson needs num_products >= 2")
+        V = _rademacher(P, num_products, generator, A.dtype, A.device)
+        vals = (V * A(V)).sum(0)
+        return TraceEstimate(
+            float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), A.count, method
+        )
+    if method == "hutch++":
+        if num_products < 3:
+            raise ValueError("hutch++ needs num_products >= 3")
+        s = max(1, num_products // 3)
+        g = num_products - 2 * s
+        S = _rademacher(P, s, generator, A.dtype, A.device)
+        Q, _ = torch.linalg.qr(A(S))
+        exact_part = float(torch.trace(Q.T @ A(Q)))
+        G = _rademacher(P, g, generator, A.dtype, A.device)
+        G = G - Q @ (Q.T @ G)
+        vals = (G * A(G)).sum(0)
+        se = float(vals.std() / math.sqrt(g)) if g > 1 else float("nan")
+        return TraceEstimate(exact_part + float(vals.mean()), se, A.count, method)
+    raise ValueError(f"method must be 'hutch++', 'hutchinson' or 'exact'; got {method!r}")
+
+
+def diagonal(
+    op: Operator,
+    *,
+    method: str = "exact",
+    num_products: int = 100,
+    generator: torch.Generator | None = None,
+    max_memory: int | None = None,
+) -> Tensor:
+    """The diagonal ``(P,)`` of a symmetric operator: ``"exact"`` (``P`` products in
+    memory-bounded chunks) or ``"hutchinson"`` (Bekas, Kokiopoulou, Saad 2007:
+    ``mean(v * A v)`` over Rademacher ``v``, unbiased)."""
+    A = _Counted(op)
+    if method == "exact":
+        if isinstance(op, Tensor):
+            return torch.diagonal(op).clone()
+        P = A.P
+        chunk = op._chunk_size(max_memory)
+        out = torch.empty(P, dtype=A.dtype, device=A.device)
+        for start in range(0, P, chunk):
+            idx = torch.arange(start, min(P, start + chunk), device=A.device)
+            E = torch.zeros(P, len(idx), dtype=A.dtype, device=A.device)
+            E[idx, torch.arange(len(idx), device=A.device)] = 1.0
+            out[idx] = A(E)[idx, torch.arange(len(idx), device=A.device)]
+        return out
+    if method == "hutchinson":
+        V = _rademacher(A.P, num_products, generator, A.dtype, A.device)
+        return (V * A(V)).mean(1)
+    raise ValueError(f"method must be 'exact' or 'hutchinson'; got {method!r}")
+
+
+# ----------------------------------------------------------------------------- densities
+class SpectralDensity(NamedTuple):
+    """A spectral density by stochastic Lanczos quadrature.
+
+    ``grid (G,)`` and ``density (G,)`` (integrates to 1); ``nodes`` and ``weights``
+    ``(probes, m)``: each probe's Gauss quadrature (Ritz values and squared first
+    components, weights summing to 1); ``sigma`` the Gaussian kernel width.
+    """
+
+    grid: Tensor
+    density: Tensor
+    nodes: Tensor
+    weights: Tensor
+    sigma: float
+    num_products: int
+
+    def moment(self, k: int) -> float:
+        """``tr(A^k) / P`` as the quadrature estimates it (exact for the probes when
+        ``2 m - 1 >= k``)."""
+        return float((self.weights * self.nodes**k).sum(1).mean())
+
+
+def spectral_density(
+    op: Operator,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 80,
+    grid: Tensor | int = 500,
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
+) -> SpectralDensity:
+    """The eigenvalue density ``phi(t) = (1/P) sum_i delta(t - lambda_i)``, smoothed by a
+    Gaussian of width ``sigma``, by stochastic Lanczos quadrature (Lin, Saad, Yang 2016;
+    Ghorbani, Krishnan, Xiao 2019): each Rademacher probe ``v`` runs ``m`` Lanczos steps
+    whose Ritz values ``theta_j`` and squared first components ``tau_j`` are a Gauss
+    quadrature of ``v^T f(A) v / P``.
+
+    Args:
+        num_probes, lanczos_steps: probes and steps per probe (``num_probes *
+            lanczos_steps`` products).
+        grid: the evaluation points, or how many to spread over the Ritz values' range
+            padded by ``5 sigma``.
+        sigma: kernel width; default 1% of the Ritz values' range.
+    """
+    A = _Counted(op)
+    P = A.P
+    m = min(lanczos_steps, P)
+    nodes = torch.zeros(num_probes, m, dtype=A.dtype)
+    weights = torch.zeros(num_probes, m, dtype=A.dtype)
+    for i in range(num_probes):
+        v = _rademacher(P, 1, generator, A.dtype, A.device)[:, 0]
+        _Q, alpha, beta, _b = _lanczos(A, v, m)
+        theta, S = torch.linalg.eigh(_tridiag(alpha.tolist(), beta.tolist(), A.dtype))
+        mi = len(theta)  # fewer when the Krylov space became invariant
+        nodes[i, :mi] = theta.cpu()
+        weights[i, :mi] = (S[0, :] ** 2).cpu()
+        if mi < m:  # pad with zero-weight copies of a node
+            nodes[i, mi:] = theta[-1].cpu()
+    lo, hi = float(nodes.min()), float(nodes.max())
+    width = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
+    sig = 0.01 * width if sigma is None else float(sigma)
+    if sig <= 0:
+        raise ValueError(f"sigma must be positive; got {sig}")
+    if isinstance(grid, int):
+        grid_t = torch.linspace(lo - 5 * sig, hi + 5 * sig, grid, dtype=A.dtype)
+    else:
+        grid_t = grid.to(A.dtype).cpu()
+    diff = grid_t[:, None, None] - nodes[None]
+    kern = torch.exp(-0.5 * (diff / sig) ** 2) / (sig * math.sqrt(2 * math.pi))
+    density = (kern * weights[None]).sum(2).mean(1)
+    return SpectralDensity(grid_t, density, nodes, weights, sig, A.count)
+
+
+# ----------------------------------------------------------------------------- exact
+def eigvalsh(op: Operator, *, max_memory: int | None = None) -> Tensor:
+    """All eigenvalues, ascending, from the dense matrix (``P`` products and
+    ``O(P^3)``): the reference for small models."""
+    A = _Counted(op)
+    M = op if isinstance(op, Tensor) else op.to_dense(max_memory=max_memory, progress=False)
+    return torch.linalg.eigvalsh(M.to(A.dtype))
+
+
+def eigenvalue_histogram(
+    problem: Problem | Chain, edges: Sequence[float] | Tensor, curvature: str = "hessian"
+) -> Tensor:
+    """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the chain
+    sweep's counts (one sweep per edge), for models that are chains.
+
+    Returns ``(len(edges) - 1,)`` integer counts.
+    """
+    from hesse._solve import count_eigenvalues
+
+    e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
+    if len(e) < 2 or any(b <= a for a, b in itertools.pairwise(e)):
+        raise ValueError("edges must be at least two strictly increasing numbers")
+    chain = problem if isinstance(problem, Chain) else Chain.from_problem(problem)
+    below = [count_eigenvalues(chain, x, curvature) for x in e]
+    return torch.tensor([b - a for a, b in itertools.pairwise(below)])
