@@ -57,8 +57,9 @@ def test_eigs_dense_tensor_and_reproducible():
 def _z_scores(op, exact, method, products, seeds):
     zs = []
     for s in seeds:
-        t = hesse.trace(op, method=method, num_products=products,
-                        generator=torch.Generator().manual_seed(s))
+        t = hesse.trace(
+            op, method=method, num_products=products, generator=torch.Generator().manual_seed(s)
+        )
         assert t.num_products == products and t.method == method
         zs.append((t.estimate - exact) / t.std_error)
     return torch.tensor(zs)
@@ -83,8 +84,9 @@ def test_trace_exact_and_diagonal(hess):
     d = hesse.diagonal(op)
     assert torch.allclose(d, torch.diagonal(H), atol=1e-12)
     assert torch.allclose(hesse.diagonal(op, max_memory=1), d, atol=1e-13)
-    est = hesse.diagonal(op, method="hutchinson", num_products=400,
-                         generator=torch.Generator().manual_seed(0))
+    est = hesse.diagonal(
+        op, method="hutchinson", num_products=400, generator=torch.Generator().manual_seed(0)
+    )
     # unbiased with variance sum_{j != i} H_ij^2 / m per entry: check against that scale
     sd = torch.sqrt(((H**2).sum(1) - torch.diagonal(H) ** 2) / 400)
     assert float(((est - d).abs() / sd.clamp_min(1e-12)).max()) <= 5.0
@@ -94,8 +96,9 @@ def test_spectral_density_quadrature(hess):
     prob, op, ev = hess
     P = prob.num_params
     seed, probes, m = 3, 12, 25
-    sd = hesse.spectral_density(op, num_probes=probes, lanczos_steps=m,
-                                generator=torch.Generator().manual_seed(seed))
+    sd = hesse.spectral_density(
+        op, num_probes=probes, lanczos_steps=m, generator=torch.Generator().manual_seed(seed)
+    )
     assert sd.num_products <= probes * m
     assert float(torch.trapezoid(sd.density, sd.grid)) == pytest.approx(1.0, abs=1e-6)
     assert float(sd.weights.sum(1).min()) == pytest.approx(1.0, abs=1e-12)
@@ -120,8 +123,9 @@ def test_spectral_density_quadrature(hess):
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_chain_histogram_equals_dense(curvature):
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(),
-                          nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4), nn.Softplus(), nn.Linear(4, 3)
+    ).double()
     g = torch.Generator().manual_seed(4)
     X, y = torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))

@@ -27,6 +27,7 @@ from hesse._operators import (
     ResidualOperator,
 )
 from hesse._problem import Problem
+from hesse._report import REPORT_SCHEMA, SpectrumTracker
 from hesse._solve import (
     NewtonStep,
     count_eigenvalues,
@@ -51,6 +52,7 @@ from hesse._spectral import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "REPORT_SCHEMA",
     "Chain",
     "ChainFactorization",
     "CheckReport",
@@ -67,6 +69,7 @@ __all__ = [
     "ResidualOperator",
     "SingularPivotError",
     "SpectralDensity",
+    "SpectrumTracker",
     "TraceEstimate",
     "check",
     "count_eigenvalues",

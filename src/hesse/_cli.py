@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import hesse
+from hesse._report import build_report, prepare_report_dir, write_report
 
 DEFAULT_HIDDEN = 32
 DEFAULT_TRAIN_STEPS = 300
@@ -157,8 +158,11 @@ def _layer_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def analyze(setup: Setup, max_dense: int, progress: bool | None) -> dict[str, Any]:
-    """The exact curvature summary of a problem, as a JSON-ready dict."""
+def analyze(
+    setup: Setup, max_dense: int, progress: bool | None
+) -> tuple[dict[str, Any], hesse.Decomposition | None]:
+    """The exact curvature summary of a problem, as a JSON-ready dict, and the dense
+    decomposition it was computed from (``None`` beyond ``max_dense``)."""
     prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
     t0 = time.perf_counter()
     loss, g = hesse._products.loss_and_gradient(prob)
@@ -171,7 +175,8 @@ def analyze(setup: Setup, max_dense: int, progress: bool | None) -> dict[str, An
         "loss": float(loss),
         "grad_norm": float(g.norm()),
     }
-    if max_dense >= P:
+    dec = None
+    if P <= max_dense:
         dec = hesse.decompose(prob, progress=progress)
         evals = torch.linalg.eigvalsh(dec.hessian)
         tol = float(evals.abs().max()) * P * torch.finfo(prob.dtype).eps
@@ -211,7 +216,7 @@ def analyze(setup: Setup, max_dense: int, progress: bool | None) -> dict[str, An
         bottom = eigsh(lin, k=1, which="SA", return_eigenvectors=False)
         out |= {"method": "lanczos", "eig_max": float(top[0]), "eig_min": float(bottom[0])}
     out["seconds"] = time.perf_counter() - t0
-    return out
+    return out, dec
 
 
 def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) -> dict[str, Any]:
@@ -361,6 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         "(samples x width)^2); 0 skips it",
     )
     pa.add_argument("--damping", type=float, default=1e-3, help="eps of H + eps I")
+    pa.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write report.json and PNG figures (density, top eigenvalues, "
+        "block norms, loss along the top eigenvector) into DIR",
+    )
+    pa.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --report directory"
+    )
     pc = sub.add_parser("check", help="derivatives against finite differences")
     _common(pc)
     pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
@@ -369,7 +383,12 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = build_setup(args)
     if args.command == "analyze":
-        summary = analyze(setup, args.max_dense, progress)
+        if args.report:  # refuse a bad report directory before any heavy work
+            try:
+                prepare_report_dir(args.report, args.overwrite)
+            except ValueError as err:
+                raise SystemExit(f"hesse analyze: {err}") from None
+        summary, dec = analyze(setup, args.max_dense, progress)
         if args.chain_samples > 0:
             if isinstance(setup.model, nn.Sequential):
                 summary["chain"] = chain_summary(
@@ -380,6 +399,19 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summary))
         if args.json:
             write_json_atomic(args.json, summary)
+        if args.report:
+            prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
+            rep = build_report(
+                prob,
+                description=setup.description,
+                max_dense=args.max_dense,
+                chain_samples=args.chain_samples,
+                seed=args.seed,
+                progress=progress,
+                decomposition=dec,
+            )
+            path = write_report(rep, args.report, overwrite=args.overwrite)
+            print(f"\nreport: {path}/report.json and {len(os.listdir(path)) - 1} figures")
         return 0
     prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
     report = hesse.check(prob, hessian=args.hessian or None)

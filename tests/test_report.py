@@ -1,0 +1,155 @@
+"""The analysis report and spectrum tracking during training."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from torch import nn
+
+import hesse
+from hesse import _cli
+
+SMALL = [
+    "--samples",
+    "120",
+    "--hidden",
+    "5",
+    "--train-steps",
+    "20",
+    "--no-progress",
+    "--chain-samples",
+    "30",
+]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def _check_report(folder: Path) -> dict:
+    rep = json.loads((folder / "report.json").read_text())
+    jsonschema.validate(rep, hesse.REPORT_SCHEMA)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*rep["figures"], "report.json"])
+    for name in rep["figures"]:
+        w, h = _png_size(folder / name)
+        assert 400 <= w <= 2000 and 250 <= h <= 1200, (name, w, h)
+    return rep
+
+
+def test_report_dense(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert _cli.main(["analyze", *SMALL, "--report", str(out)]) == 0
+    assert "report:" in capsys.readouterr().out
+    rep = _check_report(out)
+    assert set(rep["figures"]) == {
+        "density.png",
+        "top_eigenvalues.png",
+        "blocks.png",
+        "landscape.png",
+    }
+    top = torch.tensor(rep["top_eigenvalues"]["values"])
+    dense = torch.tensor(rep["top_eigenvalues"]["dense"])
+    assert torch.allclose(top, dense, rtol=1e-6, atol=1e-10)
+    assert rep["trace"]["method"] == "exact" and rep["histogram"]["source"] == "dense"
+    assert sum(rep["histogram"]["counts"]) == rep["num_params"]
+    d = rep["density"]
+    assert float(
+        torch.trapezoid(torch.tensor(d["density"]), torch.tensor(d["grid"]))
+    ) == pytest.approx(1.0, abs=1e-3)
+    # the landscape's quadratic model touches the loss at a = 0
+    mid = len(rep["landscape"]["alphas"]) // 2
+    assert rep["landscape"]["losses"][mid] == pytest.approx(rep["loss"], rel=1e-12)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folders left
+
+
+def test_report_large_model_path(tmp_path):
+    """Beyond --max-dense: Hutch++ trace and a chain-sweep histogram, no block figure."""
+    out = tmp_path / "rep"
+    assert _cli.main(["analyze", *SMALL, "--max-dense", "50", "--report", str(out)]) == 0
+    rep = _check_report(out)
+    assert rep["trace"]["method"] == "hutch++" and rep["trace"]["std_error"] > 0
+    assert rep["blocks"] is None and "blocks.png" not in rep["figures"]
+    assert rep["histogram"]["source"] == "chain"
+    assert sum(rep["histogram"]["counts"]) == rep["num_params"]
+
+
+def test_report_directory_rules(tmp_path):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="exists and is not empty; pass --overwrite"):
+        _cli.main(["analyze", *SMALL, "--report", str(out)])
+    assert (out / "old.txt").read_text() == "keep me"
+    assert _cli.main(["analyze", *SMALL, "--report", str(out), "--overwrite"]) == 0
+    assert not (out / "old.txt").exists()
+    _check_report(out)
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        _cli.main(["analyze", *SMALL, "--report", str(afile)])
+    with pytest.raises(SystemExit, match="cannot write the report"):
+        _cli.main(["analyze", *SMALL, "--report", str(afile / "sub")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "rep"]
+
+
+def test_report_read_only_directory(tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere; /proc refuses even root
+        target = "/proc/hesse-report"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "rep")
+    with pytest.raises(SystemExit, match="cannot write the report"):
+        _cli.main(["analyze", *SMALL, "--report", target])
+
+
+def test_spectrum_tracker(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    lf = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tracker = hesse.SpectrumTracker(model, lf, (X, y), every=4, trace_products=30)
+    recs = []
+    for _ in range(9):
+        opt.zero_grad()
+        lf(model(X), y).backward()
+        opt.step()
+        recs.append(tracker.step())
+    assert [h["step"] for h in tracker.history] == [0, 4, 8]
+    assert [r is not None for r in recs] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    H = hesse.hessian(hesse.Problem(model, lf, (X, y)))  # the model as at the last record
+    ev = torch.linalg.eigvalsh(H)
+    last = tracker.history[-1]
+    assert last["top_eigenvalue"] == pytest.approx(float(ev[-1]), rel=1e-5)
+    assert abs(last["trace"] - float(ev.sum())) <= 4 * last["trace_se"]
+    path = tracker.plot(tmp_path / "history.png")
+    w, h = _png_size(path)
+    assert w > 600 and h > 250
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        hesse.SpectrumTracker(model, lf, (X, y), every=0)
+    with pytest.raises(ValueError, match="nothing recorded yet"):
+        hesse.SpectrumTracker(model, lf, (X, y)).plot(tmp_path / "x.png")
