@@ -5,6 +5,7 @@ quantities as functions of it, and curvature operators that behave like
 ``scipy.sparse.linalg.LinearOperator`` objects.
 """
 
+from hesse import optim
 from hesse._api import (
     Decomposition,
     decompose,
@@ -91,6 +92,7 @@ __all__ = [
     "jacobian",
     "logdet",
     "newton_step",
+    "optim",
     "solve",
     "spectral_density",
     "trace",

@@ -84,8 +84,14 @@ def _lanczos(
     *,
     stop: Callable[[Tensor, Tensor, float], bool] | None = None,
     check_every: int = 5,
+    restart: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Lanczos with full reorthogonalisation (twice is enough, Parlett) from ``v0``.
+
+    When the Krylov space becomes invariant before ``steps`` (a degenerate spectrum) and
+    ``restart`` is given, Lanczos goes on from a fresh random vector orthogonal to the
+    basis (coupling ``beta = 0``): the tridiagonal becomes block diagonal and repeated
+    eigenvalues are found one copy per block (deflation).
 
     Returns the basis ``Q (P, m)``, the tridiagonal's ``alpha (m,)``, ``beta (m-1,)``
     and the last ``beta_m`` (zero when the Krylov space became invariant).
@@ -107,9 +113,17 @@ def _lanczos(
         b = float(w.norm())
         beta_last = b
         m = j + 1
-        if b <= 1e-14 * max(1.0, max(abs(x) for x in alphas)) or m == P:
-            beta_last = 0.0 if m == P or b <= 1e-14 else b
+        invariant = b <= 1e-12 * max(1.0, max(abs(x) for x in alphas))
+        if m == P or (invariant and (restart is None or m >= min(steps, P))):
+            beta_last = 0.0 if m == P or invariant else b
             break
+        if invariant:  # restart orthogonally: a new Krylov block, beta = 0 between blocks
+            w = torch.randn(P, generator=restart, dtype=torch.float64).to(A.dtype).to(A.device)
+            for _ in range(2):
+                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            Q[:, j + 1] = w / w.norm()
+            betas.append(0.0)
+            continue
         Q[:, j + 1] = w / b
         if stop is not None and (m % check_every == 0):
             T = _tridiag(alphas, betas, A.dtype)
@@ -206,7 +220,8 @@ def eigs(
         theta, _S, _idx, res = ritz(T, Q, b)
         return bool((res <= tol * float(theta.abs().max())).all())
 
-    Q, alpha, beta, b = _lanczos(A, v0, steps, stop=stop)
+    restart = generator if generator is not None else torch.Generator().manual_seed(0)
+    Q, alpha, beta, b = _lanczos(A, v0, steps, stop=stop, restart=restart)
     T = _tridiag(alpha.tolist(), beta.tolist(), A.dtype)
     theta, S, idx, res = ritz(T, Q, b)
     if len(idx) < k:
