@@ -344,6 +344,46 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="never show progress bars")
 
 
+def train_command(args: argparse.Namespace, progress: bool | None) -> int:
+    from hesse import _train
+
+    kinds = [k.strip() for k in args.optimizer.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in _train.OPTIMIZERS]
+    if bad or not kinds:
+        raise SystemExit(
+            f"hesse train: unknown optimizer(s) {bad}; choose from {list(_train.OPTIMIZERS)}"
+        )
+    out = Path(args.out or f"hesse-train-{args.example}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{'optimizer':<14}{'steps':>7}{'seconds':>10}{'final loss':>14}{'best loss':>14}")
+    for kind in kinds:
+        try:
+            hist = _train.train_one(
+                kind,
+                args.example,
+                out,
+                steps=args.steps,
+                seed=args.seed,
+                lr=args.lr,
+                time_budget=args.time_budget,
+                checkpoint_every=args.checkpoint_every,
+                resume=args.resume,
+                curvature_batch=args.curvature_batch,
+                progress=progress,
+            )
+        except ValueError as err:
+            raise SystemExit(f"hesse train: {err}") from None
+        last = hist[-1]
+        best = min(r["loss"] for r in hist)
+        print(
+            f"{kind:<14}{int(last['step']):>7}{last['seconds']:>10.1f}{last['loss']:>14.6g}"
+            f"{best:>14.6g}"
+        )
+    png = _train.plot_curves(out, args.example)
+    print(f"curves: {png} (and losses_*.csv)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hesse", description="Exact second-order calculus of deep networks."
@@ -375,11 +415,39 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty --report directory"
     )
+    pt = sub.add_parser("train", help="train a built-in example with second-order optimisers")
+    pt.add_argument("--example", choices=["autoencoder", "classifier"], default="classifier")
+    pt.add_argument(
+        "--optimizer",
+        default="hf,chain-newton,adam,sgd",
+        help="comma-separated: hf, chain-newton, adam, sgd (each runs in turn)",
+    )
+    pt.add_argument("--steps", type=int, default=100)
+    pt.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of optimisation per optimiser (stops early)",
+    )
+    pt.add_argument("--lr", type=float, default=None, help="learning rate (default per optimiser)")
+    pt.add_argument(
+        "--curvature-batch",
+        type=int,
+        default=64,
+        help="samples for HF's and ChainNewton's curvature per step",
+    )
+    pt.add_argument("--out", default=None, help="output folder (default hesse-train-EXAMPLE)")
+    pt.add_argument("--checkpoint-every", type=int, default=10, help="0: no checkpoints")
+    pt.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--no-progress", action="store_true")
     pc = sub.add_parser("check", help="derivatives against finite differences")
     _common(pc)
     pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
     args = parser.parse_args(argv)
     progress = False if args.no_progress else None
+    if args.command == "train":
+        return train_command(args, progress)
 
     setup = build_setup(args)
     if args.command == "analyze":

@@ -1,0 +1,273 @@
+"""``hesse train``: the built-in training examples, checkpoints and loss curves.
+
+A CLI-side module (it prints and writes files). Checkpoints hold the model, the
+optimiser's ``state_dict`` (damping, trust radius, CG warm start, counters), every
+random generator and the history so far, and are written atomically (temporary file,
+then rename), so a run killed between steps resumes from its last checkpoint and
+reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import hesse
+
+EXAMPLES = ("autoencoder", "classifier")
+OPTIMIZERS = ("hf", "chain-newton", "adam", "sgd")
+DEFAULT_LR = {"adam": 3e-3, "sgd": 0.1, "hf": 1.0, "chain-newton": 1.0}
+CHECKPOINT_FORMAT = "hesse-train-checkpoint"
+
+
+@dataclass
+class Example:
+    name: str
+    model: nn.Sequential
+    loss_fn: nn.Module
+    X: Tensor
+    y: Tensor
+
+
+def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Example:
+    """``autoencoder``: 64-32-16-6-16-32-64 with sigmoid units and a linear code layer,
+    cross-entropy reconstruction of the digits (in the spirit of Hinton and
+    Salakhutdinov 2006 and Martens 2010). ``classifier``: a deep narrow tanh network,
+    64-16-16-16-16-16-16-10, cross-entropy on the digit labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.as_tensor(d.data / 16.0, dtype=dtype)
+    torch.manual_seed(seed)
+    if name == "autoencoder":
+        widths = [64, 32, 16, 6, 16, 32, 64]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(a, b))
+            if i not in (2, len(widths) - 2):  # linear code layer and logits output
+                layers.append(nn.Sigmoid())
+        return Example(name, nn.Sequential(*layers).to(dtype), nn.BCEWithLogitsLoss(), X, X)
+    if name == "classifier":
+        widths = [64] + [16] * 6 + [10]
+        layers = []
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.Tanh())
+        y = torch.as_tensor(d.target).long()
+        return Example(name, nn.Sequential(*layers).to(dtype), nn.CrossEntropyLoss(), X, y)
+    raise ValueError(f"unknown example {name!r}; choose from {EXAMPLES}")
+
+
+def make_optimizer(kind: str, ex: Example, lr: float | None) -> torch.optim.Optimizer:
+    lr = DEFAULT_LR[kind] if lr is None else lr
+    if kind == "adam":
+        return torch.optim.Adam(ex.model.parameters(), lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(ex.model.parameters(), lr=lr, momentum=0.9)
+    if kind == "hf":
+        return hesse.optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=1.0, cg_max_iter=50)
+    if kind == "chain-newton":
+        return hesse.optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=1.0)
+    raise ValueError(f"unknown optimizer {kind!r}; choose from {OPTIMIZERS}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, example: str, optimizer: str) -> dict[str, Any]:
+    """Load and validate a checkpoint; clear errors for a corrupt file or one from
+    another example or optimiser (nothing is modified)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt or not a hesse checkpoint ({type(err).__name__})"
+        ) from None
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r} is not a hesse training checkpoint")
+    if ck.get("example") != example or ck.get("optimizer") != optimizer:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is from example {ck.get('example')!r} with optimizer "
+            f"{ck.get('optimizer')!r}, not {example!r} with {optimizer!r}"
+        )
+    return ck
+
+
+# ----------------------------------------------------------------------------- one run
+def _curvature_batch(ex: Example, gen: torch.Generator, size: int) -> tuple[Tensor, Tensor]:
+    idx = torch.randperm(len(ex.X), generator=gen)[:size]
+    return ex.X[idx], ex.y[idx]
+
+
+def train_one(
+    kind: str,
+    example: str,
+    out: Path,
+    *,
+    steps: int,
+    seed: int,
+    lr: float | None,
+    time_budget: float | None,
+    checkpoint_every: int,
+    resume: bool,
+    curvature_batch: int,
+    progress: bool | None,
+) -> list[dict[str, float]]:
+    """Train one optimiser; returns the history ``[{step, seconds, loss}]`` (the full-data
+    training loss after each step; step 0 is the initial loss)."""
+    ex = make_example(example, seed)
+    opt = make_optimizer(kind, ex, lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ck_path = out / f"checkpoint_{kind}.pt"
+    history: list[dict[str, float]] = []
+    start, elapsed = 0, 0.0
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path, example, kind)
+        try:
+            ex.model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(
+                f"checkpoint {str(ck_path)!r} does not fit this model: {err}"
+            ) from None
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        history, start, elapsed = ck["history"], int(ck["step"]), float(ck["elapsed"])
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(ex.loss_fn(ex.model(ex.X), ex.y))
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = ex.loss_fn(ex.model(ex.X), ex.y)
+        loss.backward()
+        return loss
+
+    if not history:
+        history.append({"step": 0, "seconds": 0.0, "loss": full_loss()})
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=f"{example} / {kind}", unit="step")
+    for step in range(start, steps):
+        if time_budget is not None and elapsed >= time_budget:
+            break
+        t0 = time.perf_counter()
+        if kind == "hf":
+            opt.step(closure, curvature_batch=_curvature_batch(ex, gen, curvature_batch))
+        elif kind == "chain-newton":
+            opt.step(closure, batch=_curvature_batch(ex, gen, curvature_batch))
+        else:
+            opt.step(closure)
+        elapsed += time.perf_counter() - t0
+        loss = full_loss()
+        history.append({"step": step + 1, "seconds": elapsed, "loss": loss})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4g}")
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            save_checkpoint(
+                ck_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": 1,
+                    "example": example,
+                    "optimizer": kind,
+                    "step": step + 1,
+                    "elapsed": elapsed,
+                    "model": ex.model.state_dict(),
+                    "optim": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                },
+            )
+        if not math.isfinite(loss):
+            break
+    if bar is not None:
+        bar.close()
+    write_csv(out / f"losses_{kind}.csv", history)
+    return history
+
+
+def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "seconds", "loss"])
+    w.writeheader()
+    for r in rows:
+        w.writerow(
+            {
+                "step": int(r["step"]),
+                "seconds": f"{r['seconds']:.6f}",
+                "loss": repr(float(r["loss"])),
+            }
+        )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [
+            {"step": int(r["step"]), "seconds": float(r["seconds"]), "loss": float(r["loss"])}
+            for r in csv.DictReader(f)
+        ]
+
+
+def plot_curves(out: Path, example: str) -> Path:
+    """Overlay every ``losses_*.csv`` in ``out``: loss per step and per second."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {p.stem.removeprefix("losses_"): read_csv(p) for p in sorted(out.glob("losses_*.csv"))}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in runs.items():
+        a1.semilogy([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+        a2.semilogy([r["seconds"] for r in rows], [r["loss"] for r in rows], label=name)
+    for ax, xl in ((a1, "step"), (a2, "seconds")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("training loss (full data)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a1.set_title(f"{example}: loss per step")
+    a2.set_title(f"{example}: loss per second")
+    fig.tight_layout()
+    target = out / "curves.png"
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return target
