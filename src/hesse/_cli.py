@@ -370,6 +370,7 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
                 resume=args.resume,
                 curvature_batch=args.curvature_batch,
                 progress=progress,
+                damping=args.damping,
             )
         except ValueError as err:
             raise SystemExit(f"hesse train: {err}") from None
@@ -430,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of optimisation per optimiser (stops early)",
     )
     pt.add_argument("--lr", type=float, default=None, help="learning rate (default per optimiser)")
+    pt.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="initial damping of hf and chain-newton (default 1)",
+    )
     pt.add_argument(
         "--curvature-batch",
         type=int,

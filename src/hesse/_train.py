@@ -71,16 +71,21 @@ def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Ex
     raise ValueError(f"unknown example {name!r}; choose from {EXAMPLES}")
 
 
-def make_optimizer(kind: str, ex: Example, lr: float | None) -> torch.optim.Optimizer:
+def make_optimizer(
+    kind: str, ex: Example, lr: float | None, damping: float | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser ``kind`` with learning rate ``lr`` (and initial damping for the
+    second-order ones; default 1)."""
     lr = DEFAULT_LR[kind] if lr is None else lr
+    damping = 1.0 if damping is None else damping
     if kind == "adam":
         return torch.optim.Adam(ex.model.parameters(), lr=lr)
     if kind == "sgd":
         return torch.optim.SGD(ex.model.parameters(), lr=lr, momentum=0.9)
     if kind == "hf":
-        return hesse.optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=1.0, cg_max_iter=50)
+        return hesse.optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=damping, cg_max_iter=50)
     if kind == "chain-newton":
-        return hesse.optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=1.0)
+        return hesse.optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
     raise ValueError(f"unknown optimizer {kind!r}; choose from {OPTIMIZERS}")
 
 
@@ -135,11 +140,12 @@ def train_one(
     resume: bool,
     curvature_batch: int,
     progress: bool | None,
+    damping: float | None = None,
 ) -> list[dict[str, float]]:
     """Train one optimiser; returns the history ``[{step, seconds, loss}]`` (the full-data
     training loss after each step; step 0 is the initial loss)."""
     ex = make_example(example, seed)
-    opt = make_optimizer(kind, ex, lr)
+    opt = make_optimizer(kind, ex, lr, damping)
     gen = torch.Generator().manual_seed(seed + 1)
     ck_path = out / f"checkpoint_{kind}.pt"
     history: list[dict[str, float]] = []
