@@ -360,3 +360,36 @@ def test_bad_input_and_non_finite():
         hesse.optim.HessianFree(other, lf).load_state_dict(
             hesse.optim.HessianFree(nn.Sequential(nn.Linear(3, 3)).double(), lf).state_dict()
         )
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("which", ["hf", "chain"])
+def test_non_finite_gradient_is_skipped(which):
+    model, lf, X, y = _mlp_problem(6)
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    if which == "hf":
+        opt = hesse.optim.HessianFree(model, lf)
+        kw = {"curvature_batch": (X, y)}
+    else:
+        opt = hesse.optim.ChainNewton(model, lf)
+        kw = {"batch": (X, y)}
+
+    def closure():
+        opt.zero_grad()
+        loss = lf(_NanGrad.apply(model(X)), y)  # a finite loss with an infinite gradient
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="non-finite gradient at step 0; step skipped"):
+        opt.step(closure, **kw)
+    assert opt.param_groups[0]["skipped"] == 1 and opt.last == {"skipped": True}
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), theta)
