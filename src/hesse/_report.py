@@ -294,6 +294,15 @@ def _plt():
     return plt
 
 
+def _save(plt: Any, fig: Any, folder: Path, name: str, tight: bool = True) -> str:
+    """Lay out, write ``folder/name`` and close the figure; returns ``name``."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(folder / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
 def _figures(report: dict[str, Any], folder: Path) -> list[str]:
     plt = _plt()
     names = []
@@ -332,10 +341,7 @@ def _figures(report: dict[str, Any], folder: Path) -> list[str]:
     ax.set_ylabel("density (log scale)")
     ax.set_title("Hessian spectral density")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "density.png", dpi=120)
-    plt.close(fig)
-    names.append("density.png")
+    names.append(_save(plt, fig, folder, "density.png"))
 
     # 2. top eigenvalues
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -348,10 +354,7 @@ def _figures(report: dict[str, Any], folder: Path) -> list[str]:
     ax.set_ylabel("k-th largest eigenvalue")
     ax.set_title("Top Hessian eigenvalues")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "top_eigenvalues.png", dpi=120)
-    plt.close(fig)
-    names.append("top_eigenvalues.png")
+    names.append(_save(plt, fig, folder, "top_eigenvalues.png"))
 
     # 3. per-layer-block norms: Hessian = GGN + residual
     b = report["blocks"]
@@ -371,9 +374,7 @@ def _figures(report: dict[str, Any], folder: Path) -> list[str]:
             ax.set_xticks(range(len(b["layers"])), b["layers"], rotation=45, fontsize=8)
             ax.set_yticks(range(len(b["layers"])), b["layers"], fontsize=8)
         fig.colorbar(im, ax=list(axes), shrink=0.8)
-        fig.savefig(folder / "blocks.png", dpi=120)
-        plt.close(fig)
-        names.append("blocks.png")
+        names.append(_save(plt, fig, folder, "blocks.png", tight=False))
 
     # 4. the loss along the top eigenvector
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -390,10 +391,7 @@ def _figures(report: dict[str, Any], folder: Path) -> list[str]:
     ax.set_ylabel("loss")
     ax.set_title("Loss along the top Hessian eigenvector")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "landscape.png", dpi=120)
-    plt.close(fig)
-    names.append("landscape.png")
+    names.append(_save(plt, fig, folder, "landscape.png"))
     return names
 
 

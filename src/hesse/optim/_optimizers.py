@@ -102,6 +102,16 @@ class _SecondOrder(torch.optim.Optimizer):
             )
         return Problem(self._model, self._loss_fn, batch, params=self._names)
 
+    def _start(self, closure: Closure) -> tuple[Tensor, Tensor, bool]:
+        """Evaluate the closure: ``(loss, flat gradient, skipped)``. A non-finite loss or
+        gradient skips the step (the damping is raised and a warning says so)."""
+        loss0, g = self._evaluate(closure)
+        if not math.isfinite(float(loss0)):
+            return self._skip(loss0, "loss"), g, True
+        if not bool(torch.isfinite(g).all()):
+            return self._skip(loss0, "gradient"), g, True
+        return loss0, g, False
+
     def _skip(self, loss: Tensor, what: str) -> Tensor:
         group = self.param_groups[0]
         group["skipped"] += 1
@@ -110,7 +120,7 @@ class _SecondOrder(torch.optim.Optimizer):
         warnings.warn(
             f"{type(self).__name__}: non-finite {what} at step {group['step']}; step "
             f"skipped, damping raised to {group['damping']:.3g}",
-            stacklevel=3,
+            stacklevel=4,
         )
         return loss
 
@@ -198,12 +208,10 @@ class HessianFree(_SecondOrder):
     def step(self, closure: Closure, curvature_batch: Any = None) -> Tensor:  # type: ignore[override]
         """One HF step; returns the loss before it (as ``torch.optim.LBFGS`` does)."""
         group = self.param_groups[0]
-        loss0, g = self._evaluate(closure)
+        loss0, g, skipped = self._start(closure)
+        if skipped:
+            return loss0
         f0 = float(loss0)
-        if not math.isfinite(f0):
-            return self._skip(loss0, "loss")
-        if not bool(torch.isfinite(g).all()):
-            return self._skip(loss0, "gradient")
         prob = self._problem(curvature_batch, "curvature_batch")
         op = self._curvature_op(prob, group["curvature"])
         lam = group["damping"]
@@ -341,12 +349,10 @@ class ChainNewton(_SecondOrder):
     def step(self, closure: Closure, batch: Any = None) -> Tensor:  # type: ignore[override]
         """One step; returns the loss before it."""
         group = self.param_groups[0]
-        loss0, g = self._evaluate(closure)
+        loss0, g, skipped = self._start(closure)
+        if skipped:
+            return loss0
         f0 = float(loss0)
-        if not math.isfinite(f0):
-            return self._skip(loss0, "loss")
-        if not bool(torch.isfinite(g).all()):
-            return self._skip(loss0, "gradient")
         prob = self._problem(batch, "batch")
         curvature, lam = group["curvature"], group["damping"]
         op = self._curvature_op(prob, curvature)
