@@ -197,3 +197,14 @@ def test_analyze_skips_chain_for_non_sequential(tmp_path, capsys):
         == 0
     )
     assert "chain sweep skipped: the model is not an nn.Sequential" in capsys.readouterr().out
+
+
+def test_chain_section_is_float64_for_a_float32_model(tmp_path):
+    out = tmp_path / "s.json"
+    args = ["analyze", *SMALL, "--dtype", "float32", "--chain-samples", "30", "--json", str(out)]
+    assert _cli.main(args) == 0
+    s = json.loads(out.read_text())
+    assert s["dtype"] == "float32"
+    c = s["chain"]
+    assert c["num_negative"] == c["dense_check"]["num_negative"]
+    assert c["logdet"] == pytest.approx(c["dense_check"]["logdet"], rel=1e-9)

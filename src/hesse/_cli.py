@@ -6,6 +6,7 @@ The only module that prints or writes files; the library never imports it.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -225,8 +226,10 @@ def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) ->
     Gauss-Newton steps' predicted loss change, cross-checked against the dense
     eigendecomposition of the same problem when it is small enough."""
     t0 = time.perf_counter()
-    X, y = setup.X[:samples], setup.y[:samples]
-    prob = hesse.Problem(setup.model, setup.loss_fn, (X, y))
+    # always float64 (on a copy): counts near zero and log-determinants need the digits
+    X = setup.X[:samples].double()
+    y = setup.y[:samples].double() if setup.y.is_floating_point() else setup.y[:samples]
+    prob = hesse.Problem(copy.deepcopy(setup.model).double(), setup.loss_fn, (X, y))
     # "negative" = below -tau: a Hessian may have many eigenvalues within rounding of 0
     tau = NEGATIVE_TOL
     out: dict[str, Any] = {"samples": len(X), "damping": damping, "negative_below": -tau}
@@ -288,7 +291,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines += [
             "",
             f"chain sweep, exact, linear in depth (first {c['samples']} samples, "
-            f"eps = {c['damping']:g}):",
+            f"eps = {c['damping']:g}, float64):",
             row(f"Hessian eigenvalues < {c['negative_below']:.0e}", str(c["num_negative"])),
             row(
                 "log|det(H + eps I)|",
