@@ -308,3 +308,56 @@ def test_eigenvalue_inside_a_zero_cluster():
     assert abs(hesse.eigenvalue(prob, k, "ggn")) < 1e-7
     assert hesse.count_eigenvalues(prob, below=0.0, curvature="ggn") == 0
     assert hesse.count_eigenvalues(prob, below=1e-6, curvature="ggn") == zeros
+
+
+class BatchCentre(nn.Module):
+    """Couples the samples: each output depends on the whole batch."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, z):
+        h = self.lin(z)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
+def test_generic_stages_use_per_sample_blocks_when_samples_are_independent():
+    from hesse._chain_stages import _BlockDerivs, _DenseDerivs
+
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    conv, res, centre = nn.Conv2d(2, 3, 3).double(), Residual(5).double(), BatchCentre(5).double()
+    z_img = torch.randn(4, 2, 4, 4, generator=g)
+    z_vec = torch.randn(4, 5, generator=g)
+    lam_img = torch.randn(4, 3, 2, 2, generator=g)
+    lam_vec = torch.randn(4, 5, generator=g)
+    for mod, z, lam, kind in [
+        (conv, z_img, lam_img, _BlockDerivs),
+        (res, z_vec, lam_vec, _BlockDerivs),
+        (centre, z_vec, lam_vec, _DenseDerivs),
+    ]:
+        fast = hesse._chain_stages.GenericStage("s", mod).derivatives(z, lam)
+        dense = hesse._chain_stages.GenericStage("s", mod, per_sample=False).derivatives(z, lam)
+        assert isinstance(fast, kind) and isinstance(dense, _DenseDerivs)
+        S = torch.randn(fast.a_out, fast.a_out, generator=g, dtype=torch.float64)
+        S = S + S.T
+        for gn in (False, True):
+            for a, b in zip(fast.q_blocks(S, gn, True), dense.q_blocks(S, gn, True), strict=True):
+                assert rel_err(a, b) < 1e-12
+        R = torch.randn(fast.a_in, 2, generator=g, dtype=torch.float64)
+        assert rel_err(fast.A(R), dense.A(R)) < 1e-12
+        Rp = torch.randn(fast.p, 2, generator=g, dtype=torch.float64)
+        assert rel_err(fast.B(Rp), dense.B(Rp)) < 1e-12
+    # and a whole chain with a sample-coupling stage stays exact
+    stages = [nn.Linear(3, 5), nn.Tanh(), BatchCentre(5), nn.Linear(5, 3)]
+    X, y = torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g)
+    chain = hesse.Chain([s.double() for s in stages], nn.CrossEntropyLoss(), (X, y))
+    H = hesse.hessian(chain.problem)
+    v = torch.randn(len(H), generator=g, dtype=torch.float64)
+    assert (
+        rel_err(
+            hesse.factorize(chain, 0.3).solve(v), torch.linalg.solve(H + 0.3 * torch.eye(len(H)), v)
+        )
+        < TOL
+    )

@@ -17,8 +17,9 @@ Structured stages never form matrices they do not need:
 - `IdentityStage` (``Flatten``, eval-mode ``Dropout``): ``A = I``.
 - `LossStage`: the scalar loss; only its ``G_zz`` (the loss Hessian) matters, since
   ``S_L = 0`` and ``s_L = 0``.
-- `GenericStage` (any module, e.g. a residual block or ``Conv2d``): dense ``A``, ``B``,
-  ``G`` over the flattened batch from ``torch.func``.
+- `GenericStage` (any module, e.g. a residual block or ``Conv2d``): ``A``, ``B``, ``G``
+  from ``torch.func``, per sample (block diagonal ``A``) when the module treats samples
+  independently, else dense over the flattened batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, hessian, jacrev, vmap
 
 from hesse._bishop import ELEMENTWISE
 
@@ -386,15 +387,80 @@ class _DenseDerivs(StageDerivatives):
         return Q_zz, Q_xx, Q_xz
 
 
-class GenericStage(Stage):
-    """Any module as one stage; dense derivatives over the flattened batch from
-    ``torch.func`` (``jacrev`` for ``A`` and ``B``, ``hessian`` of ``lam . f`` for ``G``).
-    Cost per stage: ``O((a_in + p) a_out)`` memory for the Jacobians and
-    ``O((a_in + p)^2)`` for ``G``."""
+class _BlockDerivs(StageDerivatives):
+    """Per-sample derivatives of a stage that treats samples independently: ``A`` and
+    ``G_zz`` are block diagonal over the ``n`` samples (blocks ``(d_out, d_in)`` and
+    ``(d_in, d_in)``), ``B`` and ``G_zx`` are stacks of per-sample blocks; every product
+    is a blockwise contraction of ``S`` viewed as ``(n, d_out, n, d_out)``, a factor
+    ``n`` cheaper than the dense path."""
 
-    def __init__(self, name: str, module: nn.Module, param_names: list[str] | None = None) -> None:
+    def __init__(self, A: Tensor, B: Tensor, Gzz: Tensor, Gzx: Tensor, Gxx: Tensor) -> None:
+        self.Ab, self.Bb, self.Gzz, self.Gzx, self.Gxx = A, B, Gzz, Gzx, Gxx
+        self.n, self.do, self.di = A.shape
+        self.p = B.shape[2]
+        self.a_in, self.a_out = self.n * self.di, self.n * self.do
+
+    def A(self, dz):
+        out = torch.einsum("nab,nbR->naR", self.Ab, dz.view(self.n, self.di, -1))
+        return out.reshape(self.a_out, -1)
+
+    def At(self, s):
+        out = torch.einsum("nab,naR->nbR", self.Ab, s.view(self.n, self.do, -1))
+        return out.reshape(self.a_in, -1)
+
+    def B(self, dx):
+        return torch.einsum("nap,pR->naR", self.Bb, dx).reshape(self.a_out, -1)
+
+    def Bt(self, s):
+        return torch.einsum("nap,naR->pR", self.Bb, s.view(self.n, self.do, -1))
+
+    def q_blocks(self, S, gauss_newton, need_z):
+        n, do, p = self.n, self.do, self.p
+        dt, dev = self.Ab.dtype, self.Ab.device
+        Q_zz = Q_xz = None
+        if S is None:
+            Q_xx = torch.zeros(p, p, dtype=dt, device=dev)
+        else:
+            S4 = S.view(n, do, n, do)
+            SB = torch.einsum("iajb,jbp->iap", S4, self.Bb)  # S B
+            Q_xx = torch.einsum("iap,iaq->pq", self.Bb, SB)  # B^T S B
+            if need_z:
+                Q_xz = torch.einsum("iap,iab->pib", SB, self.Ab).reshape(p, self.a_in)
+                SA = torch.einsum("iajb,jbc->iajc", S4, self.Ab)  # S A
+                Q_zz = torch.einsum("iad,iajc->idjc", self.Ab, SA).reshape(self.a_in, self.a_in)
+        if need_z:
+            if Q_zz is None:
+                Q_zz = torch.zeros(self.a_in, self.a_in, dtype=dt, device=dev)
+            if Q_xz is None:
+                Q_xz = torch.zeros(p, self.a_in, dtype=dt, device=dev)
+        if not gauss_newton:
+            Q_xx = Q_xx + self.Gxx
+            if need_z:
+                Q_zz = Q_zz + torch.block_diag(*self.Gzz)
+                Q_xz = Q_xz + self.Gzx.permute(2, 0, 1).reshape(p, self.a_in)
+        return Q_zz, Q_xx, Q_xz
+
+
+class GenericStage(Stage):
+    """Any module as one stage, with derivatives from ``torch.func``.
+
+    When the module treats samples independently (checked once per sweep: the batched
+    forward must equal the per-sample one), ``A``, ``B`` and ``G`` are per-sample blocks
+    from ``vmap`` (``A`` block diagonal over samples); otherwise, or with
+    ``per_sample=False`` (the benchmark's naive baseline), they are dense over the
+    flattened batch (``jacrev`` for ``A`` and ``B``, ``hessian`` of ``lam . f`` for ``G``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        param_names: list[str] | None = None,
+        per_sample: bool = True,
+    ) -> None:
         super().__init__(name)
         self.module = module
+        self.per_sample = per_sample
         own = [n for n, p in module.named_parameters() if p.requires_grad]
         local = own if param_names is None else param_names
         self._local = local
@@ -418,6 +484,39 @@ class GenericStage(Stage):
             i += k
         return functional_call(self.module, params, (zf.view(shape),)).reshape(-1)
 
+    def _blockwise(self, z: Tensor, lam: Tensor, x0: Tensor) -> StageDerivatives | None:
+        """Per-sample blocks by ``vmap``; ``None`` when the samples interact or the
+        module cannot be vmapped."""
+        n = z.shape[0]
+        one = torch.Size((1, *z.shape[1:]))
+
+        def f1(zi: Tensor, xx: Tensor) -> Tensor:  # one sample's output, flattened
+            return self._f(zi.reshape(-1), xx, one)
+
+        def g1(zi: Tensor, xx: Tensor, li: Tensor) -> Tensor:
+            return li @ f1(zi, xx)
+
+        zd = z.detach()
+        try:
+            with torch.no_grad():
+                joint = self.module(zd).reshape(n, -1)
+                single = vmap(f1, in_dims=(0, None))(zd, x0)
+            if single.shape != joint.shape or not torch.allclose(
+                single, joint, rtol=1e-10, atol=1e-13
+            ):
+                return None
+            A, B = vmap(jacrev(f1, argnums=(0, 1)), in_dims=(0, None))(zd, x0)
+            li = lam.detach().reshape(n, -1)
+            (Gzz, Gzx), (_Gxz, Gxx) = vmap(hessian(g1, argnums=(0, 1)), in_dims=(0, None, 0))(
+                zd, x0, li
+            )
+        except (RuntimeError, ValueError, NotImplementedError):
+            return None
+        di = zd[0].numel()
+        return _BlockDerivs(
+            A.reshape(n, -1, di), B, Gzz.reshape(n, di, di), Gzx.reshape(n, di, -1), Gxx.sum(0)
+        )
+
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         named = dict(self.module.named_parameters())
         x0 = (
@@ -425,6 +524,10 @@ class GenericStage(Stage):
             if self._local
             else torch.zeros(0, dtype=z.dtype, device=z.device)
         )
+        if self.per_sample:
+            blocks = self._blockwise(z, lam, x0)
+            if blocks is not None:
+                return blocks
         zf = z.detach().reshape(-1)
         shape = z.shape
         A, B = jacrev(self._f, argnums=(0, 1))(zf, x0, shape)
@@ -462,8 +565,8 @@ def make_stage(
             f"stage {name!r}: BatchNorm in training mode couples the samples and "
             "updates its running statistics on every pass; call model.eval()"
         )
-    if generic:
-        return GenericStage(name, module, local)
+    if generic:  # the naive baseline: dense derivatives over the flattened batch
+        return GenericStage(name, module, local, per_sample=False)
     if isinstance(module, nn.Linear):
         return LinearStage(name, module, weight="weight" in local, bias="bias" in local)
     if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
