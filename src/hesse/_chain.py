@@ -177,7 +177,9 @@ class Chain:
 class _Pivot:
     """One stage's pivot ``Q_xx``, factored once.
 
-    Positive definite pivots (the GGN with ``eps > 0``, usually) use Cholesky ``L L^T``;
+    Positive definite pivots (the GGN with ``eps > 0``, and often the Hessian's stages too:
+    Cholesky is tried first, a failed attempt costs a fraction of a factorisation) use
+    Cholesky ``L L^T``;
     the Schur update is then ``W = L^-1 Q_xz``, ``S -= W^T W`` (design note: half the
     flops of ``Q_zx Q_xx^-1 Q_xz``, and ``S`` stays symmetric). Indefinite pivots use
     LU with partial pivoting for the solves (BLAS-3 triangular solves; LAPACK's
@@ -339,7 +341,7 @@ class ChainFactorization:
             pivot = K = None
             if d.p > 0:
                 Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
-                pivot = _Pivot(Q_xx, stage.name, try_cholesky=gn and self.damping > 0)
+                pivot = _Pivot(Q_xx, stage.name, try_cholesky=True)
                 if need_z:  # S_{l-1} = Q_zz + Q_zx K_l,  K_l = -Q_xx^-1 Q_xz
                     S, K = pivot.eliminate(Q_zz, Q_xz)
             else:
