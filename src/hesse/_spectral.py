@@ -237,7 +237,7 @@ def eigs(
             f"{float(res.max()):.2e} against the requested {tol * scale:.2e}; raise max_steps",
             stacklevel=2,
         )
-    X = Q @ S[:, idx].to(Q.dtype)
+    X = Q @ S[:, idx].to(device=Q.device, dtype=Q.dtype)  # T lives on the CPU
     return EigResult(theta[idx].to(A.device), X, A.count, res, converged)
 
 
