@@ -361,3 +361,47 @@ def test_generic_stages_use_per_sample_blocks_when_samples_are_independent():
         )
         < TOL
     )
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_wide_first_stage_by_woodbury(curvature):
+    """A first Linear stage with many more parameters than activations: its pivot is
+    never formed (Woodbury, determinant lemma, inertia from the small eigenproblem)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    X, y = torch.randn(3, 40, generator=g), torch.randint(0, 3, (3,), generator=g)
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    for eps in [*_shifts(C), -0.37]:
+        Ce = C + eps * torch.eye(len(C))
+        f = hesse.factorize(prob, eps, curvature)
+        assert f._factors[0].pivot.kind == "wide"
+        v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
+        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
+        sign, la = torch.linalg.slogdet(Ce)
+        assert f.logdet()[0] == float(sign)
+        assert abs(f.logdet()[1] - float(la)) < 1e-9 * max(1.0, abs(float(la)))
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+    with pytest.raises(hesse.SingularPivotError, match="increase the damping"):
+        hesse.factorize(prob, 0.0, curvature)  # the last stage is singular at eps = 0 first
+
+
+def test_wide_input_layer_at_mnist_size():
+    """784 inputs: the dense first pivot would be 12560^2 numbers (1.3 GB); the sweep
+    needs (batch x width)^2. Checked through the residual with Hessian-vector products."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(784, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    X, y = torch.rand(8, 784, generator=g), torch.randint(0, 10, (8,), generator=g)
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    v = torch.randn(prob.num_params, generator=g, dtype=torch.float64)
+    # the Hessian has ~12000 eigenvalues near 0, so cond(H + eps I) ~ |H| / eps: the
+    # sweep (fixed elimination order, not backward stable) loses digits as eps shrinks
+    for eps, tol in ((1.0, 1e-12), (0.1, 1e-10), (1e-2, 1e-8)):
+        f = hesse.factorize(prob, eps)
+        assert f._factors[0].pivot.kind == "wide"
+        x = f.solve(v)
+        residual = hesse.hvp(prob, x) + eps * x - v
+        assert float(residual.norm() / v.norm()) < tol

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._bishop import _flatten_sequential
-from hesse._chain_stages import LossStage, Stage, StageDerivatives, make_stage
+from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
 from hesse._problem import Problem
 
 __all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
@@ -281,6 +281,67 @@ class _Pivot:
         return store.T @ q
 
 
+class _WidePivot:
+    """The pivot of a wide first ``Linear`` stage, ``Q_xx = eps I_p + B^T M B`` with far
+    more parameters ``p`` than activations ``a = n o``, never formed (design note, "Wide
+    stages"). With the thin QR ``Zhat^T = Q_z R_z``, ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``:
+    on the range of ``B^T`` the pivot acts as the small symmetric ``eps I + R M R^T``
+    (factored by `_Pivot`), on its complement as ``eps``. Hence
+
+    - solve: ``x = Q (eps I + R M R^T)^-1 Q^T r + (r - Q Q^T r) / eps`` (no cancellation);
+    - ``log|det Q_xx| = log|det(eps I + R M R^T)| + (p - n o) log|eps|``;
+    - inertia: that of the small pivot, plus ``p - n o`` copies of ``sign(eps)``.
+
+    Memory ``O(a^2 + n p)`` instead of ``O(p^2)``.
+    """
+
+    kind = "wide"
+
+    def __init__(
+        self, d: _LinearDerivs, M: Tensor, eps: float, stage: str, try_cholesky: bool
+    ) -> None:
+        self.d, self.eps, self.stage = d, float(eps), stage
+        self.p = d.p
+        Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
+        self.Qz = Qz
+        n, o = d.n, d.o
+        M4 = (0.5 * (M + M.T)).view(n, o, n, o)
+        small = torch.einsum("rn,nomq,sm->rosq", Rz, M4, Rz).reshape(n * o, n * o)
+        small.diagonal().add_(self.eps)
+        self.small = _Pivot(small, stage, try_cholesky)
+        self.extra = self.p - n * o  # eigenvalue eps, this many times
+        if self.eps == 0 and self.extra > 0:
+            raise SingularPivotError(
+                f"the pivot Q_xx of stage {stage!r} is singular: the stage has more "
+                "parameters than activations, so C + eps I needs eps != 0 there; increase "
+                "the damping eps"
+            )
+        sgn = 1.0 if self.eps > 0 else -1.0
+        self.sign = self.small.sign * sgn**self.extra
+        self.logabs = self.small.logabs + (
+            self.extra * math.log(abs(self.eps)) if self.extra else 0.0
+        )
+        self.singular = self.small.singular
+        self.near_singular = self.small.near_singular
+
+    @property
+    def inertia(self) -> Inertia:
+        i = self.small.inertia
+        self.singular, self.near_singular = self.small.singular, self.small.near_singular
+        if self.eps > 0:
+            return Inertia(i.negative, i.zero, i.positive + self.extra)
+        return Inertia(i.negative + self.extra, i.zero, i.positive)
+
+    def solve(self, R: Tensor) -> Tensor:
+        o, J = self.d.o, self.d.J
+        Rm = R.view(o, J, -1)
+        coef = torch.einsum("ojk,jr->rok", Rm, self.Qz)  # Q^T r, in the (r, o) layout
+        y = self.small.solve(coef.reshape(-1, R.shape[1]))
+        par = torch.einsum("rok,jr->ojk", y.view(coef.shape), self.Qz)
+        perp = Rm - torch.einsum("rok,jr->ojk", coef, self.Qz)
+        return (par + perp / self.eps).reshape(R.shape)
+
+
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
     """Eigenvalues of the 1x1 and 2x2 blocks of the ``D`` of a Bunch-Kaufman factor
     (LAPACK ``sytrf`` convention: a negative pivot pair marks a 2x2 block)."""
@@ -308,7 +369,7 @@ def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
 class _StageFactor:
     stage: Stage
     d: StageDerivatives
-    pivot: _Pivot | None
+    pivot: _Pivot | _WidePivot | None
     K: Tensor | None  # K_l = -Q_xx^-1 Q_xz (p x a_in), or W = L^-1 Q_xz; None: first stage
 
 
@@ -337,6 +398,11 @@ class ChainFactorization:
             stage = stages[l_]
             d = stage.derivatives(zs[l_], lams[l_])
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
+            if not need_z and isinstance(d, _LinearDerivs) and d.p > d.a_out:
+                # a wide first Linear stage: its p x p pivot through the small one, never formed
+                pivot = _WidePivot(d, S, self.damping, stage.name, try_cholesky=True)
+                factors.append(_StageFactor(stage, d, pivot, None))
+                continue
             Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
             pivot = K = None
             if d.p > 0:
