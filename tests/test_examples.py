@@ -4,6 +4,16 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _torch_default_dtype():
+    """Run the examples as a user would: with PyTorch's own default dtype (float32), not
+    the float64 default that the other tests set."""
+    torch.set_default_dtype(torch.float32)
+    yield
+
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 

@@ -146,6 +146,16 @@ def test_integer_and_unknown_parameters(small):
         hesse.Problem(frozen, case.loss_fn, (case.X, case.y))
 
 
+def test_input_dtype_must_match_the_parameters(small):
+    case, _ = small
+    with pytest.raises(
+        TypeError,
+        match=r"inputs of dtype torch.float32, but the parameters "
+        r"are torch.float64",
+    ):
+        hesse.Problem(case.model, case.loss_fn, (case.X.float(), case.y))
+
+
 def test_empty_data(small):
     case, _ = small
     with pytest.raises(ValueError, match="data is empty"):

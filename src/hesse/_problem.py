@@ -225,6 +225,13 @@ class Problem:
             for t in list(_tensor_leaves(inputs)) + list(_tensor_leaves(targets)):
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"batch {i} contains NaN or inf")
+            for t in _tensor_leaves(inputs):
+                if t.is_floating_point() and t.dtype != self.dtype:
+                    raise TypeError(
+                        f"batch {i} has floating-point inputs of dtype {t.dtype}, but the "
+                        f"parameters are {self.dtype}; convert one of them (e.g. "
+                        f"X.to({self.dtype}) or model.to({t.dtype}))"
+                    )
             sizes.append(self._batch_size(inputs, targets, i))
         if not sizes or sum(sizes) == 0:
             raise ValueError(
