@@ -118,27 +118,29 @@ class _LinearDerivs(StageDerivatives):
         self.in_dim = in_dim
         self.a_in, self.a_out, self.p = self.n * self.i, self.n * self.o, self.o * self.J
 
-    def A(self, dz):
+    def A(self, dz: Tensor) -> Tensor:
         return torch.einsum("niR,oi->noR", dz.view(self.n, self.i, -1), self.W).reshape(
             self.a_out, -1
         )
 
-    def At(self, s):
+    def At(self, s: Tensor) -> Tensor:
         return torch.einsum("noR,oi->niR", s.view(self.n, self.o, -1), self.W).reshape(
             self.a_in, -1
         )
 
-    def B(self, dx):
+    def B(self, dx: Tensor) -> Tensor:
         return torch.einsum("ojR,nj->noR", dx.view(self.o, self.J, -1), self.zhat).reshape(
             self.a_out, -1
         )
 
-    def Bt(self, s):
+    def Bt(self, s: Tensor) -> Tensor:
         return torch.einsum("noR,nj->ojR", s.view(self.n, self.o, -1), self.zhat).reshape(
             self.p, -1
         )
 
-    def q_blocks(self, S, gauss_newton, need_z):
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         n, o, i, J = self.n, self.o, self.i, self.J
         Q_zz = Q_xz = None
         if S is None:
@@ -229,19 +231,21 @@ class _DiagDerivs(StageDerivatives):
         self.a_in = self.a_out = d1.numel()
         self.p = 0
 
-    def A(self, dz):
+    def A(self, dz: Tensor) -> Tensor:
         return self.d1[:, None] * dz
 
-    def At(self, s):
+    def At(self, s: Tensor) -> Tensor:
         return self.d1[:, None] * s
 
-    def B(self, dx):
+    def B(self, dx: Tensor) -> Tensor:
         return torch.zeros(self.a_out, dx.shape[1], dtype=self.d1.dtype, device=self.d1.device)
 
-    def Bt(self, s):
+    def Bt(self, s: Tensor) -> Tensor:
         return s[:0]
 
-    def q_blocks(self, S, gauss_newton, need_z):
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         if S is None:
             Q_zz = torch.zeros(self.a_in, self.a_in, dtype=self.d1.dtype, device=self.d1.device)
         else:
@@ -293,19 +297,21 @@ class _LossDerivs(StageDerivatives):
         self.grad, self.hess = grad, hess
         self.a_in, self.a_out, self.p = grad.numel(), 1, 0
 
-    def A(self, dz):
+    def A(self, dz: Tensor) -> Tensor:
         return self.grad[None, :] @ dz
 
-    def At(self, s):
+    def At(self, s: Tensor) -> Tensor:
         return self.grad[:, None] * s
 
-    def B(self, dx):
+    def B(self, dx: Tensor) -> Tensor:
         return torch.zeros(1, dx.shape[1], dtype=self.grad.dtype, device=self.grad.device)
 
-    def Bt(self, s):
+    def Bt(self, s: Tensor) -> Tensor:
         return s[:0]
 
-    def q_blocks(self, S, gauss_newton, need_z):
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         Q_zz = self.hess.clone()  # the loss Hessian is kept by the Gauss-Newton matrix too
         if S is not None:
             Q_zz += S[0, 0] * torch.outer(self.grad, self.grad)
@@ -352,19 +358,21 @@ class _DenseDerivs(StageDerivatives):
         self.a_out, self.a_in = A.shape
         self.p = B.shape[1]
 
-    def A(self, dz):
+    def A(self, dz: Tensor) -> Tensor:
         return self.Am @ dz
 
-    def At(self, s):
+    def At(self, s: Tensor) -> Tensor:
         return self.Am.T @ s
 
-    def B(self, dx):
+    def B(self, dx: Tensor) -> Tensor:
         return self.Bm @ dx
 
-    def Bt(self, s):
+    def Bt(self, s: Tensor) -> Tensor:
         return self.Bm.T @ s
 
-    def q_blocks(self, S, gauss_newton, need_z):
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         Q_zz = Q_xx = Q_xz = None
         if S is not None:
             SA = S @ self.Am
@@ -373,7 +381,7 @@ class _DenseDerivs(StageDerivatives):
             if need_z:
                 Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
 
-        def zeros(r, c):
+        def zeros(r: int, c: int) -> Tensor:
             return torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device)
 
         Q_xx = zeros(self.p, self.p) if Q_xx is None else Q_xx
@@ -400,21 +408,23 @@ class _BlockDerivs(StageDerivatives):
         self.p = B.shape[2]
         self.a_in, self.a_out = self.n * self.di, self.n * self.do
 
-    def A(self, dz):
+    def A(self, dz: Tensor) -> Tensor:
         out = torch.einsum("nab,nbR->naR", self.Ab, dz.view(self.n, self.di, -1))
         return out.reshape(self.a_out, -1)
 
-    def At(self, s):
+    def At(self, s: Tensor) -> Tensor:
         out = torch.einsum("nab,naR->nbR", self.Ab, s.view(self.n, self.do, -1))
         return out.reshape(self.a_in, -1)
 
-    def B(self, dx):
+    def B(self, dx: Tensor) -> Tensor:
         return torch.einsum("nap,pR->naR", self.Bb, dx).reshape(self.a_out, -1)
 
-    def Bt(self, s):
+    def Bt(self, s: Tensor) -> Tensor:
         return torch.einsum("nap,naR->pR", self.Bb, s.view(self.n, self.do, -1))
 
-    def q_blocks(self, S, gauss_newton, need_z):
+    def q_blocks(
+        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         n, do, p = self.n, self.do, self.p
         dt, dev = self.Ab.dtype, self.Ab.device
         Q_zz = Q_xz = None

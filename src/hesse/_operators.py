@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ __all__ = [
 _DEFAULT_MAX_MEMORY = 2**30  # bytes of working memory for a chunk of columns
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
+def _progress(total: int, desc: str, enabled: bool | None) -> Any:
     """A tqdm bar when asked for, or (``None``) when stderr is a terminal and the
     job has more than a few chunks; a no-op object otherwise."""
     if enabled is None:
@@ -114,7 +115,7 @@ class CurvatureOperator:
         if not hasattr(self, "_act_numel"):
             numel = 0
 
-            def hook(_m, _i, out):  # count every module output once
+            def hook(_m: torch.nn.Module, _i: Any, out: Any) -> None:  # count each output once
                 nonlocal numel
                 if isinstance(out, Tensor):
                     numel += out.numel()

@@ -136,7 +136,7 @@ REPORT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _bar(total: int, enabled: bool | None):
+def _bar(total: int, enabled: bool | None) -> Any:
     if enabled is None:
         enabled = sys.stderr.isatty()
     if enabled:
@@ -285,7 +285,7 @@ def build_report(
 
 
 # ----------------------------------------------------------------------------- figures
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._chain import factorize
+from hesse._chain import ChainFactorization, factorize
 from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
 from hesse._problem import Problem
 from hesse._solve import eigenvalue
@@ -366,7 +366,7 @@ class ChainNewton(_SecondOrder):
             op = hop
         elif group["radius"] is not None:
 
-            def shifted(s: float):
+            def shifted(s: float) -> ChainFactorization:
                 with warnings.catch_warnings():  # near -lambda_1 pivots are nearly singular
                     warnings.simplefilter("ignore", UserWarning)
                     return factorize(prob, s, curvature)
