@@ -55,6 +55,30 @@ def test_dataloader_and_generator_data():
     assert rel_err(hesse.hessian(prob2), H) < 1e-10
 
 
+def test_shuffled_loader_and_changing_data():
+    case = make_case("mlp-tanh", "ce", seed=7)
+    ds = torch.utils.data.TensorDataset(case.X, case.y)
+    shuffled = torch.utils.data.DataLoader(
+        ds, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    prob = hesse.Problem(case.model, case.loss_fn, shuffled)
+    H = Reference(case).hessian()
+    assert rel_err(hesse.hessian(prob), H) < 1e-10  # any batching gives the same objective
+
+    class Growing:
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            n = 7 if self.passes == 1 else 5
+            return iter([(case.X[:n], case.y[:n])])
+
+    prob = hesse.Problem(case.model, case.loss_fn, Growing())
+    with pytest.raises(RuntimeError, match="held 7 samples when the Problem was built but 5"):
+        hesse.gradient(prob)
+
+
 @pytest.mark.parametrize("as_dict", [False, True])
 def test_structured_inputs(as_dict):
     torch.manual_seed(0)

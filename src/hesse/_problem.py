@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,12 +62,6 @@ def _is_single_batch(data: Any) -> bool:
         and len(data) == 2
         and (isinstance(data[1], Tensor) or data[1] is None)
     )
-
-
-@dataclass(frozen=True)
-class _BatchInfo:
-    size: int
-    weight: float
 
 
 class Problem:
@@ -142,8 +135,8 @@ class Problem:
         self._data = [data] if _is_single_batch(data) else data
         if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
             self._data = list(self._data)
-        self._batch_info = self._scan_data()
-        self.num_samples = sum(b.size for b in self._batch_info)
+        self._sizes = self._scan_data()
+        self.num_samples = sum(self._sizes)
         self._warn_about_modes(model)
 
     # ------------------------------------------------------------------ set-up
@@ -218,7 +211,7 @@ class Problem:
                 raise ValueError(f"parameter {n!r} contains NaN or inf")
         return [n for n, _ in chosen], [p for _, p in chosen]
 
-    def _scan_data(self) -> list[_BatchInfo]:
+    def _scan_data(self) -> list[int]:
         sizes = []
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
@@ -238,10 +231,7 @@ class Problem:
                 "data is empty: expected at least one (inputs, targets) batch "
                 "with at least one sample"
             )
-        total = sum(sizes)
-        if self.reduction == "mean":
-            return [_BatchInfo(n, n / total) for n in sizes]
-        return [_BatchInfo(n, 1.0) for n in sizes]
+        return sizes
 
     @staticmethod
     def _split_batch(batch: Any, index: int) -> Batch:
@@ -290,20 +280,34 @@ class Problem:
 
     def batches(self) -> Iterator[tuple[Any, Tensor | None, float]]:
         """Yield ``(inputs, targets, weight)`` for each batch, on the parameters'
-        device, with the batch's weight ``w_b`` in the objective."""
+        device, with the batch's weight ``w_b`` in the objective (``n_b / N`` for
+        ``"mean"``, from the batch's own size, so a shuffling ``DataLoader`` is fine).
+
+        Raises:
+            RuntimeError: if the data no longer holds ``N`` samples (an iterable that
+                changes between passes).
+        """
         dev = self.device
-        for i, (batch, info) in enumerate(zip(self._iter_raw(), self._batch_info, strict=False)):
+        seen = 0
+        for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
+            n = self._batch_size(inputs, targets, i)
+            seen += n
             yield (
                 _map_tensors(inputs, lambda t: t.to(dev)),
                 targets.to(dev) if isinstance(targets, Tensor) else targets,
-                info.weight,
+                n / self.num_samples if self.reduction == "mean" else 1.0,
+            )
+        if seen != self.num_samples:
+            raise RuntimeError(
+                f"the data held {self.num_samples} samples when the Problem was built but "
+                f"{seen} now: pass data that yields the same samples on every pass"
             )
 
     @property
     def batch_sizes(self) -> list[int]:
         """Number of samples in each batch."""
-        return [b.size for b in self._batch_info]
+        return list(self._sizes)
 
     # ------------------------------------------------------------------ flattening
     @property
@@ -408,6 +412,6 @@ class Problem:
     def __repr__(self) -> str:
         return (
             f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
-            f"N={self.num_samples}, batches={len(self._batch_info)}, "
+            f"N={self.num_samples}, batches={len(self._sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
