@@ -200,3 +200,10 @@ def test_sum_reduction_and_batches():
     prob = hesse.Problem(case.model, case.loss_fn, case.batches([2, 5]))
     assert rel_err(hesse.hessian(prob), H) < TOL64
     assert rel_err(prob.loss(), Reference(case).loss(Reference(case).theta0)) < 1e-14
+
+
+def test_empirical_fisher_diagonal_from_per_sample_gradients(setting):
+    _, ref, prob = setting
+    from hesse._products import empirical_fisher_diagonal
+
+    assert rel_err(empirical_fisher_diagonal(prob), torch.diagonal(ref.empirical_fisher())) < TOL64

@@ -33,6 +33,7 @@ from hesse._problem import Problem
 
 __all__ = [
     "apply_batched",
+    "empirical_fisher_diagonal",
     "ggn_matmat",
     "gradient",
     "hessian_matmat",
@@ -386,3 +387,43 @@ def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
         ]
         rows.append(torch.cat(blocks).reshape((*o.shape, problem.num_params)))
     return torch.cat(rows, dim=0)
+
+
+def empirical_fisher_diagonal(problem: Problem) -> Tensor:
+    """The diagonal ``(P,)`` of the empirical Fisher, ``c sum_n grad l_n^2``, from
+    per-sample gradients (``vmap`` of ``grad`` over each batch's samples: ``n P``
+    memory, about one gradient of work); the loss must be one `FisherOperator` accepts
+    and the inputs and targets tensors. Falls back to ``P`` operator products when the
+    model cannot be vmapped over samples."""
+    from torch.func import functional_call, grad, vmap
+
+    lf = _fisher_loss(problem)
+    per_sample = {
+        nn.CrossEntropyLoss: nn.functional.cross_entropy,
+        nn.MSELoss: nn.functional.mse_loss,
+        nn.BCEWithLogitsLoss: nn.functional.binary_cross_entropy_with_logits,
+    }[type(lf)]
+    names = problem.names
+    out = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
+    try:
+        for inputs, targets, w in problem.batches():
+            if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+                raise TypeError("tensor inputs and targets needed")
+            ps = [p.detach() for p in problem.params]
+
+            def loss_i(params: list[Tensor], x: Tensor, t: Tensor) -> Tensor:
+                o = functional_call(
+                    problem.model, dict(zip(names, params, strict=True)), (x[None],)
+                )
+                return per_sample(o, t[None], reduction="sum")
+
+            gs = vmap(grad(loss_i), in_dims=(None, 0, 0))(ps, inputs, targets)
+            o = problem.outputs(ps, inputs[:1])
+            c = _reduction_factor(lf, o.expand(inputs.shape[0], *o.shape[1:]), w)
+            out += c * torch.cat([(g**2).sum(0).reshape(-1) for g in gs])
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        from hesse._operators import FisherOperator
+        from hesse._spectral import diagonal
+
+        return diagonal(FisherOperator(problem, kind="empirical"), method="exact")
+    return out

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from hesse._chain import ChainFactorization, factorize
 from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
 from hesse._problem import Problem
+from hesse._products import empirical_fisher_diagonal
 from hesse._solve import eigenvalue
 from hesse._spectral import eigs
 from hesse.optim._parts import (
@@ -198,12 +199,9 @@ class HessianFree(_SecondOrder):
         super().__init__(model, loss_fn, defaults, params)
 
     def _preconditioner(self, prob: Problem, lam: float) -> Tensor:
-        """Martens' ``(diag(EF) + lam)^0.75`` from per-sample gradients of the batch."""
-        from hesse._operators import FisherOperator
-        from hesse._spectral import diagonal
-
-        d = diagonal(FisherOperator(prob, kind="empirical"), method="exact")
-        return (d + lam) ** 0.75
+        """Martens' ``(diag(EF) + lam)^0.75``, the empirical Fisher's diagonal from
+        per-sample gradients of the curvature batch."""
+        return (empirical_fisher_diagonal(prob) + lam) ** 0.75
 
     def step(self, closure: Closure, curvature_batch: Any = None) -> Tensor:  # type: ignore[override]
         """One HF step; returns the loss before it (as ``torch.optim.LBFGS`` does)."""
