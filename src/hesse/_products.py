@@ -62,7 +62,7 @@ def _flat(
 
 
 def apply_batched(
-    outputs: Tensor | Sequence[Tensor],
+    outputs: Tensor | Sequence[Tensor | None],
     inputs: Sequence[Tensor],
     cotangents: Tensor | Sequence[Tensor],
 ) -> Tensor:
@@ -72,13 +72,14 @@ def apply_batched(
     leading dimension ``k`` (``(k, *output.shape)`` each). Returns ``(k, sum(numel(inputs)))``.
     One plain backward for ``k = 1``; one batched backward (``is_grads_batched``)
     otherwise, with a loop over the cotangents for operations that do not support it.
-    Inputs on which ``outputs`` does not depend contribute zeros. The graph is kept.
+    Outputs that are ``None`` (an unused gradient) or do not require grad, and inputs on
+    which ``outputs`` do not depend, contribute zeros. The graph is kept.
     """
     outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
     cots = [cotangents] if isinstance(cotangents, Tensor) else list(cotangents)
     k = cots[0].shape[0]
     inputs = list(inputs)
-    pairs = [(o, c) for o, c in zip(outs, cots, strict=True) if o.requires_grad]
+    pairs = [(o, c) for o, c in zip(outs, cots, strict=True) if o is not None and o.requires_grad]
     if not pairs:
         n = sum(p.numel() for p in inputs)
         return torch.zeros(k, n, dtype=cots[0].dtype, device=cots[0].device)
@@ -144,9 +145,7 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
             ps = _leaves(problem)
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-            used = [(g, c) for g, c in zip(gs, cot, strict=True) if g is not None]
-            if used:
-                out += apply_batched([g for g, _ in used], ps, [c for _, c in used]).T
+            out += apply_batched(gs, ps, cot).T
         return out
     if method == "forward":
         return _hessian_matmat_forward(problem, V)
@@ -255,14 +254,12 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
     for inputs, targets, w in problem.batches():
         ps = _leaves(problem)
         o = _require_tensor_output(problem.outputs(ps, inputs))
-        o_leaf = o.detach().requires_grad_(True)
-        (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
         if not o.requires_grad:
             continue
+        o_leaf = o.detach().requires_grad_(True)
+        (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
         gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True)
-        used = [(g, c) for g, c in zip(gs, cot, strict=True) if g is not None]
-        if used:
-            out += apply_batched([g for g, _ in used], ps, [c for _, c in used]).T
+        out += apply_batched(gs, ps, cot).T
     return out
 
 
