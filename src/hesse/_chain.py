@@ -10,7 +10,6 @@ sees stages only through their A, B and G products (`hesse._chain_stages`).
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 
 from hesse._bishop import _flatten_sequential
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
-from hesse._problem import Problem
+from hesse._problem import Problem, float64_problem
 
 __all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
 
@@ -99,6 +98,7 @@ class Chain:
 
     def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:
         self.problem = problem
+        self._generic = generic
         selected = set(problem.names)
         self.stages: list[Stage] = [make_stage(n, m, selected, generic) for n, m in modules]
         order = [n for s in self.stages for n in s.param_names]
@@ -188,22 +188,22 @@ class _Pivot:
     ``LDL^T`` (``torch.linalg.ldl_factor``), computed when first asked for.
     """
 
-    def __init__(self, Q: Tensor, stage: str, try_cholesky: bool) -> None:
+    def __init__(self, Q: Tensor, stage: str) -> None:
         Q = 0.5 * (Q + Q.T)
         p = Q.shape[0]
         self.Q, self.stage, self.p = Q, stage, p
         self.scale = float(Q.abs().max()) if p else 0.0
         self.tol = max(p, 1) * torch.finfo(Q.dtype).eps * self.scale
         self._inertia: Inertia | None = None
-        if try_cholesky:
-            L, info = torch.linalg.cholesky_ex(Q)
-            d = torch.diagonal(L) ** 2
-            if int(info) == 0 and bool((d > self.tol).all()):
-                self.kind, self.L = "cholesky", L
-                self.sign, self.logabs = 1.0, float(torch.log(d).sum())
-                self._inertia = Inertia(0, 0, p)
-                self._check(d)
-                return
+        # Cholesky first: a failed attempt costs a fraction of a factorisation
+        L, info = torch.linalg.cholesky_ex(Q)
+        d = torch.diagonal(L) ** 2
+        if int(info) == 0 and bool((d > self.tol).all()):
+            self.kind, self.L = "cholesky", L
+            self.sign, self.logabs = 1.0, float(torch.log(d).sum())
+            self._inertia = Inertia(0, 0, p)
+            self._check(d)
+            return
         self.kind = "lu"
         self.LU, self.piv, _ = torch.linalg.lu_factor_ex(Q)
         u = torch.diagonal(self.LU)
@@ -297,9 +297,7 @@ class _WidePivot:
 
     kind = "wide"
 
-    def __init__(
-        self, d: _LinearDerivs, M: Tensor, eps: float, stage: str, try_cholesky: bool
-    ) -> None:
+    def __init__(self, d: _LinearDerivs, M: Tensor, eps: float, stage: str) -> None:
         self.d, self.eps, self.stage = d, float(eps), stage
         self.p = d.p
         Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
@@ -308,7 +306,7 @@ class _WidePivot:
         M4 = (0.5 * (M + M.T)).view(n, o, n, o)
         small = torch.einsum("rn,nomq,sm->rosq", Rz, M4, Rz).reshape(n * o, n * o)
         small.diagonal().add_(self.eps)
-        self.small = _Pivot(small, stage, try_cholesky)
+        self.small = _Pivot(small, stage)
         self.extra = self.p - n * o  # eigenvalue eps, this many times
         if self.eps == 0 and self.extra > 0:
             raise SingularPivotError(
@@ -389,7 +387,6 @@ class ChainFactorization:
         gn = curvature == "ggn"
         zs, lams = chain._forward_backward()
         stages = chain.stages
-        _dev, _dt = chain.inputs.device, chain.inputs.dtype
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
         S = loss_d.q_blocks(None, gn, True)[0]
@@ -400,14 +397,14 @@ class ChainFactorization:
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
             if not need_z and isinstance(d, _LinearDerivs) and d.p > d.a_out:
                 # a wide first Linear stage: its p x p pivot through the small one, never formed
-                pivot = _WidePivot(d, S, self.damping, stage.name, try_cholesky=True)
+                pivot = _WidePivot(d, S, self.damping, stage.name)
                 factors.append(_StageFactor(stage, d, pivot, None))
                 continue
             Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
             pivot = K = None
             if d.p > 0:
                 Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
-                pivot = _Pivot(Q_xx, stage.name, try_cholesky=True)
+                pivot = _Pivot(Q_xx, stage.name)
                 if need_z:  # S_{l-1} = Q_zz + Q_zx K_l,  K_l = -Q_xx^-1 Q_xz
                     S, K = pivot.eliminate(Q_zz, Q_xz)
             else:
@@ -415,7 +412,6 @@ class ChainFactorization:
             factors.append(_StageFactor(stage, d, pivot, K))
         factors.reverse()
         self._factors = factors
-        self._loss_d = loss_d
 
     # ------------------------------------------------------------------------- queries
     def logdet(self) -> tuple[float, float]:
@@ -456,7 +452,6 @@ class ChainFactorization:
         V = prob.as_flat(v, "v")
         vec = V.ndim == 1
         V = V.unsqueeze(1) if vec else V
-        V.shape[1]
         # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v
         r = [
             self._internal(-V[blk], f.stage)
@@ -516,18 +511,10 @@ def _as_chain(obj: Problem | Chain) -> Chain:
 
 
 def _promoted(chain: Chain) -> Chain:
-    """A float64 copy of the chain's model and data."""
+    """The same chain on a float64 copy of the model and data."""
     prob = chain.problem
-    model = copy.deepcopy(prob.model).double()
-    X = chain.inputs.double()
-    y = (
-        chain.targets.double()
-        if isinstance(chain.targets, Tensor) and chain.targets.is_floating_point()
-        else chain.targets
-    )
-    p2 = Problem(model, prob.loss_fn, (X, y), params=prob.names)
-    generic = all(type(s).__name__ == "GenericStage" for s in chain.stages)
-    return Chain.from_problem(p2, _generic=generic)
+    p64 = float64_problem(prob.model, prob.loss_fn, chain.inputs, chain.targets, prob.names)
+    return Chain.from_problem(p64, _generic=chain._generic)
 
 
 def factorize(

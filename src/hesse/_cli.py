@@ -6,7 +6,6 @@ The only module that prints or writes files; the library never imports it.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import hesse
+from hesse._problem import float64_problem
 from hesse._report import build_report, prepare_report_dir, write_report
 
 DEFAULT_HIDDEN = 32
@@ -227,12 +227,10 @@ def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) ->
     eigendecomposition of the same problem when it is small enough."""
     t0 = time.perf_counter()
     # always float64 (on a copy): counts near zero and log-determinants need the digits
-    X = setup.X[:samples].double()
-    y = setup.y[:samples].double() if setup.y.is_floating_point() else setup.y[:samples]
-    prob = hesse.Problem(copy.deepcopy(setup.model).double(), setup.loss_fn, (X, y))
+    prob = float64_problem(setup.model, setup.loss_fn, setup.X[:samples], setup.y[:samples])
     # "negative" = below -tau: a Hessian may have many eigenvalues within rounding of 0
     tau = NEGATIVE_TOL
-    out: dict[str, Any] = {"samples": len(X), "damping": damping, "negative_below": -tau}
+    out: dict[str, Any] = {"samples": prob.num_samples, "damping": damping, "negative_below": -tau}
     out["num_negative"] = hesse.count_eigenvalues(prob, below=-tau)
     f = hesse.factorize(prob, damping)
     sign, logabs = f.logdet()

@@ -15,6 +15,7 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["Batch", "Problem"]
+__all__ = ["Batch", "Problem", "float64_problem"]
 
 Batch = tuple[Any, Tensor | None]
 
@@ -415,3 +416,17 @@ class Problem:
             f"N={self.num_samples}, batches={len(self._sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
+
+
+def float64_problem(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    inputs: Tensor,
+    targets: Tensor | None,
+    params: Sequence[str] | None = None,
+) -> Problem:
+    """A `Problem` on a float64 copy of ``model`` and of one batch (integer targets such as
+    class labels are kept): for solves, counts and log-determinants that need the digits
+    when the model is float32. The caller's model is not modified."""
+    y = targets.double() if isinstance(targets, Tensor) and targets.is_floating_point() else targets
+    return Problem(copy.deepcopy(model).double(), loss_fn, (inputs.double(), y), params=params)
