@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._chain import ChainFactorization, factorize
+from hesse._chain import factorize
 from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
 from hesse._problem import Problem
 from hesse._products import empirical_fisher_diagonal
-from hesse._solve import eigenvalue
+from hesse._solve import _quiet_factorize, eigenvalue
 from hesse._spectral import eigs
 from hesse.optim._parts import (
     armijo,
@@ -333,9 +333,7 @@ class ChainNewton(_SecondOrder):
         (inverse iteration with the chain solver)."""
         lam1 = eigenvalue(prob, 1, curvature, tol=1e-10)
         shift = -lam1 + 1e-7 * max(1.0, abs(lam1))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            f = factorize(prob, shift, curvature)
+        f = _quiet_factorize(prob, shift, curvature)  # nearly singular by design
         u = torch.randn(
             prob.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64
         ).to(prob.dtype)
@@ -363,14 +361,11 @@ class ChainNewton(_SecondOrder):
             d = -V @ ((V.T @ g) / (L.abs() + lam))
             op = hop
         elif group["radius"] is not None:
-
-            def shifted(s: float) -> ChainFactorization:
-                with warnings.catch_warnings():  # near -lambda_1 pivots are nearly singular
-                    warnings.simplefilter("ignore", UserWarning)
-                    return factorize(prob, s, curvature)
-
             tr = trust_region_subproblem(
-                g, group["radius"], shifted, lambda: self._smallest(prob, curvature)
+                g,
+                group["radius"],
+                lambda s: _quiet_factorize(prob, s, curvature),  # near -lambda_1 by design
+                lambda: self._smallest(prob, curvature),
             )
             d = tr.step
             info |= {"multiplier": tr.lam, "hard_case": tr.hard_case}
