@@ -70,6 +70,15 @@ def test_decompose_adds_up(setting):
     assert rel_err(d.ggn + d.residual, H) < TOL64
     norms = d.block_norms(prob)
     assert set(norms) == set(prob.names)
+    layers, counts, blocks = d.layer_blocks(prob)
+    groups = {}
+    for name, sl in prob.slices.items():
+        groups.setdefault(name.rsplit(".", 1)[0], []).extend(range(sl.start, sl.stop))
+    assert layers == list(groups) and counts == [len(v) for v in groups.values()]
+    for a, ia in enumerate(groups.values()):
+        for b, ib in enumerate(groups.values()):
+            ref = float(H[ia][:, ib].norm())
+            assert abs(float(blocks["hessian"][a, b]) - ref) <= 1e-10 * max(ref, 1.0)
 
 
 @pytest.mark.parametrize("kind", ["true", "empirical"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from hesse import _products
@@ -156,6 +157,25 @@ class Decomposition(NamedTuple):
         for name, sl in problem.slices.items():
             out[name] = {k: float(getattr(self, k)[sl, sl].norm()) for k in self._fields}
         return out
+
+    def layer_blocks(self, problem: Problem) -> tuple[list[str], list[int], dict[str, Tensor]]:
+        """Frobenius norms of the layer-by-layer blocks of the three matrices, parameters
+        grouped by module (the name before the last dot: ``"0.weight"`` and ``"0.bias"``
+        form layer ``"0"``).
+
+        Returns:
+            ``(layers, parameter counts, {"hessian" | "ggn" | "residual": (L, L)})``.
+        """
+        groups: dict[str, list[int]] = {}
+        for name, sl in problem.slices.items():
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            groups.setdefault(layer, []).extend(range(sl.start, sl.stop))
+        idx = [torch.tensor(v, device=self.hessian.device) for v in groups.values()]
+        norms = {
+            k: torch.tensor([[float(getattr(self, k)[a][:, b].norm()) for b in idx] for a in idx])
+            for k in self._fields
+        }
+        return list(groups), [len(i) for i in idx], norms
 
 
 def decompose(

@@ -155,15 +155,12 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
         raise
 
 
-def _layer_of(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def analyze(
     setup: Setup, max_dense: int, progress: bool | None
-) -> tuple[dict[str, Any], hesse.Decomposition | None]:
-    """The exact curvature summary of a problem, as a JSON-ready dict, and the dense
-    decomposition it was computed from (``None`` beyond ``max_dense``)."""
+) -> tuple[dict[str, Any], hesse.Decomposition | None, Tensor | None]:
+    """The exact curvature summary of a problem, as a JSON-ready dict, with the dense
+    decomposition and the Hessian's eigenvalues it was computed from (``None`` beyond
+    ``max_dense``)."""
     prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
     t0 = time.perf_counter()
     loss, g = hesse._products.loss_and_gradient(prob)
@@ -176,7 +173,7 @@ def analyze(
         "loss": float(loss),
         "grad_norm": float(g.norm()),
     }
-    dec = None
+    dec = evals = None
     if P <= max_dense:
         dec = hesse.decompose(prob, progress=progress)
         evals = torch.linalg.eigvalsh(dec.hessian)
@@ -192,22 +189,15 @@ def analyze(
             "ggn_trace": float(dec.ggn.trace()),
             "residual_trace": float(dec.residual.trace()),
         }
-        layers: dict[str, list[slice]] = {}
-        for name, sl in prob.slices.items():
-            layers.setdefault(_layer_of(name), []).append(sl)
-        rows = []
-        for layer, sls in layers.items():
-            idx = torch.cat([torch.arange(s.start, s.stop) for s in sls])
-            rows.append(
-                {
-                    "layer": layer,
-                    "params": len(idx),
-                    **{
-                        f"{k}_norm": float(getattr(dec, k)[idx][:, idx].norm())
-                        for k in ("hessian", "ggn", "residual")
-                    },
-                }
-            )
+        layers, counts, norms = dec.layer_blocks(prob)
+        rows = [
+            {
+                "layer": layer,
+                "params": count,
+                **{f"{k}_norm": float(m[i, i]) for k, m in norms.items()},
+            }
+            for i, (layer, count) in enumerate(zip(layers, counts, strict=True))
+        ]
         out["layers"] = rows
     else:
         from scipy.sparse.linalg import eigsh
@@ -217,7 +207,7 @@ def analyze(
         bottom = eigsh(lin, k=1, which="SA", return_eigenvectors=False)
         out |= {"method": "lanczos", "eig_max": float(top[0]), "eig_min": float(bottom[0])}
     out["seconds"] = time.perf_counter() - t0
-    return out, dec
+    return out, dec, evals
 
 
 def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) -> dict[str, Any]:
@@ -464,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 prepare_report_dir(args.report, args.overwrite)
             except ValueError as err:
                 raise SystemExit(f"hesse analyze: {err}") from None
-        summary, dec = analyze(setup, args.max_dense, progress)
+        summary, dec, evals = analyze(setup, args.max_dense, progress)
         if args.chain_samples > 0:
             if isinstance(setup.model, nn.Sequential):
                 summary["chain"] = chain_summary(
@@ -485,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 progress=progress,
                 decomposition=dec,
+                hessian_eigenvalues=evals,
             )
             path = write_report(rep, args.report, overwrite=args.overwrite)
             print(f"\nreport: {path}/report.json and {len(os.listdir(path)) - 1} figures")

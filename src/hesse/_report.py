@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from hesse import _products
 from hesse._api import decompose
@@ -146,10 +146,6 @@ def _bar(total: int, enabled: bool | None) -> Any:
     return None
 
 
-def _layer(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def build_report(
     problem: Problem,
     *,
@@ -160,12 +156,14 @@ def build_report(
     seed: int = 0,
     progress: bool | None = None,
     decomposition: Any = None,
+    hessian_eigenvalues: Tensor | None = None,
 ) -> dict[str, Any]:
     """Compute everything the report shows, as a JSON-ready dict (`REPORT_SCHEMA`).
 
     Dense quantities (exact trace, exact histogram, the per-layer-block norms of the
     Hessian, GGN and residual) are included when ``P <= max_dense`` (pass a `Decomposition`
-    already computed as ``decomposition`` to reuse it); otherwise the
+    already computed as ``decomposition``, and its Hessian's ascending eigenvalues as
+    ``hessian_eigenvalues``, to reuse them); otherwise the
     histogram comes from the chain sweep on the first ``chain_samples`` samples when
     that is positive and the model is an ``nn.Sequential``, and is absent else.
     """
@@ -188,22 +186,19 @@ def build_report(
     blocks = None
     if P <= max_dense:
         dec = decomposition if decomposition is not None else decompose(problem, progress=False)
-        dense_ev = torch.linalg.eigvalsh(dec.hessian)
+        dense_ev = (
+            hessian_eigenvalues
+            if hessian_eigenvalues is not None
+            else torch.linalg.eigvalsh(dec.hessian)
+        )
         tr = {
             "estimate": float(dense_ev.sum()),
             "std_error": 0.0,
             "method": "exact",
             "num_products": P,
         }
-        groups: dict[str, list[int]] = {}
-        for name, sl in problem.slices.items():
-            groups.setdefault(_layer(name), []).extend(range(sl.start, sl.stop))
-        layers = list(groups)
-        idx = [torch.tensor(groups[n]) for n in layers]
-        blocks = {"layers": layers}
-        for key in ("hessian", "ggn", "residual"):
-            M = getattr(dec, key)
-            blocks[key] = [[float(M[a][:, b].norm()) for b in idx] for a in idx]
+        layers, _counts, norms = dec.layer_blocks(problem)
+        blocks = {"layers": layers, **{k: m.tolist() for k, m in norms.items()}}
     else:
         t = trace(op, method="hutch++", num_products=90, generator=gen)
         tr = {
