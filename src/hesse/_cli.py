@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import hesse
+from hesse._files import atomic_path
 from hesse._problem import float64_problem
 from hesse._report import build_report, prepare_report_dir, write_report
 
@@ -144,15 +144,9 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     so that no half-written file is ever left at ``path``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
 
 
 def analyze(

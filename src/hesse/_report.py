@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from hesse import _products
 from hesse._api import decompose
+from hesse._files import atomic_path
 from hesse._operators import HessianOperator
 from hesse._problem import Problem
 from hesse._spectral import eigs, spectral_density, trace
@@ -535,14 +536,9 @@ class SpectrumTracker:
         a2.legend(fontsize=8)
         fig.tight_layout()
         target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, dpi=120, format="png")
         finally:
             plt.close(fig)
         return target

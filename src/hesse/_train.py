@@ -13,9 +13,7 @@ import csv
 import io
 import itertools
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import hesse
+from hesse._files import atomic_path
 
 EXAMPLES = ("autoencoder", "classifier")
 OPTIMIZERS = ("hf", "chain-newton", "adam", "sgd")
@@ -92,14 +91,8 @@ def make_optimizer(
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, example: str, optimizer: str) -> dict[str, Any]:
@@ -233,10 +226,8 @@ def write_csv(path: Path, rows: list[dict[str, float]]) -> None:
                 "loss": repr(float(r["loss"])),
             }
         )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -268,12 +259,9 @@ def plot_curves(out: Path, example: str) -> Path:
     a2.set_title(f"{example}: loss per second")
     fig.tight_layout()
     target = out / "curves.png"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return target

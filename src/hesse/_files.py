@@ -1,0 +1,34 @@
+"""Writing files so that no half-written one is ever left behind: write to a temporary
+file beside the target, then rename it into place (used by the CLI, the report and
+``hesse train``; the library never writes files)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["atomic_path"]
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``target``'s folder; when the block succeeds, rename it
+    to ``target``; in any case, no temporary file remains.
+
+    Example:
+        >>> with atomic_path("out.json") as tmp:
+        ...     tmp.write_text("{}")
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(
+        dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".tmp"
+    )
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
