@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from hesse._bishop import _flatten_sequential
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
+from hesse._operators import check_curvature
 from hesse._problem import Problem, float64_problem
 
 __all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
@@ -541,8 +542,7 @@ def factorize(
     per stage for ``a`` activations (batch x width) and ``p`` parameters.
     Reference: design note ``chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
     """
-    if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
+    check_curvature(curvature)
     if not math.isfinite(float(damping)):
         raise ValueError(f"damping must be finite; got {damping}")
     chain = _as_chain(problem_or_chain)

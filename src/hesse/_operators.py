@@ -272,3 +272,16 @@ class FisherOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return _products.fisher_matmat(self.problem, V, self.kind)
+
+
+def check_curvature(curvature: str) -> str:
+    """Validate the name of a curvature matrix the solvers and optimisers accept."""
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
+    return curvature
+
+
+def curvature_operator(problem: Problem, curvature: str) -> CurvatureOperator:
+    """The `HessianOperator` or `GGNOperator` of ``problem``, by name."""
+    check_curvature(curvature)
+    return HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)

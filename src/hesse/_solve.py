@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hesse import _products
 from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
-from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
+from hesse._operators import check_curvature, curvature_operator
 from hesse._problem import Problem
 
 __all__ = [
@@ -27,15 +27,6 @@ __all__ = [
     "newton_step",
     "solve",
 ]
-
-
-def _check_curvature(curvature: str) -> None:
-    if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
-
-
-def _operator(problem: Problem, curvature: str) -> CurvatureOperator:
-    return HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)
 
 
 def _problem_of(obj: Problem | Chain) -> Problem:
@@ -77,7 +68,7 @@ def solve(
         rtol, maxiter: stopping rule of the Krylov methods (``scipy.sparse.linalg``
             conventions); a warning reports the residual when they do not converge.
     """
-    _check_curvature(curvature)
+    check_curvature(curvature)
     if method == "auto":
         method = "chain" if _chainable(problem) else "cg"
     if method == "chain":
@@ -86,7 +77,7 @@ def solve(
     as_list = isinstance(v, (list, tuple))
     V = prob.as_flat(v, "v")
     if method == "dense":
-        C = _operator(prob, curvature).to_dense()
+        C = curvature_operator(prob, curvature).to_dense()
         x = torch.linalg.solve(C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device), V)
     elif method == "cg":
         x = _krylov(prob, V, damping, curvature, rtol, maxiter)
@@ -98,7 +89,7 @@ def solve(
 def _krylov(
     prob: Problem, V: Tensor, damping: float, curvature: str, rtol: float, maxiter: int | None
 ) -> Tensor:
-    op = _operator(prob, curvature).to_scipy()
+    op = curvature_operator(prob, curvature).to_scipy()
     P = prob.num_params
     shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + damping * x, dtype=op.dtype)
     use_cg = curvature == "ggn" and damping > 0

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._chain import factorize
-from hesse._operators import CurvatureOperator, GGNOperator, HessianOperator
+from hesse._operators import HessianOperator, check_curvature, curvature_operator
 from hesse._problem import Problem
 from hesse._products import empirical_fisher_diagonal
 from hesse._solve import _quiet_factorize, eigenvalue
@@ -125,9 +125,6 @@ class _SecondOrder(torch.optim.Optimizer):
         )
         return loss
 
-    def _curvature_op(self, prob: Problem, curvature: str) -> CurvatureOperator:
-        return GGNOperator(prob) if curvature == "ggn" else HessianOperator(prob)
-
 
 class HessianFree(_SecondOrder):
     """Hessian-free optimisation (Martens 2010), faithful to its parts.
@@ -178,8 +175,7 @@ class HessianFree(_SecondOrder):
         preconditioner: str | None = None,
         params: Sequence[str] | None = None,
     ) -> None:
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian'; got {curvature!r}")
+        check_curvature(curvature)
         if preconditioner not in (None, "martens"):
             raise ValueError(f"preconditioner must be None or 'martens'; got {preconditioner!r}")
         if damping <= 0 or lr <= 0:
@@ -211,7 +207,7 @@ class HessianFree(_SecondOrder):
             return loss0
         f0 = float(loss0)
         prob = self._problem(curvature_batch, "curvature_batch")
-        op = self._curvature_op(prob, group["curvature"])
+        op = curvature_operator(prob, group["curvature"])
         lam = group["damping"]
         theta = self._theta()
 
@@ -305,8 +301,7 @@ class ChainNewton(_SecondOrder):
         saddle_free: int | None = None,
         params: Sequence[str] | None = None,
     ) -> None:
-        if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian'; got {curvature!r}")
+        check_curvature(curvature)
         if damping < 0 or lr <= 0:
             raise ValueError("damping must be >= 0 and lr > 0")
         if trust_region is not None and trust_region <= 0:
@@ -351,7 +346,7 @@ class ChainNewton(_SecondOrder):
         f0 = float(loss0)
         prob = self._problem(batch, "batch")
         curvature, lam = group["curvature"], group["damping"]
-        op = self._curvature_op(prob, curvature)
+        op = curvature_operator(prob, curvature)
         theta = self._theta()
         info: dict[str, Any] = {}
         if group["saddle_free"]:
