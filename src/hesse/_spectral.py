@@ -318,11 +318,11 @@ def diagonal(
         P = A.P
         chunk = op._chunk_size(max_memory)
         out = torch.empty(P, dtype=A.dtype, device=A.device)
-        for start in range(0, P, chunk):
-            idx = torch.arange(start, min(P, start + chunk), device=A.device)
-            E = torch.zeros(P, len(idx), dtype=A.dtype, device=A.device)
-            E[idx, torch.arange(len(idx), device=A.device)] = 1.0
-            out[idx] = A(E)[idx, torch.arange(len(idx), device=A.device)]
+        for start in range(0, P, chunk):  # one chunk of columns at a time: P x chunk memory
+            stop = min(P, start + chunk)
+            out[start:stop] = op._columns(range(start, stop), max_memory, False)[
+                start:stop
+            ].diagonal()
         return out
     if method == "hutchinson":
         V = _rademacher(A.P, num_products, generator, A.dtype, A.device)
