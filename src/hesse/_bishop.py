@@ -24,14 +24,14 @@ against ``torch.func.hessian``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hesse._problem import Problem
 
-__all__ = ["bishop_hessian", "mlp_layers"]
+__all__ = ["activation_derivatives", "bishop_hessian", "mlp_layers"]
 
 ELEMENTWISE = (
     nn.Tanh,
@@ -100,8 +100,11 @@ def mlp_layers(
     return pre_fn, layers
 
 
-def _activation_derivatives(mods: list[nn.Module], a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``z = h(a)``, ``h'(a)`` and ``h''(a)`` for an element-wise composition ``h``."""
+def activation_derivatives(
+    mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``z = h(a)``, ``h'(a)`` and ``h''(a)`` for an element-wise composition ``h`` of
+    ``mods`` (shared with the chain solver's element-wise stages)."""
     a = a.detach().requires_grad_(True)
     z = a
     for m in mods:
@@ -186,7 +189,7 @@ def bishop_hessian(problem: Problem) -> Tensor:
             one = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
             zhat.append(torch.cat([z, one], 1) if lin.bias is not None else z)
             a = z @ W.T + (lin.bias.detach() if lin.bias is not None else 0.0)
-            z, d1, d2 = _activation_derivatives(acts, a)
+            z, d1, d2 = activation_derivatives(acts, a)
             d1s.append(d1)
             d2s.append(d2)
         dEdz, Hz = _output_hessian(problem, z, targets, w)

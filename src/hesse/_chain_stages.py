@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from hesse._bishop import ELEMENTWISE
+from hesse._bishop import ELEMENTWISE, activation_derivatives
 
 __all__ = [
     "ElementwiseStage",
@@ -266,14 +266,8 @@ class ElementwiseStage(Stage):
         return self.fn(z)
 
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
-        a = z.detach().reshape(-1).requires_grad_(True)
-        out = self.fn(a)
-        (d1,) = torch.autograd.grad(out.sum(), a, create_graph=True)
-        if d1.requires_grad:
-            (d2,) = torch.autograd.grad(d1.sum(), a, allow_unused=True, materialize_grads=True)
-        else:
-            d2 = torch.zeros_like(a)
-        return _DiagDerivs(d1.detach(), lam.reshape(-1) * d2.detach())
+        _z, d1, d2 = activation_derivatives([self.fn], z.reshape(-1))
+        return _DiagDerivs(d1, lam.reshape(-1) * d2)
 
 
 class IdentityStage(Stage):
