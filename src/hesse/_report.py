@@ -26,8 +26,8 @@ from hesse import _products
 from hesse._api import decompose
 from hesse._files import atomic_path
 from hesse._operators import HessianOperator
-from hesse._problem import Problem
-from hesse._spectral import eigs, spectral_density, trace
+from hesse._problem import Problem, float64_problem
+from hesse._spectral import eigenvalue_histogram, eigs, spectral_density, trace
 
 __all__ = ["REPORT_SCHEMA", "SpectrumTracker", "build_report", "prepare_report_dir", "write_report"]
 
@@ -219,14 +219,14 @@ def build_report(
         counts = torch.histogram(dense_ev.cpu(), edges.cpu()).hist.long()
         histogram = {"edges": edges.tolist(), "counts": counts.tolist(), "source": "dense"}
     elif chain_samples > 0 and isinstance(problem.model, nn.Sequential):
-        from hesse._spectral import eigenvalue_histogram
-
         inputs, targets, _w = next(iter(problem.batches()))
-        sub = Problem(
+        # in float64, as the CLI's chain section: counts near zero need the digits
+        sub = float64_problem(
             problem.model,
             problem.loss_fn,
-            (inputs[:chain_samples], targets[:chain_samples]),
-            params=problem.names,
+            inputs[:chain_samples],
+            targets[:chain_samples],
+            problem.names,
         )
         lo, hi = float(sd.nodes.min()), float(sd.nodes.max())
         edges = torch.linspace(lo - 1e-9, hi + 1e-9, 31, dtype=torch.float64)
