@@ -9,7 +9,6 @@ chooses its product (``_matmat``).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from hesse import _products
 from hesse._problem import Problem
+from hesse._progress import progress_bar
 
 __all__ = [
     "CurvatureOperator",
@@ -30,23 +30,6 @@ __all__ = [
 ]
 
 _DEFAULT_MAX_MEMORY = 2**30  # bytes of working memory for a chunk of columns
-
-
-def _progress(total: int, desc: str, enabled: bool | None) -> Any:
-    """A tqdm bar when asked for, or (``None``) when stderr is a terminal and the
-    job has more than a few chunks; a no-op object otherwise."""
-    if enabled is None:
-        enabled = total > 4 and sys.stderr.isatty()
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit="col", leave=False)
-
-    class _Null:
-        def update(self, n: int) -> None: ...
-        def close(self) -> None: ...
-
-    return _Null()
 
 
 class CurvatureOperator:
@@ -138,7 +121,7 @@ class CurvatureOperator:
         P = self.problem.num_params
         chunk = self._chunk_size(max_memory)
         out = torch.empty(P, len(cols), dtype=self.dtype, device=self.device)
-        bar = _progress(len(cols), f"{self.name} columns", progress)
+        bar = progress_bar(len(cols), f"{self.name} columns", progress, unit="col")
         try:
             for start in range(0, len(cols), chunk):
                 idx = torch.as_tensor(cols[start : start + chunk], device=self.device)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from hesse._api import decompose
 from hesse._files import atomic_path
 from hesse._operators import HessianOperator
 from hesse._problem import Problem, float64_problem
+from hesse._progress import progress_bar
 from hesse._spectral import eigenvalue_histogram, eigs, spectral_density, trace
 
 __all__ = ["REPORT_SCHEMA", "SpectrumTracker", "build_report", "prepare_report_dir", "write_report"]
@@ -137,16 +137,6 @@ REPORT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _bar(total: int, enabled: bool | None) -> Any:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if enabled:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="report", unit="step", leave=False)
-    return None
-
-
 def build_report(
     problem: Problem,
     *,
@@ -172,11 +162,10 @@ def build_report(
     gen = torch.Generator().manual_seed(seed)
     P = problem.num_params
     op = HessianOperator(problem)
-    bar = _bar(6, progress)
+    bar = progress_bar(6, "report", progress, unit="step")
 
     def tick() -> None:
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
 
     loss, g = _products.loss_and_gradient(problem)
     k = min(top_k, P)
@@ -274,8 +263,7 @@ def build_report(
         "seconds": 0.0,
     }
     tick()
-    if bar is not None:
-        bar.close()
+    bar.close()
     report["seconds"] = time.perf_counter() - t0
     return report
 

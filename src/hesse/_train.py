@@ -13,7 +13,6 @@ import csv
 import io
 import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 import hesse
 from hesse._files import atomic_path
+from hesse._progress import progress_bar
 
 EXAMPLES = ("autoencoder", "classifier")
 OPTIMIZERS = ("hf", "chain-newton", "adam", "sgd")
@@ -168,11 +168,9 @@ def train_one(
 
     if not history:
         history.append({"step": 0, "seconds": 0.0, "loss": full_loss()})
-    bar = None
-    if progress or (progress is None and sys.stderr.isatty()):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc=f"{example} / {kind}", unit="step")
+    bar = progress_bar(
+        steps, f"{example} / {kind}", progress, unit="step", initial=start, leave=True
+    )
     for step in range(start, steps):
         if time_budget is not None and elapsed >= time_budget:
             break
@@ -186,9 +184,8 @@ def train_one(
         elapsed += time.perf_counter() - t0
         loss = full_loss()
         history.append({"step": step + 1, "seconds": elapsed, "loss": loss})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
             save_checkpoint(
                 ck_path,
@@ -208,8 +205,7 @@ def train_one(
             )
         if not math.isfinite(loss):
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
     write_csv(out / f"losses_{kind}.csv", history)
     return history
 
