@@ -81,16 +81,6 @@ class _SecondOrder(torch.optim.Optimizer):
             ]
         )
 
-    def _evaluate(self, closure: Closure) -> tuple[Tensor, Tensor]:
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise TypeError(
-                "the closure must return the loss as a scalar tensor (and call "
-                f"backward on it); got {type(loss).__name__}"
-            )
-        return loss.detach(), self._flat_grad()
-
     def _loss_at(self, closure: Closure, flat: Tensor) -> float:
         self._set(flat)
         with torch.enable_grad():
@@ -106,7 +96,14 @@ class _SecondOrder(torch.optim.Optimizer):
     def _start(self, closure: Closure) -> tuple[Tensor, Tensor, bool]:
         """Evaluate the closure: ``(loss, flat gradient, skipped)``. A non-finite loss or
         gradient skips the step (the damping is raised and a warning says so)."""
-        loss0, g = self._evaluate(closure)
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(
+                "the closure must return the loss as a scalar tensor (and call "
+                f"backward on it); got {type(loss).__name__}"
+            )
+        loss0, g = loss.detach(), self._flat_grad()
         if not math.isfinite(float(loss0)):
             return self._skip(loss0, "loss"), g, True
         if not bool(torch.isfinite(g).all()):
