@@ -390,7 +390,8 @@ class ChainFactorization:
         stages = chain.stages
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
-        S = loss_d.q_blocks(None, gn, True)[0]
+        S_L = torch.zeros(1, 1, dtype=chain.inputs.dtype, device=chain.inputs.device)
+        S = loss_d.q_blocks(S_L, gn, True)[0]
         factors: list[_StageFactor] = []
         for l_ in range(len(stages) - 1, -1, -1):
             stage = stages[l_]

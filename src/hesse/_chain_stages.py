@@ -69,11 +69,11 @@ class StageDerivatives:
         raise NotImplementedError
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(Q_zz, Q_xx, Q_xz)`` without damping: ``Q_zz = G_zz + A^T S A``,
         ``Q_xx = G_xx + B^T S B``, ``Q_xz = G_xz + B^T S A``; ``G`` is dropped for
-        the Gauss-Newton matrix. ``S = None`` means ``S = 0``. With ``need_z=False``
+        the Gauss-Newton matrix. ``S`` is ``S_l``, ``(a_out, a_out)``. With ``need_z=False``
         (first stage: ``dz_0 = 0``) ``Q_zz`` and ``Q_xz`` are not formed."""
         raise NotImplementedError
 
@@ -111,11 +111,10 @@ class Stage:
 
 # ----------------------------------------------------------------------------- Linear
 class _LinearDerivs(StageDerivatives):
-    def __init__(self, W: Tensor, zhat: Tensor, lam: Tensor, in_dim: int) -> None:
+    def __init__(self, W: Tensor, zhat: Tensor, lam: Tensor) -> None:
         self.W, self.zhat, self.lam = W, zhat, lam
         self.n, self.J = zhat.shape
         self.o, self.i = W.shape
-        self.in_dim = in_dim
         self.a_in, self.a_out, self.p = self.n * self.i, self.n * self.o, self.o * self.J
 
     def A(self, dz: Tensor) -> Tensor:
@@ -139,34 +138,25 @@ class _LinearDerivs(StageDerivatives):
         )
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         n, o, i, J = self.n, self.o, self.i, self.J
-        Q_zz = Q_xz = None
-        if S is None:
-            Q_xx = torch.zeros(self.p, self.p, dtype=self.W.dtype, device=self.W.device)
-        else:
-            # T[j, o, m, q] = sum_n Zhat[n, j] S[(n, o), (m, q)]: B^T S, shared by two blocks
-            T = (self.zhat.T @ S.view(n, o * n * o)).view(J, o, n, o).transpose(0, 1)
-            # Q_xx[(o, j), (q, k)] = sum_m T[o, j, m, q] Zhat[m, k]
-            Q_xx = (T.transpose(2, 3) @ self.zhat).reshape(self.p, self.p)
-            if need_z:
-                # Q_xz[(o, j), (m, k)] = sum_q T[o, j, m, q] W[q, k]
-                Q_xz = (T @ self.W).reshape(self.p, self.a_in)
-                # Q_zz[(n, i), (m, k)] = sum_{o, q} W[o, i] S[(n, o), (m, q)] W[q, k]
-                SW = (S.view(n * o * n, o) @ self.W).view(n, o, n * i)
-                Q_zz = (self.W.T @ SW).reshape(self.a_in, self.a_in)
-        if need_z and not gauss_newton:  # G_xz[(o, j), (m, i)] = lam[m, o] delta_ij
+        # T[j, o, m, q] = sum_n Zhat[n, j] S[(n, o), (m, q)]: B^T S, shared by two blocks
+        T = (self.zhat.T @ S.view(n, o * n * o)).view(J, o, n, o).transpose(0, 1)
+        # Q_xx[(o, j), (q, k)] = sum_m T[o, j, m, q] Zhat[m, k]
+        Q_xx = (T.transpose(2, 3) @ self.zhat).reshape(self.p, self.p)
+        if not need_z:
+            return None, Q_xx, None
+        # Q_xz[(o, j), (m, k)] = sum_q T[o, j, m, q] W[q, k]
+        Q_xz = (T @ self.W).reshape(self.p, self.a_in)
+        # Q_zz[(n, i), (m, k)] = sum_{o, q} W[o, i] S[(n, o), (m, q)] W[q, k]
+        SW = (S.view(n * o * n, o) @ self.W).view(n, o, n * i)
+        Q_zz = (self.W.T @ SW).reshape(self.a_in, self.a_in)
+        if not gauss_newton:  # G_xz[(o, j), (m, i)] = lam[m, o] delta_ij (no bias column)
             G = torch.zeros(o, J, n, i, dtype=self.W.dtype, device=self.W.device)
-            idx = torch.arange(min(i, J) if self.in_dim else 0, device=self.W.device)
+            idx = torch.arange(min(i, J), device=self.W.device)
             G[:, idx, :, idx] = self.lam.T.unsqueeze(0).expand(len(idx), o, n)
-            G = G.reshape(self.p, self.a_in)
-            Q_xz = G if Q_xz is None else Q_xz + G
-        if need_z:
-            if Q_zz is None:
-                Q_zz = torch.zeros(self.a_in, self.a_in, dtype=self.W.dtype, device=self.W.device)
-            if Q_xz is None:
-                Q_xz = torch.zeros(self.p, self.a_in, dtype=self.W.dtype, device=self.W.device)
+            Q_xz = Q_xz + G.reshape(self.p, self.a_in)
         return Q_zz, Q_xx, Q_xz
 
 
@@ -219,9 +209,9 @@ class LinearStage(Stage):
         W = self.module.weight.detach()
         if self.use_w:
             zhat = torch.cat([z, torch.ones_like(z[:, :1])], 1) if self.use_b else z
-            return _LinearDerivs(W, zhat, lam, in_dim=z.shape[1])
+            return _LinearDerivs(W, zhat, lam)
         # no selected parameters: A only
-        return _LinearDerivs(W, z[:, :0], lam, in_dim=0)
+        return _LinearDerivs(W, z[:, :0], lam)
 
 
 # ----------------------------------------------------------------------------- element-wise
@@ -244,12 +234,9 @@ class _DiagDerivs(StageDerivatives):
         return s[:0]
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        if S is None:
-            Q_zz = torch.zeros(self.a_in, self.a_in, dtype=self.d1.dtype, device=self.d1.device)
-        else:
-            Q_zz = self.d1[:, None] * S * self.d1[None, :]
+        Q_zz = self.d1[:, None] * S * self.d1[None, :]
         if self.gzz is not None and not gauss_newton:
             Q_zz = Q_zz + torch.diag(self.gzz)
         return Q_zz, None, None
@@ -304,12 +291,10 @@ class _LossDerivs(StageDerivatives):
         return s[:0]
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        Q_zz = self.hess.clone()  # the loss Hessian is kept by the Gauss-Newton matrix too
-        if S is not None:
-            Q_zz += S[0, 0] * torch.outer(self.grad, self.grad)
-        return Q_zz, None, None
+        # S_L is 1 x 1; the loss Hessian is kept by the Gauss-Newton matrix too
+        return self.hess + S[0, 0] * torch.outer(self.grad, self.grad), None, None
 
 
 class LossStage(Stage):
@@ -365,23 +350,14 @@ class _DenseDerivs(StageDerivatives):
         return self.Bm.T @ s
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        Q_zz = Q_xx = Q_xz = None
-        if S is not None:
-            SA = S @ self.Am
-            SB = S @ self.Bm
-            Q_xx = self.Bm.T @ SB
-            if need_z:
-                Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
-
-        def zeros(r: int, c: int) -> Tensor:
-            return torch.zeros(r, c, dtype=self.Am.dtype, device=self.Am.device)
-
-        Q_xx = zeros(self.p, self.p) if Q_xx is None else Q_xx
+        SB = S @ self.Bm
+        Q_xx = self.Bm.T @ SB
+        Q_zz = Q_xz = None
         if need_z:
-            Q_zz = zeros(self.a_in, self.a_in) if Q_zz is None else Q_zz
-            Q_xz = zeros(self.p, self.a_in) if Q_xz is None else Q_xz
+            SA = S @ self.Am
+            Q_zz, Q_xz = self.Am.T @ SA, self.Bm.T @ SA
         if not gauss_newton:
             Q_xx = Q_xx + self.Gxx
             if need_z:
@@ -417,26 +393,17 @@ class _BlockDerivs(StageDerivatives):
         return torch.einsum("nap,naR->pR", self.Bb, s.view(self.n, self.do, -1))
 
     def q_blocks(
-        self, S: Tensor | None, gauss_newton: bool, need_z: bool
+        self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         n, do, p = self.n, self.do, self.p
-        dt, dev = self.Ab.dtype, self.Ab.device
+        S4 = S.view(n, do, n, do)
+        SB = torch.einsum("iajb,jbp->iap", S4, self.Bb)  # S B
+        Q_xx = torch.einsum("iap,iaq->pq", self.Bb, SB)  # B^T S B
         Q_zz = Q_xz = None
-        if S is None:
-            Q_xx = torch.zeros(p, p, dtype=dt, device=dev)
-        else:
-            S4 = S.view(n, do, n, do)
-            SB = torch.einsum("iajb,jbp->iap", S4, self.Bb)  # S B
-            Q_xx = torch.einsum("iap,iaq->pq", self.Bb, SB)  # B^T S B
-            if need_z:
-                Q_xz = torch.einsum("iap,iab->pib", SB, self.Ab).reshape(p, self.a_in)
-                SA = torch.einsum("iajb,jbc->iajc", S4, self.Ab)  # S A
-                Q_zz = torch.einsum("iad,iajc->idjc", self.Ab, SA).reshape(self.a_in, self.a_in)
         if need_z:
-            if Q_zz is None:
-                Q_zz = torch.zeros(self.a_in, self.a_in, dtype=dt, device=dev)
-            if Q_xz is None:
-                Q_xz = torch.zeros(p, self.a_in, dtype=dt, device=dev)
+            Q_xz = torch.einsum("iap,iab->pib", SB, self.Ab).reshape(p, self.a_in)
+            SA = torch.einsum("iajb,jbc->iajc", S4, self.Ab)  # S A
+            Q_zz = torch.einsum("iad,iajc->idjc", self.Ab, SA).reshape(self.a_in, self.a_in)
         if not gauss_newton:
             Q_xx = Q_xx + self.Gxx
             if need_z:
