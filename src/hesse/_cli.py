@@ -23,6 +23,7 @@ import hesse
 from hesse._files import atomic_path
 from hesse._problem import float64_problem
 from hesse._report import build_report, prepare_report_dir, write_report
+from hesse._train import load_digits_data
 
 DEFAULT_HIDDEN = 32
 DEFAULT_TRAIN_STEPS = 300
@@ -46,14 +47,6 @@ def default_model(hidden: int = DEFAULT_HIDDEN, seed: int = DEFAULT_SEED) -> nn.
     """The built-in model: a 64-hidden-10 tanh MLP for the 8x8 digits."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-
-
-def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled digits (1797 images of 8x8 pixels), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.as_tensor(d.data / 16.0, dtype=dtype), torch.as_tensor(d.target).long()
 
 
 def train_default(setup: Setup, steps: int, seed: int) -> float:

@@ -40,15 +40,20 @@ class Example:
     y: Tensor
 
 
+def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits (1797 images of 8x8 pixels), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.as_tensor(d.data / 16.0, dtype=dtype), torch.as_tensor(d.target).long()
+
+
 def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Example:
     """``autoencoder``: 64-32-16-6-16-32-64 with sigmoid units and a linear code layer,
     cross-entropy reconstruction of the digits (in the spirit of Hinton and
     Salakhutdinov 2006 and Martens 2010). ``classifier``: a deep narrow tanh network,
     64-16-16-16-16-16-16-10, cross-entropy on the digit labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X = torch.as_tensor(d.data / 16.0, dtype=dtype)
+    X, labels = load_digits_data(dtype)
     torch.manual_seed(seed)
     if name == "autoencoder":
         widths = [64, 32, 16, 6, 16, 32, 64]
@@ -65,8 +70,7 @@ def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Ex
             layers.append(nn.Linear(a, b))
             if i < len(widths) - 2:
                 layers.append(nn.Tanh())
-        y = torch.as_tensor(d.target).long()
-        return Example(name, nn.Sequential(*layers).to(dtype), nn.CrossEntropyLoss(), X, y)
+        return Example(name, nn.Sequential(*layers).to(dtype), nn.CrossEntropyLoss(), X, labels)
     raise ValueError(f"unknown example {name!r}; choose from {EXAMPLES}")
 
 
