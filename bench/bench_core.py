@@ -29,13 +29,12 @@ from torch.func import functional_call, grad, jvp, vjp
 
 import hesse
 from hesse import _products
+from hesse._train import load_digits_data
 
 
 def digits(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.as_tensor(d.data[:n] / 16.0, dtype=dtype), torch.as_tensor(d.target[:n]).long()
+    X, y = load_digits_data(dtype)
+    return X[:n], y[:n]
 
 
 def mlp(widths: list[int], dtype: torch.dtype) -> nn.Sequential:

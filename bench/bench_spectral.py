@@ -29,14 +29,12 @@ from torch import nn
 
 import hesse
 from hesse import _products
+from hesse._train import load_digits_data
 
 
 def setup(dtype: torch.dtype) -> hesse.Problem:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X = torch.as_tensor(d.data[:512] / 16.0, dtype=dtype)
-    y = torch.as_tensor(d.target[:512]).long()
+    X, y = load_digits_data(dtype)
+    X, y = X[:512], y[:512]
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 10)
