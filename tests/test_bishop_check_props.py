@@ -44,6 +44,35 @@ def test_bishop_equals_autodiff(act, loss, widths, bias):
     assert rel_err(hesse.hessian(prob_sub, method="bishop"), Ha[idx][:, idx]) < 1e-10
 
 
+@pytest.mark.parametrize(
+    "mod",
+    [
+        nn.Tanh(),
+        nn.Sigmoid(),
+        nn.Softplus(),
+        nn.Softplus(beta=2.5, threshold=3.0),
+        nn.GELU(),
+        nn.GELU(approximate="tanh"),
+        nn.SiLU(),
+    ],
+    ids=repr,
+)
+def test_closed_form_activation_derivatives_match_autograd(mod):
+    from hesse._bishop import _autograd_derivatives, activation_derivatives
+
+    g = torch.Generator().manual_seed(7)
+    a = 3 * torch.randn(301, generator=g)  # wide enough to cross softplus' threshold
+    z, d1, d2 = activation_derivatives([mod], a)
+    rz, r1, r2 = _autograd_derivatives([mod], a)
+    for got, ref in [(z, rz), (d1, r1), (d2, r2)]:
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-14)
+    # and against central differences of the module itself
+    h = 1e-5
+    fd1 = (mod(a + h) - mod(a - h)) / (2 * h)
+    keep = (a * getattr(mod, "beta", 1.0) - getattr(mod, "threshold", 1e9)).abs() > 1e-3
+    assert torch.allclose(d1[keep], fd1[keep], atol=1e-8)
+
+
 def test_bishop_nested_sequential_and_flatten():
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -24,6 +24,7 @@ against ``torch.func.hessian``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -100,11 +101,65 @@ def mlp_layers(
     return pre_fn, layers
 
 
+def _tanh(_m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = torch.tanh(a)
+    d1 = 1 - t * t
+    return t, d1, -2 * t * d1
+
+
+def _sigmoid(_m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(a)
+    d1 = s * (1 - s)
+    return s, d1, d1 * (1 - 2 * s)
+
+
+def _softplus(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's softplus is linear above the threshold; its derivatives follow suit
+    beta, linear = m.beta, a * m.beta > m.threshold
+    s = torch.sigmoid(beta * a)
+    d1 = torch.where(linear, torch.ones_like(a), s)
+    d2 = torch.where(linear, torch.zeros_like(a), beta * s * (1 - s))
+    return m(a), d1, d2
+
+
+def _gelu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if m.approximate != "none":
+        return _autograd_derivatives([m], a)
+    cdf = 0.5 * (1 + torch.erf(a * math.sqrt(0.5)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    return m(a), cdf + a * pdf, pdf * (2 - a * a)
+
+
+def _silu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(a)
+    d1 = s * (1 + a * (1 - s))
+    return m(a), d1, s * (1 - s) * (2 + a * (1 - 2 * s))
+
+
+_CLOSED_FORMS: dict[type, Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    nn.Tanh: _tanh,
+    nn.Sigmoid: _sigmoid,
+    nn.Softplus: _softplus,
+    nn.GELU: _gelu,
+    nn.SiLU: _silu,
+}
+
+
 def activation_derivatives(
     mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``z = h(a)``, ``h'(a)`` and ``h''(a)`` for an element-wise composition ``h`` of
-    ``mods`` (shared with the chain solver's element-wise stages)."""
+    ``mods`` (shared with the chain solver's element-wise stages). Common activations
+    use closed forms; any other composition goes through autograd (two passes)."""
+    a = a.detach()
+    if len(mods) == 1 and type(mods[0]) in _CLOSED_FORMS:
+        return _CLOSED_FORMS[type(mods[0])](mods[0], a)
+    return _autograd_derivatives(mods, a)
+
+
+def _autograd_derivatives(
+    mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     a = a.detach().requires_grad_(True)
     z = a
     for m in mods:

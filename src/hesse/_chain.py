@@ -125,11 +125,15 @@ class Chain:
         else:
             raise TypeError("targets must all be tensors or all None")
         self.loss_stage = LossStage(problem.loss_fn, self.targets)
-        offsets, start = [], 0
+        offsets, perms, start = [], [], 0
         for s in self.stages:
             offsets.append(slice(start, start + s.num_params))
+            perms.append(start + (torch.arange(s.num_params) if s.perm is None else s.perm))
             start += s.num_params
         self._blocks = offsets
+        # x_internal = x[perm] over all stages (each stage's internal order, see Stage.perm)
+        perm = torch.cat(perms) if perms else torch.zeros(0, dtype=torch.long)
+        self._perm = None if bool((perm == torch.arange(len(perm))).all()) else perm
 
     @property
     def num_params(self) -> int:
@@ -144,34 +148,35 @@ class Chain:
 
     # ------------------------------------------------------------------------- passes
     def _forward_backward(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Stage inputs ``z_0..z_{L-1}`` and output adjoints ``lam_1..lam_L``."""
+        """Stage inputs ``z_0..z_{L-1}`` and output adjoints ``lam_1..lam_L`` (one forward
+        pass and one backward pass for all adjoints, ``lam_{l-1} = A_l^T lam_l``)."""
         n = self.inputs.shape[0]
-        zs, outs, ins = [self.inputs.detach()], [], []
-        for stage in [*self.stages, self.loss_stage]:
-            z_in = zs[-1].detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = stage.forward(z_in)
-            if stage is not self.loss_stage and (
-                not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n
-            ):
-                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(
-                    f"stage {stage.name!r} ({stage.describe()}) maps a batch of {n} to {shape}; "
-                    "the chain solver needs every stage to keep the samples along dim 0"
-                )
-            ins.append(z_in)
-            outs.append(out)
-            zs.append(out.detach())
-        lams: list[Tensor] = [torch.ones((), dtype=self.inputs.dtype, device=self.inputs.device)]
-        for z_in, out in zip(reversed(ins[1:]), reversed(outs[1:]), strict=True):
-            if out.requires_grad:
-                (lam,) = torch.autograd.grad(
-                    out, z_in, lams[0], allow_unused=True, materialize_grads=True
+        z = self.inputs.detach()
+        ins: list[Tensor] = []
+        with torch.enable_grad():
+            for stage in [*self.stages, self.loss_stage]:
+                if ins and not z.requires_grad:  # e.g. a stage without parameters first
+                    z = z.detach().requires_grad_(True)
+                ins.append(z)
+                out = stage.forward(z)
+                if stage is not self.loss_stage and (
+                    not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n
+                ):
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"stage {stage.name!r} ({stage.describe()}) maps a batch of {n} to "
+                        f"{shape}; the chain solver needs every stage to keep the samples "
+                        "along dim 0"
+                    )
+                z = out
+            one = torch.ones((), dtype=self.inputs.dtype, device=self.inputs.device)
+            if out.requires_grad and len(ins) > 1:
+                lams = torch.autograd.grad(
+                    out, ins[1:], one, allow_unused=True, materialize_grads=True
                 )
             else:
-                lam = torch.zeros_like(z_in)
-            lams.insert(0, lam.detach())  # lam_{l-1} = A_l^T lam_l
-        return zs[:-1], lams
+                lams = tuple(torch.zeros_like(t) for t in ins[1:])
+        return [t.detach() for t in ins], [*(lam.detach() for lam in lams), one]
 
 
 # ----------------------------------------------------------------------------- pivots
@@ -190,21 +195,27 @@ class _Pivot:
     """
 
     def __init__(self, Q: Tensor, stage: str) -> None:
-        Q = 0.5 * (Q + Q.T)
         p = Q.shape[0]
         self.Q, self.stage, self.p = Q, stage, p
-        self.scale = float(Q.abs().max()) if p else 0.0
-        self.tol = max(p, 1) * torch.finfo(Q.dtype).eps * self.scale
         self._inertia: Inertia | None = None
-        # Cholesky first: a failed attempt costs a fraction of a factorisation
+        eps = torch.finfo(Q.dtype).eps
+        # Cholesky first (it reads the lower triangle): a failed attempt costs a fraction
+        # of a factorisation. For a positive definite Q, max |Q_ij| is on the diagonal.
         L, info = torch.linalg.cholesky_ex(Q)
         d = torch.diagonal(L) ** 2
-        if int(info) == 0 and bool((d > self.tol).all()):
-            self.kind, self.L = "cholesky", L
-            self.sign, self.logabs = 1.0, float(torch.log(d).sum())
-            self._inertia = Inertia(0, 0, p)
-            self._check(d)
-            return
+        if int(info) == 0:
+            dmin = float(d.min()) if p else math.inf
+            self.scale = float(torch.diagonal(Q).max()) if p else 0.0
+            self.tol = max(p, 1) * eps * self.scale
+            if dmin > self.tol:
+                self.kind, self.L = "cholesky", L
+                self.sign, self.logabs = 1.0, float(torch.log(d).sum())
+                self._inertia = Inertia(0, 0, p)
+                self._check(dmin)
+                return
+        Q = self.Q = 0.5 * (Q + Q.T)
+        self.scale = float(Q.abs().max()) if p else 0.0
+        self.tol = max(p, 1) * eps * self.scale
         self.kind = "lu"
         self.LU, self.piv, _ = torch.linalg.lu_factor_ex(Q)
         u = torch.diagonal(self.LU)
@@ -213,17 +224,16 @@ class _Pivot:
         )
         self.sign = float(torch.prod(torch.sign(u))) * (-1.0) ** swaps
         self.logabs = float(torch.log(u.abs()).sum())
-        self._check(u.abs())
+        self._check(float(u.abs().min()) if p else math.inf)
 
-    def _check(self, mags: Tensor) -> None:
-        self.singular = bool((mags <= self.tol).any()) if mags.numel() else False
-        self.near_singular = self.singular or bool(
-            mags.numel() and self.scale > 0 and float(mags.min()) < 1e-10 * self.scale
-        )
+    def _check(self, smallest: float) -> None:
+        """Flags from the smallest pivot magnitude (Cholesky's ``d`` or LU's ``|u|``)."""
+        self.singular = smallest <= self.tol
+        self.near_singular = self.singular or (self.scale > 0 and smallest < 1e-10 * self.scale)
         if self.near_singular and not self.singular:
             warnings.warn(
                 f"the pivot of stage {self.stage!r} is nearly singular (smallest "
-                f"{float(mags.min()):.2e} against scale {self.scale:.2e}); the solve may be "
+                f"{smallest:.2e} against scale {self.scale:.2e}); the solve may be "
                 "inaccurate: increase the damping",
                 stacklevel=5,
             )
@@ -261,13 +271,24 @@ class _Pivot:
         """The Schur complement ``S_{l-1} = Q_zz - Q_zx Q_xx^-1 Q_xz`` and what the
         sweeps keep of ``K_l = -Q_xx^-1 Q_xz``: ``W = L^-1 Q_xz`` (Cholesky) or ``K``."""
         self._raise_if_singular()
+        # S is symmetric up to rounding; the next pivots read one triangle (Cholesky)
+        # or are symmetrised (LU), so it is not symmetrised here
         if self.kind == "cholesky":
             W = torch.linalg.solve_triangular(self.L, Q_xz, upper=False)
-            S = torch.addmm(Q_zz, W.T, W, alpha=-1.0)
-            return 0.5 * (S + S.T), W
+            return torch.addmm(Q_zz, W.T, W, alpha=-1.0), W
         K = -torch.linalg.lu_solve(self.LU, self.piv, Q_xz)
-        S = torch.addmm(Q_zz, Q_xz.T, K)
-        return 0.5 * (S + S.T), K
+        return torch.addmm(Q_zz, Q_xz.T, K), K
+
+    def backward(self, store: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The backward sweep's step: ``k_l = -Q_xx^-1 q`` and ``Q_zx k_l = K_l^T q``
+        (``None`` without ``store``: the first stage). Cholesky shares ``L^-1 q``."""
+        self._raise_if_singular()
+        if self.kind == "cholesky":
+            y = torch.linalg.solve_triangular(self.L, q, upper=False)
+            k = -torch.linalg.solve_triangular(self.L.T, y, upper=True)
+            return k, (None if store is None else -(store.T @ y))
+        k = -torch.linalg.lu_solve(self.LU, self.piv, q)
+        return k, (None if store is None else store.T @ q)
 
     def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
         """``K_l dz``."""
@@ -275,46 +296,57 @@ class _Pivot:
             return -torch.linalg.solve_triangular(self.L.T, store @ dz, upper=True)
         return store @ dz
 
-    def Kt_times(self, store: Tensor, q: Tensor) -> Tensor:
-        """``K_l^T q``."""
-        if self.kind == "cholesky":  # K^T q = -W^T L^-1 q
-            return -(store.T @ torch.linalg.solve_triangular(self.L, q, upper=False))
-        return store.T @ q
-
 
 class _WidePivot:
-    """The pivot of a wide first ``Linear`` stage, ``Q_xx = eps I_p + B^T M B`` with far
-    more parameters ``p`` than activations ``a = n o``, never formed (design note, "Wide
-    stages"). With the thin QR ``Zhat^T = Q_z R_z``, ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``:
-    on the range of ``B^T`` the pivot acts as the small symmetric ``eps I + R M R^T``
-    (factored by `_Pivot`), on its complement as ``eps``. Hence
+    """The pivot of a wide ``Linear`` stage, ``Q_xx = eps I_p + B^T S B`` with more
+    parameters ``p = o J`` than activations ``a = n o`` (``J > n``), never formed (design
+    note, "Wide stages"). With the thin QR ``Zhat^T = Q_z R_z``,
+    ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``, so in the orthonormal basis
+    ``[Q_z, Q_z^perp] (x) I_o`` of the parameters the pivot is block diagonal:
+    ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``, factored by `_Pivot`) on the
+    range of ``B^T`` and ``eps I`` on its complement (``G_xx = 0`` for a linear stage).
+    Hence
 
-    - solve: ``x = Q (eps I + R M R^T)^-1 Q^T r + (r - Q Q^T r) / eps`` (no cancellation);
-    - ``log|det Q_xx| = log|det(eps I + R M R^T)| + (p - n o) log|eps|``;
-    - inertia: that of the small pivot, plus ``p - n o`` copies of ``sign(eps)``.
+    - ``Q_xx^-1 r = Q (Q_uu^-1 Q^T r) + (r - Q Q^T r) / eps`` (no cancellation);
+    - ``log|det Q_xx| = log|det Q_uu| + (p - a) log|eps|``;
+    - inertia: that of ``Q_uu``, plus ``p - a`` copies of ``sign(eps)``;
+    - the Schur update splits the same way: with ``Q_uz = (R_z (x) I) S A + Q^T G_xz``,
+      ``S_{l-1} = A^T S A - Q_uz^T Q_uu^-1 Q_uz - G_xz^T P G_xz / eps``, where
+      ``P = (I - Q_z Q_z^T) (x) I_o`` and ``G_xz^T P G_xz = (lam lam^T) (x) P_z`` is a
+      Kronecker product: only the ``a x a`` pivot costs cubic time.
 
-    Memory ``O(a^2 + n p)`` instead of ``O(p^2)``.
+    Memory ``O(a^2 + a_in a + n p)`` instead of ``O(p^2 + p a_in)``. The orthogonal change
+    of basis keeps the elimination as stable as the plain one, for any ``Zhat``.
     """
 
     kind = "wide"
 
-    def __init__(self, d: _LinearDerivs, M: Tensor, eps: float, stage: str) -> None:
+    def __init__(
+        self,
+        d: _LinearDerivs,
+        S: Tensor,
+        eps: float,
+        stage: str,
+        gauss_newton: bool = False,
+        need_z: bool = False,
+    ) -> None:
         self.d, self.eps, self.stage = d, float(eps), stage
         self.p = d.p
-        Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
-        self.Qz = Qz
-        n, o = d.n, d.o
-        M4 = (0.5 * (M + M.T)).view(n, o, n, o)
-        small = torch.einsum("rn,nomq,sm->rosq", Rz, M4, Rz).reshape(n * o, n * o)
-        small.diagonal().add_(self.eps)
-        self.small = _Pivot(small, stage)
-        self.extra = self.p - n * o  # eigenvalue eps, this many times
+        n, o, a = d.n, d.o, d.a_out
+        self.extra = self.p - a  # eigenvalue eps, this many times
         if self.eps == 0 and self.extra > 0:
             raise SingularPivotError(
                 f"the pivot Q_xx of stage {stage!r} is singular: the stage has more "
                 "parameters than activations, so C + eps I needs eps != 0 there; increase "
                 "the damping eps"
             )
+        self.Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
+        self.G = None if gauss_newton else d.lam  # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk
+        # (R (x) I) S [(r, o), (m, q)], then the same on the right (a batched product)
+        RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
+        small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
+        small.diagonal().add_(self.eps)
+        self.small = _Pivot(small, stage)
         sgn = 1.0 if self.eps > 0 else -1.0
         self.sign = self.small.sign * sgn**self.extra
         self.logabs = self.small.logabs + (
@@ -322,23 +354,76 @@ class _WidePivot:
         )
         self.singular = self.small.singular
         self.near_singular = self.small.near_singular
+        if self.extra and not self.near_singular:  # the eigenvalue eps of the complement
+            self.small._check(min(abs(self.eps), self.small.scale))
+            self.singular, self.near_singular = self.small.singular, self.small.near_singular
+        self.schur: Tensor | None = None
+        self.store: Tensor | None = None
+        self.PG: Tensor | None = None
+        if need_z:
+            a_in, i = d.a_in, d.i
+            SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
+            Q_uz = (Rz @ SA.view(n, o * a_in)).view(a, a_in)
+            Q_zz = torch.bmm(d.W.T.expand(n, i, o), SA).view(a_in, a_in)  # A^T S A
+            if self.G is not None:  # J >= i: every input has its row j = i in [W | b]
+                # Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
+                Q_uz.view(n, o, n, i).addcmul_(
+                    self.Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
+                )
+                if self.extra:  # the complement: P = (I - Q_z Q_z^T) (x) I_o
+                    Pz = -(self.Qz @ self.Qz[:i].T)  # (J, i)
+                    Pz[:i].diagonal().add_(1.0)
+                    # P G_xz / eps [(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps, for the sweeps
+                    self.PG = torch.einsum("ji,mo->jomi", Pz, d.lam / self.eps).reshape(
+                        self.p, a_in
+                    )
+                    # - G_xz^T P G_xz / eps = - (lam lam^T) (x) Pz[:i] / eps
+                    Q_zz.view(n, i, n, i).addcmul_(
+                        (d.lam @ d.lam.T).view(n, 1, n, 1),
+                        Pz[:i].view(1, i, 1, i),
+                        value=-1 / self.eps,
+                    )
+            self.schur, self.store = self.small.eliminate(Q_zz, Q_uz)
 
     @property
     def inertia(self) -> Inertia:
         i = self.small.inertia
-        self.singular, self.near_singular = self.small.singular, self.small.near_singular
+        self.singular = self.singular or self.small.singular
+        self.near_singular = self.near_singular or self.small.near_singular
         if self.eps > 0:
             return Inertia(i.negative, i.zero, i.positive + self.extra)
         return Inertia(i.negative + self.extra, i.zero, i.positive)
 
+    # the parameter space in the stage's internal layout (j, o), columns k
+    def _to_u(self, R: Tensor) -> Tensor:  # Q^T r: (p, k) -> (a, k)
+        k = R.shape[1]
+        return (self.Qz.T @ R.reshape(self.d.J, -1)).view(-1, k)
+
+    def _from_u(self, U: Tensor) -> Tensor:  # Q u: (a, k) -> (p, k)
+        k = U.shape[1]
+        return (self.Qz @ U.reshape(self.d.n, -1)).view(-1, k)
+
     def solve(self, R: Tensor) -> Tensor:
-        o, J = self.d.o, self.d.J
-        Rm = R.view(o, J, -1)
-        coef = torch.einsum("ojk,jr->rok", Rm, self.Qz)  # Q^T r, in the (r, o) layout
-        y = self.small.solve(coef.reshape(-1, R.shape[1]))
-        par = torch.einsum("rok,jr->ojk", y.view(coef.shape), self.Qz)
-        perp = Rm - torch.einsum("rok,jr->ojk", coef, self.Qz)
-        return (par + perp / self.eps).reshape(R.shape)
+        coef = self._to_u(R)
+        y = self.small.solve(coef)
+        return self._from_u(y) + (R - self._from_u(coef)) / self.eps
+
+    def backward(self, store: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``k_l = -Q_xx^-1 q`` and ``K_l^T q = -Q_zx Q_xx^-1 q``: the range part through
+        ``Q_uu``; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T`` (``B``
+        vanishes there)."""
+        qu = self._to_u(q)
+        perp = q - self._from_u(qu)
+        ku, corr = self.small.backward(store, qu)
+        k = self._from_u(ku) - perp / self.eps
+        if corr is not None and self.PG is not None:  # G_xz^T P q / eps
+            corr = corr - self.PG.T @ q
+        return k, corr
+
+    def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
+        """``K_l dz = -Q_xx^-1 Q_xz dz``."""
+        out = self._from_u(self.small.K_times(store, dz))
+        return out if self.PG is None else out - self.PG @ dz
 
 
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
@@ -397,10 +482,12 @@ class ChainFactorization:
             stage = stages[l_]
             d = stage.derivatives(zs[l_], lams[l_])
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
-            if not need_z and isinstance(d, _LinearDerivs) and d.p > d.a_out:
-                # a wide first Linear stage: its p x p pivot through the small one, never formed
-                pivot = _WidePivot(d, S, self.damping, stage.name)
-                factors.append(_StageFactor(stage, d, pivot, None))
+            if isinstance(d, _LinearDerivs) and d.p > d.a_out:
+                # a wide Linear stage: its p x p pivot through an a x a one, never formed
+                wide = _WidePivot(d, S, self.damping, stage.name, gn, need_z)
+                factors.append(_StageFactor(stage, d, wide, wide.store))
+                if need_z:
+                    S, wide.schur = wide.schur, None
                 continue
             Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
             pivot = K = None
@@ -454,11 +541,11 @@ class ChainFactorization:
         V = prob.as_flat(v, "v")
         vec = V.ndim == 1
         V = V.unsqueeze(1) if vec else V
-        # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v
-        r = [
-            self._internal(-V[blk], f.stage)
-            for blk, f in zip(self.chain._blocks, self._factors, strict=True)
-        ]
+        # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v (stages' internal orders)
+        perm = self.chain._perm
+        perm = None if perm is None else perm.to(V.device)
+        R = -(V if perm is None else V[perm])
+        r = [R[blk] for blk in self.chain._blocks]
         # backward sweep: s_L = 0 (the loss stage has no parameters and S_L = 0)
         s = None
         ks: list[Tensor | None] = [None] * len(self._factors)
@@ -468,9 +555,9 @@ class ChainFactorization:
             q_z = f.d.At(s) if (s is not None and need_z) else None  # q_z = A^T s_l
             if f.d.p > 0:
                 q_x = r[l_] + (f.d.Bt(s) if s is not None else 0.0)  # q_x = r_l + B^T s_l
-                ks[l_] = -f.pivot.solve(q_x)  # k_l = -Q_xx^-1 q_x
+                # k_l = -Q_xx^-1 q_x and Q_zx k_l = K_l^T q_x
+                ks[l_], corr = f.pivot.backward(f.K if need_z else None, q_x)
                 if need_z:
-                    corr = f.pivot.Kt_times(f.K, q_x)  # Q_zx k_l = K_l^T q_x
                     s = corr if q_z is None else q_z + corr  # s_{l-1} = q_z + Q_zx k_l
             else:
                 s = q_z
@@ -481,27 +568,18 @@ class ChainFactorization:
             dx = None
             if f.d.p > 0:
                 dx = ks[l_] if (dz is None or f.K is None) else ks[l_] + f.pivot.K_times(f.K, dz)
-                out[blk] = self._external(dx, f.stage)
+                out[blk] = dx
             if l_ + 1 < len(self._factors):
                 nxt = f.d.A(dz) if dz is not None else None
                 if dx is not None:
                     bdx = f.d.B(dx)
                     nxt = bdx if nxt is None else nxt + bdx
                 dz = nxt
+        if perm is not None:
+            internal, out = out, torch.empty_like(out)
+            out[perm] = internal
         out = out.squeeze(1) if vec else out
         return prob.unflatten(out) if as_list else out
-
-    @staticmethod
-    def _internal(block: Tensor, stage: Stage) -> Tensor:
-        return block if stage.perm is None else block[stage.perm.to(block.device)]
-
-    @staticmethod
-    def _external(block: Tensor, stage: Stage) -> Tensor:
-        if stage.perm is None:
-            return block
-        out = torch.empty_like(block)
-        out[stage.perm.to(block.device)] = block
-        return out
 
 
 def _as_chain(obj: Problem | Chain) -> Chain:

@@ -111,6 +111,10 @@ class Stage:
 
 # ----------------------------------------------------------------------------- Linear
 class _LinearDerivs(StageDerivatives):
+    """Parameters in the internal order ``(j, o)``: ``x[j * o_dim + o] = [W | b][o, j]``,
+    so that ``B = Zhat (x) I_o`` and every product below is a plain matrix product over
+    a view of ``S`` (activations are ``(n, o)``, sample-major)."""
+
     def __init__(self, W: Tensor, zhat: Tensor, lam: Tensor) -> None:
         self.W, self.zhat, self.lam = W, zhat, lam
         self.n, self.J = zhat.shape
@@ -118,53 +122,47 @@ class _LinearDerivs(StageDerivatives):
         self.a_in, self.a_out, self.p = self.n * self.i, self.n * self.o, self.o * self.J
 
     def A(self, dz: Tensor) -> Tensor:
-        return torch.einsum("niR,oi->noR", dz.view(self.n, self.i, -1), self.W).reshape(
-            self.a_out, -1
-        )
+        return torch.matmul(self.W, dz.reshape(self.n, self.i, -1)).view(self.a_out, -1)
 
     def At(self, s: Tensor) -> Tensor:
-        return torch.einsum("noR,oi->niR", s.view(self.n, self.o, -1), self.W).reshape(
-            self.a_in, -1
-        )
+        return torch.matmul(self.W.T, s.reshape(self.n, self.o, -1)).view(self.a_in, -1)
 
     def B(self, dx: Tensor) -> Tensor:
-        return torch.einsum("ojR,nj->noR", dx.view(self.o, self.J, -1), self.zhat).reshape(
-            self.a_out, -1
-        )
+        R = dx.shape[1]
+        return (self.zhat @ dx.reshape(self.J, self.o * R)).view(self.a_out, R)
 
     def Bt(self, s: Tensor) -> Tensor:
-        return torch.einsum("noR,nj->ojR", s.view(self.n, self.o, -1), self.zhat).reshape(
-            self.p, -1
-        )
+        R = s.shape[1]
+        return (self.zhat.T @ s.reshape(self.n, self.o * R)).view(self.p, R)
 
     def q_blocks(
         self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        n, o, i, J = self.n, self.o, self.i, self.J
-        # T[j, o, m, q] = sum_n Zhat[n, j] S[(n, o), (m, q)]: B^T S, shared by two blocks
-        T = (self.zhat.T @ S.view(n, o * n * o)).view(J, o, n, o).transpose(0, 1)
-        # Q_xx[(o, j), (q, k)] = sum_m T[o, j, m, q] Zhat[m, k]
-        Q_xx = (T.transpose(2, 3) @ self.zhat).reshape(self.p, self.p)
+        n, o, J, p, a_in = self.n, self.o, self.J, self.p, self.a_in
+        ZT = self.zhat.T
+        # S B[(n, o), (k, q)] = sum_m S[(n, o), (m, q)] Zhat[m, k]: a batched product
+        SB = torch.bmm(ZT.expand(self.a_out, J, n), S.reshape(self.a_out, n, o))
+        Q_xx = (ZT @ SB.view(n, o * p)).view(p, p)  # B^T (S B)
         if not need_z:
             return None, Q_xx, None
-        # Q_xz[(o, j), (m, k)] = sum_q T[o, j, m, q] W[q, k]
-        Q_xz = (T @ self.W).reshape(self.p, self.a_in)
-        # Q_zz[(n, i), (m, k)] = sum_{o, q} W[o, i] S[(n, o), (m, q)] W[q, k]
-        SW = (S.view(n * o * n, o) @ self.W).view(n, o, n * i)
-        Q_zz = (self.W.T @ SW).reshape(self.a_in, self.a_in)
-        if not gauss_newton:  # G_xz[(o, j), (m, i)] = lam[m, o] delta_ij (no bias column)
-            G = torch.zeros(o, J, n, i, dtype=self.W.dtype, device=self.W.device)
-            idx = torch.arange(min(i, J), device=self.W.device)
-            G[:, idx, :, idx] = self.lam.T.unsqueeze(0).expand(len(idx), o, n)
-            Q_xz = Q_xz + G.reshape(self.p, self.a_in)
+        # S A[(n, o), (m, k)] = sum_q S[(n, o), (m, q)] W[q, k]
+        SA = (S.reshape(self.a_out * n, o) @ self.W).view(n, o, a_in)
+        Q_xz = (ZT @ SA.view(n, o * a_in)).view(p, a_in)  # B^T (S A)
+        Q_zz = torch.bmm(self.W.T.expand(n, self.i, o), SA).view(
+            a_in, a_in
+        )  # A^T (S A), per sample
+        if not gauss_newton:  # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk (no bias row)
+            i = self.i
+            k = min(i, J)
+            torch.diagonal(Q_xz.view(J, o, n, i)[:k], dim1=0, dim2=3).add_(self.lam.T.unsqueeze(-1))
         return Q_zz, Q_xx, Q_xz
 
 
 class LinearStage(Stage):
     """``nn.Linear`` on ``(n, in)`` inputs; parameters weight (and bias) as selected.
 
-    Internal parameter order is ``[W | b]`` row by row (``(o, in + 1)``); `perm` maps it
-    from the model's order (all of ``weight``, then ``bias``).
+    Internal parameter order is ``[W | b]`` column by column (``(in + 1, o)``); `perm`
+    maps it from the model's order (all of ``weight``, then ``bias``).
     """
 
     def __init__(
@@ -186,12 +184,11 @@ class LinearStage(Stage):
         o, i = module.out_features, module.in_features
         if self.use_w:
             J = i + self.use_b
-            internal = torch.arange(o * J).reshape(o, J)
-            prob_index = torch.empty(o, J, dtype=torch.long)
+            prob_index = torch.empty(o, J, dtype=torch.long)  # [W | b][o, j] -> its index
             prob_index[:, :i] = torch.arange(o * i).reshape(o, i)
             if self.use_b:
                 prob_index[:, i] = o * i + torch.arange(o)
-            self.perm = prob_index.reshape(-1)[internal.reshape(-1)]
+            self.perm = prob_index.T.reshape(-1)
 
     @property
     def num_params(self) -> int:
@@ -236,9 +233,9 @@ class _DiagDerivs(StageDerivatives):
     def q_blocks(
         self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        Q_zz = self.d1[:, None] * S * self.d1[None, :]
+        Q_zz = torch.mul(S, self.d1[:, None]).mul_(self.d1)
         if self.gzz is not None and not gauss_newton:
-            Q_zz = Q_zz + torch.diag(self.gzz)
+            Q_zz.diagonal().add_(self.gzz)
         return Q_zz, None, None
 
 
