@@ -374,8 +374,11 @@ class _WidePivot:
                     Pz = -(self.Qz @ self.Qz[:i].T)  # (J, i)
                     Pz[:i].diagonal().add_(1.0)
                     # P G_xz / eps [(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps, for the sweeps
-                    self.PG = torch.einsum("ji,mo->jomi", Pz, d.lam / self.eps).reshape(
-                        self.p, a_in
+                    self.PG = Pz.new_empty(self.p, a_in)
+                    torch.mul(
+                        Pz.view(d.J, 1, 1, i),
+                        (d.lam.T / self.eps).reshape(1, o, n, 1),
+                        out=self.PG.view(d.J, o, n, i),
                     )
                     # - G_xz^T P G_xz / eps = - (lam lam^T) (x) Pz[:i] / eps
                     Q_zz.view(n, i, n, i).addcmul_(
@@ -618,7 +621,9 @@ def factorize(
         a `ChainFactorization` with ``.solve(v)``, ``.logdet()`` and ``.inertia()``.
 
     Cost: time and memory linear in the number of stages, ``O(a^3 + p^3 + a p (a + p))``
-    per stage for ``a`` activations (batch x width) and ``p`` parameters.
+    per stage for ``a`` activations (batch x width) and ``p`` parameters; a ``Linear``
+    stage with ``p > a`` (batch below its fan-in) costs ``O(a^3 + a p)``: its pivot is
+    factored on the range of ``B^T`` only (`_WidePivot`).
     Reference: design note ``chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
     """
     check_curvature(curvature)
