@@ -411,6 +411,32 @@ def test_wide_middle_stage_never_forms_its_pivot():
         assert float((Cx + eps * x - v).norm() / v.norm()) < 1e-9
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_wide_stages_with_repeated_samples(curvature):
+    """Repeated samples make Zhat rank-deficient (R_z singular): the orthonormal basis
+    of the wide pivot stays exact."""
+    torch.manual_seed(4)
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Softplus(), nn.Linear(5, 3)
+    ).double()
+    X = torch.randn(2, 6, generator=g)
+    X, y = torch.cat([X, X, X[:1]]), torch.tensor([0, 1, 0, 1, 2])
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
+    for eps in _shifts(C):
+        Ce = C + eps * torch.eye(len(C))
+        f = hesse.factorize(prob, eps, curvature)
+        assert [fa.pivot.kind for fa in f._factors if fa.pivot is not None] == ["wide"] * 3
+        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
+        sign, la = torch.linalg.slogdet(Ce)
+        assert f.logdet()[0] == float(sign)
+        assert abs(f.logdet()[1] - float(la)) < TOL * max(1.0, abs(float(la)))
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+
+
 def test_wide_input_layer_at_mnist_size():
     """784 inputs: the dense first pivot would be 12560^2 numbers (1.3 GB); the sweep
     needs (batch x width)^2. Checked through the residual with Hessian-vector products."""

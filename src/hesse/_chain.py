@@ -260,13 +260,6 @@ class _Pivot:
                 "(or nearly so) there; increase the damping eps"
             )
 
-    def solve(self, B: Tensor) -> Tensor:
-        """``Q_xx^-1 B``."""
-        self._raise_if_singular()
-        if self.kind == "cholesky":
-            return torch.cholesky_solve(B, self.L)
-        return torch.linalg.lu_solve(self.LU, self.piv, B)
-
     def eliminate(self, Q_zz: Tensor, Q_xz: Tensor) -> tuple[Tensor, Tensor]:
         """The Schur complement ``S_{l-1} = Q_zz - Q_zx Q_xx^-1 Q_xz`` and what the
         sweeps keep of ``K_l = -Q_xx^-1 Q_xz``: ``W = L^-1 Q_xz`` (Cholesky) or ``K``."""
@@ -405,11 +398,6 @@ class _WidePivot:
     def _from_u(self, U: Tensor) -> Tensor:  # Q u: (a, k) -> (p, k)
         k = U.shape[1]
         return (self.Qz @ U.reshape(self.d.n, -1)).view(-1, k)
-
-    def solve(self, R: Tensor) -> Tensor:
-        coef = self._to_u(R)
-        y = self.small.solve(coef)
-        return self._from_u(y) + (R - self._from_u(coef)) / self.eps
 
     def backward(self, store: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
         """``k_l = -Q_xx^-1 q`` and ``K_l^T q = -Q_zx Q_xx^-1 q``: the range part through
