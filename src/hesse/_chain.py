@@ -196,7 +196,8 @@ class _Pivot:
 
     def __init__(self, Q: Tensor, stage: str) -> None:
         p = Q.shape[0]
-        self.Q, self.stage, self.p = Q, stage, p
+        self.Q: Tensor | None = Q
+        self.stage, self.p = stage, p
         self._inertia: Inertia | None = None
         eps = torch.finfo(Q.dtype).eps
         # Cholesky first (it reads the lower triangle): a failed attempt costs a fraction
@@ -207,8 +208,8 @@ class _Pivot:
             dmin = float(d.min()) if p else math.inf
             self.scale = float(torch.diagonal(Q).max()) if p else 0.0
             self.tol = max(p, 1) * eps * self.scale
-            if dmin > self.tol:
-                self.kind, self.L = "cholesky", L
+            if dmin > self.tol:  # Q itself is no longer needed: its inertia is known
+                self.kind, self.L, self.Q = "cholesky", L, None
                 self.sign, self.logabs = 1.0, float(torch.log(d).sum())
                 self._inertia = Inertia(0, 0, p)
                 self._check(dmin)
