@@ -454,3 +454,15 @@ def test_wide_input_layer_at_mnist_size():
         x = f.solve(v)
         residual = hesse.hvp(prob, x) + eps * x - v
         assert float(residual.norm() / v.norm()) < tol
+
+
+def test_progress_bars_for_the_sweep_and_the_bisection(capsys):
+    prob = _setup(CONFIGS[0], "ce", seed=5)
+    hesse.factorize(prob, 0.1, progress=True)
+    assert "chain sweep" in capsys.readouterr().err
+    hesse.factorize(prob, 0.1, progress=False)
+    hesse.factorize(prob, 0.1)  # auto: not a terminal here
+    assert capsys.readouterr().err == ""
+    lam = hesse.eigenvalue(prob, 1, tol=1e-6, progress=True)
+    assert "bisection (k=1)" in capsys.readouterr().err
+    assert abs(lam - float(torch.linalg.eigvalsh(hesse.hessian(prob))[0])) < 1e-5

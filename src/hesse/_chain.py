@@ -23,6 +23,7 @@ from hesse._bishop import _flatten_sequential
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
 from hesse._operators import check_curvature
 from hesse._problem import Problem, float64_problem
+from hesse._progress import progress_bar
 
 __all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
 
@@ -459,7 +460,9 @@ class ChainFactorization:
         num_params: ``P``.
     """
 
-    def __init__(self, chain: Chain, damping: float, curvature: str) -> None:
+    def __init__(
+        self, chain: Chain, damping: float, curvature: str, progress: bool | None = None
+    ) -> None:
         self.chain, self.damping, self.curvature = chain, float(damping), curvature
         self.num_params = chain.num_params
         gn = curvature == "ggn"
@@ -470,7 +473,11 @@ class ChainFactorization:
         S_L = torch.zeros(1, 1, dtype=chain.inputs.dtype, device=chain.inputs.device)
         S = loss_d.q_blocks(S_L, gn, True)[0]
         factors: list[_StageFactor] = []
+        bar = progress_bar(
+            len(stages), "chain sweep", progress, unit="stage", delay=1.0 if progress is None else 0
+        )
         for l_ in range(len(stages) - 1, -1, -1):
+            bar.update()
             stage = stages[l_]
             d = stage.derivatives(zs[l_], lams[l_])
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
@@ -491,6 +498,7 @@ class ChainFactorization:
             else:
                 S = Q_zz  # a stage without parameters passes S_{l-1} = Q_zz
             factors.append(_StageFactor(stage, d, pivot, K))
+        bar.close()
         factors.reverse()
         self._factors = factors
 
@@ -595,6 +603,7 @@ def factorize(
     curvature: str = "hessian",
     *,
     promote: bool = False,
+    progress: bool | None = None,
 ) -> ChainFactorization:
     """Run the backward sweep once for ``C + eps I`` (``C`` the Hessian or the GGN).
 
@@ -605,6 +614,8 @@ def factorize(
         curvature: ``"hessian"`` or ``"ggn"``.
         promote: compute in float64 on a copy when the model is float32 (otherwise
             float32 only warns: solves and log-determinants lose digits).
+        progress: a bar over the stages (default: when stderr is a terminal and the
+            sweep takes over a second).
 
     Returns:
         a `ChainFactorization` with ``.solve(v)``, ``.logdet()`` and ``.inertia()``.
@@ -628,4 +639,4 @@ def factorize(
                 "solves and log-determinants (pass promote=True to compute in float64)",
                 stacklevel=2,
             )
-    return ChainFactorization(chain, damping, curvature)
+    return ChainFactorization(chain, damping, curvature, progress)

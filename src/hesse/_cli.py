@@ -197,7 +197,9 @@ def analyze(
     return out, dec, evals
 
 
-def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) -> dict[str, Any]:
+def chain_summary(
+    setup: Setup, samples: int, damping: float, max_dense: int, progress: bool | None = None
+) -> dict[str, Any]:
     """Exact chain-sweep quantities on the first ``samples`` samples: the number of
     negative Hessian eigenvalues, ``log det(H + eps I)`` and the damped Newton and
     Gauss-Newton steps' predicted loss change, cross-checked against the dense
@@ -208,8 +210,8 @@ def chain_summary(setup: Setup, samples: int, damping: float, max_dense: int) ->
     # "negative" = below -tau: a Hessian may have many eigenvalues within rounding of 0
     tau = NEGATIVE_TOL
     out: dict[str, Any] = {"samples": prob.num_samples, "damping": damping, "negative_below": -tau}
-    out["num_negative"] = hesse.count_eigenvalues(prob, below=-tau)
-    f = hesse.factorize(prob, damping)
+    out["num_negative"] = hesse.count_eigenvalues(prob, below=-tau, progress=progress)
+    f = hesse.factorize(prob, damping, progress=progress)
     sign, logabs = f.logdet()
     out |= {"logdet_sign": sign, "logdet": logabs, "inertia": list(f.inertia())}
     for curvature in ("hessian", "ggn"):
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.chain_samples > 0:
             if isinstance(setup.model, nn.Sequential):
                 summary["chain"] = chain_summary(
-                    setup, args.chain_samples, args.damping, args.max_dense
+                    setup, args.chain_samples, args.damping, args.max_dense, progress
                 )
             else:
                 summary["chain_skipped"] = "the model is not an nn.Sequential"

@@ -24,12 +24,14 @@ def progress_bar(
     unit: str = "it",
     initial: int = 0,
     leave: bool = False,
+    delay: float = 0.0,
 ) -> Any:
-    """A bar with ``update``, ``set_postfix`` and ``close``."""
+    """A bar with ``update``, ``set_postfix`` and ``close``; ``delay``: seconds before it
+    appears (quick jobs show none)."""
     if enabled is None:
         enabled = total > 4 and sys.stderr.isatty()
     if not enabled:
         return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave)
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=leave, delay=delay)

@@ -17,6 +17,7 @@ from hesse import _products
 from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
 from hesse._operators import check_curvature, curvature_operator
 from hesse._problem import Problem
+from hesse._progress import progress_bar
 
 __all__ = [
     "NewtonStep",
@@ -126,7 +127,12 @@ def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "he
 
 
 def count_eigenvalues(
-    problem: Problem | Chain, below: float, curvature: str = "hessian", *, rtol: float = 1e-12
+    problem: Problem | Chain,
+    below: float,
+    curvature: str = "hessian",
+    *,
+    rtol: float = 1e-12,
+    progress: bool | None = None,
 ) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
     negative inertia of ``C - sigma I`` (Sylvester), from one chain sweep.
@@ -141,18 +147,19 @@ def count_eigenvalues(
     sigma = float(below)
     for delta in [0.0] + [rtol * 10.0**j * max(1.0, abs(sigma)) for j in range(5)]:
         try:
-            return _quiet_factorize(problem, -(sigma - delta), curvature).inertia().negative
+            f = _quiet_factorize(problem, -(sigma - delta), curvature, progress)
+            return f.inertia().negative
         except SingularPivotError:
             continue
     raise SingularPivotError(f"every sweep near sigma = {sigma} met a singular pivot")
 
 
 def _quiet_factorize(
-    problem: Problem | Chain, damping: float, curvature: str
+    problem: Problem | Chain, damping: float, curvature: str, progress: bool | None = False
 ) -> ChainFactorization:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # near-singular pivots are expected
-        return factorize(problem, damping, curvature)
+        return factorize(problem, damping, curvature, progress=progress)
 
 
 def eigenvalue(
@@ -162,6 +169,7 @@ def eigenvalue(
     *,
     tol: float = 1e-10,
     bounds: tuple[float, float] | None = None,
+    progress: bool | None = None,
 ) -> float:
     """The ``k``-th smallest eigenvalue of ``C`` (``k = 1`` the smallest, ``k = P`` the
     largest) by bisection on exact eigenvalue counts (one chain sweep per step).
@@ -171,6 +179,7 @@ def eigenvalue(
         tol: absolute tolerance on the eigenvalue, relative to the spectral bound
             (``tol * max(1, |lambda|_max bound)``).
         bounds: an interval known to hold the eigenvalue; default: found by doubling.
+        progress: a bar over the bisection's sweeps (default: when stderr is a terminal).
 
     Cost: ``O(log(range / tol))`` sweeps. An eigenvalue inside a cluster of exact
     zeros (a rank-deficient Hessian) is resolved to about ``1e-8 max(1, |sigma|)``
@@ -182,7 +191,7 @@ def eigenvalue(
         raise ValueError(f"k must be in [1, {P}]; got {k}")
 
     def count(sigma: float) -> int:  # eigenvalues < sigma
-        return count_eigenvalues(chain, sigma, curvature)
+        return count_eigenvalues(chain, sigma, curvature, progress=False)
 
     if bounds is None:
         hi = 1.0
@@ -196,12 +205,17 @@ def eigenvalue(
         if not (count(lo) < k <= count(hi)):
             raise ValueError(f"bounds {bounds} do not hold the {k}-th eigenvalue")
     scale = max(1.0, abs(lo), abs(hi))
+    steps = max(0, math.ceil(math.log2((hi - lo) / (tol * scale))))
+    bar = progress_bar(steps, f"bisection (k={k})", progress, unit="sweep")
     while hi - lo > tol * scale:
         mid = 0.5 * (lo + hi)
         if count(mid) >= k:
             hi = mid
         else:
             lo = mid
+        bar.update()
+        bar.set_postfix(width=f"{hi - lo:.1e}")
+    bar.close()
     return 0.5 * (lo + hi)
 
 
