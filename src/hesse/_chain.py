@@ -50,7 +50,9 @@ class Chain:
     stages by hand: ``Chain([m1, m2, ...], loss_fn, data)`` makes each module one stage
     (a residual block, a convolution: any module that maps ``(n, ...)`` activations to
     ``(n, ...)`` activations). ``nn.Linear`` and element-wise activations get structured
-    fast paths; every other module goes through ``torch.func`` (dense over the batch).
+    fast paths (a ``Linear`` stage with more parameters than activations, e.g. at a batch
+    below its fan-in, never forms its ``p x p`` pivot); every other module goes through
+    ``torch.func``, per sample when it treats samples independently.
 
     The batch is part of the activations, so all data is used as one batch (several
     batches are concatenated; the loss's reduction is honoured as in `Problem`).
