@@ -203,15 +203,16 @@ class _Pivot:
         self.stage, self.p = stage, p
         self._inertia: Inertia | None = None
         eps = torch.finfo(Q.dtype).eps
-        # Cholesky first (it reads the lower triangle): a failed attempt costs a fraction
-        # of a factorisation. For a positive definite Q, max |Q_ij| is on the diagonal.
-        L, info = torch.linalg.cholesky_ex(Q)
-        d = torch.diagonal(L) ** 2
-        if int(info) == 0:
+        # Cholesky first (it reads the lower triangle) unless a diagonal entry is not
+        # positive: a failed attempt costs a fraction of a factorisation. For a positive
+        # definite Q, max |Q_ij| is on the diagonal.
+        if p == 0 or float(torch.diagonal(Q).min()) > 0:
+            L, info = torch.linalg.cholesky_ex(Q)
+            d = torch.diagonal(L) ** 2
             dmin = float(d.min()) if p else math.inf
             self.scale = float(torch.diagonal(Q).max()) if p else 0.0
             self.tol = max(p, 1) * eps * self.scale
-            if dmin > self.tol:  # Q itself is no longer needed: its inertia is known
+            if int(info) == 0 and dmin > self.tol:  # Q is no longer needed: inertia known
                 self.kind, self.L, self.Q = "cholesky", L, None
                 self.sign, self.logabs = 1.0, float(torch.log(d).sum())
                 self._inertia = Inertia(0, 0, p)
