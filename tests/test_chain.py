@@ -466,3 +466,23 @@ def test_progress_bars_for_the_sweep_and_the_bisection(capsys):
     lam = hesse.eigenvalue(prob, 1, tol=1e-6, progress=True)
     assert "bisection (k=1)" in capsys.readouterr().err
     assert abs(lam - float(torch.linalg.eigvalsh(hesse.hessian(prob))[0])) < 1e-5
+
+
+@pytest.mark.parametrize("first", ["flatten", "frozen"])
+def test_first_stages_without_parameters(first):
+    """The adjoints come from one backward pass; a chain whose first stages carry no
+    differentiated parameters (a Flatten, a frozen layer) still gets every adjoint."""
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(6)
+    head = [nn.Flatten()] if first == "flatten" else [nn.Flatten(), nn.Linear(6, 6), nn.Tanh()]
+    model = nn.Sequential(*head, nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 3)).double()
+    if first == "frozen":
+        model[1].requires_grad_(False)
+    X, y = torch.randn(5, 2, 3, generator=g), torch.randint(0, 3, (5,), generator=g)
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    assert prob.num_params == 4 * 7 + 3 * 5
+    H = hesse.hessian(prob)
+    v = torch.randn(len(H), 2, generator=g, dtype=torch.float64)
+    for eps in _shifts(H):
+        f = hesse.factorize(prob, eps)
+        assert rel_err(f.solve(v), torch.linalg.solve(H + eps * torch.eye(len(H)), v)) < TOL
