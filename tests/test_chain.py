@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import Reference, make_case, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_seeds import ScalarStage, _scalar_chain
 from torch import nn
 
@@ -486,3 +488,37 @@ def test_first_stages_without_parameters(first):
     for eps in _shifts(H):
         f = hesse.factorize(prob, eps)
         assert rel_err(f.solve(v), torch.linalg.solve(H + eps * torch.eye(len(H)), v)) < TOL
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    n=st.integers(1, 7),
+    bias=st.booleans(),
+    act=st.sampled_from([nn.Tanh, nn.Softplus, nn.Sigmoid, nn.GELU, nn.SiLU]),
+    curvature=st.sampled_from(["hessian", "ggn"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_chains_against_dense(widths, n, bias, act, curvature, seed):
+    """Random shapes: stages wide (batch below fan-in) or not, with and without bias,
+    batch 1 included; solve, log-determinant and inertia against the dense reference."""
+    widths = [*widths, 3]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(a, b, bias=bias)] + ([act()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers).double()
+    X, y = torch.randn(n, widths[0], generator=g), torch.randint(0, 3, (n,), generator=g)
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
+    for eps in _shifts(C):
+        Ce = C + eps * torch.eye(len(C))
+        f = hesse.factorize(prob, eps, curvature)
+        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
+        sign, la = torch.linalg.slogdet(Ce)
+        assert f.logdet()[0] == float(sign)
+        assert abs(f.logdet()[1] - float(la)) < TOL * max(1.0, abs(float(la)))
+        ev = torch.linalg.eigvalsh(Ce)
+        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
