@@ -357,7 +357,8 @@ class _WidePivot:
             self.singular, self.near_singular = self.small.singular, self.small.near_singular
         self.schur: Tensor | None = None
         self.store: Tensor | None = None
-        self.PG: Tensor | None = None
+        self._Pz: Tensor | None = None
+        self._PG: Tensor | None = None
         if need_z:
             a_in, i = d.a_in, d.i
             SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
@@ -371,13 +372,7 @@ class _WidePivot:
                 if self.extra:  # the complement: P = (I - Q_z Q_z^T) (x) I_o
                     Pz = -(self.Qz @ self.Qz[:i].T)  # (J, i)
                     Pz[:i].diagonal().add_(1.0)
-                    # P G_xz / eps [(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps, for the sweeps
-                    self.PG = Pz.new_empty(self.p, a_in)
-                    torch.mul(
-                        Pz.view(d.J, 1, 1, i),
-                        (d.lam.T / self.eps).reshape(1, o, n, 1),
-                        out=self.PG.view(d.J, o, n, i),
-                    )
+                    self._Pz = Pz  # for P G_xz, built when a solve first needs it
                     # - G_xz^T P G_xz / eps = - (lam lam^T) (x) Pz[:i] / eps
                     Q_zz.view(n, i, n, i).addcmul_(
                         (d.lam @ d.lam.T).view(n, 1, n, 1),
@@ -385,6 +380,20 @@ class _WidePivot:
                         value=-1 / self.eps,
                     )
             self.schur, self.store = self.small.eliminate(Q_zz, Q_uz)
+
+    @property
+    def PG(self) -> Tensor | None:
+        """``P G_xz / eps`` (``p x a_in``; ``None`` without a complement or ``G``):
+        ``PG[(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps``."""
+        if self._PG is None and self._Pz is not None:
+            d, Pz = self.d, self._Pz
+            self._PG = Pz.new_empty(self.p, d.a_in)
+            torch.mul(
+                Pz.view(d.J, 1, 1, d.i),
+                (d.lam.T / self.eps).reshape(1, d.o, d.n, 1),
+                out=self._PG.view(d.J, d.o, d.n, d.i),
+            )
+        return self._PG
 
     @property
     def inertia(self) -> Inertia:
@@ -412,14 +421,16 @@ class _WidePivot:
         perp = q - self._from_u(qu)
         ku, corr = self.small.backward(store, qu)
         k = self._from_u(ku) - perp / self.eps
-        if corr is not None and self.PG is not None:  # G_xz^T P q / eps
-            corr = corr - self.PG.T @ q
+        PG = self.PG
+        if corr is not None and PG is not None:  # G_xz^T P q / eps
+            corr = corr - PG.T @ q
         return k, corr
 
     def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
         """``K_l dz = -Q_xx^-1 Q_xz dz``."""
         out = self._from_u(self.small.K_times(store, dz))
-        return out if self.PG is None else out - self.PG @ dz
+        PG = self.PG
+        return out if PG is None else out - PG @ dz
 
 
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
