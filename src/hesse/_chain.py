@@ -339,7 +339,6 @@ class _WidePivot:
                 "the damping eps"
             )
         self.Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
-        self.G = None if gauss_newton else d.lam  # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk
         # (R (x) I) S [(r, o), (m, q)], then the same on the right (a batched product)
         RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
         small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
@@ -364,7 +363,9 @@ class _WidePivot:
             SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
             Q_uz = (Rz @ SA.view(n, o * a_in)).view(a, a_in)
             Q_zz = torch.bmm(d.W.T.expand(n, i, o), SA).view(a_in, a_in)  # A^T S A
-            if self.G is not None:  # J >= i: every input has its row j = i in [W | b]
+            # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk (the Hessian only); J >= i: every
+            # input has its row j = i in [W | b]
+            if not gauss_newton:
                 # Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
                 Q_uz.view(n, o, n, i).addcmul_(
                     self.Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
