@@ -65,6 +65,17 @@ def _shifts(C: torch.Tensor) -> list[float]:
     return [1.0, 1e-2, -float(ev[j] + ev[j + 1]) / 2]
 
 
+def _assert_matches_dense(f, Ce: torch.Tensor, V: torch.Tensor) -> None:
+    """A factorisation's solve, log-determinant (sign and value) and inertia against
+    the dense ``C + eps I``."""
+    assert rel_err(f.solve(V), torch.linalg.solve(Ce, V)) < TOL
+    sign, la = torch.linalg.slogdet(Ce)
+    fs, fla = f.logdet()
+    assert fs == float(sign) and abs(fla - float(la)) < TOL * max(1.0, abs(float(la)))
+    ev = torch.linalg.eigvalsh(Ce)
+    assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[1].__name__}-{len(c[0])}-n{c[4]}")
@@ -76,16 +87,11 @@ def test_chain_against_dense(cfg, loss, curvature):
     for eps in _shifts(C):
         Ce = C + eps * torch.eye(P)
         f = hesse.factorize(prob, damping=eps, curvature=curvature)
-        assert rel_err(f.solve(V), torch.linalg.solve(Ce, V)) < TOL
+        _assert_matches_dense(f, Ce, V)
         assert rel_err(f.solve(V[:, 0]), torch.linalg.solve(Ce, V[:, 0])) < TOL
         parts = f.solve(prob.unflatten(V[:, 1]))
         assert isinstance(parts, list)
         assert rel_err(prob.flatten(parts), torch.linalg.solve(Ce, V[:, 1])) < TOL
-        sign, la = torch.linalg.slogdet(Ce)
-        fs, fla = f.logdet()
-        assert fs == float(sign) and abs(fla - float(la)) <= TOL * max(1.0, abs(float(la)))
-        ev = torch.linalg.eigvalsh(Ce)
-        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
 
 
 def test_chain_generic_stages_equal_structured_and_dense():
@@ -382,12 +388,7 @@ def test_wide_stages_by_woodbury(curvature):
         f = hesse.factorize(prob, eps, curvature)
         assert f._factors[0].pivot.kind == "wide" and f._factors[2].pivot.kind == "wide"
         v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
-        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
-        sign, la = torch.linalg.slogdet(Ce)
-        assert f.logdet()[0] == float(sign)
-        assert abs(f.logdet()[1] - float(la)) < 1e-9 * max(1.0, abs(float(la)))
-        ev = torch.linalg.eigvalsh(Ce)
-        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+        _assert_matches_dense(f, Ce, v)
     with pytest.raises(hesse.SingularPivotError, match="increase the damping"):
         hesse.factorize(prob, 0.0, curvature)  # the last stage is singular at eps = 0 first
 
@@ -431,12 +432,7 @@ def test_wide_stages_with_repeated_samples(curvature):
         Ce = C + eps * torch.eye(len(C))
         f = hesse.factorize(prob, eps, curvature)
         assert [fa.pivot.kind for fa in f._factors if fa.pivot is not None] == ["wide"] * 3
-        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
-        sign, la = torch.linalg.slogdet(Ce)
-        assert f.logdet()[0] == float(sign)
-        assert abs(f.logdet()[1] - float(la)) < TOL * max(1.0, abs(float(la)))
-        ev = torch.linalg.eigvalsh(Ce)
-        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+        _assert_matches_dense(f, Ce, v)
 
 
 def test_wide_input_layer_at_mnist_size():
@@ -516,9 +512,4 @@ def test_random_chains_against_dense(widths, n, bias, act, curvature, seed):
     for eps in _shifts(C):
         Ce = C + eps * torch.eye(len(C))
         f = hesse.factorize(prob, eps, curvature)
-        assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
-        sign, la = torch.linalg.slogdet(Ce)
-        assert f.logdet()[0] == float(sign)
-        assert abs(f.logdet()[1] - float(la)) < TOL * max(1.0, abs(float(la)))
-        ev = torch.linalg.eigvalsh(Ce)
-        assert f.inertia() == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+        _assert_matches_dense(f, Ce, v)
