@@ -9,8 +9,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "save_png"]
 
 
 @contextmanager
@@ -32,3 +33,16 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def save_png(fig: Any, target: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``target`` as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    target = Path(target)
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return target

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hesse import _products
 from hesse._api import decompose
-from hesse._files import atomic_path
+from hesse._files import save_png
 from hesse._operators import HessianOperator
 from hesse._problem import Problem, float64_problem
 from hesse._progress import progress_bar
@@ -523,10 +523,4 @@ class SpectrumTracker:
         a2.set_title("Trace")
         a2.legend(fontsize=8)
         fig.tight_layout()
-        target = Path(path)
-        try:
-            with atomic_path(target) as tmp:
-                fig.savefig(tmp, dpi=120, format="png")
-        finally:
-            plt.close(fig)
-        return target
+        return save_png(fig, path)

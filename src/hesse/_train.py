@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import hesse
-from hesse._files import atomic_path
+from hesse._files import atomic_path, save_png
 from hesse._progress import progress_bar
 
 EXAMPLES = ("autoencoder", "classifier")
@@ -258,10 +258,4 @@ def plot_curves(out: Path, example: str) -> Path:
     a1.set_title(f"{example}: loss per step")
     a2.set_title(f"{example}: loss per second")
     fig.tight_layout()
-    target = out / "curves.png"
-    try:
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
-    return target
+    return save_png(fig, out / "curves.png")
