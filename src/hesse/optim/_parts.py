@@ -92,6 +92,8 @@ def truncated_cg(
     over the last ``k = max(10, 0.1 i)`` iterations, ``(phi(x_i) - phi(x_{i-k})) /
     phi(x_i)``, is below ``k * progress_tol``; or when the residual is below ``rtol |b|``;
     or on negative curvature ``p^T A p <= 0`` (a Hessian), keeping the iterate so far.
+    ``progress_tol=0`` switches the progress rule off (rounding can make ``phi`` tick up
+    once converged, which that rule would read as a stall).
 
     Args:
         matvec: ``v -> A v`` for ``(P,)`` vectors.
@@ -130,7 +132,7 @@ def truncated_cg(
             reason = "residual"
             break
         k = max(10, int(0.1 * i))
-        if i > k and i >= min_iter and phis[-1] < 0:
+        if progress_tol > 0 and i > k and i >= min_iter and phis[-1] < 0:
             prev = phis[-1 - k]
             if (phis[-1] - prev) / phis[-1] < k * progress_tol:
                 reason = "progress"
