@@ -18,7 +18,16 @@ from hesse._api import (
     hvp,
     jacobian,
 )
-from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
+from hesse._chain import (
+    Chain,
+    ChainFactorization,
+    FactorizationStatus,
+    InaccurateSolveError,
+    Inertia,
+    SingularPivotError,
+    SolveResult,
+    factorize,
+)
 from hesse._check import CheckReport, CheckRow, check
 from hesse._operators import (
     CurvatureOperator,
@@ -33,6 +42,7 @@ from hesse._solve import (
     NewtonStep,
     count_eigenvalues,
     eigenvalue,
+    eigenvalue_histogram,
     inertia,
     logdet,
     newton_step,
@@ -43,7 +53,6 @@ from hesse._spectral import (
     SpectralDensity,
     TraceEstimate,
     diagonal,
-    eigenvalue_histogram,
     eigs,
     eigvalsh,
     spectral_density,
@@ -61,14 +70,17 @@ __all__ = [
     "CurvatureOperator",
     "Decomposition",
     "EigResult",
+    "FactorizationStatus",
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "InaccurateSolveError",
     "Inertia",
     "NewtonStep",
     "Problem",
     "ResidualOperator",
     "SingularPivotError",
+    "SolveResult",
     "SpectralDensity",
     "SpectrumTracker",
     "TraceEstimate",

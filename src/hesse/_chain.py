@@ -19,18 +19,30 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from hesse import _products
 from hesse._bishop import _flatten_sequential
+from hesse._chain_pivots import TAU, Elimination
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
 from hesse._operators import check_curvature
 from hesse._problem import Problem, float64_problem
 from hesse._progress import progress_bar
 
-__all__ = ["Chain", "ChainFactorization", "Inertia", "SingularPivotError", "factorize"]
+__all__ = [
+    "Chain",
+    "ChainFactorization",
+    "FactorizationStatus",
+    "InaccurateSolveError",
+    "Inertia",
+    "SingularPivotError",
+    "SolveResult",
+    "factorize",
+]
 
 
 class SingularPivotError(ValueError):
-    """A pivot ``Q_xx`` of the sweep is singular: ``C + eps I`` is singular or the
-    elimination order breaks down at that stage; more damping helps."""
+    """``C + eps I`` is singular (within the rank tolerance): a solve is asked for where
+    none exists. The message gives the dimension of the near-null space found; more
+    damping helps."""
 
 
 class Inertia(NamedTuple):
@@ -182,228 +194,110 @@ class Chain:
         return [t.detach() for t in ins], [*(lam.detach() for lam in lams), one]
 
 
-# ----------------------------------------------------------------------------- pivots
-class _Pivot:
-    """One stage's pivot ``Q_xx``, factored once.
-
-    Positive definite pivots (the GGN with ``eps > 0``, and often the Hessian's stages too:
-    Cholesky is tried first, a failed attempt costs a fraction of a factorisation) use
-    Cholesky ``L L^T``;
-    the Schur update is then ``W = L^-1 Q_xz``, ``S -= W^T W`` (design note: half the
-    flops of ``Q_zx Q_xx^-1 Q_xz``, and ``S`` stays symmetric). Indefinite pivots use
-    LU with partial pivoting for the solves (BLAS-3 triangular solves; LAPACK's
-    symmetric-indefinite solve is BLAS-2 and several times slower) and read
-    ``log|det|`` and its sign off ``U``; the inertia comes from a Bunch-Kaufman
-    ``LDL^T`` (``torch.linalg.ldl_factor``), computed when first asked for.
-    """
-
-    def __init__(self, Q: Tensor, stage: str) -> None:
-        p = Q.shape[0]
-        self.Q: Tensor | None = Q
-        self.stage, self.p = stage, p
-        self._inertia: Inertia | None = None
-        eps = torch.finfo(Q.dtype).eps
-        # Cholesky first (it reads the lower triangle) unless a diagonal entry is not
-        # positive: a failed attempt costs a fraction of a factorisation. For a positive
-        # definite Q, max |Q_ij| is on the diagonal.
-        if p == 0 or float(torch.diagonal(Q).min()) > 0:
-            L, info = torch.linalg.cholesky_ex(Q)
-            d = torch.diagonal(L) ** 2
-            dmin = float(d.min()) if p else math.inf
-            self.scale = float(torch.diagonal(Q).max()) if p else 0.0
-            self.tol = max(p, 1) * eps * self.scale
-            if int(info) == 0 and dmin > self.tol:  # Q is no longer needed: inertia known
-                self.kind, self.L, self.Q = "cholesky", L, None
-                self.sign, self.logabs = 1.0, float(torch.log(d).sum())
-                self._inertia = Inertia(0, 0, p)
-                self._check(dmin)
-                return
-        Q = self.Q = 0.5 * (Q + Q.T)
-        self.scale = float(Q.abs().max()) if p else 0.0
-        self.tol = max(p, 1) * eps * self.scale
-        self.kind = "lu"
-        self.LU, self.piv, _ = torch.linalg.lu_factor_ex(Q)
-        u = torch.diagonal(self.LU)
-        swaps = int(
-            (self.piv != torch.arange(1, p + 1, device=Q.device, dtype=self.piv.dtype)).sum()
-        )
-        self.sign = float(torch.prod(torch.sign(u))) * (-1.0) ** swaps
-        self.logabs = float(torch.log(u.abs()).sum())
-        self._check(float(u.abs().min()) if p else math.inf)
-
-    def _check(self, smallest: float) -> None:
-        """Flags from the smallest pivot magnitude (Cholesky's ``d`` or LU's ``|u|``)."""
-        self.singular = smallest <= self.tol
-        self.near_singular = self.singular or (self.scale > 0 and smallest < 1e-10 * self.scale)
-        if self.near_singular and not self.singular:
-            warnings.warn(
-                f"the pivot of stage {self.stage!r} is nearly singular (smallest "
-                f"{smallest:.2e} against scale {self.scale:.2e}); the solve may be "
-                "inaccurate: increase the damping",
-                stacklevel=5,
-            )
-
-    @property
-    def inertia(self) -> Inertia:
-        if self._inertia is None:
-            LD, piv, _ = torch.linalg.ldl_factor_ex(self.Q)
-            evs = _block_eigenvalues(LD, piv)
-            tol = self.tol
-            self._inertia = Inertia(
-                int((evs < -tol).sum()), int((evs.abs() <= tol).sum()), int((evs > tol).sum())
-            )
-            if evs.numel():  # trust the symmetric factor's view of near-singularity too
-                small = float(evs.abs().min())
-                self.singular = self.singular or small <= tol
-                self.near_singular = self.near_singular or small < 1e-10 * self.scale
-        return self._inertia
-
-    def _raise_if_singular(self) -> None:
-        if self.singular:
-            raise SingularPivotError(
-                f"the pivot Q_xx of stage {self.stage!r} is singular: C + eps I is singular "
-                "(or nearly so) there; increase the damping eps"
-            )
-
-    def eliminate(self, Q_zz: Tensor, Q_xz: Tensor) -> tuple[Tensor, Tensor]:
-        """The Schur complement ``S_{l-1} = Q_zz - Q_zx Q_xx^-1 Q_xz`` and what the
-        sweeps keep of ``K_l = -Q_xx^-1 Q_xz``: ``W = L^-1 Q_xz`` (Cholesky) or ``K``."""
-        self._raise_if_singular()
-        # S is symmetric up to rounding; the next pivots read one triangle (Cholesky)
-        # or are symmetrised (LU), so it is not symmetrised here
-        if self.kind == "cholesky":
-            W = torch.linalg.solve_triangular(self.L, Q_xz, upper=False)
-            return torch.addmm(Q_zz, W.T, W, alpha=-1.0), W
-        K = -torch.linalg.lu_solve(self.LU, self.piv, Q_xz)
-        return torch.addmm(Q_zz, Q_xz.T, K), K
-
-    def backward(self, store: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The backward sweep's step: ``k_l = -Q_xx^-1 q`` and ``Q_zx k_l = K_l^T q``
-        (``None`` without ``store``: the first stage). Cholesky shares ``L^-1 q``."""
-        self._raise_if_singular()
-        if self.kind == "cholesky":
-            y = torch.linalg.solve_triangular(self.L, q, upper=False)
-            k = -torch.linalg.solve_triangular(self.L.T, y, upper=True)
-            return k, (None if store is None else -(store.T @ y))
-        k = -torch.linalg.lu_solve(self.LU, self.piv, q)
-        return k, (None if store is None else store.T @ q)
-
-    def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
-        """``K_l dz``."""
-        if self.kind == "cholesky":  # K = -L^-T W
-            return -torch.linalg.solve_triangular(self.L.T, store @ dz, upper=True)
-        return store @ dz
-
-
-class _WidePivot:
-    """The pivot of a wide ``Linear`` stage, ``Q_xx = eps I_p + B^T S B`` with more
-    parameters ``p = o J`` than activations ``a = n o`` (``J > n``), never formed (design
-    note, "Wide stages"). With the thin QR ``Zhat^T = Q_z R_z``,
+# ----------------------------------------------------------------------------- wide stages
+class _Wide:
+    """A wide ``Linear`` stage, ``p = o J`` parameters against ``a = n o`` activations
+    (``J > n``), eliminated without forming its ``p x p`` pivot (design note, "Wide
+    stages", (W1)-(W4)). With the thin QR ``Zhat^T = Q_z R_z``,
     ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``, so in the orthonormal basis
-    ``[Q_z, Q_z^perp] (x) I_o`` of the parameters the pivot is block diagonal:
-    ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``, factored by `_Pivot`) on the
-    range of ``B^T`` and ``eps I`` on its complement (``G_xx = 0`` for a linear stage).
-    Hence
+    ``[Q_z, Q_z^perp] (x) I_o`` of the parameters ``Q_xx`` is block diagonal:
+    ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``) on the range of ``B^T``,
+    ``eps I`` on its complement (``G_xx = 0``, and ``B`` vanishes there). The complement
+    is eliminated first, exactly: it couples to the state only through ``G_xz`` (the
+    Hessian), adding ``-G_xz^T P G_xz / eps = -(lam lam^T) (x) P_z / eps`` to ``Q_zz``
+    (W3). The range part goes through a stable `Elimination` (it may delay directions).
 
-    - ``Q_xx^-1 r = Q (Q_uu^-1 Q^T r) + (r - Q Q^T r) / eps`` (no cancellation);
-    - ``log|det Q_xx| = log|det Q_uu| + (p - a) log|eps|``;
-    - inertia: that of ``Q_uu``, plus ``p - a`` copies of ``sign(eps)``;
-    - the Schur update splits the same way: with ``Q_uz = (R_z (x) I) S A + Q^T G_xz``,
-      ``S_{l-1} = A^T S A - Q_uz^T Q_uu^-1 Q_uz - G_xz^T P G_xz / eps``, where
-      ``P = (I - Q_z Q_z^T) (x) I_o`` and ``G_xz^T P G_xz = (lam lam^T) (x) P_z`` is a
-      Kronecker product: only the ``a x a`` pivot costs cubic time.
-
-    Memory ``O(a^2 + a_in a + n p)`` instead of ``O(p^2 + p a_in)``. The orthogonal change
-    of basis keeps the elimination as stable as the plain one, for any ``Zhat``.
+    `build` returns ``None`` when the complement's pivot ``eps`` fails the threshold test
+    against its coupling (the Hessian at small ``eps``) and the dense pivot is affordable:
+    the sweep then treats the stage like any other.
     """
 
-    kind = "wide"
+    def __init__(self, d: _LinearDerivs, Qz: Tensor, Rz: Tensor, Pz: Tensor | None) -> None:
+        self.d, self.Qz, self._Pz = d, Qz, Pz
+        self.Rz = Rz
+        self.extra = d.p - d.a_out  # the complement: eigenvalue eps, this many times
+        self._PG: Tensor | None = None
 
-    def __init__(
-        self,
+    @classmethod
+    def build(
+        cls,
         d: _LinearDerivs,
         S: Tensor,
+        S_dz: Tensor | None,
+        S_dd: Tensor | None,
         eps: float,
+        gauss_newton: bool,
+        need_z: bool,
+        tol: float,
         stage: str,
-        gauss_newton: bool = False,
-        need_z: bool = False,
-    ) -> None:
-        self.d, self.eps, self.stage = d, float(eps), stage
-        self.p = d.p
+    ) -> _Wide | None:
         n, o, a = d.n, d.o, d.a_out
-        self.extra = self.p - a  # eigenvalue eps, this many times
-        if self.eps == 0 and self.extra > 0:
-            raise SingularPivotError(
-                f"the pivot Q_xx of stage {stage!r} is singular: the stage has more "
-                "parameters than activations, so C + eps I needs eps != 0 there; increase "
-                "the damping eps"
+        Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
+        coupled = need_z and not gauss_newton
+        Pz = None
+        if coupled and d.p > a:  # P = (I - Q_z Q_z^T) (x) I_o on the inputs' rows j < i
+            Pz = -(Qz @ Qz[: d.i].T)  # (J, i)
+            Pz[: d.i].diagonal().add_(1.0)
+            # the complement's couplings: row (j, o) of P G_xz has norm |Pz_j| |lam_:o|
+            c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
+                torch.linalg.vector_norm(d.lam, dim=0).max()
             )
-        self.Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
-        # (R (x) I) S [(r, o), (m, q)], then the same on the right (a batched product)
+            if not abs(eps) >= TAU * c and c > tol:
+                if d.p <= _DENSE_WIDE_LIMIT:
+                    return None
+                if eps == 0:
+                    raise SingularPivotError(
+                        f"stage {stage!r}: a wide Linear stage ({d.p} parameters, "
+                        f"{a} activations) needs damping eps != 0 in the Hessian"
+                    )
+            if c <= tol:
+                Pz = None  # no coupling to speak of
+        self = cls(d, Qz, Rz, Pz)
+        self.eps = float(eps)
+        self.m = m = 0 if S_dz is None else S_dz.shape[0]
+        # (W1): (R (x) I) S (R^T (x) I), a batched product
         RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
         small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
         small.diagonal().add_(self.eps)
-        self.small = _Pivot(small, stage)
-        sgn = 1.0 if self.eps > 0 else -1.0
-        self.sign = self.small.sign * sgn**self.extra
-        self.logabs = self.small.logabs + (
-            self.extra * math.log(abs(self.eps)) if self.extra else 0.0
-        )
-        self.singular = self.small.singular
-        self.near_singular = self.small.near_singular
-        if self.extra and not self.near_singular:  # the eigenvalue eps of the complement
-            self.small._check(min(abs(self.eps), self.small.scale))
-            self.singular, self.near_singular = self.small.singular, self.small.near_singular
-        self.schur: Tensor | None = None
-        self.store: Tensor | None = None
-        self._Pz: Tensor | None = None
-        self._PG: Tensor | None = None
+        Q_uz = Q_zz = Q_dz = None
+        if m:  # the delayed directions: Q_dr^T = (R (x) I) S_dz^T, as B^T is in range coords
+            Q_rd = (Rz @ S_dz.T.reshape(n, o * m)).view(a, m)
+            small = torch.cat([torch.cat([small, Q_rd], 1), torch.cat([Q_rd.T, S_dd], 1)])
+            Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
         if need_z:
             a_in, i = d.a_in, d.i
             SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
             Q_uz = (Rz @ SA.view(n, o * a_in)).view(a, a_in)
             Q_zz = torch.bmm(d.W.T.expand(n, i, o), SA).view(a_in, a_in)  # A^T S A
-            # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk (the Hessian only); J >= i: every
-            # input has its row j = i in [W | b]
             if not gauss_newton:
-                # Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
+                # (W2): Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
                 Q_uz.view(n, o, n, i).addcmul_(
-                    self.Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
+                    Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
                 )
-                if self.extra:  # the complement: P = (I - Q_z Q_z^T) (x) I_o
-                    Pz = -(self.Qz @ self.Qz[:i].T)  # (J, i)
-                    Pz[:i].diagonal().add_(1.0)
-                    self._Pz = Pz  # for P G_xz, built when a solve first needs it
-                    # - G_xz^T P G_xz / eps = - (lam lam^T) (x) Pz[:i] / eps
+                if self.extra and Pz is not None:  # (W3)
                     Q_zz.view(n, i, n, i).addcmul_(
                         (d.lam @ d.lam.T).view(n, 1, n, 1),
                         Pz[:i].view(1, i, 1, i),
                         value=-1 / self.eps,
                     )
-            self.schur, self.store = self.small.eliminate(Q_zz, Q_uz)
+            if m:
+                Q_uz = torch.cat([Q_uz, Q_dz])
+        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage)
+        return self
 
     @property
     def PG(self) -> Tensor | None:
-        """``P G_xz / eps`` (``p x a_in``; ``None`` without a complement or ``G``):
+        """``P G_xz / eps`` (``p x a_in``; ``None`` without coupling):
         ``PG[(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps``."""
-        if self._PG is None and self._Pz is not None:
+        if self._PG is None and self._Pz is not None and self.extra:
             d, Pz = self.d, self._Pz
-            self._PG = Pz.new_empty(self.p, d.a_in)
+            self._PG = Pz.new_empty(d.p, d.a_in)
             torch.mul(
                 Pz.view(d.J, 1, 1, d.i),
                 (d.lam.T / self.eps).reshape(1, d.o, d.n, 1),
                 out=self._PG.view(d.J, d.o, d.n, d.i),
             )
         return self._PG
-
-    @property
-    def inertia(self) -> Inertia:
-        i = self.small.inertia
-        self.singular = self.singular or self.small.singular
-        self.near_singular = self.near_singular or self.small.near_singular
-        if self.eps > 0:
-            return Inertia(i.negative, i.zero, i.positive + self.extra)
-        return Inertia(i.negative + self.extra, i.zero, i.positive)
 
     # the parameter space in the stage's internal layout (j, o), columns k
     def _to_u(self, R: Tensor) -> Tensor:  # Q^T r: (p, k) -> (a, k)
@@ -414,79 +308,157 @@ class _WidePivot:
         k = U.shape[1]
         return (self.Qz @ U.reshape(self.d.n, -1)).view(-1, k)
 
-    def backward(self, store: Tensor | None, q: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``k_l = -Q_xx^-1 q`` and ``K_l^T q = -Q_zx Q_xx^-1 q``: the range part through
-        ``Q_uu``; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T`` (``B``
-        vanishes there)."""
+    def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(W4): ``q = [q_x; s_d]``; the range part and the delayed directions through
+        the elimination; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T``.
+        Returns what `Elimination.backward` does, ``k`` holding both parts."""
+        q, q_d = q[: self.d.p], q[self.d.p :]
         qu = self._to_u(q)
         perp = q - self._from_u(qu)
-        ku, corr = self.small.backward(store, qu)
-        k = self._from_u(ku) - perp / self.eps
+        ku, corr, sd = self.elim.backward(torch.cat([qu, q_d]) if self.m else qu)
         PG = self.PG
-        if corr is not None and PG is not None:  # G_xz^T P q / eps
+        if corr is not None and PG is not None:  # G_xz^T P k_perp = -G_xz^T P q / eps
             corr = corr - PG.T @ q
-        return k, corr
+        return torch.cat([ku, perp / -self.eps if self.extra else perp[:0]]), corr, sd
 
-    def K_times(self, store: Tensor, dz: Tensor) -> Tensor:
-        """``K_l dz = -Q_xx^-1 Q_xz dz``."""
-        out = self._from_u(self.small.K_times(store, dz))
-        PG = self.PG
-        return out if PG is None else out - PG @ dz
+    def forward(self, k: Tensor, dz: Tensor | None, dval: Tensor | None) -> Tensor:
+        """``[x; d]``: the stage's parameters and its incoming delayed directions."""
+        nk = k.shape[0] - (self.d.p if self.extra else 0)
+        u = self.elim.forward(k[:nk], dz, dval)
+        a = self.d.a_out
+        x = self._from_u(u[:a])
+        if self.extra:
+            x = x + k[nk:]
+            PG = self.PG
+            if PG is not None and dz is not None:  # K_perp dz = -P G_xz dz / eps
+                x = x - PG @ dz
+        return torch.cat([x, u[a:]]) if self.m else x
 
 
-def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
-    """Eigenvalues of the 1x1 and 2x2 blocks of the ``D`` of a Bunch-Kaufman factor
-    (LAPACK ``sytrf`` convention: a negative pivot pair marks a 2x2 block)."""
-    p = LD.shape[0]
-    if p == 0:
-        return LD.new_zeros(0)
-    diag = torch.diagonal(LD).tolist()
-    sub = [*torch.diagonal(LD, -1).tolist(), 0.0]
-    pv = piv.tolist()
-    out, k = [], 0
-    while k < p:
-        if pv[k] > 0:
-            out.append(diag[k])
-            k += 1
-        else:
-            a, b, c = diag[k], sub[k], diag[k + 1]
-            mid, rad = 0.5 * (a + c), math.hypot(0.5 * (a - c), b)
-            out += [mid - rad, mid + rad]
-            k += 2
-    return torch.tensor(out, dtype=LD.dtype)
+_DENSE_WIDE_LIMIT = 4096
+"""A wide stage whose complement fails the threshold test is eliminated with its dense
+pivot when it has at most this many parameters (128 MB in float64); above, it keeps the
+wide form and the growth is reported in the status."""
 
 
 # ----------------------------------------------------------------------------- factorisation
+class FactorizationStatus(NamedTuple):
+    """What the sweep did and how far its answers can be trusted (data, not warnings).
+
+    Attributes:
+        kinds: each stage's elimination (``"cholesky"``, ``"ldl"``, ``"eigen"``,
+            ``"wide"``, ``"none"`` for a stage without pivots), first stage first.
+        delayed: the number of pivot directions each stage handed on to the one
+            before it (the delayed front); 0 everywhere when no pivoting was needed.
+        max_delayed: the largest delayed front.
+        growth: the largest Schur update's entry over the largest entry of its stage's
+            matrix (at most ``1 / TAU = 10`` by the threshold test; a positive definite
+            ``C + eps I`` gives at most 1).
+        scale: the largest entry of the stages' pivot blocks, an estimate of
+            ``||C + eps I||`` from below.
+        zero_tol: pivots of magnitude at most this count as zero
+            (``rank_rtol * scale``).
+        inertia: ``(negative, zero, positive)`` of ``C + eps I``.
+        min_pivot: the smallest pivot magnitude over ``scale`` (a reciprocal condition
+            indicator: ``C + eps I`` is within ``min_pivot * scale * growth`` of a
+            singular matrix).
+        dtype: the dtype the sweep ran in (float64 for a promoted float32 model).
+    """
+
+    kinds: tuple[str, ...]
+    delayed: tuple[int, ...]
+    max_delayed: int
+    growth: float
+    scale: float
+    zero_tol: float
+    inertia: Inertia
+    min_pivot: float
+    dtype: torch.dtype
+
+
+class SolveResult(NamedTuple):
+    """`ChainFactorization.solve_ex`'s answer (lineax's ``Solution``, torch's ``_ex``).
+
+    Attributes:
+        x: the solution, shaped like the right-hand side.
+        residual: ``max_j ||(C + eps I) x_j - v_j|| / ||v_j||`` over the columns,
+            measured with products of the true operator (``nan`` when not measured).
+        backward_error: ``max_j ||r_j|| / (scale ||x_j|| + ||v_j||)``: the relative
+            perturbation of ``C + eps I`` and ``v`` that ``x`` solves exactly; float64
+            can reach about ``1e-16`` times a small factor, whatever the conditioning.
+        refinement_steps: iterative-refinement steps taken.
+        converged: whether ``rtol`` was met (or, with ``rtol=None``, the backward error
+            reached the rounding level).
+    """
+
+    x: Tensor | list[Tensor]
+    residual: float
+    backward_error: float
+    refinement_steps: int
+    converged: bool
+
+
+class InaccurateSolveError(ArithmeticError):
+    """The requested accuracy could not be reached; the message says what was."""
+
+
 @dataclass
 class _StageFactor:
     stage: Stage
     d: StageDerivatives
-    pivot: _Pivot | _WidePivot | None
-    K: Tensor | None  # K_l = -Q_xx^-1 Q_xz (p x a_in), or W = L^-1 Q_xz; None: first stage
+    m_in: int  # delayed directions entering this stage's pivot (from the stage after it)
+    elim: Elimination | _Wide | None  # None: a pass-through stage (no pivot variables)
+
+    @property
+    def kind(self) -> str:
+        if self.elim is None:
+            return "none"
+        return "wide" if isinstance(self.elim, _Wide) else self.elim.kind
 
 
 class ChainFactorization:
-    """The backward sweep of a `Chain`, done once; cheap ``solve``, ``logdet`` and
-    ``inertia`` afterwards (lineax's init/compute split).
+    """The backward sweep of a `Chain` for ``C + eps I``, done once; cheap ``solve``,
+    ``logdet`` and ``inertia`` afterwards (lineax's init/compute split). Every result is
+    fixed when the sweep ends: no method changes what another returns.
+
+    The sweep is block Gaussian elimination of ``C + eps I`` in the order
+    ``x_L, ..., x_1`` with threshold pivoting and delayed pivots (design note, "Stable
+    elimination"): stable on symmetric indefinite chains, exact inertia with zeros
+    counted under a rank tolerance, and ``status`` reports what it did.
 
     Attributes:
         damping: ``eps`` of ``C + eps I``.
         curvature: ``"hessian"`` or ``"ggn"``.
         num_params: ``P``.
+        status: a `FactorizationStatus`.
     """
 
     def __init__(
-        self, chain: Chain, damping: float, curvature: str, progress: bool | None = None
+        self,
+        chain: Chain,
+        damping: float,
+        curvature: str,
+        progress: bool | None = None,
+        rank_rtol: float | None = None,
     ) -> None:
         self.chain, self.damping, self.curvature = chain, float(damping), curvature
-        self.num_params = chain.num_params
+        self.num_params = P = chain.num_params
+        dtype = chain.inputs.dtype
+        self._out_dtype = chain.problem.dtype
+        self.rank_rtol = (
+            10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
+        )
         gn = curvature == "ggn"
         zs, lams = chain._forward_backward()
         stages = chain.stages
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
-        S_L = torch.zeros(1, 1, dtype=chain.inputs.dtype, device=chain.inputs.device)
-        S = loss_d.q_blocks(S_L, gn, True)[0]
+        S_L = torch.zeros(1, 1, dtype=dtype, device=chain.inputs.device)
+        S: Tensor | None = loss_d.q_blocks(S_L, gn, True)[0]
+        S_dz: Tensor | None = None
+        S_dd: Tensor | None = None
+        m = 0  # delayed directions carried into the current stage
+        scale, growth = 0.0, 0.0
         factors: list[_StageFactor] = []
         bar = progress_bar(
             len(stages), "chain sweep", progress, unit="stage", delay=1.0 if progress is None else 0
@@ -496,105 +468,287 @@ class ChainFactorization:
             stage = stages[l_]
             d = stage.derivatives(zs[l_], lams[l_])
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
+            tol = self.rank_rtol * scale
+            elim: Elimination | _Wide | None = None
             if isinstance(d, _LinearDerivs) and d.p > d.a_out:
-                # a wide Linear stage: its p x p pivot through an a x a one, never formed
-                wide = _WidePivot(d, S, self.damping, stage.name, gn, need_z)
-                factors.append(_StageFactor(stage, d, wide, wide.store))
-                if need_z:
-                    S, wide.schur = wide.schur, None
-                continue
-            Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
-            pivot = K = None
-            if d.p > 0:
-                Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
-                pivot = _Pivot(Q_xx, stage.name)
-                if need_z:  # S_{l-1} = Q_zz + Q_zx K_l,  K_l = -Q_xx^-1 Q_xz
-                    S, K = pivot.eliminate(Q_zz, Q_xz)
+                elim = _Wide.build(d, S, S_dz, S_dd, self.damping, gn, need_z, tol, stage.name)
+            if elim is not None:
+                inner = elim.elim
+                S, S_dz, S_dd = inner.take_state()
+                m_out = inner.num_delayed
             else:
-                S = Q_zz  # a stage without parameters passes S_{l-1} = Q_zz
-            factors.append(_StageFactor(stage, d, pivot, K))
+                elim, S, S_dz, S_dd, m_out = self._stage(
+                    d, S, S_dz, S_dd, m, gn, need_z, tol, stage.name
+                )
+            if elim is not None:
+                inner = elim.elim if isinstance(elim, _Wide) else elim
+                scale = max(scale, inner.scale)
+                growth = max(growth, inner.growth / max(inner.ref, 1e-300))
+            factors.append(_StageFactor(stage, d, m, elim))
+            m = m_out
         bar.close()
         factors.reverse()
         self._factors = factors
+        self.status = self._summarise(scale, growth, dtype)
+
+    def _stage(
+        self,
+        d: StageDerivatives,
+        S: Tensor,
+        S_dz: Tensor | None,
+        S_dd: Tensor | None,
+        m: int,
+        gn: bool,
+        need_z: bool,
+        tol: float,
+        name: str,
+    ) -> tuple[Elimination | None, Tensor | None, Tensor | None, Tensor | None, int]:
+        """One stage of the sweep over ``u = [x_l; d_l]`` (design note (S1)): the blocks
+        of ``Q`` from the stage's products, the delayed directions' rows from
+        ``S_dz``, then a stable elimination. Returns the elimination (``None``: the stage
+        passes the state on) and the new ``S_zz, S_dz, S_dd`` and delayed count."""
+        Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
+        p = d.p
+        if p > 0:
+            Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
+        Q_dz = None
+        if m:
+            Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
+        if p == 0 and (need_z or m == 0):  # no pivot here: pass the state on
+            return None, Q_zz, Q_dz, S_dd, m
+        if m and p:  # (S1): u = [x; d]
+            Q_dx = d.Bt(S_dz.T).T  # S_dz B
+            Q_uu = torch.cat([torch.cat([Q_xx, Q_dx.T], 1), torch.cat([Q_dx, S_dd], 1)])
+            Q_uz = torch.cat([Q_xz, Q_dz]) if need_z else None
+        elif m:  # the first stage has no parameters: the delayed directions alone
+            Q_uu, Q_uz = S_dd, None
+        else:
+            Q_uu, Q_uz = Q_xx, Q_xz
+        elim = Elimination(Q_uu, Q_uz, Q_zz if need_z else None, tol, name)
+        S_zz, S_dz, S_dd = elim.take_state()
+        return elim, S_zz, S_dz, S_dd, elim.num_delayed
+
+    def _summarise(self, scale: float, growth: float, dtype: torch.dtype) -> FactorizationStatus:
+        """Inertia, log-determinant and the status from the pivots (Sylvester's law over
+        an orthogonal change of variables: design note (S6))."""
+        pivs: list[Tensor] = []
+        extra = 0  # wide complements: eigenvalue eps, this many times
+        for f in self._factors:
+            if isinstance(f.elim, _Wide):
+                pivs.append(f.elim.elim.pivots)
+                extra += f.elim.extra
+            elif f.elim is not None:
+                pivs.append(f.elim.pivots)
+        piv = torch.cat(pivs).double().cpu() if pivs else torch.zeros(0, dtype=torch.float64)
+        eps = self.damping
+        if extra:
+            piv = torch.cat([piv, torch.full((1,), eps, dtype=torch.float64)])
+        mult = torch.ones(len(piv), dtype=torch.float64)
+        if extra:
+            mult[-1] = extra
+        zero_tol = self.rank_rtol * scale
+        neg = int(mult[piv < -zero_tol].sum())
+        zero = int(mult[piv.abs() <= zero_tol].sum())
+        pos = int(mult[piv > zero_tol].sum())
+        if zero:
+            self._logdet = (0.0, -math.inf)
+        else:
+            self._logdet = ((-1.0) ** neg, float((mult * piv.abs().log()).sum()))
+        min_pivot = float(piv.abs().min()) / scale if len(piv) and scale > 0 else math.inf
+        delayed = (0, *(f.m_in for f in self._factors[:-1]))
+        return FactorizationStatus(
+            kinds=tuple(f.kind for f in self._factors),
+            delayed=delayed,
+            max_delayed=max(delayed),
+            growth=growth,
+            scale=scale,
+            zero_tol=zero_tol,
+            inertia=Inertia(neg, zero, pos),
+            min_pivot=min_pivot,
+            dtype=dtype,
+        )
 
     # ------------------------------------------------------------------------- queries
     def logdet(self) -> tuple[float, float]:
-        """``(sign, log|det(C + eps I)|)`` as ``torch.linalg.slogdet`` returns them:
-        the sum of the pivots' log-determinants, their signs multiplied. A singular
-        matrix gives ``(0.0, -inf)``."""
-        sign, total = 1.0, 0.0
-        for f in self._factors:
-            if f.pivot is not None:
-                if f.pivot.singular:
-                    return 0.0, -math.inf
-                sign *= f.pivot.sign
-                total += f.pivot.logabs
-        return sign, total
-
-    @property
-    def near_singular(self) -> bool:
-        """Whether a pivot is singular or nearly so (relative size below 1e-10): an
-        eigenvalue of ``C + eps I`` lies within rounding of zero."""
-        return any(f.pivot is not None and f.pivot.near_singular for f in self._factors)
+        """``(sign, log|det(C + eps I)|)`` as ``torch.linalg.slogdet`` returns them: the
+        sum of the pivots' log-magnitudes, the sign ``(-1)^negative``. A singular matrix
+        (a pivot within the rank tolerance of zero) gives ``(0.0, -inf)``."""
+        return self._logdet
 
     def inertia(self) -> Inertia:
         """Counts of negative, zero and positive eigenvalues of ``C + eps I``
-        (Sylvester: the sum of the pivots' inertias)."""
-        neg = zero = pos = 0
-        for f in self._factors:
-            if f.pivot is not None:
-                i = f.pivot.inertia
-                neg, zero, pos = neg + i.negative, zero + i.zero, pos + i.positive
-        return Inertia(neg, zero, pos)
+        (Sylvester's law of inertia over the pivots). Zero counts the pivots of magnitude
+        at most ``status.zero_tol = rank_rtol * status.scale``: each is an eigenvalue of
+        ``C + eps I`` within about ``zero_tol`` times the growth of zero."""
+        return self.status.inertia
 
-    def solve(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+    @property
+    def near_singular(self) -> bool:
+        """Whether ``C + eps I`` is singular or nearly so: a pivot below ``1e-10`` of the
+        scale."""
+        return self.status.inertia.zero > 0 or self.status.min_pivot < 1e-10
+
+    def solve(
+        self, v: Tensor | Sequence[Tensor], *, rtol: float | None = None, max_refine: int = 10
+    ) -> Tensor | list[Tensor]:
         """``(C + eps I)^-1 v`` for ``v`` of shape ``(P,)``, ``(P, k)`` or a list of
-        per-parameter tensors (returned in the same form). Cost: one backward and one
-        forward pass over the stages, ``O(sum_l (a_l + p_l)^2 k)``."""
+        per-parameter tensors (returned in the same form), refined until it checks.
+
+        Args:
+            rtol: the relative residual ``||(C + eps I) x - v|| / ||v||`` to reach (per
+                column). ``None`` (default): as accurate as the arithmetic allows,
+                i.e. refine until the backward error stops improving.
+            max_refine: at most this many steps of iterative refinement (each one sweep
+                and one product with the true operator); 0 measures nothing.
+
+        Raises:
+            SingularPivotError: ``C + eps I`` is singular (its near-null space's
+                dimension is in the message).
+            InaccurateSolveError: ``rtol`` was not reached (or, with ``rtol=None``, the
+                backward error stayed above ``1e-10``); the message says what was.
+
+        Cost: one backward and one forward pass over the stages per sweep,
+        ``O(sum_l (a_l + p_l + m_l)^2 k)`` for ``m_l`` delayed directions.
+        `solve_ex` returns the residual and the refinement steps too.
+        """
+        res = self.solve_ex(v, rtol=rtol, max_refine=max_refine)
+        if not res.converged and max_refine > 0:
+            floor = _backward_floor(self.num_params, self.status.dtype)
+            if rtol is not None:
+                raise InaccurateSolveError(
+                    f"the solve reached a relative residual of {res.residual:.2e} after "
+                    f"{res.refinement_steps} refinement steps, not the requested rtol={rtol:.1e}; "
+                    f"its backward error is {res.backward_error:.1e} (rounding level "
+                    f"{floor:.0e}): at this conditioning {self.status.dtype} cannot do "
+                    "better; ask for a larger rtol or damping"
+                )
+            if res.backward_error > 1e-10:
+                raise InaccurateSolveError(
+                    f"the solve reached only a backward error of {res.backward_error:.2e} "
+                    f"(relative residual {res.residual:.2e}) after {res.refinement_steps} "
+                    "refinement steps; increase the damping"
+                )
+        return res.x
+
+    def solve_ex(
+        self, v: Tensor | Sequence[Tensor], *, rtol: float | None = None, max_refine: int = 10
+    ) -> SolveResult:
+        """As `solve`, but returns a `SolveResult` (the solution, its residual, backward
+        error and refinement steps) and raises only for a singular ``C + eps I``."""
+        if rtol is not None and not (rtol >= 0 and math.isfinite(rtol)):
+            raise ValueError(f"rtol must be a finite number >= 0 or None; got {rtol}")
+        if isinstance(max_refine, bool) or not isinstance(max_refine, int) or max_refine < 0:
+            raise ValueError(f"max_refine must be an integer >= 0; got {max_refine!r}")
+        zero = self.status.inertia.zero
+        if zero:
+            raise SingularPivotError(
+                f"C + eps I is singular (eps = {self.damping:g}): the sweep found a near-null "
+                f"space of dimension {zero} (pivots below {self.status.zero_tol:.1e} = "
+                f"rank_rtol {self.rank_rtol:.1e} x scale {self.status.scale:.2e}); increase "
+                "the damping eps"
+            )
         prob = self.chain.problem
         as_list = isinstance(v, (list, tuple))
         V = prob.as_flat(v, "v")
+        if not bool(torch.isfinite(V).all()):
+            raise ValueError("v has non-finite entries (nan or inf)")
         vec = V.ndim == 1
         V = V.unsqueeze(1) if vec else V
+        X = self._sweep_solve(V)
+        res = be = math.nan
+        steps, converged = 0, False
+        if max_refine > 0:
+            floor = _backward_floor(self.num_params, self.status.dtype)
+            tiny = torch.finfo(V.dtype).tiny
+            vn = torch.linalg.vector_norm(V, dim=0).clamp_min(tiny)
+            scale = self.status.scale
+            best = None
+            while True:
+                R = V - self._operator(X)
+                rn = torch.linalg.vector_norm(R, dim=0)
+                res = float((rn / vn).max())
+                xn = torch.linalg.vector_norm(X, dim=0)
+                be = float((rn / (scale * xn + vn).clamp_min(tiny)).max())
+                if best is not None and not res < best[0]:  # no better: keep the best
+                    res, be, X = best[0], best[1], best[2]
+                    break
+                converged = res <= rtol if rtol is not None else be <= floor
+                if converged or steps >= max_refine or (best is not None and res > 0.5 * best[0]):
+                    break
+                best = (res, be, X)
+                X = X + self._sweep_solve(R)
+                steps += 1
+        X = X.squeeze(1) if vec else X
+        X = X.to(self._out_dtype)
+        out = [t.to(self._out_dtype) for t in prob.unflatten(X)] if as_list else X
+        return SolveResult(out, res, be, steps, converged)
+
+    def _operator(self, X: Tensor) -> Tensor:
+        """``(C + eps I) X`` with the true operator's products (design note (S7))."""
+        prob = self.chain.problem
+        if self.curvature == "ggn":
+            CX = _products.ggn_matmat(prob, X)
+        else:
+            CX = _products.hessian_matmat(prob, X)
+        return CX + self.damping * X
+
+    def _sweep_solve(self, V: Tensor) -> Tensor:
+        """One backward and one forward sweep: ``(C + eps I)^-1 V`` for ``V`` ``(P, k)``
+        in the problem's order, from the factors."""
         # minimise 1/2 dx^T (C + eps I) dx + r^T dx with r = -v (stages' internal orders)
         perm = self.chain._perm
         perm = None if perm is None else perm.to(V.device)
         R = -(V if perm is None else V[perm])
         r = [R[blk] for blk in self.chain._blocks]
         # backward sweep: s_L = 0 (the loss stage has no parameters and S_L = 0)
-        s = None
+        s: Tensor | None = None
+        s_d: Tensor | None = None  # the delayed directions' linear term
         ks: list[Tensor | None] = [None] * len(self._factors)
         for l_ in range(len(self._factors) - 1, -1, -1):
             f = self._factors[l_]
             need_z = l_ > 0
             q_z = f.d.At(s) if (s is not None and need_z) else None  # q_z = A^T s_l
-            if f.d.p > 0:
-                q_x = r[l_] + (f.d.Bt(s) if s is not None else 0.0)  # q_x = r_l + B^T s_l
-                # k_l = -Q_xx^-1 q_x and Q_zx k_l = K_l^T q_x
-                ks[l_], corr = f.pivot.backward(f.K if need_z else None, q_x)
-                if need_z:
-                    s = corr if q_z is None else q_z + corr  # s_{l-1} = q_z + Q_zx k_l
-            else:
+            if f.elim is None:  # pass-through: s_d unchanged
                 s = q_z
-        # forward sweep: dz_0 = 0, dx_l = k_l + K_l dz_{l-1}, dz_l = A dz_{l-1} + B dx_l
-        dz = None
+                continue
+            parts = []
+            if f.d.p > 0:
+                parts.append(r[l_] + (f.d.Bt(s) if s is not None else 0.0))  # r_l + B^T s_l
+            if f.m_in:
+                parts.append(s_d)
+            q_u = parts[0] if len(parts) == 1 else torch.cat(parts)
+            ks[l_], corr, s_d = f.elim.backward(q_u)  # k_l and Q_zu k_l
+            if need_z:
+                s = corr if q_z is None else (q_z if corr is None else q_z + corr)
+        # forward sweep: dz_0 = 0, u_l = k_l + K_l dz_{l-1} (S6), dz_l = A dz + B dx
+        dz: Tensor | None = None
+        dval: Tensor | None = None  # the values of the directions this stage delayed
         out = torch.empty_like(V)
         for l_, (f, blk) in enumerate(zip(self._factors, self.chain._blocks, strict=True)):
             dx = None
-            if f.d.p > 0:
-                dx = ks[l_] if (dz is None or f.K is None) else ks[l_] + f.pivot.K_times(f.K, dz)
-                out[blk] = dx
+            if f.elim is not None:
+                u = f.elim.forward(ks[l_], dz, dval)
+                p = f.d.p
+                dx, dval = u[:p], (u[p:] if f.m_in else None)
+                if p > 0:
+                    out[blk] = dx
             if l_ + 1 < len(self._factors):
                 nxt = f.d.A(dz) if dz is not None else None
-                if dx is not None:
+                if dx is not None and f.d.p > 0:
                     bdx = f.d.B(dx)
                     nxt = bdx if nxt is None else nxt + bdx
                 dz = nxt
         if perm is not None:
             internal, out = out, torch.empty_like(out)
             out[perm] = internal
-        out = out.squeeze(1) if vec else out
-        return prob.unflatten(out) if as_list else out
+        return out
+
+
+def _backward_floor(P: int, dtype: torch.dtype) -> float:
+    """The backward error that refinement in working precision aims at, ``sqrt(P) u``
+    (design note (S7)); it stops earlier only when a step no longer halves the
+    residual."""
+    return math.sqrt(max(P, 1)) * torch.finfo(dtype).eps
 
 
 def _as_chain(obj: Problem | Chain) -> Chain:
@@ -617,7 +771,8 @@ def factorize(
     damping: float = 0.0,
     curvature: str = "hessian",
     *,
-    promote: bool = False,
+    promote: bool = True,
+    rank_rtol: float | None = None,
     progress: bool | None = None,
 ) -> ChainFactorization:
     """Run the backward sweep once for ``C + eps I`` (``C`` the Hessian or the GGN).
@@ -627,31 +782,44 @@ def factorize(
         damping: ``eps`` (may be negative: ``eps = -sigma`` counts eigenvalues below
             ``sigma``).
         curvature: ``"hessian"`` or ``"ggn"``.
-        promote: compute in float64 on a copy when the model is float32 (otherwise
-            float32 only warns: solves and log-determinants lose digits).
+        promote: a model in another dtype than float64 (float32, bfloat16) is factored
+            on a float64 copy (default; answers come back in the model's dtype);
+            ``False`` runs in the model's dtype, with a warning: solves and counts then
+            lose digits in proportion to the conditioning.
+        rank_rtol: pivots at most ``rank_rtol * scale`` count as zero eigenvalues
+            (default ``10 P u``, ``u`` the unit roundoff: numpy's ``matrix_rank``
+            tolerance with a margin for the elimination's growth).
         progress: a bar over the stages (default: when stderr is a terminal and the
             sweep takes over a second).
 
     Returns:
-        a `ChainFactorization` with ``.solve(v)``, ``.logdet()`` and ``.inertia()``.
+        a `ChainFactorization` with ``.solve(v)``, ``.logdet()``, ``.inertia()`` and
+        ``.status`` (pivot kinds, delayed directions, growth, inertia).
 
     Cost: time and memory linear in the number of stages, ``O(a^3 + p^3 + a p (a + p))``
     per stage for ``a`` activations (batch x width) and ``p`` parameters; a ``Linear``
-    stage with ``p > a`` (batch below its fan-in) costs ``O(a^3 + a p)``: its pivot is
-    factored on the range of ``B^T`` only (`_WidePivot`).
-    Reference: design note ``chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
+    stage with ``p > a`` (batch below its fan-in) costs ``O(a^3 + a p)``. Pivots that
+    fail the threshold test are delayed to the stage before (``m`` of them add ``m`` to
+    that stage's pivot size; ``status.max_delayed``). Reference: design note
+    ``docs/design/chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
     """
     check_curvature(curvature)
     if not math.isfinite(float(damping)):
-        raise ValueError(f"damping must be finite; got {damping}")
+        raise ValueError(f"damping must be a finite number; got {damping}")
+    if rank_rtol is not None and not (0 <= float(rank_rtol) < 1):
+        raise ValueError(f"rank_rtol must be in [0, 1); got {rank_rtol}")
     chain = _as_chain(problem_or_chain)
-    if chain.problem.dtype != torch.float64:
+    out_dtype = chain.problem.dtype
+    if out_dtype != torch.float64:
         if promote:
             chain = _promoted(chain)
         else:
             warnings.warn(
-                f"the chain solver runs in {chain.problem.dtype}; float64 is recommended for "
-                "solves and log-determinants (pass promote=True to compute in float64)",
+                f"the chain solver runs in {out_dtype}; float64 is recommended for "
+                "solves and log-determinants (promote=True, the default, computes in "
+                "float64)",
                 stacklevel=2,
             )
-    return ChainFactorization(chain, damping, curvature, progress)
+    f = ChainFactorization(chain, damping, curvature, progress, rank_rtol)
+    f._out_dtype = out_dtype
+    return f

@@ -27,7 +27,8 @@ from hesse._files import save_png
 from hesse._operators import HessianOperator
 from hesse._problem import Problem, float64_problem
 from hesse._progress import progress_bar
-from hesse._spectral import eigenvalue_histogram, eigs, spectral_density, trace
+from hesse._solve import eigenvalue_histogram
+from hesse._spectral import eigs, spectral_density, trace
 
 __all__ = ["REPORT_SCHEMA", "SpectrumTracker", "build_report", "prepare_report_dir", "write_report"]
 

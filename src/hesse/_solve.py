@@ -3,6 +3,7 @@ one entry point each, with the chain solver, Krylov methods or a dense reference
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -14,15 +15,17 @@ import torch
 from torch import Tensor
 
 from hesse import _products
-from hesse._chain import Chain, ChainFactorization, Inertia, SingularPivotError, factorize
+from hesse._chain import Chain, Inertia, _as_chain, factorize
 from hesse._operators import check_curvature, curvature_operator
 from hesse._problem import Problem
 from hesse._progress import progress_bar
+from hesse._spectral import eigs
 
 __all__ = [
     "NewtonStep",
     "count_eigenvalues",
     "eigenvalue",
+    "eigenvalue_histogram",
     "inertia",
     "logdet",
     "newton_step",
@@ -117,12 +120,14 @@ def _krylov(
 def logdet(
     problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
 ) -> tuple[float, float]:
-    """``(sign, log|det(C + eps I)|)`` from the chain sweep, as ``torch.linalg.slogdet``."""
+    """``(sign, log|det(C + eps I)|)`` from the chain sweep, as ``torch.linalg.slogdet``
+    (``(0.0, -inf)`` for a singular matrix)."""
     return factorize(problem, damping, curvature).logdet()
 
 
 def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian") -> Inertia:
-    """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (chain sweep)."""
+    """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (chain sweep;
+    zero under the rank tolerance of `factorize`)."""
     return factorize(problem, damping, curvature).inertia()
 
 
@@ -131,35 +136,72 @@ def count_eigenvalues(
     below: float,
     curvature: str = "hessian",
     *,
-    rtol: float = 1e-12,
+    rank_rtol: float | None = None,
     progress: bool | None = None,
 ) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
-    negative inertia of ``C - sigma I`` (Sylvester), from one chain sweep.
+    negative inertia of ``C - sigma I`` (Sylvester), from one stable chain sweep.
 
-    When ``sigma`` is an eigenvalue (a pivot of the sweep is singular, e.g. ``sigma = 0``
-    for a rank-deficient Hessian), the count is taken at ``sigma - delta`` for the first
-    ``delta`` in ``rtol * 10^j * max(1, |sigma|)``, ``j = 0..4``, at which no pivot is
-    singular: eigenvalues numerically equal to ``sigma`` do not count as below it. A
-    Hessian may have many eigenvalues near zero; to count "negative" ones robustly, ask
-    for ``below=-tau`` with a tolerance ``tau`` of your choosing.
+    Eigenvalues within the rank tolerance of ``sigma`` (``rank_rtol`` times the scale
+    of ``C - sigma I``, see `factorize`) count as equal to it, not below: so
+    ``below=0.0`` counts the negative eigenvalues of a rank-deficient Hessian and leaves
+    its exact zeros out. Every other eigenvalue is counted exactly (up to the sweep's
+    backward error, about ``1e-13 ||C||`` in float64).
     """
     sigma = float(below)
-    for delta in [0.0] + [rtol * 10.0**j * max(1.0, abs(sigma)) for j in range(5)]:
-        try:
-            f = _quiet_factorize(problem, -(sigma - delta), curvature, progress)
-            return f.inertia().negative
-        except SingularPivotError:
-            continue
-    raise SingularPivotError(f"every sweep near sigma = {sigma} met a singular pivot")
+    if not math.isfinite(sigma):
+        raise ValueError(f"below must be a finite number; got {below}")
+    return factorize(
+        problem, -sigma, curvature, rank_rtol=rank_rtol, progress=progress
+    ).inertia().negative
 
 
-def _quiet_factorize(
-    problem: Problem | Chain, damping: float, curvature: str, progress: bool | None = False
-) -> ChainFactorization:
+def eigenvalue_histogram(
+    problem: Problem | Chain, edges: Sequence[float] | Tensor, curvature: str = "hessian"
+) -> Tensor:
+    """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the chain
+    sweep's counts (one sweep per edge), for models that are chains.
+
+    Returns ``(len(edges) - 1,)`` integer counts.
+    """
+    e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
+    if len(e) < 2 or any(not b > a for a, b in itertools.pairwise(e)):
+        raise ValueError(f"edges must be at least two strictly increasing numbers; got {e}")
+    chain = _as_chain(problem)
+    below = [count_eigenvalues(chain, x, curvature) for x in e]
+    return torch.tensor([b - a for a, b in itertools.pairwise(below)])
+
+
+def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float]:
+    """``(lo, hi, theta)``: an interval holding the whole spectrum, certified by counts
+    (``count(lo) = 0``, ``count(hi) = P``), and the Lanczos estimate of the wanted
+    eigenvalue (``nan`` for an interior ``k``)."""
+    P = chain.num_params
+    op = curvature_operator(chain.problem, curvature)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # near-singular pivots are expected
-        return factorize(problem, damping, curvature, progress=progress)
+        warnings.simplefilter("ignore", UserWarning)  # a rough estimate is enough here
+        gen = torch.Generator().manual_seed(0)
+        top = eigs(op, 1, "largest", tol=1e-10, max_steps=min(P, 80), generator=gen)
+        bottom = eigs(op, 1, "smallest", tol=1e-10, max_steps=min(P, 80), generator=gen)
+    lmax, rmax = float(top.eigenvalues[0]), float(top.residuals[0])
+    lmin, rmin = float(bottom.eigenvalues[0]), float(bottom.residuals[0])
+    norm = max(abs(lmax), abs(lmin), 1e-300)
+    lo, hi = lmin - rmin - 1e-3 * norm, lmax + rmax + 1e-3 * norm
+    # certify with counts, widening until they hold (Ritz values lie inside the spectrum)
+    for _ in range(64):
+        if count_eigenvalues(chain, lo, curvature) == 0:
+            break
+        lo -= max(hi - lo, norm)
+    else:
+        raise ArithmeticError(f"no lower bound of the spectrum found (last tried {lo:.3e})")
+    for _ in range(64):
+        if count_eigenvalues(chain, hi, curvature) == P:
+            break
+        hi += max(hi - lo, norm)
+    else:
+        raise ArithmeticError(f"no upper bound of the spectrum found (last tried {hi:.3e})")
+    theta = lmin if k == 1 else lmax if k == P else math.nan
+    return lo, hi, theta
 
 
 def eigenvalue(
@@ -172,43 +214,61 @@ def eigenvalue(
     progress: bool | None = None,
 ) -> float:
     """The ``k``-th smallest eigenvalue of ``C`` (``k = 1`` the smallest, ``k = P`` the
-    largest) by bisection on exact eigenvalue counts (one chain sweep per step).
+    largest), certified by exact eigenvalue counts (one chain sweep each).
+
+    The spectrum is bracketed by Lanczos (`eigs`, a few dozen operator products) and
+    the bracket certified by two counts; the smallest and largest eigenvalues start
+    from their Lanczos estimate, so a few sweeps certify them; an interior eigenvalue is
+    found by bisection on counts. Which tool answers which question: `eigs` for a few
+    extreme eigenpairs (fast, not certified), `eigenvalue` for one eigenvalue, any ``k``,
+    certified to ``tol``; `count_eigenvalues` / `eigenvalue_histogram` for how many lie
+    below a value or in bins.
 
     Args:
-        k: ``1 <= k <= P``.
-        tol: absolute tolerance on the eigenvalue, relative to the spectral bound
-            (``tol * max(1, |lambda|_max bound)``).
-        bounds: an interval known to hold the eigenvalue; default: found by doubling.
+        k: an integer, ``1 <= k <= P``.
+        tol: the absolute accuracy, relative to the spectrum's scale:
+            ``|returned - lambda_k| <= tol * max|lambda|``, down to the float spacing
+            (a smaller ``tol`` stops there instead of looping).
+        bounds: an interval known to hold the eigenvalue (skips the bracketing).
         progress: a bar over the bisection's sweeps (default: when stderr is a terminal).
 
-    Cost: ``O(log(range / tol))`` sweeps. An eigenvalue inside a cluster of exact
-    zeros (a rank-deficient Hessian) is resolved to about ``1e-8 max(1, |sigma|)``
-    only: see `count_eigenvalues`.
+    Cost: two Lanczos runs and ``O(log2(width / tol))`` sweeps, at most 200.
     """
-    chain = problem if isinstance(problem, Chain) else Chain.from_problem(problem)
+    chain = _as_chain(problem)
     P = chain.num_params
-    if not 1 <= k <= P:
-        raise ValueError(f"k must be in [1, {P}]; got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}], an integer; got {k!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number; got {tol!r}")
 
     def count(sigma: float) -> int:  # eigenvalues < sigma
         return count_eigenvalues(chain, sigma, curvature, progress=False)
 
     if bounds is None:
-        hi = 1.0
-        while count(hi) < k:
-            hi *= 2.0
-        lo = -1.0
-        while count(lo) >= k:
-            lo *= 2.0
+        lo, hi, theta = _spectral_bracket(chain, curvature, int(k))
+        scale = max(abs(lo), abs(hi))
+        if math.isfinite(theta):  # an extreme eigenvalue: try a tight bracket around it
+            for width in (1e-2 * tol * scale, tol * scale, 1e3 * tol * scale):
+                a, b = theta - width, theta + width
+                if lo <= a and b <= hi and count(a) < k <= count(b):
+                    lo, hi = a, b
+                    break
     else:
-        lo, hi = bounds
+        lo, hi = (float(x) for x in bounds)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds must be two finite numbers lo < hi; got {bounds}")
         if not (count(lo) < k <= count(hi)):
             raise ValueError(f"bounds {bounds} do not hold the {k}-th eigenvalue")
-    scale = max(1.0, abs(lo), abs(hi))
-    steps = max(0, math.ceil(math.log2((hi - lo) / (tol * scale))))
+        scale = max(abs(lo), abs(hi))
+    goal = tol * scale
+    steps = min(200, max(0, math.ceil(math.log2(max(hi - lo, 1e-300) / max(goal, 1e-300)))))
     bar = progress_bar(steps, f"bisection (k={k})", progress, unit="sweep")
-    while hi - lo > tol * scale:
+    for _ in range(steps):
+        if hi - lo <= goal:
+            break
         mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:  # the float spacing: nothing left to halve
+            break
         if count(mid) >= k:
             hi = mid
         else:

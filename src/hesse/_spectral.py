@@ -7,7 +7,6 @@ an optional ``torch.Generator`` that makes the estimate reproducible.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,16 +15,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hesse._chain import Chain
 from hesse._operators import CurvatureOperator
-from hesse._problem import Problem
 
 __all__ = [
     "EigResult",
     "SpectralDensity",
     "TraceEstimate",
     "diagonal",
-    "eigenvalue_histogram",
     "eigs",
     "eigvalsh",
     "spectral_density",
@@ -410,21 +406,3 @@ def eigvalsh(op: Operator, *, max_memory: int | None = None) -> Tensor:
     A = _Counted(op)
     M = op if isinstance(op, Tensor) else op.to_dense(max_memory=max_memory, progress=False)
     return torch.linalg.eigvalsh(M.to(A.dtype))
-
-
-def eigenvalue_histogram(
-    problem: Problem | Chain, edges: Sequence[float] | Tensor, curvature: str = "hessian"
-) -> Tensor:
-    """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the chain
-    sweep's counts (one sweep per edge), for models that are chains.
-
-    Returns ``(len(edges) - 1,)`` integer counts.
-    """
-    from hesse._solve import count_eigenvalues
-
-    e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
-    if len(e) < 2 or any(b <= a for a, b in itertools.pairwise(e)):
-        raise ValueError("edges must be at least two strictly increasing numbers")
-    chain = problem if isinstance(problem, Chain) else Chain.from_problem(problem)
-    below = [count_eigenvalues(chain, x, curvature) for x in e]
-    return torch.tensor([b - a for a, b in itertools.pairwise(below)])

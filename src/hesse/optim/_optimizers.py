@@ -19,7 +19,7 @@ from hesse._chain import factorize
 from hesse._operators import HessianOperator, check_curvature, curvature_operator
 from hesse._problem import Problem
 from hesse._products import empirical_fisher_diagonal
-from hesse._solve import _quiet_factorize, eigenvalue
+from hesse._solve import eigenvalue
 from hesse._spectral import eigs
 from hesse.optim._parts import (
     armijo,
@@ -325,7 +325,7 @@ class ChainNewton(_SecondOrder):
         (inverse iteration with the chain solver)."""
         lam1 = eigenvalue(prob, 1, curvature, tol=1e-10)
         shift = -lam1 + 1e-7 * max(1.0, abs(lam1))
-        f = _quiet_factorize(prob, shift, curvature)  # nearly singular by design
+        f = factorize(prob, shift, curvature)  # nearly singular by design
         u = torch.randn(
             prob.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64
         ).to(prob.dtype)
@@ -356,7 +356,7 @@ class ChainNewton(_SecondOrder):
             tr = trust_region_subproblem(
                 g,
                 group["radius"],
-                lambda s: _quiet_factorize(prob, s, curvature),  # near -lambda_1 by design
+                lambda s: factorize(prob, s, curvature),  # near -lambda_1 by design
                 lambda: self._smallest(prob, curvature),
             )
             d = tr.step

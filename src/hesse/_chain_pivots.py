@@ -1,0 +1,225 @@
+"""One stage's elimination in the chain sweep, with threshold pivoting and delayed pivots.
+
+Design note: docs/design/chain-curvature.md, section "Stable elimination" (equations
+(S1)-(S6)). At stage ``l`` the sweep holds the quadratic
+
+    M = [[Q_uu, Q_uz], [Q_zu, Q_zz]]                                           (S1)
+
+over the stage's pivot variables ``u`` (its parameters ``x_l`` and the directions that
+later stages delayed, ``d_l``) and the state ``z = dz_{l-1}``. `Elimination` removes
+as much of ``u`` as it can *stably* and hands the rest on as delayed directions:
+
+1. ``cholesky``: ``Q_uu = L L^T`` and ``W = L^-1 Q_uz``; accepted when the Schur update
+   ``W^T W`` stays within ``1 / tau`` of the entries of ``M`` (always so when ``M`` is
+   positive semi-definite, e.g. the GGN) and no pivot is within the rank tolerance of 0;
+2. ``ldl``: a symmetric indefinite ``Q_uu`` (Bunch-Kaufman ``LDL^T`` for the inertia, LU
+   for the BLAS-3 solves), accepted under the same growth test;
+3. ``eigen``: ``Q_uu = V diag(mu) V^T``. In that basis the pivots are decoupled 1x1
+   blocks, and direction ``i`` is eliminated only when ``|mu_i| >= tau |c_i|`` with
+   ``c_i`` its row of ``C = V^T Q_uz`` (the coupling to the state): each such step adds
+   at most ``|c_i| / tau`` to the Schur complement (S3). Directions that fail are
+   *delayed*: they become variables of the next stage's elimination, with
+   ``S_dd = diag(mu_D)`` and ``S_dz = C_D`` (S4). Directions with ``|mu_i|`` and
+   ``|c_i|`` both below the rank tolerance are exact zeros of ``C + eps I``: counted in
+   the inertia as zero, never divided by.
+
+The first stage has no state (``dz_0 = 0``): everything left is eliminated there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["TAU", "Elimination"]
+
+TAU = 0.1
+"""The threshold of the pivoting test: a pivot ``mu`` is accepted against a coupling ``c``
+when ``|mu| >= TAU |c|`` (growth at most ``|c| / TAU`` a step, design note (S3)). The value
+0.1 is the usual choice of sparse symmetric indefinite solvers (MA57's default is 0.01;
+larger is stabler and delays more)."""
+
+
+def _maxabs(T: Tensor | None) -> float:
+    return float(T.abs().max()) if T is not None and T.numel() else 0.0
+
+
+def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
+    """Eigenvalues of the 1x1 and 2x2 blocks of the ``D`` of a Bunch-Kaufman factor
+    (LAPACK ``sytrf`` convention: a negative pivot pair marks a 2x2 block). By Sylvester's
+    law they have the inertia of the factored matrix, and their product is its
+    determinant."""
+    p = LD.shape[0]
+    if p == 0:
+        return LD.new_zeros(0)
+    diag = torch.diagonal(LD).tolist()
+    sub = [*torch.diagonal(LD, -1).tolist(), 0.0]
+    pv = piv.tolist()
+    out, k = [], 0
+    while k < p:
+        if pv[k] > 0:
+            out.append(diag[k])
+            k += 1
+        else:
+            a, b, c = diag[k], sub[k], diag[k + 1]
+            mid, rad = 0.5 * (a + c), math.hypot(0.5 * (a - c), b)
+            out += [mid - rad, mid + rad]
+            k += 2
+    return torch.tensor(out, dtype=LD.dtype, device=LD.device)
+
+
+class Elimination:
+    """Eliminates the pivot variables ``u`` (``n``) of one stage from ``M`` (S1).
+
+    Args:
+        Q_uu: ``(n, n)``, symmetric (read in full: pass a symmetric matrix).
+        Q_uz: ``(n, a)`` coupling to the state, or ``None`` for the first stage.
+        Q_zz: ``(a, a)``, or ``None`` for the first stage.
+        tol: the rank tolerance so far (pivots at most this are zero).
+        stage: a label for messages.
+
+    After construction: ``kind``, ``pivots`` (the eliminated pivots' values: Sylvester's
+    law gives the inertia and determinant from them), ``num_delayed``, ``growth`` (the
+    Schur update's largest entry over ``M``'s) and the new state ``S_zz``, ``S_dz``,
+    ``S_dd`` (taken by the sweep, then dropped here).
+    """
+
+    def __init__(
+        self, Q_uu: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, stage: str
+    ) -> None:
+        self.n, self.stage = Q_uu.shape[0], stage
+        self.scale = _maxabs(Q_uu)
+        self.ref = ref = max(self.scale, _maxabs(Q_uz), _maxabs(Q_zz))
+        self.num_delayed, self.growth = 0, 0.0
+        self.S_dz: Tensor | None = None
+        self.S_dd: Tensor | None = None
+        self.S_zz: Tensor | None = Q_zz
+        if self.n == 0:
+            self.kind, self.pivots = "none", Q_uu.new_zeros(0)
+            return
+        limit = ref / TAU  # the largest Schur update accepted (S3)
+        diag = torch.diagonal(Q_uu)
+        if float(diag.min()) > 10 * tol and self._cholesky(Q_uu, Q_uz, Q_zz, tol, limit):
+            return
+        if self._ldl(Q_uu, Q_uz, Q_zz, tol, limit):
+            return
+        self._eigen(Q_uu, Q_uz, Q_zz, tol)
+
+    # ------------------------------------------------------------------------- tiers
+    def _cholesky(
+        self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
+    ) -> bool:
+        L, info = torch.linalg.cholesky_ex(Q)
+        if int(info) != 0:
+            return False
+        d = torch.diagonal(L) ** 2
+        if float(d.min()) <= 10 * tol:  # too close to singular to tell: rank-revealing tier
+            return False
+        W = None
+        if Q_uz is not None:
+            W = torch.linalg.solve_triangular(L, Q_uz, upper=False)
+            # W^T W is positive semi-definite: its largest entry is on its diagonal
+            self.growth = float((W * W).sum(0).max()) if W.numel() else 0.0
+            if self.growth > limit:
+                return False
+            self.S_zz = torch.addmm(Q_zz, W.T, W, alpha=-1.0)  # (S2): S = Q_zz - W^T W
+        self.kind, self.pivots, self.L, self.W = "cholesky", d, L, W
+        return True
+
+    def _ldl(
+        self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
+    ) -> bool:
+        LD, piv, info = torch.linalg.ldl_factor_ex(Q)
+        if int(info) != 0:
+            return False
+        mu = _block_eigenvalues(LD, piv)
+        if float(mu.abs().min()) <= 10 * tol:
+            return False
+        LU, lpiv, info = torch.linalg.lu_factor_ex(Q)
+        if int(info) != 0:
+            return False
+        K = None
+        if Q_uz is not None:
+            K = -torch.linalg.lu_solve(LU, lpiv, Q_uz)  # K = -Q_uu^-1 Q_uz
+            U = Q_uz.T @ K
+            self.growth = _maxabs(U)
+            if not self.growth <= limit:
+                return False
+            self.S_zz = Q_zz + U  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz
+        self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
+        return True
+
+    def _eigen(self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float) -> None:
+        mu, V = torch.linalg.eigh(0.5 * (Q + Q.T))
+        small = mu.abs() <= tol
+        if Q_uz is None:  # the first stage: no state, eliminate everything
+            elim, null = ~small, small
+            C = None
+        else:
+            C = V.T @ Q_uz
+            cn = torch.linalg.vector_norm(C, dim=1)
+            null = small & (cn <= tol)
+            elim = ~null & (mu.abs() >= TAU * cn)  # the threshold test (S3)
+        delay = ~(elim | null)
+        self.E = elim.nonzero().squeeze(1)
+        self.D = delay.nonzero().squeeze(1)
+        self.num_delayed = int(self.D.numel())
+        self.V, self.mu_E = V, mu[self.E]
+        self.pivots = torch.cat([self.mu_E, mu[null]])
+        self.num_null = int(null.sum())
+        if C is not None:
+            C_E = C[self.E]
+            KE = -C_E / self.mu_E[:, None]  # K_E = -mu_E^-1 C_E
+            U = C_E.T @ KE
+            self.growth = _maxabs(U)
+            self.S_zz = Q_zz + U  # (S3): S = Q_zz - C_E^T diag(mu_E)^-1 C_E
+            self.KE = KE
+            if self.num_delayed:  # (S4): the delayed directions' state
+                self.S_dz, self.S_dd = C[self.D], torch.diag(mu[self.D])
+        self.kind = "eigen"
+
+    # ------------------------------------------------------------------------- sweeps
+    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(S_zz, S_dz, S_dd)`` for the next stage; dropped here."""
+        out = (self.S_zz, self.S_dz, self.S_dd)
+        self.S_zz = self.S_dz = self.S_dd = None
+        return out
+
+    def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The backward sweep's step for the linear term ``q_u`` (``(n, R)``): returns
+        ``k`` (what the forward step needs), ``Q_zu k`` (the change of ``s_z``; ``None``
+        at the first stage) and ``s_d`` (the delayed directions' linear term)."""
+        if self.kind == "cholesky":
+            y = torch.linalg.solve_triangular(self.L, q, upper=False)
+            k = -torch.linalg.solve_triangular(self.L.T, y, upper=True)
+            return k, (None if self.W is None else -(self.W.T @ y)), None
+        if self.kind == "ldl":
+            k = -torch.linalg.lu_solve(self.LU, self.lpiv, q)
+            return k, (None if self.K is None else self.K.T @ q), None
+        if self.kind == "none":
+            return q[:0], None, None
+        w = self.V.T @ q
+        k = -w[self.E] / self.mu_E[:, None]  # (S5): k_E = -mu_E^-1 (V^T q)_E
+        corr = None
+        if getattr(self, "KE", None) is not None:
+            corr = self.KE.T @ w[self.E]  # Q_zu k = C_E^T k_E = K_E^T (V^T q)_E
+        return k, corr, (w[self.D] if self.num_delayed else None)
+
+    def forward(self, k: Tensor, dz: Tensor | None, d: Tensor | None) -> Tensor:
+        """``u`` from ``k``, the state ``dz`` and the delayed directions' values ``d``."""
+        if self.kind == "cholesky":
+            if dz is None or self.W is None:
+                return k
+            return k - torch.linalg.solve_triangular(self.L.T, self.W @ dz, upper=True)
+        if self.kind == "ldl":
+            return k if (dz is None or self.K is None) else k + self.K @ dz
+        if self.kind == "none":
+            return k
+        w = k.new_zeros(self.n, k.shape[1])
+        wE = k if (dz is None or getattr(self, "KE", None) is None) else k + self.KE @ dz
+        w[self.E] = wE  # (S6): w_E = k_E + K_E dz, w_D = d, w_null = 0
+        if self.num_delayed:
+            w[self.D] = d
+        return self.V @ w
