@@ -151,9 +151,11 @@ def count_eigenvalues(
     sigma = float(below)
     if not math.isfinite(sigma):
         raise ValueError(f"below must be a finite number; got {below}")
-    return factorize(
-        problem, -sigma, curvature, rank_rtol=rank_rtol, progress=progress
-    ).inertia().negative
+    return (
+        factorize(problem, -sigma, curvature, rank_rtol=rank_rtol, progress=progress)
+        .inertia()
+        .negative
+    )
 
 
 def eigenvalue_histogram(
