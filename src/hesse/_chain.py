@@ -1,11 +1,13 @@
 """The chain solver: exact ``(C + eps I)^-1 v``, ``log|det(C + eps I)|`` and inertia in
 time linear in the number of stages, for ``C`` the Hessian or the Gauss-Newton matrix.
 
-Math and names: ../shared/design/chain-curvature.md. The backward (Riccati) sweep is
-block Gaussian elimination of ``C + eps I`` in the order ``x_L, ..., x_1``; its pivots
-are the ``Q_xx`` of the stages, so the log-determinant is the sum of the pivots'
-log-determinants and (Sylvester) the inertia is the sum of their inertias. The sweep
-sees stages only through their A, B and G products (`hesse._chain_stages`).
+Math and names: docs/design/chain-curvature.md, whose equation numbers the comments
+cite. The backward (Riccati) sweep (R1)-(R7) is block Gaussian elimination of
+``C + eps I`` in the order ``x_L, ..., x_1`` with threshold pivoting and delayed pivots
+(S1)-(S6, `hesse._chain_pivots`); the log-determinant and (Sylvester) the inertia come
+from the pivots (L1, L2), and solves are refined against the true operator (S7). The
+sweep sees stages only through their A, B and G products (`hesse._chain_stages`), except
+that wide ``Linear`` stages (W1)-(W4) use their Kronecker structure.
 """
 
 from __future__ import annotations
@@ -510,7 +512,7 @@ class ChainFactorization:
         Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
         p = d.p
         if p > 0:
-            Q_xx.diagonal().add_(self.damping)  # Q_xx = G_xx + eps I + B^T S B
+            Q_xx.diagonal().add_(self.damping)  # (R2): Q_xx = G_xx + eps I + B^T S B
         Q_dz = None
         if m:
             Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
@@ -707,7 +709,7 @@ class ChainFactorization:
         for l_ in range(len(self._factors) - 1, -1, -1):
             f = self._factors[l_]
             need_z = l_ > 0
-            q_z = f.d.At(s) if (s is not None and need_z) else None  # q_z = A^T s_l
+            q_z = f.d.At(s) if (s is not None and need_z) else None  # (R4): q_z = A^T s_l
             if f.elim is None:  # pass-through: s_d unchanged
                 s = q_z
                 continue
@@ -717,9 +719,9 @@ class ChainFactorization:
             if f.m_in:
                 parts.append(s_d)
             q_u = parts[0] if len(parts) == 1 else torch.cat(parts)
-            ks[l_], corr, s_d = f.elim.backward(q_u)  # k_l and Q_zu k_l
+            ks[l_], corr, s_d = f.elim.backward(q_u)  # k_l and Q_zu k_l: (R5), (S5)
             if need_z:
-                s = corr if q_z is None else (q_z if corr is None else q_z + corr)
+                s = corr if q_z is None else (q_z if corr is None else q_z + corr)  # (R7)
         # forward sweep: dz_0 = 0, u_l = k_l + K_l dz_{l-1} (S6), dz_l = A dz + B dx
         dz: Tensor | None = None
         dval: Tensor | None = None  # the values of the directions this stage delayed

@@ -1,4 +1,4 @@
-"""Stages of a chain and their derivatives (design note: ../shared/design/chain-curvature.md).
+"""Stages of a chain and their derivatives (design note: docs/design/chain-curvature.md).
 
 A stage maps the previous activations ``z_{l-1}`` (the whole batch, ``(n, ...)``) and
 its own parameters ``x_l`` to ``z_l = f_l(z_{l-1}; x_l)``. The sweep sees a stage only

@@ -214,6 +214,8 @@ def chain_summary(
     f = hesse.factorize(prob, damping, progress=progress)
     sign, logabs = f.logdet()
     out |= {"logdet_sign": sign, "logdet": logabs, "inertia": list(f.inertia())}
+    st = f.status
+    out["pivoting"] = {"max_delayed": st.max_delayed, "growth": st.growth, "kinds": st.kinds}
     for curvature in ("hessian", "ggn"):
         st = hesse.newton_step(prob, damping, curvature, method="chain")
         out[f"{curvature}_step_predicted_change"] = st.predicted_change
@@ -279,6 +281,11 @@ def format_summary(s: dict[str, Any]) -> str:
                 "predicted loss change",
                 f"Newton {c['hessian_step_predicted_change']:.4e}, "
                 f"Gauss-Newton {c['ggn_step_predicted_change']:.4e}",
+            ),
+            row(
+                "pivoting (stable sweep)",
+                f"largest delayed front {c['pivoting']['max_delayed']}, "
+                f"growth {c['pivoting']['growth']:.2g}",
             ),
         ]
         if "dense_check" in c:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hesse import _products
-from hesse._chain import Chain, Inertia, _as_chain, factorize
+from hesse._chain import Chain, Inertia, _as_chain, _promoted, factorize
 from hesse._operators import check_curvature, curvature_operator
 from hesse._problem import Problem
 from hesse._progress import progress_bar
@@ -169,9 +169,14 @@ def eigenvalue_histogram(
     e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
     if len(e) < 2 or any(not b > a for a, b in itertools.pairwise(e)):
         raise ValueError(f"edges must be at least two strictly increasing numbers; got {e}")
-    chain = _as_chain(problem)
+    chain = _float64_chain(problem)
     below = [count_eigenvalues(chain, x, curvature) for x in e]
     return torch.tensor([b - a for a, b in itertools.pairwise(below)])
+
+
+def _float64_chain(problem: Problem | Chain) -> Chain:
+    chain = _as_chain(problem)
+    return chain if chain.problem.dtype == torch.float64 else _promoted(chain)
 
 
 def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float]:
@@ -236,7 +241,7 @@ def eigenvalue(
 
     Cost: two Lanczos runs and ``O(log2(width / tol))`` sweeps, at most 200.
     """
-    chain = _as_chain(problem)
+    chain = _float64_chain(problem)  # promoted once, not once a sweep
     P = chain.num_params
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
         raise ValueError(f"k must be in [1, {P}], an integer; got {k!r}")
