@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hesse import _products
+from hesse import _chain_pivots, _products
 from hesse._bishop import _flatten_sequential
 from hesse._chain_pivots import TAU, Elimination
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
@@ -244,7 +244,7 @@ class _Wide:
             c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
                 torch.linalg.vector_norm(d.lam, dim=0).max()
             )
-            if not abs(eps) >= TAU * c and c > tol:
+            if not abs(eps) >= TAU * c and c > tol and not _chain_pivots.UNPIVOTED:
                 if d.p <= _DENSE_WIDE_LIMIT:
                     return None
                 if eps == 0:

@@ -37,9 +37,18 @@ __all__ = ["TAU", "Elimination"]
 
 TAU = 0.1
 """The threshold of the pivoting test: a pivot ``mu`` is accepted against a coupling ``c``
-when ``|mu| >= TAU |c|`` (growth at most ``|c| / TAU`` a step, design note (S3)). The value
-0.1 is the usual choice of sparse symmetric indefinite solvers (MA57's default is 0.01;
-larger is stabler and delays more)."""
+when ``|mu| >= TAU |c|`` (growth at most ``|c| / TAU`` a step, design note (S3)), and a
+block tier when its Schur update stays within ``1 / TAU`` of its stage's entries.
+Measured: 0.01 (MA57's default) or a block growth of 30 already miscounts and loses
+digits on the deep chains of tests/test_chain_stress.py (16-32 stages: growth compounds
+over stages); 0.1 passes them, at the price of delaying directions on some nets that
+would not have needed it (bench/bench_chain_accuracy.py)."""
+
+
+UNPIVOTED = False
+"""Benchmarks only (``bench/bench_chain_accuracy.py``): accept the first factorisation
+that succeeds, with no growth or rank test and no eigen tier, as the sweep did before it
+pivoted. Never set it in library code."""
 
 
 def _maxabs(T: Tensor | None) -> float:
@@ -99,7 +108,9 @@ class Elimination:
         if self.n == 0:
             self.kind, self.pivots = "none", Q_uu.new_zeros(0)
             return
-        limit = ref / TAU  # the largest Schur update accepted (S3)
+        limit = ref / TAU  # the largest Schur update a block tier may make (S2), (S3)
+        if UNPIVOTED:
+            limit, tol = math.inf, -math.inf
         diag = torch.diagonal(Q_uu)
         if float(diag.min()) > 10 * tol and self._cholesky(Q_uu, Q_uz, Q_zz, tol, limit):
             return
@@ -131,22 +142,25 @@ class Elimination:
     def _ldl(
         self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
     ) -> bool:
-        LD, piv, info = torch.linalg.ldl_factor_ex(Q)
-        if int(info) != 0:
-            return False
-        mu = _block_eigenvalues(LD, piv)
-        if float(mu.abs().min()) <= 10 * tol:
-            return False
         LU, lpiv, info = torch.linalg.lu_factor_ex(Q)
-        if int(info) != 0:
+        if int(info) != 0 or float(torch.diagonal(LU).abs().min()) <= 10 * tol:
             return False
         K = None
         if Q_uz is not None:
             K = -torch.linalg.lu_solve(LU, lpiv, Q_uz)  # K = -Q_uu^-1 Q_uz
+            # the update's diagonal first (O(n a)): a cheap rejection before the O(n a^2)
+            if not float((Q_uz * K).sum(0).abs().max()) <= limit:
+                return False
             U = Q_uz.T @ K
             self.growth = _maxabs(U)
             if not self.growth <= limit:
                 return False
+        # Bunch-Kaufman for the inertia and the determinant (Sylvester over D's blocks)
+        LD, piv, info = torch.linalg.ldl_factor_ex(Q)
+        mu = _block_eigenvalues(LD, piv) if int(info) == 0 else Q.new_zeros(0)
+        if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
+            return False
+        if K is not None:
             self.S_zz = Q_zz + U  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz
         self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
         return True
