@@ -16,6 +16,7 @@ What is asserted is what the algorithm guarantees (design note, "Stable eliminat
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -197,3 +198,101 @@ def test_solve_refuses_an_unreachable_rtol_and_names_what_it_reached():
         f.solve(v, max_refine=-1)
     with pytest.raises(ValueError, match="non-finite"):
         f.solve(v * float("nan"))
+
+
+def _deep_problem(i: int = 0) -> tuple[hesse.Problem, Case]:
+    case = _case(*_params(i))
+    return hesse.Problem(case.model, case.loss_fn, (case.X, case.y)), case
+
+
+def test_newton_steps_and_the_trust_region_on_a_deep_chain():
+    """What is built on the sweep inherits its accuracy: the Hessian Newton step, the GGN
+    step and the exact trust-region step of a 15-stage chain against dense solutions."""
+    from test_optim import _assert_more_sorensen, _reference_tr
+
+    from hesse.optim import trust_region_subproblem
+
+    prob, case = _deep_problem(0)
+    H = _dense(case, "hessian")
+    G = _dense(case, "ggn")
+    g = Reference(case).gradient()
+    P = len(H)
+    norm = float(torch.linalg.eigvalsh(H).abs().max())
+    for curvature, C in (("hessian", H), ("ggn", G)):
+        eps = 1e-4 * norm
+        st = hesse.newton_step(prob, eps, curvature, method="chain")
+        ref = -torch.linalg.solve(C + eps * torch.eye(P), g)
+        assert float((st.step - ref).norm() / ref.norm()) < 1e-6
+    opt = hesse.optim.ChainNewton(case.model, case.loss_fn, curvature="hessian", trust_region=1.0)
+    for radius in (0.05, 5.0):
+        res = trust_region_subproblem(
+            g,
+            radius,
+            lambda s: hesse.factorize(prob, s, "hessian"),
+            lambda: opt._smallest(prob, "hessian"),
+        )
+        _assert_more_sorensen(H, g, radius, res, tol=1e-6)
+        ref = _reference_tr(H, g, radius)
+        assert float((res.step - ref).norm()) <= 1e-6 * max(1.0, float(ref.norm()))
+
+
+def test_histogram_counts_match_dense_on_a_deep_chain():
+    prob, case = _deep_problem(4)
+    ev = torch.linalg.eigvalsh(_dense(case, "hessian"))
+    norm = float(ev.abs().max())
+    edges = [-1.01 * norm, -1e-3 * norm, -1e-8 * norm, 1e-8 * norm, 1e-3 * norm, 1.01 * norm]
+    counts = hesse.eigenvalue_histogram(prob, edges)
+    ref = [int(((ev >= a) & (ev < b)).sum()) for a, b in itertools.pairwise(edges)]
+    delta = 1e-10 * norm
+    assert int(counts.sum()) == len(ev)
+    for c, r, a, b in zip(counts.tolist(), ref, edges, edges[1:], strict=False):
+        slack = int(((ev - a).abs() <= delta).sum() + ((ev - b).abs() <= delta).sum())
+        assert abs(c - r) <= slack
+
+
+def test_float32_models_are_factored_in_float64():
+    """A float32 MLP: every chain entry point computes in float64 on a copy (the
+    float32 weights exactly) and answers in float32."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 5)
+    ).float()
+    X, y = torch.randn(6, 20, generator=g).float(), torch.randint(0, 5, (6,), generator=g)
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    case = Case("f32", model.double(), X.double(), y, nn.CrossEntropyLoss())
+    H = _dense(case, "hessian")
+    model.float()
+    ev = torch.linalg.eigvalsh(H)
+    norm = float(ev.abs().max())
+    eps = 1e-3 * norm
+    v = torch.randn(len(H), generator=g).float()
+    x = hesse.solve(prob, v, eps)
+    assert x.dtype == torch.float32
+    ref = torch.linalg.solve(H + eps * torch.eye(len(H)), v.double())
+    assert float((x.double() - ref).norm() / ref.norm()) < 1e-5  # float32 rounding of x
+    assert _count_ok(hesse.count_eigenvalues(prob, below=0.0), ev, 0.0, 1e-10 * norm)
+    sign, la = torch.linalg.slogdet(H + eps * torch.eye(len(H)))
+    fs, fla = hesse.logdet(prob, eps)
+    assert fs == float(sign) and abs(fla - float(la)) < 1e-8 * abs(float(la))
+    lam = hesse.eigenvalue(prob, 1)
+    assert abs(lam - float(ev[0])) <= 1e-8 * norm
+
+
+def test_eigenvalue_refuses_bad_k_and_tol_and_never_loops():
+    prob, case = _deep_problem(5)
+    P = prob.num_params
+    for k in (0, P + 1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"k must be in \[1, "):
+            hesse.eigenvalue(prob, k)
+    for tol in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol must be a positive finite number"):
+            hesse.eigenvalue(prob, 1, tol=tol)
+    # a tol below the float spacing stops at the spacing (bounded sweeps), not forever
+    ev = torch.linalg.eigvalsh(_dense(case, "hessian"))
+    lam = hesse.eigenvalue(prob, P, tol=1e-30)
+    assert abs(lam - float(ev[-1])) <= 1e-8 * float(ev.abs().max())
+    with pytest.raises(ValueError, match="below must be a finite number"):
+        hesse.count_eigenvalues(prob, below=float("nan"))
+    with pytest.raises(ValueError, match="bounds must be two finite numbers"):
+        hesse.eigenvalue(prob, 1, bounds=(1.0, 0.0))

@@ -107,8 +107,9 @@ class Chain:
         if not isinstance(problem.model, nn.Sequential):
             raise ValueError(
                 f"the chain solver needs an nn.Sequential model (or stages declared with "
-                f"hesse.Chain([...])); got {type(problem.model).__name__}. Use method='cg' "
-                "for models that are not chains."
+                f"hesse.Chain([...])); got {type(problem.model).__name__}. For other "
+                "models: hesse.solve(..., method='cg') solves, hesse.eigs finds extreme "
+                "eigenvalues; exact log-determinants and counts need a chain."
             )
         self = cls.__new__(cls)
         self._init(problem, _flatten_sequential(problem.model), _generic)
