@@ -91,9 +91,19 @@ def test_report_directory_rules(tmp_path):
     with pytest.raises(SystemExit, match="exists and is not empty; pass --overwrite"):
         _cli.main(["analyze", *SMALL, "--report", str(out)])
     assert (out / "old.txt").read_text() == "keep me"
-    assert _cli.main(["analyze", *SMALL, "--report", str(out), "--overwrite"]) == 0
-    assert not (out / "old.txt").exists()
-    _check_report(out)
+    # --overwrite replaces only an earlier hesse report: a user's files are never deleted
+    with pytest.raises(SystemExit, match=r"holds files that are not a hesse report \(old.txt\)"):
+        _cli.main(["analyze", *SMALL, "--report", str(out), "--overwrite"])
+    assert (out / "old.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    assert _cli.main(["analyze", *SMALL, "--report", str(fresh)]) == 0
+    first = _check_report(fresh)
+    assert _cli.main(["analyze", *SMALL, "--report", str(fresh), "--overwrite"]) == 0
+    assert _check_report(fresh)["figures"] == first["figures"]
+    (fresh / "thesis.tex").write_text("my thesis")  # a user's file added to a report
+    with pytest.raises(SystemExit, match=r"not a hesse report \(thesis.tex\)"):
+        _cli.main(["analyze", *SMALL, "--report", str(fresh), "--overwrite"])
+    assert (fresh / "thesis.tex").read_text() == "my thesis"
     afile = tmp_path / "file.txt"
     afile.write_text("x")
     with pytest.raises(SystemExit, match="exists and is not a directory"):

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
 from hesse._bishop import ELEMENTWISE, activation_derivatives
+from hesse._problem import check_loss_shapes
 
 __all__ = [
     "ElementwiseStage",
@@ -304,6 +305,7 @@ class LossStage(Stage):
         self.loss_fn, self.targets, self.weight = loss_fn, targets, weight
 
     def forward(self, z: Tensor) -> Tensor:
+        check_loss_shapes(self.loss_fn, z, self.targets)
         loss = self.loss_fn(z, self.targets)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             raise ValueError("loss_fn must return a scalar (0-dim) tensor")

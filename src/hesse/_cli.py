@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -85,7 +86,13 @@ def load_npz(path: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Arrays ``X`` (or ``x``) and ``y`` from a ``.npz`` file; integer ``y`` are class labels."""
     if not Path(path).is_file():
         raise SystemExit(f"--data: no such file {path!r}")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--data: {path!r} is not a readable .npz file ({err})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise SystemExit(f"--data: {path!r} holds one array; expected an .npz with X and y")
+    with f:
         keys = set(f.files)
         xk = "X" if "X" in keys else "x" if "x" in keys else None
         if xk is None or "y" not in keys:
@@ -106,7 +113,10 @@ def build_setup(args: argparse.Namespace) -> Setup:
     else:
         X, y = load_digits_data(dtype)
         data_desc = f"scikit-learn digits ({len(X)} samples)"
-    if args.samples:
+    if args.samples and args.samples < len(X):
+        data_desc = data_desc.replace(
+            f"({len(X)} samples)", f"(first {args.samples} of {len(X)} samples)"
+        )
         X, y = X[: args.samples], y[: args.samples]
     if args.model:
         model = load_factory(args.model)
@@ -115,14 +125,33 @@ def build_setup(args: argparse.Namespace) -> Setup:
         model = default_model(args.hidden, args.seed)
         desc = f"tanh MLP 64-{args.hidden}-10"
     model = model.to(dtype)
+    try:
+        with torch.no_grad():
+            model(X[:1])
+    except Exception as err:  # the user's model meets the user's data: any error
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(
+            f"the model does not accept the data's inputs (one sample of shape "
+            f"{tuple(X.shape[1:])}): {first}"
+        ) from None
     if args.weights:
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        if not Path(args.weights).is_file():
+            raise SystemExit(f"--weights: no such file {args.weights!r}")
+        try:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as err:  # torch raises several types for foreign or bad files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SystemExit(
+                f"--weights: {args.weights!r} is not a state_dict of this model ({first})"
+            ) from None
         desc += f", weights {args.weights}"
     loss_kind = args.loss
     if loss_kind == "auto":
         loss_kind = "ce" if not y.is_floating_point() else "mse"
     loss_fn = nn.CrossEntropyLoss() if loss_kind == "ce" else nn.MSELoss()
+    if loss_kind == "mse" and y.ndim == 1:  # one regression target a sample: (N, 1)
+        y = y.reshape(-1, 1)
     setup = Setup(model, loss_fn, X, y, f"{desc} on {data_desc}, {type(loss_fn).__name__}")
     if not args.model and not args.weights and args.train_steps > 0:
         secs = train_default(setup, args.train_steps, args.seed)
@@ -132,11 +161,27 @@ def build_setup(args: argparse.Namespace) -> Setup:
 
 
 # ----------------------------------------------------------------------------- output
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: its folder must
+    exist (no folders are created: a typo would make a tree) and be writable, and the
+    path must not be a folder."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise SystemExit(f"hesse: {flag} {path!r} is a folder; expected a file path")
+    if not parent.is_dir():
+        raise SystemExit(
+            f"hesse: {flag} {path!r}: the folder {str(parent)!r} does not exist "
+            "(create it first; hesse creates no folders for an output file)"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"hesse: {flag} {path!r}: the folder {str(parent)!r} is not writable")
+
+
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     """Write JSON to a temporary file in the target folder, then rename it into place,
     so that no half-written file is ever left at ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
@@ -303,6 +348,29 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def _number(kind: type, low: float | None, strict: bool, what: str) -> Any:
+    """An argparse type: a finite ``kind`` number above ``low`` (``strict``: not equal)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
+        if not math.isfinite(value) or (
+            low is not None and (value <= low if strict else value < low)
+        ):
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}")
+        return value
+
+    return parse
+
+
+_POS_INT = _number(int, 0, True, "a positive integer")
+_NONNEG_INT = _number(int, 0, False, "an integer >= 0")
+_POS_FLOAT = _number(float, 0.0, True, "a positive finite number")
+_FLOAT = _number(float, None, False, "a finite number")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -317,11 +385,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="loss; auto: cross-entropy for integer y, MSE otherwise",
     )
-    p.add_argument("--samples", type=int, default=0, help="use only the first N samples")
-    p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="built-in model's width")
+    p.add_argument(
+        "--samples", type=_NONNEG_INT, default=0, help="use only the first N samples (0: all)"
+    )
+    p.add_argument("--hidden", type=_POS_INT, default=DEFAULT_HIDDEN, help="built-in model's width")
     p.add_argument(
         "--train-steps",
-        type=int,
+        type=_NONNEG_INT,
         default=DEFAULT_TRAIN_STEPS,
         help="Adam steps for the built-in model (0: analyse at initialisation)",
     )
@@ -382,18 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     _common(pa)
     pa.add_argument(
         "--max-dense",
-        type=int,
+        type=_NONNEG_INT,
         default=6000,
         help="largest P for the dense Hessian (beyond: Lanczos extremes only)",
     )
     pa.add_argument(
         "--chain-samples",
-        type=int,
+        type=_NONNEG_INT,
         default=128,
         help="samples for the exact chain sweep (its memory grows as "
         "(samples x width)^2); 0 skips it",
     )
-    pa.add_argument("--damping", type=float, default=1e-3, help="eps of H + eps I")
+    pa.add_argument("--damping", type=_FLOAT, default=1e-3, help="eps of H + eps I")
     pa.add_argument(
         "--report",
         metavar="DIR",
@@ -410,28 +480,30 @@ def main(argv: list[str] | None = None) -> int:
         default="hf,chain-newton,adam,sgd",
         help="comma-separated: hf, chain-newton, adam, sgd (each runs in turn)",
     )
-    pt.add_argument("--steps", type=int, default=100)
+    pt.add_argument("--steps", type=_POS_INT, default=100)
     pt.add_argument(
         "--time-budget",
-        type=float,
+        type=_POS_FLOAT,
         default=None,
         help="seconds of optimisation per optimiser (stops early)",
     )
-    pt.add_argument("--lr", type=float, default=None, help="learning rate (default per optimiser)")
+    pt.add_argument(
+        "--lr", type=_POS_FLOAT, default=None, help="learning rate (default per optimiser)"
+    )
     pt.add_argument(
         "--damping",
-        type=float,
+        type=_POS_FLOAT,
         default=None,
         help="initial damping of hf and chain-newton (default 1)",
     )
     pt.add_argument(
         "--curvature-batch",
-        type=int,
+        type=_POS_INT,
         default=64,
         help="samples for HF's and ChainNewton's curvature per step",
     )
     pt.add_argument("--out", default=None, help="output folder (default hesse-train-EXAMPLE)")
-    pt.add_argument("--checkpoint-every", type=int, default=10, help="0: no checkpoints")
+    pt.add_argument("--checkpoint-every", type=_NONNEG_INT, default=10, help="0: no checkpoints")
     pt.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--no-progress", action="store_true")
@@ -439,12 +511,28 @@ def main(argv: list[str] | None = None) -> int:
     _common(pc)
     pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except SystemExit as err:  # one line, "hesse: ...", for every refusal
+        if isinstance(err.code, str) and not err.code.startswith("hesse"):
+            raise SystemExit(f"hesse: {err.code}") from None
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
+    if getattr(args, "json", None):
+        check_output_file(args.json, "--json")
     if args.command == "train":
         return train_command(args, progress)
 
     setup = build_setup(args)
     if args.command == "analyze":
+        if args.report and importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit(
+                "hesse analyze: --report draws figures with matplotlib, which is not "
+                "installed: pip install matplotlib"
+            )
         if args.report:  # refuse a bad report directory before any heavy work
             try:
                 prepare_report_dir(args.report, args.overwrite)

@@ -289,6 +289,12 @@ class Problem:
                 changes between passes).
         """
         dev = self.device
+        for name, p in zip(self.names, self._params, strict=True):
+            if not bool(torch.isfinite(p).all()):
+                raise ValueError(
+                    f"parameter {name!r} has NaN or inf entries (set after the Problem was "
+                    "built, e.g. by a diverged optimiser step); every result would be NaN"
+                )
         seen = 0
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
@@ -375,6 +381,8 @@ class Problem:
             )
         if not (v.is_floating_point()):
             raise TypeError(f"{name} has dtype {v.dtype}; expected a floating-point dtype")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} has non-finite entries (nan or inf)")
         return v.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------ evaluation
@@ -390,6 +398,7 @@ class Problem:
 
     def batch_loss(self, outputs: Any, targets: Tensor | None, weight: float) -> Tensor:
         """Weighted loss of one batch, ``w_b * loss_fn(outputs, targets)``."""
+        check_loss_shapes(self.loss_fn, outputs, targets)
         loss = self.loss_fn(outputs, targets)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
@@ -415,6 +424,35 @@ class Problem:
             f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
             f"N={self.num_samples}, batches={len(self._sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
+        )
+
+
+_ELEMENTWISE_LOSSES = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+)
+
+
+def check_loss_shapes(loss_fn: Any, outputs: Any, targets: Any) -> None:
+    """Refuse the silent broadcast of element-wise losses: ``MSELoss`` of outputs
+    ``(N, 1)`` against targets ``(N,)`` is the mean over an ``(N, N)`` grid, not the
+    loss anyone meant (torch only warns)."""
+    if (
+        isinstance(loss_fn, _ELEMENTWISE_LOSSES)
+        and isinstance(outputs, Tensor)
+        and isinstance(targets, Tensor)
+        and outputs.shape != targets.shape
+    ):
+        raise ValueError(
+            f"{type(loss_fn).__name__}: the model's outputs have shape "
+            f"{tuple(outputs.shape)} but the targets {tuple(targets.shape)}; torch would "
+            "broadcast them into a different loss. Reshape the targets to the outputs' "
+            f"shape (e.g. y.reshape({', '.join(str(d) for d in outputs.shape)}))"
         )
 
 

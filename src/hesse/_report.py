@@ -388,11 +388,19 @@ def prepare_report_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"report path {str(target)!r} exists and is not a directory")
-        if any(target.iterdir()) and not overwrite:
-            raise ValueError(
-                f"report directory {str(target)!r} exists and is not empty; pass "
-                "--overwrite (overwrite=True) to replace it"
-            )
+        if any(target.iterdir()):
+            if not overwrite:
+                raise ValueError(
+                    f"report directory {str(target)!r} exists and is not empty; pass "
+                    "--overwrite (overwrite=True) to replace an earlier hesse report there"
+                )
+            foreign = _not_a_report(target)
+            if foreign:
+                raise ValueError(
+                    f"report directory {str(target)!r} holds files that are not a hesse "
+                    f"report ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
+                    "--overwrite replaces only an earlier report; choose another directory"
+                )
     parent = target.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -405,6 +413,21 @@ def prepare_report_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise ValueError(f"report directory {str(target)!r} is not writable")
     return target
+
+
+def _not_a_report(folder: Path) -> list[str]:
+    """The entries of ``folder`` that an earlier hesse report does not account for (all
+    of them when it has no readable ``report.json`` listing its figures)."""
+    names = sorted(p.name for p in folder.iterdir())
+    try:
+        with open(folder / "report.json") as f:
+            earlier = json.load(f)
+        figures = set(earlier["figures"]) if isinstance(earlier, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        figures = None
+    if figures is None:
+        return names
+    return [n for n in names if n != "report.json" and n not in figures]
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -63,6 +64,19 @@ class _Counted:
     def __call__(self, V: Tensor) -> Tensor:
         self.count += V.shape[1]
         return self._mm(V)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int ``>= low``, or a ValueError naming what was expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    return int(value)
+
+
+def _check_positive(name: str, value: object) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    return float(value)
 
 
 def _rademacher(
@@ -197,12 +211,20 @@ def eigs(
     """
     A = _Counted(op)
     P = A.P
-    if not 1 <= k <= P:
-        raise ValueError(f"k must be in [1, {P}] for a {P} x {P} operator; got {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}] (an integer) for a {P} x {P} operator; got {k!r}")
     _select(torch.zeros(1), 1, which)  # validate `which` early
+    _check_positive("tol", tol)
+    if max_steps is not None:
+        _check_int("max_steps", max_steps, 1)
     steps = min(P, max_steps if max_steps is not None else 300 + 10 * k)
     if v0 is None:
         v0 = torch.randn(P, generator=generator, dtype=torch.float64).to(A.dtype).to(A.device)
+    elif not isinstance(v0, Tensor) or v0.shape != (P,):
+        shape = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
+        raise ValueError(f"v0 must be a tensor of shape ({P},); got {shape}")
+    elif not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0:
+        raise ValueError("v0 must be finite and nonzero (it starts the Krylov space)")
 
     def ritz(T: Tensor, Q: Tensor, b: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         theta, S = torch.linalg.eigh(T)
@@ -270,6 +292,7 @@ def trace(
     """
     A = _Counted(op)
     P = A.P
+    _check_int("num_products", num_products, 2 if method == "hutchinson" else 3)
     if method == "exact":
         return TraceEstimate(float(diagonal(op, method="exact").sum()), 0.0, P, "exact")
     if method == "hutchinson":
@@ -370,6 +393,8 @@ def spectral_density(
             padded by ``5 sigma``.
         sigma: kernel width; default 1% of the Ritz values' range.
     """
+    _check_int("num_probes", num_probes, 1)
+    _check_int("lanczos_steps", lanczos_steps, 1)
     A = _Counted(op)
     P = A.P
     m = min(lanczos_steps, P)

@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +148,22 @@ def train_one(
     ck_path = out / f"checkpoint_{kind}.pt"
     history: list[dict[str, float]] = []
     start, elapsed = 0, 0.0
+    settings = {"seed": seed, "lr": lr, "damping": damping, "curvature_batch": curvature_batch}
+    if resume and not ck_path.exists():
+        print(
+            f"hesse train: no checkpoint {str(ck_path)!r} to resume; {kind} starts at step 0",
+            file=sys.stderr,
+        )
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path, example, kind)
+        stored = ck.get("settings", {})
+        changed = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
+        if changed:
+            what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"checkpoint {str(ck_path)!r} was written with {what}; resume with the "
+                "run's own settings, or train into a new --out"
+            )
         try:
             ex.model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optim"])
@@ -205,6 +220,7 @@ def train_one(
                     "generator": gen.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "history": history,
+                    "settings": settings,
                 },
             )
         if not math.isfinite(loss):

@@ -54,6 +54,12 @@ class _SecondOrder(torch.optim.Optimizer):
                 raise ValueError(f"parameter {n!r} does not require grad; it cannot be optimised")
         if not names:
             raise ValueError("no parameter requires grad: nothing to optimise")
+        for key in ("lr", "damping"):
+            value = defaults.get(key)
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{key} must be a finite number >= 0; got {value!r}")
         defaults = {**defaults, "step": 0, "skipped": 0}
         super().__init__([named[n] for n in names], defaults)
         self._model, self._loss_fn, self._names = model, loss_fn, names
@@ -102,6 +108,11 @@ class _SecondOrder(torch.optim.Optimizer):
             raise TypeError(
                 "the closure must return the loss as a scalar tensor (and call "
                 f"backward on it); got {type(loss).__name__}"
+            )
+        if all(p.grad is None for p in self._params):
+            raise RuntimeError(
+                "the closure returned a loss but left every parameter's .grad None: call "
+                "loss.backward() inside it (after optimizer.zero_grad())"
             )
         loss0, g = loss.detach(), self._flat_grad()
         if not math.isfinite(float(loss0)):
@@ -175,8 +186,9 @@ class HessianFree(_SecondOrder):
         check_curvature(curvature)
         if preconditioner not in (None, "martens"):
             raise ValueError(f"preconditioner must be None or 'martens'; got {preconditioner!r}")
-        if damping <= 0 or lr <= 0:
-            raise ValueError("damping and lr must be positive")
+        for key, value in (("damping", damping), ("lr", lr)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive finite number; got {value!r}")
         defaults = {
             "lr": lr,
             "damping": damping,

@@ -99,6 +99,8 @@ def truncated_cg(
         matvec: ``v -> A v`` for ``(P,)`` vectors.
         precond: the diagonal of the preconditioner ``M`` (``M^-1`` is applied).
     """
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter must be an integer >= 0; got {max_iter!r}")
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
     minv = None if precond is None else 1.0 / precond
@@ -229,8 +231,8 @@ def trust_region_subproblem(
     (``g`` orthogonal to the eigenvectors of ``lambda_1``) adds ``tau u_1`` to reach the
     boundary.
     """
-    if radius <= 0:
-        raise ValueError(f"radius must be positive; got {radius}")
+    if not (math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be positive and finite; got {radius}")
     count = 0
 
     def fac(lam: float) -> ShiftedFactor:

@@ -1,0 +1,337 @@
+"""Bad and edge inputs across the API and the CLI, as a careless or unlucky user would
+give them: each must finish (under a timeout), and either be refused with hesse's own
+message naming what was expected (the regex) or give the right answer (checked against
+a reference). None may hang, and none may return a wrong or NaN result without a word.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import hesse
+from hesse import _cli
+from hesse.optim import trust_region_subproblem, truncated_cg
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _prob(n: int = 5, loss: str = "ce") -> hesse.Problem:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    if loss == "ce":
+        return hesse.Problem(model, nn.CrossEntropyLoss(), (X, torch.randint(0, 3, (n,))))
+    return hesse.Problem(model, nn.MSELoss(), (X, torch.randn(n, 3, dtype=torch.float64)))
+
+
+P = _prob().num_params  # 31
+V = torch.ones(P, dtype=torch.float64)
+
+
+@dataclass
+class Bad:
+    """Calling ``fn`` must raise ``exc`` with a message matching ``match``."""
+
+    name: str
+    fn: Callable[[], Any]
+    exc: type[BaseException] | tuple[type[BaseException], ...]
+    match: str
+
+
+def _nan_params() -> hesse.Problem:
+    prob = _prob()
+    with torch.no_grad():
+        prob.model[0].weight[0, 0] = float("nan")
+    return prob
+
+
+def _mse_broadcast() -> hesse.Problem:
+    model = nn.Linear(3, 1).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+    return hesse.Problem(model, nn.MSELoss(), (X, torch.randn(6, dtype=torch.float64)))
+
+
+class _Tupled(nn.Module):
+    def forward(self, x):
+        return (x, x)
+
+
+def _api_cases() -> list[Bad]:
+    prob = _prob()
+    cases: list[Bad] = []
+    add = cases.append
+    X = torch.randn(4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (4,))
+    lin = nn.Linear(3, 3).double()
+    ce = nn.CrossEntropyLoss()
+    # --- Problem
+    add(Bad("problem-model-not-module", lambda: hesse.Problem(3, ce, (X, y)), TypeError, "model must be"))
+    add(Bad("problem-loss-not-callable", lambda: hesse.Problem(lin, 3, (X, y)), TypeError, "loss_fn must be callable"))
+    add(Bad("problem-empty-data", lambda: hesse.Problem(lin, ce, []), ValueError, "data is empty"))
+    add(Bad("problem-nan-data", lambda: hesse.Problem(lin, ce, (X * math.nan, y)), ValueError, "NaN or inf"))
+    add(Bad("problem-inf-data", lambda: hesse.Problem(lin, ce, (X * math.inf, y)), ValueError, "NaN or inf"))
+    add(Bad("problem-dtype", lambda: hesse.Problem(lin, ce, (X.float(), y)), TypeError, "dtype"))
+    add(Bad("problem-unknown-param", lambda: hesse.Problem(lin, ce, (X, y), params=["nope"]), ValueError, "nope"))
+    add(Bad("problem-batch-not-pair", lambda: hesse.Problem(lin, ce, [(X,)]), TypeError, "batch"))
+    add(Bad("problem-reduction", lambda: hesse.Problem(lin, ce, (X, y), reduction="max"), ValueError, "reduction"))
+    add(Bad("problem-int-model", lambda: hesse.Problem(nn.Linear(3, 3).to(torch.int64) if False else _IntParam(), ce, (X, y)), (TypeError, ValueError), "no parameters selected"))
+    add(Bad("nonscalar-loss", lambda: hesse.gradient(hesse.Problem(lin, nn.CrossEntropyLoss(reduction="none"), (X, y))), ValueError, "reduction"))
+    add(Bad("mse-broadcast-(N,1)-vs-(N,)", lambda: hesse.gradient(_mse_broadcast()), ValueError, r"outputs have shape \(6, 1\) but the targets \(6,\)"))
+    add(Bad("nan-params-after-build", lambda: hesse.gradient(_nan_params()), ValueError, "NaN or inf"))
+    add(Bad("nan-params-hvp", lambda: hesse.hvp(_nan_params(), V), ValueError, "NaN or inf"))
+    add(Bad("nan-params-chain", lambda: hesse.factorize(_nan_params(), 0.1), ValueError, "NaN or inf"))
+    # --- products
+    for name, fn in [("hvp", hesse.hvp), ("ggn_vp", hesse.ggn_vp), ("fisher_vp", hesse.fisher_vp)]:
+        add(Bad(f"{name}-wrong-length", lambda fn=fn: fn(prob, torch.ones(P + 1, dtype=torch.float64)), ValueError, rf"expected \({P},\)"))
+        add(Bad(f"{name}-3d", lambda fn=fn: fn(prob, torch.ones(P, 1, 1, dtype=torch.float64)), ValueError, "expected"))
+        add(Bad(f"{name}-int", lambda fn=fn: fn(prob, torch.ones(P, dtype=torch.int64)), TypeError, "floating-point"))
+        add(Bad(f"{name}-nan", lambda fn=fn: fn(prob, V * math.nan), ValueError, "non-finite"))
+        add(Bad(f"{name}-inf", lambda fn=fn: fn(prob, V * math.inf), ValueError, "non-finite"))
+        add(Bad(f"{name}-string", lambda fn=fn: fn(prob, "v"), TypeError, "must be a tensor"))
+        add(Bad(f"{name}-list-count", lambda fn=fn: fn(prob, [torch.ones(3)]), ValueError, "expected"))
+    add(Bad("hvp-method", lambda: hesse.hvp(prob, V, method="sideways"), ValueError, "method must be"))
+    add(Bad("fisher-kind", lambda: hesse.fisher_vp(prob, V, kind="fake"), ValueError, "kind"))
+    add(Bad("ggn-tuple-output", lambda: hesse.ggn_vp(hesse.Problem(nn.Sequential(lin, _Tupled()), lambda o, t: o[0].sum(), (X, y)), torch.ones(12, dtype=torch.float64)), (TypeError, ValueError), "tensor"))
+    # --- operators
+    op = hesse.HessianOperator(prob)
+    add(Bad("op-matmul-shape", lambda: op @ torch.ones(P + 2, dtype=torch.float64), ValueError, "expected"))
+    add(Bad("op-block-unknown", lambda: op.block("0.weight", "nope"), (KeyError, ValueError), "nope"))
+    add(Bad("op-max-memory-negative", lambda: op.to_dense(max_memory=-1), ValueError, "max_memory"))
+    # --- spectral
+    for k in (0, P + 1, 1.5, -1):
+        add(Bad(f"eigs-k={k}", lambda k=k: hesse.eigs(op, k), ValueError, "k must be"))
+    add(Bad("eigs-which", lambda: hesse.eigs(op, 1, "middle"), ValueError, "which"))
+    for tol in (0.0, -1.0, math.nan):
+        add(Bad(f"eigs-tol={tol}", lambda tol=tol: hesse.eigs(op, 1, tol=tol), ValueError, "tol must be"))
+    for steps in (0, -3):
+        add(Bad(f"eigs-max_steps={steps}", lambda s=steps: hesse.eigs(op, 1, max_steps=s), ValueError, "max_steps must be"))
+    add(Bad("eigs-v0-zero", lambda: hesse.eigs(op, 1, v0=torch.zeros(P, dtype=torch.float64)), ValueError, "v0"))
+    add(Bad("eigs-v0-shape", lambda: hesse.eigs(op, 1, v0=torch.ones(3, dtype=torch.float64)), ValueError, "v0"))
+    add(Bad("eigs-v0-nan", lambda: hesse.eigs(op, 1, v0=V * math.nan), ValueError, "v0"))
+    for n in (0, -2, 1.5):
+        add(Bad(f"trace-products={n}", lambda n=n: hesse.trace(op, num_products=n), ValueError, "num_products must be"))
+        add(Bad(f"density-probes={n}", lambda n=n: hesse.spectral_density(op, num_probes=n), ValueError, "num_probes must be"))
+    add(Bad("trace-method", lambda: hesse.trace(op, method="guess"), ValueError, "method"))
+    add(Bad("diagonal-method", lambda: hesse.diagonal(op, method="guess"), ValueError, "method"))
+    # --- chain
+    for d in (math.nan, math.inf, -math.inf):
+        add(Bad(f"factorize-damping={d}", lambda d=d: hesse.factorize(prob, d), ValueError, "damping must be a finite number"))
+    add(Bad("factorize-curvature", lambda: hesse.factorize(prob, 0.1, "fisher-ish"), ValueError, "curvature"))
+    add(Bad("factorize-rank-rtol", lambda: hesse.factorize(prob, 0.1, rank_rtol=2.0), ValueError, "rank_rtol"))
+    add(Bad("factorize-not-sequential", lambda: hesse.factorize(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1), ValueError, "nn.Sequential"))
+    add(Bad("logdet-not-sequential-no-cg-hint", lambda: hesse.logdet(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1), ValueError, "exact log-determinants and counts need a chain"))
+    f = hesse.factorize(prob, 0.1)
+    add(Bad("solve-nan", lambda: f.solve(V * math.nan), ValueError, "non-finite"))
+    add(Bad("solve-shape", lambda: f.solve(torch.ones(5, dtype=torch.float64)), ValueError, "expected"))
+    add(Bad("solve-rtol-negative", lambda: f.solve(V, rtol=-1e-3), ValueError, "rtol must be"))
+    add(Bad("solve-rtol-nan", lambda: f.solve(V, rtol=math.nan), ValueError, "rtol must be"))
+    add(Bad("solve-rtol-unreachable", lambda: f.solve(V, rtol=1e-40), hesse.InaccurateSolveError, "reached a relative residual"))
+    add(Bad("solve-max-refine", lambda: f.solve(V, max_refine=-2), ValueError, "max_refine must be"))
+    add(Bad("solve-singular", lambda: hesse.factorize(_prob(2, "mse"), 0.0, "ggn").solve(torch.ones(P, dtype=torch.float64)), hesse.SingularPivotError, "near-null space of dimension"))
+    for b in (math.nan, math.inf):
+        add(Bad(f"count-below={b}", lambda b=b: hesse.count_eigenvalues(prob, below=b), ValueError, "below must be a finite number"))
+    for k in (0, P + 1, 1.5, True, "2", None):
+        add(Bad(f"eigenvalue-k={k!r}", lambda k=k: hesse.eigenvalue(prob, k), ValueError, r"k must be in \[1, "))
+    for tol in (0.0, -1e-3, math.nan, math.inf):
+        add(Bad(f"eigenvalue-tol={tol}", lambda tol=tol: hesse.eigenvalue(prob, 1, tol=tol), ValueError, "tol must be a positive"))
+    add(Bad("eigenvalue-bounds-reversed", lambda: hesse.eigenvalue(prob, 1, bounds=(1.0, -1.0)), ValueError, "bounds must be"))
+    add(Bad("eigenvalue-bounds-miss", lambda: hesse.eigenvalue(prob, 1, bounds=(100.0, 200.0)), ValueError, "do not hold"))
+    add(Bad("histogram-edges", lambda: hesse.eigenvalue_histogram(prob, [1.0, 0.0]), ValueError, "strictly increasing"))
+    add(Bad("histogram-edges-nan", lambda: hesse.eigenvalue_histogram(prob, [0.0, math.nan]), ValueError, "strictly increasing"))
+    add(Bad("solve-method", lambda: hesse.solve(prob, V, 0.1, method="magic"), ValueError, "method must be"))
+    add(Bad("newton-curvature", lambda: hesse.newton_step(prob, 0.1, "nope"), ValueError, "curvature"))
+    # --- optimisers and their parts
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    for d in (math.nan, math.inf, -1.0):
+        add(Bad(f"hf-damping={d}", lambda d=d: hesse.optim.HessianFree(model, ce, damping=d), ValueError, "damping must be"))
+        add(Bad(f"newton-damping={d}", lambda d=d: hesse.optim.ChainNewton(model, ce, damping=d), ValueError, "damping must be"))
+    add(Bad("hf-lr-nan", lambda: hesse.optim.HessianFree(model, ce, lr=math.nan), ValueError, "lr must be"))
+    add(Bad("hf-curvature", lambda: hesse.optim.HessianFree(model, ce, curvature="x"), ValueError, "curvature"))
+    add(Bad("hf-no-backward", _step_without_backward, RuntimeError, r"call loss.backward\(\)"))
+    add(Bad("hf-no-batch", _hf_step_without_batch, ValueError, "curvature_batch"))
+    add(Bad("tr-radius-0", lambda: trust_region_subproblem(V, 0.0, None, None), ValueError, "radius must be positive"))
+    add(Bad("tr-radius-nan", lambda: trust_region_subproblem(V, math.nan, None, None), ValueError, "radius must be positive"))
+    add(Bad("cg-max-iter", lambda: truncated_cg(lambda v: v, V, max_iter=-1), ValueError, "max_iter"))
+    return cases
+
+
+class _IntParam(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.w.double()
+
+
+class _TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _step_without_backward():
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    opt = hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+
+    def closure():
+        opt.zero_grad()
+        return nn.functional.cross_entropy(model(X), y)  # forgot .backward()
+
+    opt.step(closure, curvature_batch=(X, y))
+
+
+def _hf_step_without_batch():
+    model = nn.Sequential(nn.Linear(3, 3)).double()
+    opt = hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+API = _api_cases()
+
+
+@pytest.mark.parametrize("case", API, ids=[c.name for c in API])
+def test_api_refuses_bad_input_clearly(case: Bad):
+    with pytest.raises(case.exc, match=case.match):
+        case.fn()
+
+
+# ----------------------------------------------------------------------------- CLI
+SMALL = ["--samples", "60", "--hidden", "8", "--train-steps", "0", "--no-progress"]
+
+CLI_NUMBERS = [
+    ("analyze", "--samples", "-5"),
+    ("analyze", "--samples", "abc"),
+    ("analyze", "--hidden", "0"),
+    ("analyze", "--hidden", "-3"),
+    ("analyze", "--train-steps", "-1"),
+    ("analyze", "--max-dense", "-1"),
+    ("analyze", "--chain-samples", "-1"),
+    ("analyze", "--damping", "nan"),
+    ("analyze", "--damping", "inf"),
+    ("analyze", "--damping", "x"),
+    ("check", "--samples", "-1"),
+    ("train", "--steps", "0"),
+    ("train", "--steps", "-4"),
+    ("train", "--lr", "nan"),
+    ("train", "--lr", "-0.1"),
+    ("train", "--lr", "0"),
+    ("train", "--damping", "nan"),
+    ("train", "--damping", "-1"),
+    ("train", "--curvature-batch", "-1"),
+    ("train", "--curvature-batch", "0"),
+    ("train", "--checkpoint-every", "-1"),
+    ("train", "--time-budget", "-2"),
+    ("train", "--time-budget", "nan"),
+]
+
+
+@pytest.mark.parametrize("cmd,flag,value", CLI_NUMBERS, ids=[f"{c}{f}={v}" for c, f, v in CLI_NUMBERS])
+def test_cli_numbers_are_validated(cmd, flag, value, capsys, tmp_path):
+    extra = ["--out", str(tmp_path / "o")] if cmd == "train" else SMALL
+    with pytest.raises(SystemExit) as ex:
+        _cli.main([cmd, *extra, flag, value])
+    assert ex.value.code == 2  # argparse's usage error, before any work
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "expected" in err and repr(value) in err
+
+
+def _cli_cases(tmp) -> list[tuple[str, list[str], str]]:
+    afile = tmp / "afile.txt"
+    afile.write_text("x")
+    bad_npz = tmp / "bad.npz"
+    bad_npz.write_text("not an npz")
+    weights = tmp / "w.pt"
+    torch.save({"nope": torch.ones(2)}, weights)
+    factory = tmp / "m.py"
+    factory.write_text("import torch\ndef make():\n    return torch.nn.Linear(64, 10)\n")
+    readonly = tmp / "ro"
+    readonly.mkdir()
+    return [
+        ("json-under-a-file", ["analyze", *SMALL, "--json", str(afile / "out.json")], "does not exist"),
+        ("json-missing-folder", ["analyze", *SMALL, "--json", str(tmp / "no" / "such" / "o.json")], "does not exist"),
+        ("json-is-a-folder", ["analyze", *SMALL, "--json", str(tmp)], "is a folder"),
+        ("report-is-a-file", ["analyze", *SMALL, "--report", str(afile)], "not a directory"),
+        ("data-missing", ["analyze", *SMALL, "--data", str(tmp / "none.npz")], "data"),
+        ("data-not-npz", ["analyze", *SMALL, "--data", str(bad_npz)], "data"),
+        ("weights-missing", ["analyze", *SMALL, "--weights", str(tmp / "none.pt")], "weights"),
+        ("weights-wrong-model", ["analyze", *SMALL, "--weights", str(weights)], "weights"),
+        ("model-missing-file", ["analyze", *SMALL, "--model", str(tmp / "none.py") + ":make"], "model"),
+        ("model-no-factory", ["analyze", *SMALL, "--model", str(factory) + ":nothere"], "nothere"),
+        ("model-bad-spec", ["analyze", *SMALL, "--model", "justtext"], "FILE.py:FACTORY"),
+        ("train-unknown-optimizer", ["train", "--optimizer", "lbfgs", "--out", str(tmp / "t")], "unknown optimizer"),
+    ]
+
+
+def test_cli_bad_paths_and_files_fail_with_one_line(tmp_path, capsys):
+    for name, argv, match in _cli_cases(tmp_path):
+        with pytest.raises(SystemExit) as ex:
+            _cli.main(argv)
+        msg = str(ex.value.code) if not isinstance(ex.value.code, int) else capsys.readouterr().err
+        assert match in msg and "Traceback" not in msg, (name, msg)
+        assert msg.startswith("hesse") or "usage" in msg, (name, msg)
+        assert "\n" not in msg.strip() or "usage" in msg, (name, msg)
+
+
+def test_cli_model_line_counts_the_samples_used(capsys):
+    assert _cli.main(["analyze", *SMALL, "--chain-samples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "first 60 of 1797 samples" in out and "(1797 samples)" not in out
+
+
+def test_cli_float_targets_for_a_one_output_model(tmp_path, capsys):
+    """The CLI reads float y of shape (N,) against a one-output model as (N, 1) targets,
+    not an (N, N) broadcast: the loss equals the reference MSE."""
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    X, y = g.standard_normal((30, 4)), g.standard_normal(30)
+    np.savez(tmp_path / "reg.npz", X=X, y=y)
+    factory = tmp_path / "m.py"
+    factory.write_text(
+        "import torch\ndef make():\n    torch.manual_seed(0)\n    return torch.nn.Linear(4, 1)\n"
+    )
+    out = tmp_path / "s.json"
+    argv = ["analyze", "--data", str(tmp_path / "reg.npz"), "--model", f"{factory}:make"]
+    assert _cli.main([*argv, "--no-progress", "--chain-samples", "0", "--json", str(out)]) == 0
+    import json
+
+    loss = json.loads(out.read_text())["loss"]
+    torch.manual_seed(0)
+    ref = nn.functional.mse_loss(
+        nn.Linear(4, 1).double()(torch.as_tensor(X)), torch.as_tensor(y)[:, None]
+    )
+    assert loss == pytest.approx(float(ref.detach()), rel=1e-12)
+
+
+def test_train_resume_refuses_changed_settings_and_says_when_it_starts_fresh(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--optimizer", "sgd", "--steps", "3", "--checkpoint-every", "1"]
+    base += ["--out", str(out), "--no-progress"]
+    assert _cli.main([*base, "--resume"]) == 0
+    assert "no checkpoint" in capsys.readouterr().err  # resume found nothing: it says so
+    with pytest.raises(SystemExit, match=r"written with lr=None \(now 0.5\)"):
+        _cli.main([*base, "--steps", "5", "--resume", "--lr", "0.5"])
+    assert _cli.main([*base, "--steps", "5", "--resume"]) == 0
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
