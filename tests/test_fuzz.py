@@ -17,7 +17,7 @@ from torch import nn
 
 import hesse
 from hesse import _cli
-from hesse.optim import trust_region_subproblem, truncated_cg
+from hesse.optim import truncated_cg, trust_region_subproblem
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,93 +73,441 @@ def _api_cases() -> list[Bad]:
     lin = nn.Linear(3, 3).double()
     ce = nn.CrossEntropyLoss()
     # --- Problem
-    add(Bad("problem-model-not-module", lambda: hesse.Problem(3, ce, (X, y)), TypeError, "model must be"))
-    add(Bad("problem-loss-not-callable", lambda: hesse.Problem(lin, 3, (X, y)), TypeError, "loss_fn must be callable"))
+    add(
+        Bad(
+            "problem-model-not-module",
+            lambda: hesse.Problem(3, ce, (X, y)),
+            TypeError,
+            "model must be",
+        )
+    )
+    add(
+        Bad(
+            "problem-loss-not-callable",
+            lambda: hesse.Problem(lin, 3, (X, y)),
+            TypeError,
+            "loss_fn must be callable",
+        )
+    )
     add(Bad("problem-empty-data", lambda: hesse.Problem(lin, ce, []), ValueError, "data is empty"))
-    add(Bad("problem-nan-data", lambda: hesse.Problem(lin, ce, (X * math.nan, y)), ValueError, "NaN or inf"))
-    add(Bad("problem-inf-data", lambda: hesse.Problem(lin, ce, (X * math.inf, y)), ValueError, "NaN or inf"))
+    add(
+        Bad(
+            "problem-nan-data",
+            lambda: hesse.Problem(lin, ce, (X * math.nan, y)),
+            ValueError,
+            "NaN or inf",
+        )
+    )
+    add(
+        Bad(
+            "problem-inf-data",
+            lambda: hesse.Problem(lin, ce, (X * math.inf, y)),
+            ValueError,
+            "NaN or inf",
+        )
+    )
     add(Bad("problem-dtype", lambda: hesse.Problem(lin, ce, (X.float(), y)), TypeError, "dtype"))
-    add(Bad("problem-unknown-param", lambda: hesse.Problem(lin, ce, (X, y), params=["nope"]), ValueError, "nope"))
+    add(
+        Bad(
+            "problem-unknown-param",
+            lambda: hesse.Problem(lin, ce, (X, y), params=["nope"]),
+            ValueError,
+            "nope",
+        )
+    )
     add(Bad("problem-batch-not-pair", lambda: hesse.Problem(lin, ce, [(X,)]), TypeError, "batch"))
-    add(Bad("problem-reduction", lambda: hesse.Problem(lin, ce, (X, y), reduction="max"), ValueError, "reduction"))
-    add(Bad("problem-int-model", lambda: hesse.Problem(nn.Linear(3, 3).to(torch.int64) if False else _IntParam(), ce, (X, y)), (TypeError, ValueError), "no parameters selected"))
-    add(Bad("nonscalar-loss", lambda: hesse.gradient(hesse.Problem(lin, nn.CrossEntropyLoss(reduction="none"), (X, y))), ValueError, "reduction"))
-    add(Bad("mse-broadcast-(N,1)-vs-(N,)", lambda: hesse.gradient(_mse_broadcast()), ValueError, r"outputs have shape \(6, 1\) but the targets \(6,\)"))
-    add(Bad("nan-params-after-build", lambda: hesse.gradient(_nan_params()), ValueError, "NaN or inf"))
+    add(
+        Bad(
+            "problem-reduction",
+            lambda: hesse.Problem(lin, ce, (X, y), reduction="max"),
+            ValueError,
+            "reduction",
+        )
+    )
+    add(
+        Bad(
+            "problem-int-model",
+            lambda: hesse.Problem(
+                nn.Linear(3, 3).to(torch.int64) if False else _IntParam(), ce, (X, y)
+            ),
+            (TypeError, ValueError),
+            "no parameters selected",
+        )
+    )
+    add(
+        Bad(
+            "nonscalar-loss",
+            lambda: hesse.gradient(
+                hesse.Problem(lin, nn.CrossEntropyLoss(reduction="none"), (X, y))
+            ),
+            ValueError,
+            "reduction",
+        )
+    )
+    add(
+        Bad(
+            "mse-broadcast-(N,1)-vs-(N,)",
+            lambda: hesse.gradient(_mse_broadcast()),
+            ValueError,
+            r"outputs have shape \(6, 1\) but the targets \(6,\)",
+        )
+    )
+    add(
+        Bad(
+            "nan-params-after-build",
+            lambda: hesse.gradient(_nan_params()),
+            ValueError,
+            "NaN or inf",
+        )
+    )
     add(Bad("nan-params-hvp", lambda: hesse.hvp(_nan_params(), V), ValueError, "NaN or inf"))
-    add(Bad("nan-params-chain", lambda: hesse.factorize(_nan_params(), 0.1), ValueError, "NaN or inf"))
+    add(
+        Bad(
+            "nan-params-chain",
+            lambda: hesse.factorize(_nan_params(), 0.1),
+            ValueError,
+            "NaN or inf",
+        )
+    )
     # --- products
     for name, fn in [("hvp", hesse.hvp), ("ggn_vp", hesse.ggn_vp), ("fisher_vp", hesse.fisher_vp)]:
-        add(Bad(f"{name}-wrong-length", lambda fn=fn: fn(prob, torch.ones(P + 1, dtype=torch.float64)), ValueError, rf"expected \({P},\)"))
-        add(Bad(f"{name}-3d", lambda fn=fn: fn(prob, torch.ones(P, 1, 1, dtype=torch.float64)), ValueError, "expected"))
-        add(Bad(f"{name}-int", lambda fn=fn: fn(prob, torch.ones(P, dtype=torch.int64)), TypeError, "floating-point"))
+        add(
+            Bad(
+                f"{name}-wrong-length",
+                lambda fn=fn: fn(prob, torch.ones(P + 1, dtype=torch.float64)),
+                ValueError,
+                rf"expected \({P},\)",
+            )
+        )
+        add(
+            Bad(
+                f"{name}-3d",
+                lambda fn=fn: fn(prob, torch.ones(P, 1, 1, dtype=torch.float64)),
+                ValueError,
+                "expected",
+            )
+        )
+        add(
+            Bad(
+                f"{name}-int",
+                lambda fn=fn: fn(prob, torch.ones(P, dtype=torch.int64)),
+                TypeError,
+                "floating-point",
+            )
+        )
         add(Bad(f"{name}-nan", lambda fn=fn: fn(prob, V * math.nan), ValueError, "non-finite"))
         add(Bad(f"{name}-inf", lambda fn=fn: fn(prob, V * math.inf), ValueError, "non-finite"))
         add(Bad(f"{name}-string", lambda fn=fn: fn(prob, "v"), TypeError, "must be a tensor"))
-        add(Bad(f"{name}-list-count", lambda fn=fn: fn(prob, [torch.ones(3)]), ValueError, "expected"))
-    add(Bad("hvp-method", lambda: hesse.hvp(prob, V, method="sideways"), ValueError, "method must be"))
+        add(
+            Bad(
+                f"{name}-list-count",
+                lambda fn=fn: fn(prob, [torch.ones(3)]),
+                ValueError,
+                "expected",
+            )
+        )
+    add(
+        Bad(
+            "hvp-method",
+            lambda: hesse.hvp(prob, V, method="sideways"),
+            ValueError,
+            "method must be",
+        )
+    )
     add(Bad("fisher-kind", lambda: hesse.fisher_vp(prob, V, kind="fake"), ValueError, "kind"))
-    add(Bad("ggn-tuple-output", lambda: hesse.ggn_vp(hesse.Problem(nn.Sequential(lin, _Tupled()), lambda o, t: o[0].sum(), (X, y)), torch.ones(12, dtype=torch.float64)), (TypeError, ValueError), "tensor"))
+    add(
+        Bad(
+            "ggn-tuple-output",
+            lambda: hesse.ggn_vp(
+                hesse.Problem(nn.Sequential(lin, _Tupled()), lambda o, t: o[0].sum(), (X, y)),
+                torch.ones(12, dtype=torch.float64),
+            ),
+            (TypeError, ValueError),
+            "tensor",
+        )
+    )
     # --- operators
     op = hesse.HessianOperator(prob)
-    add(Bad("op-matmul-shape", lambda: op @ torch.ones(P + 2, dtype=torch.float64), ValueError, "expected"))
-    add(Bad("op-block-unknown", lambda: op.block("0.weight", "nope"), (KeyError, ValueError), "nope"))
+    add(
+        Bad(
+            "op-matmul-shape",
+            lambda: op @ torch.ones(P + 2, dtype=torch.float64),
+            ValueError,
+            "expected",
+        )
+    )
+    add(
+        Bad(
+            "op-block-unknown", lambda: op.block("0.weight", "nope"), (KeyError, ValueError), "nope"
+        )
+    )
     add(Bad("op-max-memory-negative", lambda: op.to_dense(max_memory=-1), ValueError, "max_memory"))
     # --- spectral
     for k in (0, P + 1, 1.5, -1):
         add(Bad(f"eigs-k={k}", lambda k=k: hesse.eigs(op, k), ValueError, "k must be"))
     add(Bad("eigs-which", lambda: hesse.eigs(op, 1, "middle"), ValueError, "which"))
     for tol in (0.0, -1.0, math.nan):
-        add(Bad(f"eigs-tol={tol}", lambda tol=tol: hesse.eigs(op, 1, tol=tol), ValueError, "tol must be"))
+        add(
+            Bad(
+                f"eigs-tol={tol}",
+                lambda tol=tol: hesse.eigs(op, 1, tol=tol),
+                ValueError,
+                "tol must be",
+            )
+        )
     for steps in (0, -3):
-        add(Bad(f"eigs-max_steps={steps}", lambda s=steps: hesse.eigs(op, 1, max_steps=s), ValueError, "max_steps must be"))
-    add(Bad("eigs-v0-zero", lambda: hesse.eigs(op, 1, v0=torch.zeros(P, dtype=torch.float64)), ValueError, "v0"))
-    add(Bad("eigs-v0-shape", lambda: hesse.eigs(op, 1, v0=torch.ones(3, dtype=torch.float64)), ValueError, "v0"))
+        add(
+            Bad(
+                f"eigs-max_steps={steps}",
+                lambda s=steps: hesse.eigs(op, 1, max_steps=s),
+                ValueError,
+                "max_steps must be",
+            )
+        )
+    add(
+        Bad(
+            "eigs-v0-zero",
+            lambda: hesse.eigs(op, 1, v0=torch.zeros(P, dtype=torch.float64)),
+            ValueError,
+            "v0",
+        )
+    )
+    add(
+        Bad(
+            "eigs-v0-shape",
+            lambda: hesse.eigs(op, 1, v0=torch.ones(3, dtype=torch.float64)),
+            ValueError,
+            "v0",
+        )
+    )
     add(Bad("eigs-v0-nan", lambda: hesse.eigs(op, 1, v0=V * math.nan), ValueError, "v0"))
     for n in (0, -2, 1.5):
-        add(Bad(f"trace-products={n}", lambda n=n: hesse.trace(op, num_products=n), ValueError, "num_products must be"))
-        add(Bad(f"density-probes={n}", lambda n=n: hesse.spectral_density(op, num_probes=n), ValueError, "num_probes must be"))
+        add(
+            Bad(
+                f"trace-products={n}",
+                lambda n=n: hesse.trace(op, num_products=n),
+                ValueError,
+                "num_products must be",
+            )
+        )
+        add(
+            Bad(
+                f"density-probes={n}",
+                lambda n=n: hesse.spectral_density(op, num_probes=n),
+                ValueError,
+                "num_probes must be",
+            )
+        )
     add(Bad("trace-method", lambda: hesse.trace(op, method="guess"), ValueError, "method"))
     add(Bad("diagonal-method", lambda: hesse.diagonal(op, method="guess"), ValueError, "method"))
     # --- chain
     for d in (math.nan, math.inf, -math.inf):
-        add(Bad(f"factorize-damping={d}", lambda d=d: hesse.factorize(prob, d), ValueError, "damping must be a finite number"))
-    add(Bad("factorize-curvature", lambda: hesse.factorize(prob, 0.1, "fisher-ish"), ValueError, "curvature"))
-    add(Bad("factorize-rank-rtol", lambda: hesse.factorize(prob, 0.1, rank_rtol=2.0), ValueError, "rank_rtol"))
-    add(Bad("factorize-not-sequential", lambda: hesse.factorize(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1), ValueError, "nn.Sequential"))
-    add(Bad("logdet-not-sequential-no-cg-hint", lambda: hesse.logdet(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1), ValueError, "exact log-determinants and counts need a chain"))
+        add(
+            Bad(
+                f"factorize-damping={d}",
+                lambda d=d: hesse.factorize(prob, d),
+                ValueError,
+                "damping must be a finite number",
+            )
+        )
+    add(
+        Bad(
+            "factorize-curvature",
+            lambda: hesse.factorize(prob, 0.1, "fisher-ish"),
+            ValueError,
+            "curvature",
+        )
+    )
+    add(
+        Bad(
+            "factorize-rank-rtol",
+            lambda: hesse.factorize(prob, 0.1, rank_rtol=2.0),
+            ValueError,
+            "rank_rtol",
+        )
+    )
+    add(
+        Bad(
+            "factorize-not-sequential",
+            lambda: hesse.factorize(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1),
+            ValueError,
+            "nn.Sequential",
+        )
+    )
+    add(
+        Bad(
+            "logdet-not-sequential-no-cg-hint",
+            lambda: hesse.logdet(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1),
+            ValueError,
+            "exact log-determinants and counts need a chain",
+        )
+    )
     f = hesse.factorize(prob, 0.1)
     add(Bad("solve-nan", lambda: f.solve(V * math.nan), ValueError, "non-finite"))
-    add(Bad("solve-shape", lambda: f.solve(torch.ones(5, dtype=torch.float64)), ValueError, "expected"))
+    add(
+        Bad(
+            "solve-shape",
+            lambda: f.solve(torch.ones(5, dtype=torch.float64)),
+            ValueError,
+            "expected",
+        )
+    )
     add(Bad("solve-rtol-negative", lambda: f.solve(V, rtol=-1e-3), ValueError, "rtol must be"))
     add(Bad("solve-rtol-nan", lambda: f.solve(V, rtol=math.nan), ValueError, "rtol must be"))
-    add(Bad("solve-rtol-unreachable", lambda: f.solve(V, rtol=1e-40), hesse.InaccurateSolveError, "reached a relative residual"))
-    add(Bad("solve-max-refine", lambda: f.solve(V, max_refine=-2), ValueError, "max_refine must be"))
-    add(Bad("solve-singular", lambda: hesse.factorize(_prob(2, "mse"), 0.0, "ggn").solve(torch.ones(P, dtype=torch.float64)), hesse.SingularPivotError, "near-null space of dimension"))
+    add(
+        Bad(
+            "solve-rtol-unreachable",
+            lambda: f.solve(V, rtol=1e-40),
+            hesse.InaccurateSolveError,
+            "reached a relative residual",
+        )
+    )
+    add(
+        Bad("solve-max-refine", lambda: f.solve(V, max_refine=-2), ValueError, "max_refine must be")
+    )
+    add(
+        Bad(
+            "solve-singular",
+            lambda: hesse.factorize(_prob(2, "mse"), 0.0, "ggn").solve(
+                torch.ones(P, dtype=torch.float64)
+            ),
+            hesse.SingularPivotError,
+            "near-null space of dimension",
+        )
+    )
     for b in (math.nan, math.inf):
-        add(Bad(f"count-below={b}", lambda b=b: hesse.count_eigenvalues(prob, below=b), ValueError, "below must be a finite number"))
+        add(
+            Bad(
+                f"count-below={b}",
+                lambda b=b: hesse.count_eigenvalues(prob, below=b),
+                ValueError,
+                "below must be a finite number",
+            )
+        )
     for k in (0, P + 1, 1.5, True, "2", None):
-        add(Bad(f"eigenvalue-k={k!r}", lambda k=k: hesse.eigenvalue(prob, k), ValueError, r"k must be in \[1, "))
+        add(
+            Bad(
+                f"eigenvalue-k={k!r}",
+                lambda k=k: hesse.eigenvalue(prob, k),
+                ValueError,
+                r"k must be in \[1, ",
+            )
+        )
     for tol in (0.0, -1e-3, math.nan, math.inf):
-        add(Bad(f"eigenvalue-tol={tol}", lambda tol=tol: hesse.eigenvalue(prob, 1, tol=tol), ValueError, "tol must be a positive"))
-    add(Bad("eigenvalue-bounds-reversed", lambda: hesse.eigenvalue(prob, 1, bounds=(1.0, -1.0)), ValueError, "bounds must be"))
-    add(Bad("eigenvalue-bounds-miss", lambda: hesse.eigenvalue(prob, 1, bounds=(100.0, 200.0)), ValueError, "do not hold"))
-    add(Bad("histogram-edges", lambda: hesse.eigenvalue_histogram(prob, [1.0, 0.0]), ValueError, "strictly increasing"))
-    add(Bad("histogram-edges-nan", lambda: hesse.eigenvalue_histogram(prob, [0.0, math.nan]), ValueError, "strictly increasing"))
-    add(Bad("solve-method", lambda: hesse.solve(prob, V, 0.1, method="magic"), ValueError, "method must be"))
-    add(Bad("newton-curvature", lambda: hesse.newton_step(prob, 0.1, "nope"), ValueError, "curvature"))
+        add(
+            Bad(
+                f"eigenvalue-tol={tol}",
+                lambda tol=tol: hesse.eigenvalue(prob, 1, tol=tol),
+                ValueError,
+                "tol must be a positive",
+            )
+        )
+    add(
+        Bad(
+            "eigenvalue-bounds-reversed",
+            lambda: hesse.eigenvalue(prob, 1, bounds=(1.0, -1.0)),
+            ValueError,
+            "bounds must be",
+        )
+    )
+    add(
+        Bad(
+            "eigenvalue-bounds-miss",
+            lambda: hesse.eigenvalue(prob, 1, bounds=(100.0, 200.0)),
+            ValueError,
+            "do not hold",
+        )
+    )
+    add(
+        Bad(
+            "histogram-edges",
+            lambda: hesse.eigenvalue_histogram(prob, [1.0, 0.0]),
+            ValueError,
+            "strictly increasing",
+        )
+    )
+    add(
+        Bad(
+            "histogram-edges-nan",
+            lambda: hesse.eigenvalue_histogram(prob, [0.0, math.nan]),
+            ValueError,
+            "strictly increasing",
+        )
+    )
+    add(
+        Bad(
+            "solve-method",
+            lambda: hesse.solve(prob, V, 0.1, method="magic"),
+            ValueError,
+            "method must be",
+        )
+    )
+    add(
+        Bad(
+            "newton-curvature",
+            lambda: hesse.newton_step(prob, 0.1, "nope"),
+            ValueError,
+            "curvature",
+        )
+    )
     # --- optimisers and their parts
     model = nn.Sequential(nn.Linear(3, 3)).double()
     for d in (math.nan, math.inf, -1.0):
-        add(Bad(f"hf-damping={d}", lambda d=d: hesse.optim.HessianFree(model, ce, damping=d), ValueError, "damping must be"))
-        add(Bad(f"newton-damping={d}", lambda d=d: hesse.optim.ChainNewton(model, ce, damping=d), ValueError, "damping must be"))
-    add(Bad("hf-lr-nan", lambda: hesse.optim.HessianFree(model, ce, lr=math.nan), ValueError, "lr must be"))
-    add(Bad("hf-curvature", lambda: hesse.optim.HessianFree(model, ce, curvature="x"), ValueError, "curvature"))
+        add(
+            Bad(
+                f"hf-damping={d}",
+                lambda d=d: hesse.optim.HessianFree(model, ce, damping=d),
+                ValueError,
+                "damping must be",
+            )
+        )
+        add(
+            Bad(
+                f"newton-damping={d}",
+                lambda d=d: hesse.optim.ChainNewton(model, ce, damping=d),
+                ValueError,
+                "damping must be",
+            )
+        )
+    add(
+        Bad(
+            "hf-lr-nan",
+            lambda: hesse.optim.HessianFree(model, ce, lr=math.nan),
+            ValueError,
+            "lr must be",
+        )
+    )
+    add(
+        Bad(
+            "hf-curvature",
+            lambda: hesse.optim.HessianFree(model, ce, curvature="x"),
+            ValueError,
+            "curvature",
+        )
+    )
     add(Bad("hf-no-backward", _step_without_backward, RuntimeError, r"call loss.backward\(\)"))
     add(Bad("hf-no-batch", _hf_step_without_batch, ValueError, "curvature_batch"))
-    add(Bad("tr-radius-0", lambda: trust_region_subproblem(V, 0.0, None, None), ValueError, "radius must be positive"))
-    add(Bad("tr-radius-nan", lambda: trust_region_subproblem(V, math.nan, None, None), ValueError, "radius must be positive"))
-    add(Bad("cg-max-iter", lambda: truncated_cg(lambda v: v, V, max_iter=-1), ValueError, "max_iter"))
+    add(
+        Bad(
+            "tr-radius-0",
+            lambda: trust_region_subproblem(V, 0.0, None, None),
+            ValueError,
+            "radius must be positive",
+        )
+    )
+    add(
+        Bad(
+            "tr-radius-nan",
+            lambda: trust_region_subproblem(V, math.nan, None, None),
+            ValueError,
+            "radius must be positive",
+        )
+    )
+    add(
+        Bad(
+            "cg-max-iter", lambda: truncated_cg(lambda v: v, V, max_iter=-1), ValueError, "max_iter"
+        )
+    )
     return cases
 
 
@@ -246,7 +594,9 @@ CLI_NUMBERS = [
 ]
 
 
-@pytest.mark.parametrize("cmd,flag,value", CLI_NUMBERS, ids=[f"{c}{f}={v}" for c, f, v in CLI_NUMBERS])
+@pytest.mark.parametrize(
+    "cmd,flag,value", CLI_NUMBERS, ids=[f"{c}{f}={v}" for c, f, v in CLI_NUMBERS]
+)
 def test_cli_numbers_are_validated(cmd, flag, value, capsys, tmp_path):
     extra = ["--out", str(tmp_path / "o")] if cmd == "train" else SMALL
     with pytest.raises(SystemExit) as ex:
@@ -268,18 +618,34 @@ def _cli_cases(tmp) -> list[tuple[str, list[str], str]]:
     readonly = tmp / "ro"
     readonly.mkdir()
     return [
-        ("json-under-a-file", ["analyze", *SMALL, "--json", str(afile / "out.json")], "does not exist"),
-        ("json-missing-folder", ["analyze", *SMALL, "--json", str(tmp / "no" / "such" / "o.json")], "does not exist"),
+        (
+            "json-under-a-file",
+            ["analyze", *SMALL, "--json", str(afile / "out.json")],
+            "does not exist",
+        ),
+        (
+            "json-missing-folder",
+            ["analyze", *SMALL, "--json", str(tmp / "no" / "such" / "o.json")],
+            "does not exist",
+        ),
         ("json-is-a-folder", ["analyze", *SMALL, "--json", str(tmp)], "is a folder"),
         ("report-is-a-file", ["analyze", *SMALL, "--report", str(afile)], "not a directory"),
         ("data-missing", ["analyze", *SMALL, "--data", str(tmp / "none.npz")], "data"),
         ("data-not-npz", ["analyze", *SMALL, "--data", str(bad_npz)], "data"),
         ("weights-missing", ["analyze", *SMALL, "--weights", str(tmp / "none.pt")], "weights"),
         ("weights-wrong-model", ["analyze", *SMALL, "--weights", str(weights)], "weights"),
-        ("model-missing-file", ["analyze", *SMALL, "--model", str(tmp / "none.py") + ":make"], "model"),
+        (
+            "model-missing-file",
+            ["analyze", *SMALL, "--model", str(tmp / "none.py") + ":make"],
+            "model",
+        ),
         ("model-no-factory", ["analyze", *SMALL, "--model", str(factory) + ":nothere"], "nothere"),
         ("model-bad-spec", ["analyze", *SMALL, "--model", "justtext"], "FILE.py:FACTORY"),
-        ("train-unknown-optimizer", ["train", "--optimizer", "lbfgs", "--out", str(tmp / "t")], "unknown optimizer"),
+        (
+            "train-unknown-optimizer",
+            ["train", "--optimizer", "lbfgs", "--out", str(tmp / "t")],
+            "unknown optimizer",
+        ),
     ]
 
 
@@ -335,3 +701,69 @@ def test_train_resume_refuses_changed_settings_and_says_when_it_starts_fresh(tmp
     assert _cli.main([*base, "--steps", "5", "--resume"]) == 0
     leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
+
+
+def test_data_with_list_targets_names_the_targets():
+    X = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="targets must be a tensor or None; got list"):
+        hesse.Problem(nn.Linear(3, 3).double(), nn.CrossEntropyLoss(), (X, [0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_in_place_activations_in_the_chain(curvature):
+    """ReLU(inplace=True) and ELU(inplace=True) work in the chain as they do in the
+    products: the same log-determinant and solve as the dense matrix."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(3, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 4),
+        nn.ELU(inplace=True),
+        nn.Linear(4, 3),
+    ).double()
+    X, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+    Ce = C + 0.1 * torch.eye(len(C))
+    f = hesse.factorize(prob, 0.1, curvature)
+    sign, la = torch.linalg.slogdet(Ce)
+    assert f.logdet()[0] == float(sign) and abs(f.logdet()[1] - float(la)) < 1e-9 * abs(float(la))
+    v = torch.randn(len(C), generator=g, dtype=torch.float64)
+    assert float((Ce @ f.solve(v) - v).norm() / v.norm()) < 1e-10
+
+
+def test_files_get_the_usual_mode_and_no_temporaries_survive(tmp_path):
+    import os
+
+    from hesse._files import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "out.json"
+        (tmp_path / ".out.json.abc123.tmp").write_text("left by a killed write")
+        with atomic_path(target) as tmp:
+            tmp.write_text("{}")
+        assert target.read_text() == "{}"
+        assert (target.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600
+        assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+        with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+        assert target.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    finally:
+        os.umask(umask)
+
+
+def test_report_without_matplotlib_refused_before_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
+    with pytest.raises(SystemExit, match="hesse analyze: --report draws figures with matplotlib"):
+        _cli.main(["analyze", *SMALL, "--report", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()

@@ -29,6 +29,7 @@ from hesse._chain import (
     factorize,
 )
 from hesse._check import CheckReport, CheckRow, check
+from hesse._memory import MemoryBudgetError
 from hesse._operators import (
     CurvatureOperator,
     FisherOperator,
@@ -76,6 +77,7 @@ __all__ = [
     "HessianOperator",
     "InaccurateSolveError",
     "Inertia",
+    "MemoryBudgetError",
     "NewtonStep",
     "Problem",
     "ResidualOperator",

@@ -161,10 +161,10 @@ def _autograd_derivatives(
     mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     a = a.detach().requires_grad_(True)
-    z = a
+    z = a.clone()  # in-place activations (ELU(inplace=True)) must not write into the leaf
     for m in mods:
         z = m(z)
-    if not z.requires_grad or z is a:
+    if not z.requires_grad:
         return a.detach(), torch.ones_like(a), torch.zeros_like(a)
     (d1,) = torch.autograd.grad(z.sum(), a, create_graph=True)
     if d1.requires_grad:

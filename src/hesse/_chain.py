@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from hesse import _chain_pivots, _products
 from hesse._bishop import _flatten_sequential
 from hesse._chain_pivots import TAU, Elimination
-from hesse._chain_stages import LossStage, Stage, StageDerivatives, _LinearDerivs, make_stage
+from hesse._chain_stages import (
+    LinearStage,
+    LossStage,
+    Stage,
+    StageDerivatives,
+    _LinearDerivs,
+    make_stage,
+)
+from hesse._memory import check_memory
 from hesse._operators import check_curvature
 from hesse._problem import Problem, float64_problem
 from hesse._progress import progress_bar
@@ -164,6 +172,37 @@ class Chain:
         kinds = ", ".join(s.describe() for s in self.stages)
         return f"Chain([{kinds}], loss, n={self.inputs.shape[0]}, P={self.num_params})"
 
+    def memory_estimate(self) -> int:
+        """Bytes a sweep needs at its peak, from the stages' sizes (one forward pass
+        without gradients): the factors every stage keeps (its pivot's factor, ``n_u^2``,
+        and its coupling, ``n_u a_in``, with ``n_u = min(p, a_out)`` for a wide ``Linear``
+        stage) plus the largest stage's transient blocks (``S``, ``Q_zz``, ``Q_xx``,
+        ``Q_xz`` and the products that form them) and the loss stage's Hessian (built
+        from ``a_L`` unit vectors). Delayed directions, which depend on the values, add
+        ``m (m + a)`` a stage; the estimate assumes none (the GGN never delays)."""
+        n = self.inputs.shape[0]
+        itemsize = torch.empty((), dtype=self.inputs.dtype).element_size()
+        z = self.inputs.detach()
+        stored, transient = 0, 0
+        with torch.no_grad():
+            for index, stage in enumerate(self.stages):
+                # the first stage has no state (dz_0 = 0): no coupling, no Q_zz
+                a_in = z.numel() if index > 0 else 0
+                z = stage.forward(z.clone())
+                a_out, p = z.numel(), stage.num_params
+                if p == 0:
+                    transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
+                    continue
+                wide = isinstance(stage, LinearStage) and p > a_out
+                n_u = min(p, a_out) if wide else p
+                stored += n_u * n_u + n_u * a_in + (p * n // max(a_out, 1) if wide else 0)
+                blocks = a_out * a_out + 2 * a_in * a_in + a_out * a_in
+                blocks += 2 * n_u * a_in + (0 if wide else 2 * p * p + a_out * p)
+                transient = max(transient, blocks)
+        a_L = z.numel()
+        transient = max(transient, 3 * a_L * a_L)  # the loss Hessian: eye, grads, result
+        return itemsize * (stored + transient)
+
     # ------------------------------------------------------------------------- passes
     def _forward_backward(self) -> tuple[list[Tensor], list[Tensor]]:
         """Stage inputs ``z_0..z_{L-1}`` and output adjoints ``lam_1..lam_L`` (one forward
@@ -176,7 +215,9 @@ class Chain:
                 if ins and not z.requires_grad:  # e.g. a stage without parameters first
                     z = z.detach().requires_grad_(True)
                 ins.append(z)
-                out = stage.forward(z)
+                # a clone: an in-place activation (ReLU(inplace=True)) must not write
+                # into the stage input kept for the derivatives (nor into a leaf)
+                out = stage.forward(z.clone())
                 if stage is not self.loss_stage and (
                     not isinstance(out, Tensor) or out.ndim == 0 or out.shape[0] != n
                 ):
@@ -823,6 +864,13 @@ def factorize(
                 "float64)",
                 stacklevel=2,
             )
+    check_memory(
+        chain.memory_estimate(),
+        f"the chain sweep ({chain.inputs.shape[0]} samples, P = {chain.num_params})",
+        "its state is (samples x width)^2 a stage: use fewer samples (a curvature batch), "
+        "or hesse.solve(..., method='cg') for solves without the exact factorisation",
+        chain.inputs.device,
+    )
     f = ChainFactorization(chain, damping, curvature, progress, rank_rtol)
     f._out_dtype = out_dtype
     return f

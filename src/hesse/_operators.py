@@ -18,6 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from hesse import _products
+from hesse._memory import check_memory
 from hesse._problem import Problem
 from hesse._progress import progress_bar
 
@@ -30,6 +31,21 @@ __all__ = [
 ]
 
 _DEFAULT_MAX_MEMORY = 2**30  # bytes of working memory for a chunk of columns
+
+
+def _symmetrize_(M: Tensor, block: int = 2048) -> Tensor:
+    """``M <- (M + M^T) / 2`` in place, block by block: no second ``P x P`` matrix."""
+    P = M.shape[0]
+    for i in range(0, P, block):
+        ii = slice(i, min(i + block, P))
+        d = M[ii, ii]
+        d.copy_(0.5 * (d + d.T))
+        for j in range(i + block, P, block):
+            jj = slice(j, min(j + block, P))
+            avg = 0.5 * (M[ii, jj] + M[jj, ii].T)
+            M[ii, jj] = avg
+            M[jj, ii] = avg.T
+    return M
 
 
 class CurvatureOperator:
@@ -146,8 +162,30 @@ class CurvatureOperator:
         shows a tqdm bar (default: when stderr is a terminal and the job is long).
         The result is symmetrised, ``(M + M^T)/2``, to remove round-off asymmetry.
         """
-        M = self._columns(range(self.problem.num_params), max_memory, progress)
-        return 0.5 * (M + M.T)
+        P = self.problem.num_params
+        check_memory(
+            self.dense_memory(max_memory),
+            f"the dense {P} x {P} {self.name} matrix",
+            "use hessian_blocks / block() for the blocks you need, eigs / trace / "
+            "spectral_density for spectra, or the chain solver (hesse.factorize) for "
+            "solves, log-determinants and counts; a smaller max_memory shrinks only the "
+            "working memory of the column chunks",
+            self.device,
+        )
+        M = self._columns(range(P), max_memory, progress)
+        return _symmetrize_(M)
+
+    def dense_memory(self, max_memory: int | None = None) -> int:
+        """Bytes `to_dense` needs at its peak: the ``P x P`` result and one chunk of
+        columns (the unit vectors, their products and the batched pass's working memory,
+        see ``max_memory``)."""
+        P = self.problem.num_params
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        chunk = self._chunk_size(max_memory)
+        # measured (tests/test_memory.py): a column costs about two parameter vectors and
+        # two sets of activations while its chunk is in flight
+        per_col = 2 * itemsize * (P + self._activation_numel())
+        return P * P * itemsize + chunk * per_col
 
     def block(self, row: str, col: str, max_memory: int | None = None) -> Tensor:
         """The block of rows for parameter ``row`` and columns for ``col``, shaped

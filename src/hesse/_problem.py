@@ -133,6 +133,16 @@ class Problem:
         self.dtype = self._params[0].dtype
         self.device = self._params[0].device
 
+        if (
+            isinstance(data, tuple)
+            and len(data) == 2
+            and isinstance(data[0], Tensor)
+            and not (isinstance(data[1], Tensor) or data[1] is None)
+        ):
+            raise TypeError(
+                f"data (inputs, targets): targets must be a tensor or None; got "
+                f"{type(data[1]).__name__} (convert it with torch.as_tensor)"
+            )
         self._data = [data] if _is_single_batch(data) else data
         if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
             self._data = list(self._data)
