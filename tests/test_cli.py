@@ -58,6 +58,7 @@ def _reference_summary(args: list[str]) -> dict:
 
 def test_analyze_default_matches_reference(tmp_path, capsys):
     out = tmp_path / "sub" / "summary.json"
+    out.parent.mkdir()  # hesse creates no folders for an output file (a typo would)
     assert _cli.main(["analyze", *SMALL, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "parameters" in printed and "negative" in printed and "layer" in printed

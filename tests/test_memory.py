@@ -93,7 +93,9 @@ def test_dense_and_chain_refuse_up_front_with_the_estimate(monkeypatch):
     monkeypatch.setattr(
         hesse.HessianOperator, "_columns", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    with pytest.raises(hesse.MemoryBudgetError, match=r"dense 66 x 66 Hessian matrix would need about .* KB"):
+    with pytest.raises(
+        hesse.MemoryBudgetError, match=r"dense 66 x 66 Hessian matrix would need about .* KB"
+    ):
         hesse.hessian(prob)
     assert not calls  # refused before the first product
     with pytest.raises(hesse.MemoryBudgetError, match=r"chain sweep \(8 samples.*fewer samples"):

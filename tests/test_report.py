@@ -110,7 +110,7 @@ def test_report_directory_rules(tmp_path):
         _cli.main(["analyze", *SMALL, "--report", str(afile)])
     with pytest.raises(SystemExit, match="cannot write the report"):
         _cli.main(["analyze", *SMALL, "--report", str(afile / "sub")])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "rep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "fresh", "rep"]
 
 
 def test_report_read_only_directory(tmp_path):

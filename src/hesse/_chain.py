@@ -32,8 +32,8 @@ from hesse._chain_stages import (
     _LinearDerivs,
     make_stage,
 )
+from hesse._checks import check_curvature
 from hesse._memory import check_memory
-from hesse._operators import check_curvature
 from hesse._problem import Problem, float64_problem
 from hesse._progress import progress_bar
 

@@ -18,6 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from hesse import _products
+from hesse._checks import check_curvature
 from hesse._memory import check_memory
 from hesse._problem import Problem
 from hesse._progress import progress_bar
@@ -297,13 +298,6 @@ class FisherOperator(CurvatureOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         return _products.fisher_matmat(self.problem, V, self.kind)
-
-
-def check_curvature(curvature: str) -> str:
-    """Validate the name of a curvature matrix the solvers and optimisers accept."""
-    if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"curvature must be 'hessian' or 'ggn'; got {curvature!r}")
-    return curvature
 
 
 def curvature_operator(problem: Problem, curvature: str) -> CurvatureOperator:

@@ -33,7 +33,7 @@ from hesse._problem import Problem
 
 __all__ = [
     "apply_batched",
-    "empirical_fisher_diagonal",
+    "empirical_fisher_diagonal_vmap",
     "ggn_matmat",
     "gradient",
     "hessian_matmat",
@@ -386,12 +386,12 @@ def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
-def empirical_fisher_diagonal(problem: Problem) -> Tensor:
+def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     """The diagonal ``(P,)`` of the empirical Fisher, ``c sum_n grad l_n^2``, from
     per-sample gradients (``vmap`` of ``grad`` over each batch's samples: ``n P``
     memory, about one gradient of work); the loss must be one `FisherOperator` accepts
-    and the inputs and targets tensors. Falls back to ``P`` operator products when the
-    model cannot be vmapped over samples."""
+    and the inputs and targets tensors. ``None`` when the model cannot be vmapped over
+    samples (`hesse._spectral.empirical_fisher_diagonal` then falls back to products)."""
     from torch.func import functional_call, grad, vmap
 
     lf = _fisher_loss(problem)
@@ -419,8 +419,5 @@ def empirical_fisher_diagonal(problem: Problem) -> Tensor:
             c = _reduction_factor(lf, o.expand(inputs.shape[0], *o.shape[1:]), w)
             out += c * torch.cat([(g**2).sum(0).reshape(-1) for g in gs])
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        from hesse._operators import FisherOperator
-        from hesse._spectral import diagonal
-
-        return diagonal(FisherOperator(problem, kind="empirical"), method="exact")
+        return None
     return out

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from hesse import _products
 from hesse._chain import Chain, Inertia, _as_chain, _promoted, factorize
-from hesse._operators import check_curvature, curvature_operator
+from hesse._checks import check_curvature
+from hesse._operators import curvature_operator
 from hesse._problem import Problem
 from hesse._progress import progress_bar
 from hesse._spectral import eigs

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hesse._operators import CurvatureOperator
+from hesse import _products
+from hesse._operators import CurvatureOperator, FisherOperator
+from hesse._problem import Problem
 
 __all__ = [
     "EigResult",
@@ -425,6 +427,16 @@ def spectral_density(
 
 
 # ----------------------------------------------------------------------------- exact
+def empirical_fisher_diagonal(problem: Problem) -> Tensor:
+    """The diagonal ``(P,)`` of the empirical Fisher: from per-sample gradients
+    (`hesse._products.empirical_fisher_diagonal_vmap`, about one gradient of work), or
+    from ``P`` operator products when the model cannot be vmapped over samples."""
+    fast = _products.empirical_fisher_diagonal_vmap(problem)
+    if fast is not None:
+        return fast
+    return diagonal(FisherOperator(problem, kind="empirical"), method="exact")
+
+
 def eigvalsh(op: Operator, *, max_memory: int | None = None) -> Tensor:
     """All eigenvalues, ascending, from the dense matrix (``P`` products and
     ``O(P^3)``): the reference for small models."""

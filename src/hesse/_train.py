@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import hesse
+from hesse import optim
 from hesse._files import atomic_path, save_png
 from hesse._progress import progress_bar
 
@@ -87,9 +87,9 @@ def make_optimizer(
     if kind == "sgd":
         return torch.optim.SGD(ex.model.parameters(), lr=lr, momentum=0.9)
     if kind == "hf":
-        return hesse.optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=damping, cg_max_iter=50)
+        return optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=damping, cg_max_iter=50)
     if kind == "chain-newton":
-        return hesse.optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
+        return optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
     raise ValueError(f"unknown optimizer {kind!r}; choose from {OPTIMIZERS}")
 
 

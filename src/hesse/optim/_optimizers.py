@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from hesse._chain import factorize
-from hesse._operators import HessianOperator, check_curvature, curvature_operator
+from hesse._checks import check_curvature
+from hesse._operators import HessianOperator, curvature_operator
 from hesse._problem import Problem
-from hesse._products import empirical_fisher_diagonal
 from hesse._solve import eigenvalue
-from hesse._spectral import eigs
+from hesse._spectral import eigs, empirical_fisher_diagonal
 from hesse.optim._parts import (
     armijo,
     cg_backtrack,

@@ -1,0 +1,91 @@
+"""The package's layers: every import, deferred ones inside functions included, goes to
+a strictly lower layer, so no import cycle can come back. A new module must be given a
+layer here (and in the README's layout section)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "hesse"
+
+LAYERS: dict[str, int] = {
+    # 0: leaves (no hesse imports)
+    "hesse._progress": 0,
+    "hesse._files": 0,
+    "hesse._memory": 0,
+    "hesse._checks": 0,
+    "hesse._chain_pivots": 0,
+    # 1-4: the problem, its products, the operators
+    "hesse._problem": 1,
+    "hesse._bishop": 2,
+    "hesse._products": 3,
+    "hesse._chain_stages": 3,
+    "hesse._operators": 4,
+    # 5-6: spectra, the chain solver, checks, the functional API; solves on top of them
+    "hesse._spectral": 5,
+    "hesse._chain": 5,
+    "hesse._check": 5,
+    "hesse._api": 5,
+    "hesse._solve": 6,
+    # 7-9: optimisers
+    "hesse.optim._parts": 7,
+    "hesse.optim._optimizers": 8,
+    "hesse.optim": 9,
+    # 10-12: the outer ring (files, figures, printing) and the public package
+    "hesse._report": 10,
+    "hesse._train": 10,
+    "hesse": 11,
+    "hesse._cli": 12,
+    "hesse.__main__": 13,
+}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _targets(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "hesse"]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if node.module.split(".")[0] != "hesse":
+            return []
+        out = []
+        for a in node.names:
+            sub = f"{node.module}.{a.name}"
+            is_module = (SRC.parent / Path(*sub.split("."))).with_suffix(".py").exists() or (
+                SRC.parent / Path(*sub.split("."))
+            ).is_dir()
+            out.append(sub if is_module else node.module)
+        return out
+    return []
+
+
+def test_every_import_goes_down_the_layers():
+    bad, unknown = [], []
+    for path in sorted(SRC.rglob("*.py")):
+        src = _module_name(path)
+        if src not in LAYERS:
+            unknown.append(src)
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            for target in _targets(node):
+                if target not in LAYERS:
+                    unknown.append(target)
+                elif LAYERS[target] >= LAYERS[src]:
+                    bad.append(
+                        f"{src} (layer {LAYERS[src]}) imports {target} (layer {LAYERS[target]})"
+                    )
+    assert not unknown, f"modules without a layer: {sorted(set(unknown))}"
+    assert not bad, "imports against the layers:\n" + "\n".join(bad)
+
+
+def test_the_layering_test_catches_a_deferred_upward_import(tmp_path):
+    node = ast.parse("def f():\n    from hesse._spectral import diagonal\n")
+    assert _targets(node.body[0].body[0]) == ["hesse._spectral"]
+    assert LAYERS["hesse._spectral"] > LAYERS["hesse._products"]
