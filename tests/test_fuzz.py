@@ -529,19 +529,9 @@ class _TwoLayer(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def _step_without_backward():
-    model = nn.Sequential(nn.Linear(3, 3)).double()
-    opt = hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
-    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
-
-    def closure():
-        opt.zero_grad()
-        return nn.functional.cross_entropy(model(X), y)  # forgot .backward()
-
-    opt.step(closure, curvature_batch=(X, y))
-
-
-def _hf_step_without_batch():
+def _hf_step(backward: bool, with_batch: bool) -> None:
+    """One HessianFree step with a closure that calls backward or forgets it, given a
+    curvature batch or not."""
     model = nn.Sequential(nn.Linear(3, 3)).double()
     opt = hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
     X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
@@ -549,10 +539,19 @@ def _hf_step_without_batch():
     def closure():
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(X), y)
-        loss.backward()
+        if backward:
+            loss.backward()
         return loss
 
-    opt.step(closure)
+    opt.step(closure, **({"curvature_batch": (X, y)} if with_batch else {}))
+
+
+def _step_without_backward():
+    _hf_step(backward=False, with_batch=True)
+
+
+def _hf_step_without_batch():
+    _hf_step(backward=True, with_batch=False)
 
 
 API = _api_cases()
