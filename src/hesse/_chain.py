@@ -6,8 +6,9 @@ cite. The backward (Riccati) sweep (R1)-(R7) is block Gaussian elimination of
 ``C + eps I`` in the order ``x_L, ..., x_1`` with threshold pivoting and delayed pivots
 (S1)-(S6, `hesse._chain_pivots`); the log-determinant and (Sylvester) the inertia come
 from the pivots (L1, L2), and solves are refined against the true operator (S7). The
-sweep sees stages only through their A, B and G products (`hesse._chain_stages`), except
-that wide ``Linear`` stages (W1)-(W4) use their Kronecker structure.
+sweep knows no layer type: it sees stages only through `StageDerivatives` (their A, B
+and G products, the blocks of Q, and a stage's own structured elimination where it has
+one, e.g. a wide ``Linear`` stage's (W1)-(W4); `hesse._chain_stages`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hesse import _chain_pivots, _products
+from hesse import _products
 from hesse._bishop import _flatten_sequential
-from hesse._chain_pivots import TAU, Elimination
-from hesse._chain_stages import (
-    LinearStage,
-    LossStage,
-    Stage,
-    StageDerivatives,
-    _LinearDerivs,
-    make_stage,
-)
+from hesse._chain_pivots import Elimination, SingularPivotError, StageElimination
+from hesse._chain_stages import LossStage, Stage, StageDerivatives, make_stage
 from hesse._checks import check_curvature
 from hesse._memory import check_memory
 from hesse._problem import Problem, float64_problem
@@ -47,12 +41,6 @@ __all__ = [
     "SolveResult",
     "factorize",
 ]
-
-
-class SingularPivotError(ValueError):
-    """``C + eps I`` is singular (within the rank tolerance): a solve is asked for where
-    none exists. The message gives the dimension of the near-null space found; more
-    damping helps."""
 
 
 class Inertia(NamedTuple):
@@ -193,8 +181,8 @@ class Chain:
                 if p == 0:
                     transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
                     continue
-                wide = isinstance(stage, LinearStage) and p > a_out
-                n_u = min(p, a_out) if wide else p
+                n_u = stage.pivot_size(a_out)
+                wide = n_u < p
                 stored += n_u * n_u + n_u * a_in + (p * n // max(a_out, 1) if wide else 0)
                 blocks = a_out * a_out + 2 * a_in * a_in + a_out * a_in
                 blocks += 2 * n_u * a_in + (0 if wide else 2 * p * p + a_out * p)
@@ -236,153 +224,6 @@ class Chain:
             else:
                 lams = tuple(torch.zeros_like(t) for t in ins[1:])
         return [t.detach() for t in ins], [*(lam.detach() for lam in lams), one]
-
-
-# ----------------------------------------------------------------------------- wide stages
-class _Wide:
-    """A wide ``Linear`` stage, ``p = o J`` parameters against ``a = n o`` activations
-    (``J > n``), eliminated without forming its ``p x p`` pivot (design note, "Wide
-    stages", (W1)-(W4)). With the thin QR ``Zhat^T = Q_z R_z``,
-    ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``, so in the orthonormal basis
-    ``[Q_z, Q_z^perp] (x) I_o`` of the parameters ``Q_xx`` is block diagonal:
-    ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``) on the range of ``B^T``,
-    ``eps I`` on its complement (``G_xx = 0``, and ``B`` vanishes there). The complement
-    is eliminated first, exactly: it couples to the state only through ``G_xz`` (the
-    Hessian), adding ``-G_xz^T P G_xz / eps = -(lam lam^T) (x) P_z / eps`` to ``Q_zz``
-    (W3). The range part goes through a stable `Elimination` (it may delay directions).
-
-    `build` returns ``None`` when the complement's pivot ``eps`` fails the threshold test
-    against its coupling (the Hessian at small ``eps``) and the dense pivot is affordable:
-    the sweep then treats the stage like any other.
-    """
-
-    def __init__(self, d: _LinearDerivs, Qz: Tensor, Rz: Tensor, Pz: Tensor | None) -> None:
-        self.d, self.Qz, self._Pz = d, Qz, Pz
-        self.Rz = Rz
-        self.extra = d.p - d.a_out  # the complement: eigenvalue eps, this many times
-        self._PG: Tensor | None = None
-
-    @classmethod
-    def build(
-        cls,
-        d: _LinearDerivs,
-        S: Tensor,
-        S_dz: Tensor | None,
-        S_dd: Tensor | None,
-        eps: float,
-        gauss_newton: bool,
-        need_z: bool,
-        tol: float,
-        stage: str,
-    ) -> _Wide | None:
-        n, o, a = d.n, d.o, d.a_out
-        Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
-        coupled = need_z and not gauss_newton
-        Pz = None
-        if coupled and d.p > a:  # P = (I - Q_z Q_z^T) (x) I_o on the inputs' rows j < i
-            Pz = -(Qz @ Qz[: d.i].T)  # (J, i)
-            Pz[: d.i].diagonal().add_(1.0)
-            # the complement's couplings: row (j, o) of P G_xz has norm |Pz_j| |lam_:o|
-            c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
-                torch.linalg.vector_norm(d.lam, dim=0).max()
-            )
-            if not abs(eps) >= TAU * c and c > tol and not _chain_pivots.UNPIVOTED:
-                if d.p <= _DENSE_WIDE_LIMIT:
-                    return None
-                if eps == 0:
-                    raise SingularPivotError(
-                        f"stage {stage!r}: a wide Linear stage ({d.p} parameters, "
-                        f"{a} activations) needs damping eps != 0 in the Hessian"
-                    )
-            if c <= tol:
-                Pz = None  # no coupling to speak of
-        self = cls(d, Qz, Rz, Pz)
-        self.eps = float(eps)
-        self.m = m = 0 if S_dz is None else S_dz.shape[0]
-        # (W1): (R (x) I) S (R^T (x) I), a batched product
-        RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
-        small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
-        small.diagonal().add_(self.eps)
-        Q_uz = Q_zz = Q_dz = None
-        if m:  # the delayed directions: Q_dr^T = (R (x) I) S_dz^T, as B^T is in range coords
-            Q_rd = (Rz @ S_dz.T.reshape(n, o * m)).view(a, m)
-            small = torch.cat([torch.cat([small, Q_rd], 1), torch.cat([Q_rd.T, S_dd], 1)])
-            Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
-        if need_z:
-            a_in, i = d.a_in, d.i
-            SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
-            Q_uz = (Rz @ SA.view(n, o * a_in)).view(a, a_in)
-            Q_zz = torch.bmm(d.W.T.expand(n, i, o), SA).view(a_in, a_in)  # A^T S A
-            if not gauss_newton:
-                # (W2): Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
-                Q_uz.view(n, o, n, i).addcmul_(
-                    Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
-                )
-                if self.extra and Pz is not None:  # (W3)
-                    Q_zz.view(n, i, n, i).addcmul_(
-                        (d.lam @ d.lam.T).view(n, 1, n, 1),
-                        Pz[:i].view(1, i, 1, i),
-                        value=-1 / self.eps,
-                    )
-            if m:
-                Q_uz = torch.cat([Q_uz, Q_dz])
-        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage)
-        return self
-
-    @property
-    def PG(self) -> Tensor | None:
-        """``P G_xz / eps`` (``p x a_in``; ``None`` without coupling):
-        ``PG[(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps``."""
-        if self._PG is None and self._Pz is not None and self.extra:
-            d, Pz = self.d, self._Pz
-            self._PG = Pz.new_empty(d.p, d.a_in)
-            torch.mul(
-                Pz.view(d.J, 1, 1, d.i),
-                (d.lam.T / self.eps).reshape(1, d.o, d.n, 1),
-                out=self._PG.view(d.J, d.o, d.n, d.i),
-            )
-        return self._PG
-
-    # the parameter space in the stage's internal layout (j, o), columns k
-    def _to_u(self, R: Tensor) -> Tensor:  # Q^T r: (p, k) -> (a, k)
-        k = R.shape[1]
-        return (self.Qz.T @ R.reshape(self.d.J, -1)).view(-1, k)
-
-    def _from_u(self, U: Tensor) -> Tensor:  # Q u: (a, k) -> (p, k)
-        k = U.shape[1]
-        return (self.Qz @ U.reshape(self.d.n, -1)).view(-1, k)
-
-    def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(W4): ``q = [q_x; s_d]``; the range part and the delayed directions through
-        the elimination; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T``.
-        Returns what `Elimination.backward` does, ``k`` holding both parts."""
-        q, q_d = q[: self.d.p], q[self.d.p :]
-        qu = self._to_u(q)
-        perp = q - self._from_u(qu)
-        ku, corr, sd = self.elim.backward(torch.cat([qu, q_d]) if self.m else qu)
-        PG = self.PG
-        if corr is not None and PG is not None:  # G_xz^T P k_perp = -G_xz^T P q / eps
-            corr = corr - PG.T @ q
-        return torch.cat([ku, perp / -self.eps if self.extra else perp[:0]]), corr, sd
-
-    def forward(self, k: Tensor, dz: Tensor | None, dval: Tensor | None) -> Tensor:
-        """``[x; d]``: the stage's parameters and its incoming delayed directions."""
-        nk = k.shape[0] - (self.d.p if self.extra else 0)
-        u = self.elim.forward(k[:nk], dz, dval)
-        a = self.d.a_out
-        x = self._from_u(u[:a])
-        if self.extra:
-            x = x + k[nk:]
-            PG = self.PG
-            if PG is not None and dz is not None:  # K_perp dz = -P G_xz dz / eps
-                x = x - PG @ dz
-        return torch.cat([x, u[a:]]) if self.m else x
-
-
-_DENSE_WIDE_LIMIT = 4096
-"""A wide stage whose complement fails the threshold test is eliminated with its dense
-pivot when it has at most this many parameters (128 MB in float64); above, it keeps the
-wide form and the growth is reported in the status."""
 
 
 # ----------------------------------------------------------------------------- factorisation
@@ -451,13 +292,11 @@ class _StageFactor:
     stage: Stage
     d: StageDerivatives
     m_in: int  # delayed directions entering this stage's pivot (from the stage after it)
-    elim: Elimination | _Wide | None  # None: a pass-through stage (no pivot variables)
+    elim: StageElimination | None  # None: a pass-through stage (no pivot variables)
 
     @property
     def kind(self) -> str:
-        if self.elim is None:
-            return "none"
-        return "wide" if isinstance(self.elim, _Wide) else self.elim.kind
+        return "none" if self.elim is None else self.elim.kind
 
 
 class ChainFactorization:
@@ -513,21 +352,19 @@ class ChainFactorization:
             d = stage.derivatives(zs[l_], lams[l_])
             need_z = l_ > 0  # dz_0 = 0: the first stage needs no Q_xz or S_0
             tol = self.rank_rtol * scale
-            elim: Elimination | _Wide | None = None
-            if isinstance(d, _LinearDerivs) and d.p > d.a_out:
-                elim = _Wide.build(d, S, S_dz, S_dd, self.damping, gn, need_z, tol, stage.name)
+            # a stage with structure eliminates its own pivot variables (a wide Linear
+            # stage: W1-W4); otherwise the sweep forms its blocks (R1-R3) and eliminates
+            elim = d.eliminate(S, S_dz, S_dd, self.damping, gn, need_z, tol, stage.name)
             if elim is not None:
-                inner = elim.elim
-                S, S_dz, S_dd = inner.take_state()
-                m_out = inner.num_delayed
+                S, S_dz, S_dd = elim.take_state()
+                m_out = elim.num_delayed
             else:
                 elim, S, S_dz, S_dd, m_out = self._stage(
                     d, S, S_dz, S_dd, m, gn, need_z, tol, stage.name
                 )
             if elim is not None:
-                inner = elim.elim if isinstance(elim, _Wide) else elim
-                scale = max(scale, inner.scale)
-                growth = max(growth, inner.growth / max(inner.ref, 1e-300))
+                scale = max(scale, elim.scale)
+                growth = max(growth, elim.growth / max(elim.ref, 1e-300))
             factors.append(_StageFactor(stage, d, m, elim))
             m = m_out
         bar.close()
@@ -576,13 +413,11 @@ class ChainFactorization:
         """Inertia, log-determinant and the status from the pivots (Sylvester's law over
         an orthogonal change of variables: design note (S6))."""
         pivs: list[Tensor] = []
-        extra = 0  # wide complements: eigenvalue eps, this many times
+        extra = 0  # pivots equal to eps (wide stages' complements), this many
         for f in self._factors:
-            if isinstance(f.elim, _Wide):
-                pivs.append(f.elim.elim.pivots)
-                extra += f.elim.extra
-            elif f.elim is not None:
+            if f.elim is not None:
                 pivs.append(f.elim.pivots)
+                extra += f.elim.eps_pivots
         piv = torch.cat(pivs).double().cpu() if pivs else torch.zeros(0, dtype=torch.float64)
         eps = self.damping
         if extra:

@@ -29,11 +29,55 @@ The first stage has no state (``dz_0 = 0``): everything left is eliminated there
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["TAU", "Elimination"]
+__all__ = ["TAU", "Elimination", "SingularPivotError", "StageElimination"]
+
+
+class SingularPivotError(ValueError):
+    """``C + eps I`` is singular (within the rank tolerance): a solve is asked for where
+    none exists. The message gives the dimension of the near-null space found; more
+    damping helps."""
+
+
+class StageElimination(Protocol):
+    """What the sweep needs of one stage's elimination (`Elimination`, or a stage's own
+    structured one such as a wide ``Linear`` stage's).
+
+    Attributes:
+        kind: a label for the status (``"cholesky"``, ``"ldl"``, ``"eigen"``, ``"wide"``).
+        pivots: the eliminated pivots' values (Sylvester: their signs are the inertia,
+            their product the determinant), a 1-D tensor.
+        eps_pivots: how many further pivots equal ``eps`` exactly (a wide stage's
+            complement), not listed in ``pivots``.
+        num_delayed: directions handed on to the stage before.
+        scale, ref, growth: the largest entry of the pivot block, of the whole stage
+            matrix, and of the Schur update (for the status and the rank tolerance).
+    """
+
+    kind: str
+    pivots: Tensor
+    eps_pivots: int
+    num_delayed: int
+    scale: float
+    ref: float
+    growth: float
+
+    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(S_zz, S_dz, S_dd)`` for the next stage (S2)-(S4)."""
+        ...
+
+    def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(k, Q_zu k, s_d)`` for the linear term ``q = [q_x; s_d]`` (S5)."""
+        ...
+
+    def forward(self, k: Tensor, dz: Tensor | None, d: Tensor | None) -> Tensor:
+        """``[x; d]`` from ``k``, the state and the delayed directions' values (S6)."""
+        ...
+
 
 TAU = 0.1
 """The threshold of the pivoting test: a pivot ``mu`` is accepted against a coupling ``c``
@@ -94,6 +138,8 @@ class Elimination:
     Schur update's largest entry over ``M``'s) and the new state ``S_zz``, ``S_dz``,
     ``S_dd`` (taken by the sweep, then dropped here).
     """
+
+    eps_pivots = 0
 
     def __init__(
         self, Q_uu: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, stage: str

@@ -31,7 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
+from hesse import _chain_pivots
 from hesse._bishop import ELEMENTWISE, activation_derivatives
+from hesse._chain_pivots import TAU, Elimination, SingularPivotError, StageElimination
 from hesse._problem import check_loss_shapes
 
 __all__ = [
@@ -78,6 +80,24 @@ class StageDerivatives:
         (first stage: ``dz_0 = 0``) ``Q_zz`` and ``Q_xz`` are not formed."""
         raise NotImplementedError
 
+    def eliminate(
+        self,
+        S: Tensor,
+        S_dz: Tensor | None,
+        S_dd: Tensor | None,
+        eps: float,
+        gauss_newton: bool,
+        need_z: bool,
+        tol: float,
+        stage: str,
+    ) -> StageElimination | None:
+        """The stage's own elimination of its pivot variables ``[x; d]`` (design note
+        (S1)), for a stage whose structure makes it cheaper than the dense blocks of
+        `q_blocks` (a wide ``Linear`` stage: W1-W4); ``S_dz``, ``S_dd`` are the delayed
+        directions' rows of the state (``None``: none). ``None`` (the default): the
+        sweep forms the blocks and eliminates them itself."""
+        return None
+
 
 class Stage:
     """A stage: ``forward(z) -> z_next`` with parameters ``params`` (possibly none).
@@ -108,6 +128,12 @@ class Stage:
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.name})"
+
+    def pivot_size(self, a_out: int) -> int:
+        """The size of the stage's pivot for ``a_out`` output activations (for memory
+        estimates): its number of parameters, unless its `StageDerivatives.eliminate`
+        works in a smaller space."""
+        return self.num_params
 
 
 # ----------------------------------------------------------------------------- Linear
@@ -158,6 +184,22 @@ class _LinearDerivs(StageDerivatives):
             torch.diagonal(Q_xz.view(J, o, n, i)[:k], dim1=0, dim2=3).add_(self.lam.T.unsqueeze(-1))
         return Q_zz, Q_xx, Q_xz
 
+    def eliminate(
+        self,
+        S: Tensor,
+        S_dz: Tensor | None,
+        S_dd: Tensor | None,
+        eps: float,
+        gauss_newton: bool,
+        need_z: bool,
+        tol: float,
+        stage: str,
+    ) -> StageElimination | None:
+        """More parameters than activations (``J > n``): the wide form (`_Wide`)."""
+        if self.p <= self.a_out:
+            return None
+        return _Wide.build(self, S, S_dz, S_dd, eps, gauss_newton, need_z, tol, stage)
+
 
 class LinearStage(Stage):
     """``nn.Linear`` on ``(n, in)`` inputs; parameters weight (and bias) as selected.
@@ -199,6 +241,10 @@ class LinearStage(Stage):
     def forward(self, z: Tensor) -> Tensor:
         return self.module(z)
 
+    def pivot_size(self, a_out: int) -> int:
+        p = self.num_params
+        return min(p, a_out)  # a wide stage's pivot lives on the range of B^T
+
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         if z.ndim != 2:
             raise ValueError(
@@ -210,6 +256,162 @@ class LinearStage(Stage):
             return _LinearDerivs(W, zhat, lam)
         # no selected parameters: A only
         return _LinearDerivs(W, z[:, :0], lam)
+
+
+# ----------------------------------------------------------------------------- wide stages
+class _Wide:
+    """A wide ``Linear`` stage, ``p = o J`` parameters against ``a = n o`` activations
+    (``J > n``), eliminated without forming its ``p x p`` pivot (design note, "Wide
+    stages", (W1)-(W4)). With the thin QR ``Zhat^T = Q_z R_z``,
+    ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``, so in the orthonormal basis
+    ``[Q_z, Q_z^perp] (x) I_o`` of the parameters ``Q_xx`` is block diagonal:
+    ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``) on the range of ``B^T``,
+    ``eps I`` on its complement (``G_xx = 0``, and ``B`` vanishes there). The complement
+    is eliminated first, exactly: it couples to the state only through ``G_xz`` (the
+    Hessian), adding ``-G_xz^T P G_xz / eps = -(lam lam^T) (x) P_z / eps`` to ``Q_zz``
+    (W3). The range part goes through a stable `Elimination` (it may delay directions).
+
+    `build` returns ``None`` when the complement's pivot ``eps`` fails the threshold test
+    against its coupling (the Hessian at small ``eps``) and the dense pivot is affordable:
+    the sweep then treats the stage like any other.
+    """
+
+    kind = "wide"
+
+    def __init__(self, d: _LinearDerivs, Qz: Tensor, Rz: Tensor, Pz: Tensor | None) -> None:
+        self.d, self.Qz, self._Pz = d, Qz, Pz
+        self.Rz = Rz
+        self.extra = d.p - d.a_out  # the complement: eigenvalue eps, this many times
+        self.eps_pivots = self.extra
+        self._PG: Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        d: _LinearDerivs,
+        S: Tensor,
+        S_dz: Tensor | None,
+        S_dd: Tensor | None,
+        eps: float,
+        gauss_newton: bool,
+        need_z: bool,
+        tol: float,
+        stage: str,
+    ) -> _Wide | None:
+        n, o, a = d.n, d.o, d.a_out
+        Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
+        coupled = need_z and not gauss_newton
+        Pz = None
+        if coupled and d.p > a:  # P = (I - Q_z Q_z^T) (x) I_o on the inputs' rows j < i
+            Pz = -(Qz @ Qz[: d.i].T)  # (J, i)
+            Pz[: d.i].diagonal().add_(1.0)
+            # the complement's couplings: row (j, o) of P G_xz has norm |Pz_j| |lam_:o|
+            c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
+                torch.linalg.vector_norm(d.lam, dim=0).max()
+            )
+            if not abs(eps) >= TAU * c and c > tol and not _chain_pivots.UNPIVOTED:
+                if d.p <= _DENSE_WIDE_LIMIT:
+                    return None
+                if eps == 0:
+                    raise SingularPivotError(
+                        f"stage {stage!r}: a wide Linear stage ({d.p} parameters, "
+                        f"{a} activations) needs damping eps != 0 in the Hessian"
+                    )
+            if c <= tol:
+                Pz = None  # no coupling to speak of
+        self = cls(d, Qz, Rz, Pz)
+        self.eps = float(eps)
+        self.m = m = 0 if S_dz is None else S_dz.shape[0]
+        # (W1): (R (x) I) S (R^T (x) I), a batched product
+        RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
+        small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
+        small.diagonal().add_(self.eps)
+        Q_uz = Q_zz = Q_dz = None
+        if m:  # the delayed directions: Q_dr^T = (R (x) I) S_dz^T, as B^T is in range coords
+            Q_rd = (Rz @ S_dz.T.reshape(n, o * m)).view(a, m)
+            small = torch.cat([torch.cat([small, Q_rd], 1), torch.cat([Q_rd.T, S_dd], 1)])
+            Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
+        if need_z:
+            a_in, i = d.a_in, d.i
+            SA = (S.reshape(a * n, o) @ d.W).view(n, o, a_in)  # S A
+            Q_uz = (Rz @ SA.view(n, o * a_in)).view(a, a_in)
+            Q_zz = torch.bmm(d.W.T.expand(n, i, o), SA).view(a_in, a_in)  # A^T S A
+            if not gauss_newton:
+                # (W2): Q^T G_xz[(r, o), (m, i)] = Q_z[i, r] lam[m, o]
+                Q_uz.view(n, o, n, i).addcmul_(
+                    Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
+                )
+                if self.extra and Pz is not None:  # (W3)
+                    Q_zz.view(n, i, n, i).addcmul_(
+                        (d.lam @ d.lam.T).view(n, 1, n, 1),
+                        Pz[:i].view(1, i, 1, i),
+                        value=-1 / self.eps,
+                    )
+            if m:
+                Q_uz = torch.cat([Q_uz, Q_dz])
+        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage)
+        inner = self.elim
+        self.pivots, self.num_delayed = inner.pivots, inner.num_delayed
+        self.scale, self.ref, self.growth = inner.scale, inner.ref, inner.growth
+        return self
+
+    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.elim.take_state()
+
+    @property
+    def PG(self) -> Tensor | None:
+        """``P G_xz / eps`` (``p x a_in``; ``None`` without coupling):
+        ``PG[(j, o), (m, i)] = Pz[j, i] lam[m, o] / eps``."""
+        if self._PG is None and self._Pz is not None and self.extra:
+            d, Pz = self.d, self._Pz
+            self._PG = Pz.new_empty(d.p, d.a_in)
+            torch.mul(
+                Pz.view(d.J, 1, 1, d.i),
+                (d.lam.T / self.eps).reshape(1, d.o, d.n, 1),
+                out=self._PG.view(d.J, d.o, d.n, d.i),
+            )
+        return self._PG
+
+    # the parameter space in the stage's internal layout (j, o), columns k
+    def _to_u(self, R: Tensor) -> Tensor:  # Q^T r: (p, k) -> (a, k)
+        k = R.shape[1]
+        return (self.Qz.T @ R.reshape(self.d.J, -1)).view(-1, k)
+
+    def _from_u(self, U: Tensor) -> Tensor:  # Q u: (a, k) -> (p, k)
+        k = U.shape[1]
+        return (self.Qz @ U.reshape(self.d.n, -1)).view(-1, k)
+
+    def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(W4): ``q = [q_x; s_d]``; the range part and the delayed directions through
+        the elimination; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T``.
+        Returns what `Elimination.backward` does, ``k`` holding both parts."""
+        q, q_d = q[: self.d.p], q[self.d.p :]
+        qu = self._to_u(q)
+        perp = q - self._from_u(qu)
+        ku, corr, sd = self.elim.backward(torch.cat([qu, q_d]) if self.m else qu)
+        PG = self.PG
+        if corr is not None and PG is not None:  # G_xz^T P k_perp = -G_xz^T P q / eps
+            corr = corr - PG.T @ q
+        return torch.cat([ku, perp / -self.eps if self.extra else perp[:0]]), corr, sd
+
+    def forward(self, k: Tensor, dz: Tensor | None, dval: Tensor | None) -> Tensor:
+        """``[x; d]``: the stage's parameters and its incoming delayed directions."""
+        nk = k.shape[0] - (self.d.p if self.extra else 0)
+        u = self.elim.forward(k[:nk], dz, dval)
+        a = self.d.a_out
+        x = self._from_u(u[:a])
+        if self.extra:
+            x = x + k[nk:]
+            PG = self.PG
+            if PG is not None and dz is not None:  # K_perp dz = -P G_xz dz / eps
+                x = x - PG @ dz
+        return torch.cat([x, u[a:]]) if self.m else x
+
+
+_DENSE_WIDE_LIMIT = 4096
+"""A wide stage whose complement fails the threshold test is eliminated with its dense
+pivot when it has at most this many parameters (128 MB in float64); above, it keeps the
+wide form and the growth is reported in the status."""
 
 
 # ----------------------------------------------------------------------------- element-wise

@@ -105,9 +105,7 @@ class CurvatureOperator:
         """Columns per chunk so that the batched products stay within ``max_memory``
         bytes: a column costs about one parameter vector plus one set of
         activations of the largest batch, for each pass that is batched."""
-        if max_memory is not None and not (
-            isinstance(max_memory, (int, float)) and max_memory > 0
-        ):
+        if max_memory is not None and not (isinstance(max_memory, (int, float)) and max_memory > 0):
             raise ValueError(f"max_memory must be a positive number of bytes; got {max_memory!r}")
         budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
