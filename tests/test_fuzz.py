@@ -766,3 +766,21 @@ def test_report_without_matplotlib_refused_before_work(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="hesse analyze: --report draws figures with matplotlib"):
         _cli.main(["analyze", *SMALL, "--report", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_chain_section_too_big_is_refused_before_the_analysis(monkeypatch, capsys):
+    from hesse import _memory
+
+    monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 50 * 2**20)
+    called = []
+    monkeypatch.setattr(_cli, "analyze", lambda *a, **k: called.append(1))
+    with pytest.raises(SystemExit, match=r"hesse analyze: the chain section \(1797 samples\)"):
+        _cli.main(["analyze", "--hidden", "8", "--train-steps", "0", "--chain-samples", "1797"])
+    assert not called
+
+
+def test_cli_train_out_not_writable(tmp_path):
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    with pytest.raises(SystemExit, match=r"hesse train: cannot write to --out"):
+        _cli.main(["train", "--optimizer", "sgd", "--steps", "1", "--out", str(afile / "o")])

@@ -1,6 +1,7 @@
 """Memory: dense and chain work estimate their peak before allocating, refuse up front
 with the estimate when it exceeds the budget, and the estimate is within 30% of the
-peak measured in a fresh process (resident-set growth over the call)."""
+peak measured in a fresh process (the growth of its resident set's high-water mark over
+the call)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,15 @@ _MEASURE = textwrap.dedent(
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
 
+    def high_water():  # this process's own peak (ru_maxrss can carry the parent's over exec)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+
     before = rss()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = high_water() - before
     print(json.dumps({"estimate": est, "peak": peak}))
     """
 )

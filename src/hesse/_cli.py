@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import hesse
 from hesse._files import atomic_path
+from hesse._memory import MemoryBudgetError, check_memory
 from hesse._problem import float64_problem
 from hesse._report import build_report, prepare_report_dir, write_report
 from hesse._train import load_digits_data
@@ -242,6 +243,26 @@ def analyze(
     return out, dec, evals
 
 
+def check_chain_memory(setup: Setup, samples: int) -> None:
+    """Refuse, before any other work, a chain section that would not fit in memory."""
+    if not isinstance(setup.model, nn.Sequential):
+        return
+    n = min(samples, len(setup.X))
+    prob = float64_problem(setup.model, setup.loss_fn, setup.X[:n], setup.y[:n])
+    try:
+        est = hesse.Chain.from_problem(prob).memory_estimate()
+        check_memory(
+            est,
+            f"the chain section ({n} samples)",
+            "pass a smaller --chain-samples (its memory grows as (samples x width)^2), "
+            "or 0 to skip it",
+        )
+    except (ValueError, TypeError):
+        return  # not a chain the solver takes: the section says so later
+    except MemoryBudgetError as err:
+        raise SystemExit(f"hesse analyze: {err}") from None
+
+
 def chain_summary(
     setup: Setup, samples: int, damping: float, max_dense: int, progress: bool | None = None
 ) -> dict[str, Any]:
@@ -411,7 +432,15 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
             f"hesse train: unknown optimizer(s) {bad}; choose from {list(_train.OPTIMIZERS)}"
         )
     out = Path(args.out or f"hesse-train-{args.example}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hesse-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(
+            f"hesse train: cannot write to --out {str(out)!r}: {err.strerror or err}"
+        ) from None
     print(f"{'optimizer':<14}{'steps':>7}{'seconds':>10}{'final loss':>14}{'best loss':>14}")
     for kind in kinds:
         try:
@@ -527,6 +556,8 @@ def _run(args: argparse.Namespace) -> int:
         return train_command(args, progress)
 
     setup = build_setup(args)
+    if args.command == "analyze" and args.chain_samples > 0:
+        check_chain_memory(setup, args.chain_samples)
     if args.command == "analyze":
         if args.report and importlib.util.find_spec("matplotlib") is None:
             raise SystemExit(
