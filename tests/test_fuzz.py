@@ -784,3 +784,32 @@ def test_cli_train_out_not_writable(tmp_path):
     afile.write_text("x")
     with pytest.raises(SystemExit, match=r"hesse train: cannot write to --out"):
         _cli.main(["train", "--optimizer", "sgd", "--steps", "1", "--out", str(afile / "o")])
+
+
+def test_hesse_calls_leave_batchnorm_statistics_alone():
+    """A train-mode BatchNorm: products and spectra use the batch statistics, and the
+    model's running statistics and counter are the same afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    v = torch.ones(prob.num_params, dtype=torch.float64)
+    hesse.hvp(prob, v)
+    hesse.ggn_vp(prob, v)
+    hesse.eigs(hesse.HessianOperator(prob), 2, max_steps=prob.num_params)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mode_warnings_look_at_each_module():
+    inner = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5)).double().eval()
+    wrapper = nn.Sequential(inner).double()
+    wrapper.training = True  # the wrapper alone in training mode: no active Dropout
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hesse.Problem(wrapper, nn.CrossEntropyLoss(), (X, y))

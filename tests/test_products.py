@@ -216,3 +216,14 @@ def test_empirical_fisher_diagonal_from_per_sample_gradients(setting):
     from hesse._spectral import empirical_fisher_diagonal
 
     assert rel_err(empirical_fisher_diagonal(prob), torch.diagonal(ref.empirical_fisher())) < TOL64
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_public_loss_and_gradient_over_unequal_batches(loss):
+    case = make_case("mlp-tanh", loss, seed=4)
+    ref = Reference(case)
+    prob = hesse.Problem(case.model, case.loss_fn, case.batches([3, 4]))
+    value, g = hesse.loss_and_gradient(prob)
+    assert value.ndim == 0 and g.shape == (prob.num_params,)
+    assert rel_err(value, ref.loss(ref.theta0)) < 1e-12
+    assert rel_err(g, ref.gradient()) < 1e-12

@@ -17,6 +17,7 @@ from hesse._api import (
     hessian_blocks,
     hvp,
     jacobian,
+    loss_and_gradient,
 )
 from hesse._chain import (
     Chain,
@@ -105,6 +106,7 @@ __all__ = [
     "inertia",
     "jacobian",
     "logdet",
+    "loss_and_gradient",
     "newton_step",
     "optim",
     "solve",

@@ -24,9 +24,20 @@ __all__ = [
     "hessian_blocks",
     "hvp",
     "jacobian",
+    "loss_and_gradient",
 ]
 
 Vector = Tensor | Sequence[Tensor]
+
+
+def loss_and_gradient(problem: Problem) -> tuple[Tensor, Tensor]:
+    """The objective ``L`` (a 0-dim tensor, the loss's reduction honoured over all
+    batches) and its gradient ``(P,)``, in one pass over the data.
+
+    Example:
+        >>> loss, g = hesse.loss_and_gradient(problem)
+    """
+    return _products.loss_and_gradient(problem)
 
 
 def gradient(problem: Problem) -> Tensor:

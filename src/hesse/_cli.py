@@ -196,7 +196,7 @@ def analyze(
     ``max_dense``)."""
     prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X, setup.y))
     t0 = time.perf_counter()
-    loss, g = hesse._products.loss_and_gradient(prob)
+    loss, g = hesse.loss_and_gradient(prob)
     P = prob.num_params
     out: dict[str, Any] = {
         "model": setup.description,

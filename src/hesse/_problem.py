@@ -265,16 +265,15 @@ class Problem:
         )
 
     def _warn_about_modes(self, model: nn.Module) -> None:
-        if not model.training:
-            return
-        if any(isinstance(m, _DROPOUT) and m.p > 0 for m in model.modules()):
+        # each module's own mode: a training-mode wrapper around eval-mode layers is fine
+        if any(isinstance(m, _DROPOUT) and m.p > 0 and m.training for m in model.modules()):
             warnings.warn(
                 "the model is in training mode and has active Dropout: every loss "
                 "evaluation draws a new mask, so gradients and curvature are random. "
                 "Call model.eval() for the deterministic curvature.",
                 stacklevel=3,
             )
-        if any(isinstance(m, _BATCHNORM) for m in model.modules()):
+        if any(isinstance(m, _BATCHNORM) and m.training for m in model.modules()):
             warnings.warn(
                 "the model is in training mode and has BatchNorm: it normalises with "
                 "the statistics of the current batch, so samples in a batch are coupled, "
@@ -400,6 +399,12 @@ class Problem:
         """The model's outputs on ``inputs`` with the selected parameters replaced by
         ``params`` (all other parameters and buffers are the model's own)."""
         mapping = dict(zip(self.names, params, strict=True))
+        # no side effects: a module in training mode (BatchNorm) updates its buffers on a
+        # copy, so the model's running statistics are the same after every hesse call
+        for mod_name, mod in self.model.named_modules():
+            if mod.training:
+                for b_name, buf in mod.named_buffers(recurse=False):
+                    mapping[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.clone()
         if isinstance(inputs, dict):
             return functional_call(self.model, mapping, (), inputs)
         if isinstance(inputs, tuple):
