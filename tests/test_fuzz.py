@@ -813,3 +813,20 @@ def test_mode_warnings_look_at_each_module():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hesse.Problem(wrapper, nn.CrossEntropyLoss(), (X, y))
+
+
+def test_lanczos_basis_grows_with_the_steps_taken(monkeypatch):
+    """The default max_steps allows 310 steps; a fast-converging run needs a few dozen,
+    and its basis stays that small (checked against a budget far below 310 vectors)."""
+    from hesse import _memory
+
+    prob = _prob(n=9)
+    op = hesse.HessianOperator(prob)
+    P = prob.num_params
+    ref = torch.linalg.eigvalsh(hesse.hessian(prob))
+    monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 64 * P * 8 / 0.8)
+    r = hesse.eigs(op, 1, tol=1e-8)  # converges within P = 31 steps: fits
+    assert abs(float(r.eigenvalues[0]) - float(ref[-1])) <= 1e-7 * float(ref.abs().max())
+    monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 20 * P * 8 / 0.8)
+    with pytest.raises(hesse.MemoryBudgetError, match="Lanczos basis of 32 vectors"):
+        hesse.eigs(op, 1, tol=1e-8)

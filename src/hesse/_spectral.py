@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hesse import _products
+from hesse._memory import check_memory
 from hesse._operators import CurvatureOperator, FisherOperator
 from hesse._problem import Problem
 
@@ -89,6 +90,33 @@ def _rademacher(
 
 
 # ----------------------------------------------------------------------------- Lanczos
+class _Basis:
+    """Lanczos vectors as the rows of a buffer that doubles when full (up to ``limit``
+    rows); each growth is checked against the memory budget first."""
+
+    def __init__(self, P: int, limit: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.P, self.limit, self.n = P, limit, 0
+        self.buf = torch.empty(min(limit, 16), P, dtype=dtype, device=device)
+
+    def append(self, v: Tensor) -> None:
+        if self.n == self.buf.shape[0]:
+            cap = min(self.limit, 2 * self.buf.shape[0])
+            check_memory(
+                cap * self.P * self.buf.element_size() + self.buf.numel() * self.buf.element_size(),
+                f"a Lanczos basis of {cap} vectors of {self.P} numbers",
+                "pass a smaller max_steps (or fewer eigenpairs)",
+                self.buf.device,
+            )
+            grown = torch.empty(cap, self.P, dtype=self.buf.dtype, device=self.buf.device)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n] = v
+        self.n += 1
+
+    def rows(self, m: int) -> Tensor:
+        return self.buf[:m]
+
+
 def _lanczos(
     A: _Counted,
     v0: Tensor,
@@ -109,19 +137,23 @@ def _lanczos(
     and the last ``beta_m`` (zero when the Krylov space became invariant).
     """
     P = A.P
-    Q = torch.zeros(P, min(steps, P) + 1, dtype=A.dtype, device=A.device)
+    full = min(steps, P) + 1
+    # the basis, one vector a row (contiguous for the reorthogonalisation's products),
+    # grown by doubling: memory follows the steps taken, not the steps allowed
+    basis = _Basis(P, full, A.dtype, A.device)
     q = v0 / v0.norm()
-    Q[:, 0] = q
+    basis.append(q)
     alphas: list[float] = []
     betas: list[float] = []
     beta_last = 0.0
     for j in range(min(steps, P)):
-        w = A(Q[:, j : j + 1])[:, 0]
-        a = float(Q[:, j] @ w)
+        Qj = basis.rows(j + 1)
+        w = A(Qj[j].unsqueeze(1))[:, 0]
+        a = float(Qj[j] @ w)
         alphas.append(a)
-        w = w - a * Q[:, j] - (betas[-1] * Q[:, j - 1] if j > 0 else 0.0)
+        w = w - a * Qj[j] - (betas[-1] * Qj[j - 1] if j > 0 else 0.0)
         for _ in range(2):  # full reorthogonalisation against all earlier vectors
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            w = w - Qj.T @ (Qj @ w)
         b = float(w.norm())
         beta_last = b
         m = j + 1
@@ -132,19 +164,19 @@ def _lanczos(
         if invariant:  # restart orthogonally: a new Krylov block, beta = 0 between blocks
             w = torch.randn(P, generator=restart, dtype=torch.float64).to(A.dtype).to(A.device)
             for _ in range(2):
-                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-            Q[:, j + 1] = w / w.norm()
+                w = w - Qj.T @ (Qj @ w)
+            basis.append(w / w.norm())
             betas.append(0.0)
             continue
-        Q[:, j + 1] = w / b
+        basis.append(w / b)
         if stop is not None and (m % check_every == 0):
             T = _tridiag(alphas, betas, A.dtype)
-            if stop(T, Q[:, :m], b):
+            if stop(T, basis.rows(m).T, b):
                 break
         betas.append(b)
     m = len(alphas)
     return (
-        Q[:, :m],
+        basis.rows(m).T,
         torch.tensor(alphas, dtype=A.dtype),
         torch.tensor(betas[: m - 1], dtype=A.dtype),
         beta_last,
@@ -202,7 +234,8 @@ def eigs(
         tol: stop when every wanted Ritz pair has residual ``|A x - theta x| <= tol *
             max|theta|``.
         max_steps: Lanczos steps at most (default ``min(P, 300 + 10 k)``); the basis
-            takes ``P x max_steps`` numbers.
+            grows with the steps taken (``P`` numbers a step, doubling its buffer; each
+            growth is checked against the memory budget first).
         generator: seeds the start vector; ``v0`` gives it instead.
 
     Returns:
