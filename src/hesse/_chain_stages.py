@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from hesse import _chain_pivots
+from hesse import _chain_pivots, _memory
 from hesse._bishop import ELEMENTWISE, activation_derivatives
-from hesse._chain_pivots import TAU, Elimination, SingularPivotError, StageElimination
+from hesse._chain_pivots import TAU, Elimination, StageElimination
 from hesse._problem import check_loss_shapes
 
 __all__ = [
@@ -310,12 +310,15 @@ class _Wide:
                 torch.linalg.vector_norm(d.lam, dim=0).max()
             )
             if not abs(eps) >= TAU * c and c > tol and not _chain_pivots.UNPIVOTED:
-                if d.p <= _DENSE_WIDE_LIMIT:
-                    return None
+                dense = 4 * d.p * d.p * S.element_size()  # the pivot, its eigenvectors, work
+                if dense <= _memory.BUDGET_FRACTION * _memory.available_memory(S.device):
+                    return None  # the dense pivot fits: eliminate it like any stage's
                 if eps == 0:
-                    raise SingularPivotError(
-                        f"stage {stage!r}: a wide Linear stage ({d.p} parameters, "
-                        f"{a} activations) needs damping eps != 0 in the Hessian"
+                    raise _memory.MemoryBudgetError(
+                        f"stage {stage!r}: at eps = 0 the Hessian of a wide Linear stage "
+                        f"({d.p} parameters, {a} activations) needs its dense pivot, about "
+                        f"{_memory.format_bytes(dense)}, more than is available; use a "
+                        "damping eps != 0, the GGN, or fewer parameters in that layer"
                     )
             if c <= tol:
                 Pz = None  # no coupling to speak of
@@ -406,12 +409,6 @@ class _Wide:
             if PG is not None and dz is not None:  # K_perp dz = -P G_xz dz / eps
                 x = x - PG @ dz
         return torch.cat([x, u[a:]]) if self.m else x
-
-
-_DENSE_WIDE_LIMIT = 4096
-"""A wide stage whose complement fails the threshold test is eliminated with its dense
-pivot when it has at most this many parameters (128 MB in float64); above, it keeps the
-wide form and the growth is reported in the status."""
 
 
 # ----------------------------------------------------------------------------- element-wise

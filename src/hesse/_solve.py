@@ -180,10 +180,11 @@ def _float64_chain(problem: Problem | Chain) -> Chain:
     return chain if chain.problem.dtype == torch.float64 else _promoted(chain)
 
 
-def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float]:
-    """``(lo, hi, theta)``: an interval holding the whole spectrum, certified by counts
-    (``count(lo) = 0``, ``count(hi) = P``), and the Lanczos estimate of the wanted
-    eigenvalue (``nan`` for an interior ``k``)."""
+def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float, float]:
+    """``(lo, hi, theta, r)``: an interval holding the whole spectrum, certified by
+    counts (``count(lo) = 0``, ``count(hi) = P``), and the Lanczos estimate of the wanted
+    eigenvalue with its residual norm (``nan`` for an interior ``k``): an eigenvalue lies
+    within ``r`` of ``theta``, and the extreme Ritz values lie inside the spectrum."""
     P = chain.num_params
     op = curvature_operator(chain.problem, curvature)
     with warnings.catch_warnings():
@@ -208,8 +209,8 @@ def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, floa
         hi += max(hi - lo, norm)
     else:
         raise ArithmeticError(f"no upper bound of the spectrum found (last tried {hi:.3e})")
-    theta = lmin if k == 1 else lmax if k == P else math.nan
-    return lo, hi, theta
+    theta, r = (lmin, rmin) if k == 1 else (lmax, rmax) if k == P else (math.nan, math.nan)
+    return lo, hi, theta, r
 
 
 def eigenvalue(
@@ -253,14 +254,20 @@ def eigenvalue(
         return count_eigenvalues(chain, sigma, curvature, progress=False)
 
     if bounds is None:
-        lo, hi, theta = _spectral_bracket(chain, curvature, int(k))
+        lo, hi, theta, r = _spectral_bracket(chain, curvature, int(k))
         scale = max(abs(lo), abs(hi))
-        if math.isfinite(theta):  # an extreme eigenvalue: try a tight bracket around it
-            for width in (1e-2 * tol * scale, tol * scale, 1e3 * tol * scale):
-                a, b = theta - width, theta + width
-                if lo <= a and b <= hi and count(a) < k <= count(b):
-                    lo, hi = a, b
-                    break
+        if math.isfinite(theta):  # an extreme eigenvalue: lambda_1 in [theta - r, theta]
+            pad = 0.5 * tol * scale
+            a, b = (
+                (theta - 1.01 * r - pad, theta + pad)
+                if k == 1
+                else (
+                    theta - pad,
+                    theta + 1.01 * r + pad,
+                )
+            )
+            if lo <= a and b <= hi and count(a) < k <= count(b):
+                lo, hi = a, b
     else:
         lo, hi = (float(x) for x in bounds)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
