@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from hesse import _products
 from hesse._bishop import _flatten_sequential
-from hesse._chain_pivots import Elimination, SingularPivotError, StageElimination
+from hesse._chain_pivots import Elimination, SingularPivotError, StageElimination, SweepState
 from hesse._chain_stages import LossStage, Stage, StageDerivatives, make_stage
 from hesse._checks import check_curvature
 from hesse._memory import check_memory
@@ -113,6 +113,7 @@ class Chain:
 
     def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:
         self.problem = problem
+        self._memory_estimate: int | None = None
         self._generic = generic
         selected = set(problem.names)
         self.stages: list[Stage] = [make_stage(n, m, selected, generic) for n, m in modules]
@@ -167,7 +168,13 @@ class Chain:
         stage) plus the largest stage's transient blocks (``S``, ``Q_zz``, ``Q_xx``,
         ``Q_xz`` and the products that form them) and the loss stage's Hessian (built
         from ``a_L`` unit vectors). Delayed directions, which depend on the values, add
-        ``m (m + a)`` a stage; the estimate assumes none (the GGN never delays)."""
+        ``m (m + a)`` a stage; the estimate assumes none (the GGN never delays). Sizes
+        only: computed once a chain (bisection sweeps the same chain many times)."""
+        if self._memory_estimate is None:
+            self._memory_estimate = self._estimate_memory()
+        return self._memory_estimate
+
+    def _estimate_memory(self) -> int:
         n = self.inputs.shape[0]
         itemsize = torch.empty((), dtype=self.inputs.dtype).element_size()
         z = self.inputs.detach()
@@ -337,10 +344,7 @@ class ChainFactorization:
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
         S_L = torch.zeros(1, 1, dtype=dtype, device=chain.inputs.device)
-        S: Tensor | None = loss_d.q_blocks(S_L, gn, True)[0]
-        S_dz: Tensor | None = None
-        S_dd: Tensor | None = None
-        m = 0  # delayed directions carried into the current stage
+        state = SweepState(loss_d.q_blocks(S_L, gn, True)[0])
         scale, growth = 0.0, 0.0
         factors: list[_StageFactor] = []
         bar = progress_bar(
@@ -354,19 +358,16 @@ class ChainFactorization:
             tol = self.rank_rtol * scale
             # a stage with structure eliminates its own pivot variables (a wide Linear
             # stage: W1-W4); otherwise the sweep forms its blocks (R1-R3) and eliminates
-            elim = d.eliminate(S, S_dz, S_dd, self.damping, gn, need_z, tol, stage.name)
+            m_in = state.m  # delayed directions carried into this stage
+            elim = d.eliminate(state, self.damping, gn, need_z, tol, stage.name)
             if elim is not None:
-                S, S_dz, S_dd = elim.take_state()
-                m_out = elim.num_delayed
+                state = elim.take_state()
             else:
-                elim, S, S_dz, S_dd, m_out = self._stage(
-                    d, S, S_dz, S_dd, m, gn, need_z, tol, stage.name
-                )
+                elim, state = self._stage(d, state, gn, need_z, tol, stage.name)
             if elim is not None:
                 scale = max(scale, elim.scale)
                 growth = max(growth, elim.growth / max(elim.ref, 1e-300))
-            factors.append(_StageFactor(stage, d, m, elim))
-            m = m_out
+            factors.append(_StageFactor(stage, d, m_in, elim))
         bar.close()
         factors.reverse()
         self._factors = factors
@@ -375,19 +376,18 @@ class ChainFactorization:
     def _stage(
         self,
         d: StageDerivatives,
-        S: Tensor,
-        S_dz: Tensor | None,
-        S_dd: Tensor | None,
-        m: int,
+        state: SweepState,
         gn: bool,
         need_z: bool,
         tol: float,
         name: str,
-    ) -> tuple[Elimination | None, Tensor | None, Tensor | None, Tensor | None, int]:
+    ) -> tuple[Elimination | None, SweepState]:
         """One stage of the sweep over ``u = [x_l; d_l]`` (design note (S1)): the blocks
         of ``Q`` from the stage's products, the delayed directions' rows from
         ``S_dz``, then a stable elimination. Returns the elimination (``None``: the stage
-        passes the state on) and the new ``S_zz, S_dz, S_dd`` and delayed count."""
+        passes the state on) and the state for the stage before."""
+        S, S_dz, S_dd = state
+        m = state.m
         Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
         p = d.p
         if p > 0:
@@ -396,7 +396,7 @@ class ChainFactorization:
         if m:
             Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
         if p == 0 and (need_z or m == 0):  # no pivot here: pass the state on
-            return None, Q_zz, Q_dz, S_dd, m
+            return None, SweepState(Q_zz, Q_dz, S_dd)
         if m and p:  # (S1): u = [x; d]
             Q_dx = d.Bt(S_dz.T).T  # S_dz B
             Q_uu = torch.cat([torch.cat([Q_xx, Q_dx.T], 1), torch.cat([Q_dx, S_dd], 1)])
@@ -406,8 +406,7 @@ class ChainFactorization:
         else:
             Q_uu, Q_uz = Q_xx, Q_xz
         elim = Elimination(Q_uu, Q_uz, Q_zz if need_z else None, tol, name)
-        S_zz, S_dz, S_dd = elim.take_state()
-        return elim, S_zz, S_dz, S_dd, elim.num_delayed
+        return elim, elim.take_state()
 
     def _summarise(self, scale: float, growth: float, dtype: torch.dtype) -> FactorizationStatus:
         """Inertia, log-determinant and the status from the pivots (Sylvester's law over

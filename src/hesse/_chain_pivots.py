@@ -29,12 +29,28 @@ The first stage has no state (``dz_0 = 0``): everything left is eliminated there
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["TAU", "Elimination", "SingularPivotError", "StageElimination"]
+__all__ = ["TAU", "Elimination", "SingularPivotError", "StageElimination", "SweepState"]
+
+
+class SweepState(NamedTuple):
+    """What the stages after ``l`` leave over: the quadratic in ``y = (dz_l, d_l)``
+    (design note (S1)), ``S_zz`` ``(a, a)`` and, for the ``m`` delayed directions,
+    ``S_dz`` ``(m, a)`` and ``S_dd`` ``(m, m)`` (``None`` when there are none).
+    ``S_zz`` is ``None`` after the first stage (it has no state: ``dz_0 = 0``)."""
+
+    S_zz: Tensor | None
+    S_dz: Tensor | None = None
+    S_dd: Tensor | None = None
+
+    @property
+    def m(self) -> int:
+        """The number of delayed directions."""
+        return 0 if self.S_dz is None else self.S_dz.shape[0]
 
 
 class SingularPivotError(ValueError):
@@ -53,7 +69,6 @@ class StageElimination(Protocol):
             their product the determinant), a 1-D tensor.
         eps_pivots: how many further pivots equal ``eps`` exactly (a wide stage's
             complement), not listed in ``pivots``.
-        num_delayed: directions handed on to the stage before.
         scale, ref, growth: the largest entry of the pivot block, of the whole stage
             matrix, and of the Schur update (for the status and the rank tolerance).
     """
@@ -61,13 +76,12 @@ class StageElimination(Protocol):
     kind: str
     pivots: Tensor
     eps_pivots: int
-    num_delayed: int
     scale: float
     ref: float
     growth: float
 
-    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(S_zz, S_dz, S_dd)`` for the next stage (S2)-(S4)."""
+    def take_state(self) -> SweepState:
+        """The state for the next stage (S2)-(S4)."""
         ...
 
     def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -228,22 +242,21 @@ class Elimination:
         self.num_delayed = int(self.D.numel())
         self.V, self.mu_E = V, mu[self.E]
         self.pivots = torch.cat([self.mu_E, mu[null]])
-        self.num_null = int(null.sum())
+        self.KE: Tensor | None = None  # K_E = -mu_E^-1 C_E (None at the first stage)
         if C is not None:
             C_E = C[self.E]
-            KE = -C_E / self.mu_E[:, None]  # K_E = -mu_E^-1 C_E
+            self.KE = KE = -C_E / self.mu_E[:, None]
             U = C_E.T @ KE
             self.growth = _maxabs(U)
             self.S_zz = Q_zz + U  # (S3): S = Q_zz - C_E^T diag(mu_E)^-1 C_E
-            self.KE = KE
             if self.num_delayed:  # (S4): the delayed directions' state
                 self.S_dz, self.S_dd = C[self.D], torch.diag(mu[self.D])
         self.kind = "eigen"
 
     # ------------------------------------------------------------------------- sweeps
-    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(S_zz, S_dz, S_dd)`` for the next stage; dropped here."""
-        out = (self.S_zz, self.S_dz, self.S_dd)
+    def take_state(self) -> SweepState:
+        """The state for the next stage; dropped here."""
+        out = SweepState(self.S_zz, self.S_dz, self.S_dd)
         self.S_zz = self.S_dz = self.S_dd = None
         return out
 
@@ -263,7 +276,7 @@ class Elimination:
         w = self.V.T @ q
         k = -w[self.E] / self.mu_E[:, None]  # (S5): k_E = -mu_E^-1 (V^T q)_E
         corr = None
-        if getattr(self, "KE", None) is not None:
+        if self.KE is not None:
             corr = self.KE.T @ w[self.E]  # Q_zu k = C_E^T k_E = K_E^T (V^T q)_E
         return k, corr, (w[self.D] if self.num_delayed else None)
 
@@ -278,7 +291,7 @@ class Elimination:
         if self.kind == "none":
             return k
         w = k.new_zeros(self.n, k.shape[1])
-        wE = k if (dz is None or getattr(self, "KE", None) is None) else k + self.KE @ dz
+        wE = k if (dz is None or self.KE is None) else k + self.KE @ dz
         w[self.E] = wE  # (S6): w_E = k_E + K_E dz, w_D = d, w_null = 0
         if self.num_delayed:
             w[self.D] = d

@@ -33,7 +33,7 @@ from torch.func import functional_call, hessian, jacrev, vmap
 
 from hesse import _chain_pivots, _memory
 from hesse._bishop import ELEMENTWISE, activation_derivatives
-from hesse._chain_pivots import TAU, Elimination, StageElimination
+from hesse._chain_pivots import TAU, Elimination, StageElimination, SweepState
 from hesse._problem import check_loss_shapes
 
 __all__ = [
@@ -82,9 +82,7 @@ class StageDerivatives:
 
     def eliminate(
         self,
-        S: Tensor,
-        S_dz: Tensor | None,
-        S_dd: Tensor | None,
+        state: SweepState,
         eps: float,
         gauss_newton: bool,
         need_z: bool,
@@ -93,9 +91,9 @@ class StageDerivatives:
     ) -> StageElimination | None:
         """The stage's own elimination of its pivot variables ``[x; d]`` (design note
         (S1)), for a stage whose structure makes it cheaper than the dense blocks of
-        `q_blocks` (a wide ``Linear`` stage: W1-W4); ``S_dz``, ``S_dd`` are the delayed
-        directions' rows of the state (``None``: none). ``None`` (the default): the
-        sweep forms the blocks and eliminates them itself."""
+        `q_blocks` (a wide ``Linear`` stage: W1-W4), given the state the later stages
+        left (its delayed directions included). ``None`` (the default): the sweep forms
+        the blocks and eliminates them itself."""
         return None
 
 
@@ -186,9 +184,7 @@ class _LinearDerivs(StageDerivatives):
 
     def eliminate(
         self,
-        S: Tensor,
-        S_dz: Tensor | None,
-        S_dd: Tensor | None,
+        state: SweepState,
         eps: float,
         gauss_newton: bool,
         need_z: bool,
@@ -198,7 +194,7 @@ class _LinearDerivs(StageDerivatives):
         """More parameters than activations (``J > n``): the wide form (`_Wide`)."""
         if self.p <= self.a_out:
             return None
-        return _Wide.build(self, S, S_dz, S_dd, eps, gauss_newton, need_z, tol, stage)
+        return _Wide.build(self, state, eps, gauss_newton, need_z, tol, stage)
 
 
 class LinearStage(Stage):
@@ -289,15 +285,14 @@ class _Wide:
     def build(
         cls,
         d: _LinearDerivs,
-        S: Tensor,
-        S_dz: Tensor | None,
-        S_dd: Tensor | None,
+        state: SweepState,
         eps: float,
         gauss_newton: bool,
         need_z: bool,
         tol: float,
         stage: str,
     ) -> _Wide | None:
+        S, S_dz, S_dd = state
         n, o, a = d.n, d.o, d.a_out
         Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
         coupled = need_z and not gauss_newton
@@ -324,7 +319,7 @@ class _Wide:
                 Pz = None  # no coupling to speak of
         self = cls(d, Qz, Rz, Pz)
         self.eps = float(eps)
-        self.m = m = 0 if S_dz is None else S_dz.shape[0]
+        self.m = m = state.m
         # (W1): (R (x) I) S (R^T (x) I), a batched product
         RS = (Rz @ S.reshape(n, o * a)).view(a, n, o)
         small = torch.bmm(Rz.expand(a, n, n), RS).view(a, a)
@@ -354,11 +349,11 @@ class _Wide:
                 Q_uz = torch.cat([Q_uz, Q_dz])
         self.elim = Elimination(small, Q_uz, Q_zz, tol, stage)
         inner = self.elim
-        self.pivots, self.num_delayed = inner.pivots, inner.num_delayed
+        self.pivots = inner.pivots
         self.scale, self.ref, self.growth = inner.scale, inner.ref, inner.growth
         return self
 
-    def take_state(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def take_state(self) -> SweepState:
         return self.elim.take_state()
 
     @property
