@@ -35,6 +35,7 @@ from pathlib import Path
 
 import scipy.sparse.linalg as sla
 import torch
+from bench_chain import build  # the chain benchmark's tanh chains
 from torch import nn
 
 import hesse
@@ -52,18 +53,6 @@ def issue_net(seed: int = 0) -> hesse.Problem:
     model = nn.Sequential(*layers).double()
     X, y = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     return hesse.Problem(model, nn.MSELoss(), (X.double(), y.double()))
-
-
-def tanh_chain(L: int, w: int = 16, b: int = 4, seed: int = 0) -> hesse.Problem:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(16, w), nn.Tanh()]
-    for _ in range(L - 2):
-        layers += [nn.Linear(w, w), nn.Tanh()]
-    layers.append(nn.Linear(w, 10))
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(b, 16, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (b,), generator=g)
-    return hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X, y))
 
 
 def paper_net(seed: int = 0) -> hesse.Problem:
@@ -171,7 +160,7 @@ def _best(fn, repeats: int = 3) -> tuple[float, object]:
 
 
 def cost_table(depths: list[int], paper: bool) -> list[dict]:
-    cases = [(f"tanh L={L} w=16 b=4", tanh_chain(L), 1e-2, ("hessian",)) for L in depths]
+    cases = [(f"tanh L={L} w=16 b=4", build(L, 16, 4), 1e-2, ("hessian",)) for L in depths]
     if paper:
         cases.append(("paper ReLU 768-24x7-10 b=64", paper_net(), 1e-3, ("hessian", "ggn")))
     rows = []

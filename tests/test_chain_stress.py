@@ -208,9 +208,7 @@ def _deep_problem(i: int = 0) -> tuple[hesse.Problem, Case]:
 def test_newton_steps_and_the_trust_region_on_a_deep_chain():
     """What is built on the sweep inherits its accuracy: the Hessian Newton step, the GGN
     step and the exact trust-region step of a 15-stage chain against dense solutions."""
-    from test_optim import _assert_more_sorensen, _reference_tr
-
-    from hesse.optim import trust_region_subproblem
+    from test_optim import _assert_more_sorensen, _reference_tr, chain_trust_region
 
     prob, case = _deep_problem(0)
     H = _dense(case, "hessian")
@@ -223,14 +221,8 @@ def test_newton_steps_and_the_trust_region_on_a_deep_chain():
         st = hesse.newton_step(prob, eps, curvature, method="chain")
         ref = -torch.linalg.solve(C + eps * torch.eye(P), g)
         assert float((st.step - ref).norm() / ref.norm()) < 1e-6
-    opt = hesse.optim.ChainNewton(case.model, case.loss_fn, curvature="hessian", trust_region=1.0)
     for radius in (0.05, 5.0):
-        res = trust_region_subproblem(
-            g,
-            radius,
-            lambda s: hesse.factorize(prob, s, "hessian"),
-            lambda: opt._smallest(prob, "hessian"),
-        )
+        res = chain_trust_region(prob, case.model, case.loss_fn, g, radius)
         _assert_more_sorensen(H, g, radius, res, tol=1e-6)
         ref = _reference_tr(H, g, radius)
         assert float((res.step - ref).norm()) <= 1e-6 * max(1.0, float(ref.norm()))

@@ -192,15 +192,21 @@ def test_trust_region_with_the_chain_backend(radius):
     prob = hesse.Problem(model, lf, (X, y))
     H = hesse.hessian(prob)
     g = hesse.gradient(prob)
+    res = chain_trust_region(prob, model, lf, g, radius)
+    _assert_more_sorensen(H, g, radius, res, tol=1e-6)
+    assert torch.allclose(res.step, _reference_tr(H, g, radius), atol=1e-6)
+
+
+def chain_trust_region(prob, model, lf, g, radius):
+    """The exact trust-region step of the Hessian model, as ChainNewton takes it: chain
+    factorisations of ``H + lam I`` and ChainNewton's smallest eigenpair."""
     opt = hesse.optim.ChainNewton(model, lf, curvature="hessian", trust_region=radius)
-    res = trust_region_subproblem(
+    return trust_region_subproblem(
         g,
         radius,
         lambda s: hesse.factorize(prob, s, "hessian"),
         lambda: opt._smallest(prob, "hessian"),
     )
-    _assert_more_sorensen(H, g, radius, res, tol=1e-6)
-    assert torch.allclose(res.step, _reference_tr(H, g, radius), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- optimisers
