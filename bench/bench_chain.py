@@ -58,7 +58,7 @@ def _rss_mb() -> float:
 def _time_pivot_work() -> dict[str, float]:
     """Wrap the sweep's dense pivot work (factor each pivot, the Schur updates), which
     the structured and the naive sweeps share, to time it inside a run."""
-    from hesse import _chain_pivots
+    from hesse._chain import pivots as _chain_pivots
 
     spent = {"pivot_s": 0.0}
     fn = _chain_pivots.Elimination.__init__  # factor the pivot, test, Schur update

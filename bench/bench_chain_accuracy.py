@@ -10,7 +10,7 @@ float64, CPU, one process. Three tables:
    net (8 tanh layers of width 8, batch 6, MSE; P = 576), for the Hessian and the GGN:
    the relative residual ``||(C + eps I) x - v|| / ||v||`` (dense float64 ``C``) of
    - "before": the sweep with no pivoting and no refinement (hesse before the stable
-     sweep; `hesse._chain_pivots.UNPIVOTED`),
+     sweep; `hesse._chain.pivots.UNPIVOTED`),
    - "raw": the stable sweep, no refinement,
    - "refined": the stable sweep with `solve`'s refinement (steps in brackets),
    - "LDL^T": a dense Bunch-Kaufman factorisation of the same matrix
@@ -39,7 +39,7 @@ from bench_chain import build  # the chain benchmark's tanh chains
 from torch import nn
 
 import hesse
-from hesse import _chain_pivots
+from hesse._chain import pivots as _chain_pivots
 
 U = torch.finfo(torch.float64).eps
 

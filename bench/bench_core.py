@@ -28,8 +28,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 import hesse
-from hesse import _products
-from hesse._train import load_digits_data
+from hesse._autodiff import products as _products
+from hesse._cli.training import load_digits_data
 
 
 def digits(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 import hesse
-from hesse import _products
-from hesse._train import load_digits_data
+from hesse._autodiff import products as _products
+from hesse._cli.training import load_digits_data
 
 
 def setup(dtype: torch.dtype) -> hesse.Problem:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hesse import _train
+from hesse._cli import training as _train
 
 GRIDS = {
     "adam": [{"lr": 1e-3}, {"lr": 3e-3}, {"lr": 1e-2}],

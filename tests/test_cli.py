@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian
 
-from hesse import _cli
+from hesse._cli import main as _cli
 
 SMALL = ["--samples", "150", "--hidden", "5", "--train-steps", "25", "--no-progress"]
 

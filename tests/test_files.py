@@ -2,7 +2,7 @@
 
 import pytest
 
-from hesse._files import atomic_path
+from hesse._util.files import atomic_path
 
 
 def test_atomic_path_success_and_failure(tmp_path):

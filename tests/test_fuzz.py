@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import hesse
-from hesse import _cli
+from hesse._cli import main as _cli
 from hesse.optim import truncated_cg, trust_region_subproblem
 
 pytestmark = pytest.mark.timeout(120)
@@ -735,7 +735,7 @@ def test_in_place_activations_in_the_chain(curvature):
 def test_files_get_the_usual_mode_and_no_temporaries_survive(tmp_path):
     import os
 
-    from hesse._files import atomic_path
+    from hesse._util.files import atomic_path
 
     umask = os.umask(0o022)
     try:
@@ -769,7 +769,7 @@ def test_report_without_matplotlib_refused_before_work(monkeypatch, tmp_path):
 
 
 def test_cli_chain_section_too_big_is_refused_before_the_analysis(monkeypatch, capsys):
-    from hesse import _memory
+    from hesse._util import memory as _memory
 
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 50 * 2**20)
     called = []
@@ -818,7 +818,7 @@ def test_mode_warnings_look_at_each_module():
 def test_lanczos_basis_grows_with_the_steps_taken(monkeypatch):
     """The default max_steps allows 310 steps; a fast-converging run needs a few dozen,
     and its basis stays that small (checked against a budget far below 310 vectors)."""
-    from hesse import _memory
+    from hesse._util import memory as _memory
 
     prob = _prob(n=9)
     op = hesse.HessianOperator(prob)

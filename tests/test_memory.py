@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import hesse
-from hesse import _memory
+from hesse._util import memory as _memory
 
 _MEASURE = textwrap.dedent(
     """

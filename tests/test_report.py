@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import hesse
-from hesse import _cli
+from hesse._cli import main as _cli
 
 SMALL = [
     "--samples",

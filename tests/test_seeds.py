@@ -299,8 +299,8 @@ def test_seed002_static_rnn(T, x_size, h_size, y_size):
     for j in range(prob.num_params):
         e = torch.zeros_like(theta)
         e[j] = h
-        gp = hesse._products.loss_and_gradient(prob, prob.unflatten(theta + e))[1]
-        gm = hesse._products.loss_and_gradient(prob, prob.unflatten(theta - e))[1]
+        gp = hesse._autodiff.products.loss_and_gradient(prob, prob.unflatten(theta + e))[1]
+        gm = hesse._autodiff.products.loss_and_gradient(prob, prob.unflatten(theta - e))[1]
         cols.append((gp - gm) / (2 * h))
     np.testing.assert_allclose(hesse.hessian(prob).numpy(), torch.stack(cols, 1).numpy(), atol=1e-8)
 

@@ -7,7 +7,8 @@ import struct
 import pytest
 import torch
 
-from hesse import _cli, _train
+from hesse._cli import main as _cli
+from hesse._cli import training as _train
 
 FAST = ["--no-progress", "--curvature-batch", "16"]
 

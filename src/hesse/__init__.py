@@ -6,7 +6,36 @@ quantities as functions of it, and curvature operators that behave like
 """
 
 from hesse import optim
-from hesse._api import (
+from hesse._autodiff.check import CheckReport, CheckRow, check
+from hesse._autodiff.problem import Problem
+from hesse._chain.factorization import (
+    Chain,
+    ChainFactorization,
+    FactorizationStatus,
+    InaccurateSolveError,
+    Inertia,
+    SingularPivotError,
+    SolveResult,
+    factorize,
+)
+from hesse._linalg.solve import (
+    NewtonStep,
+    count_eigenvalues,
+    eigenvalue,
+    eigenvalue_histogram,
+    inertia,
+    logdet,
+    newton_step,
+    solve,
+)
+from hesse._operators.curvature import (
+    CurvatureOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+)
+from hesse._operators.functions import (
     Decomposition,
     decompose,
     fisher_vp,
@@ -19,38 +48,8 @@ from hesse._api import (
     jacobian,
     loss_and_gradient,
 )
-from hesse._chain import (
-    Chain,
-    ChainFactorization,
-    FactorizationStatus,
-    InaccurateSolveError,
-    Inertia,
-    SingularPivotError,
-    SolveResult,
-    factorize,
-)
-from hesse._check import CheckReport, CheckRow, check
-from hesse._memory import MemoryBudgetError
-from hesse._operators import (
-    CurvatureOperator,
-    FisherOperator,
-    GGNOperator,
-    HessianOperator,
-    ResidualOperator,
-)
-from hesse._problem import Problem
-from hesse._report import REPORT_SCHEMA, SpectrumTracker
-from hesse._solve import (
-    NewtonStep,
-    count_eigenvalues,
-    eigenvalue,
-    eigenvalue_histogram,
-    inertia,
-    logdet,
-    newton_step,
-    solve,
-)
-from hesse._spectral import (
+from hesse._report.compute import REPORT_SCHEMA, SpectrumTracker
+from hesse._spectral.core import (
     EigResult,
     SpectralDensity,
     TraceEstimate,
@@ -60,6 +59,7 @@ from hesse._spectral import (
     spectral_density,
     trace,
 )
+from hesse._util.memory import MemoryBudgetError
 
 __version__ = "0.1.0"
 

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._chain import factorize
-from hesse._checks import check_curvature
-from hesse._operators import HessianOperator, curvature_operator
-from hesse._problem import Problem
-from hesse._solve import eigenvalue
-from hesse._spectral import eigs, empirical_fisher_diagonal
+from hesse._autodiff.problem import Problem
+from hesse._chain.factorization import factorize
+from hesse._linalg.solve import eigenvalue
+from hesse._operators.curvature import HessianOperator, curvature_operator
+from hesse._spectral.core import eigs, empirical_fisher_diagonal
+from hesse._util.checks import check_curvature
 from hesse.optim._parts import (
     armijo,
     cg_backtrack,

@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from hesse._chain import SingularPivotError
+from hesse._chain.factorization import SingularPivotError
 
 _SINGULAR = (SingularPivotError, torch.linalg.LinAlgError)
 

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 import hesse
-from hesse._files import atomic_path
-from hesse._memory import MemoryBudgetError, check_memory
-from hesse._problem import float64_problem
-from hesse._report import build_report, prepare_report_dir, write_report
-from hesse._train import load_digits_data
+from hesse._autodiff.problem import float64_problem
+from hesse._cli.training import load_digits_data
+from hesse._report.compute import build_report, prepare_report_dir, write_report
+from hesse._util.files import atomic_path
+from hesse._util.memory import MemoryBudgetError, check_memory
 
 DEFAULT_HIDDEN = 32
 DEFAULT_TRAIN_STEPS = 300
@@ -423,7 +423,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace, progress: bool | None) -> int:
-    from hesse import _train
+    from hesse._cli import training as _train
 
     kinds = [k.strip() for k in args.optimizer.split(",") if k.strip()]
     bad = [k for k in kinds if k not in _train.OPTIMIZERS]

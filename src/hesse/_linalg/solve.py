@@ -14,13 +14,13 @@ import scipy.sparse.linalg as sla
 import torch
 from torch import Tensor
 
-from hesse import _products
-from hesse._chain import Chain, Inertia, _as_chain, _promoted, factorize
-from hesse._checks import check_curvature
-from hesse._operators import curvature_operator
-from hesse._problem import Problem
-from hesse._progress import progress_bar
-from hesse._spectral import eigs
+from hesse._autodiff import products as _products
+from hesse._autodiff.problem import Problem
+from hesse._chain.factorization import Chain, Inertia, _as_chain, _promoted, factorize
+from hesse._operators.curvature import curvature_operator
+from hesse._spectral.core import eigs
+from hesse._util.checks import check_curvature
+from hesse._util.progress import progress_bar
 
 __all__ = [
     "NewtonStep",

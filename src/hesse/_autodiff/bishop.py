@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from hesse._problem import Problem
+from hesse._autodiff.problem import Problem
 
 __all__ = ["activation_derivatives", "bishop_hessian", "mlp_layers"]
 

@@ -8,10 +8,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hesse import _products
-from hesse._bishop import bishop_hessian
-from hesse._operators import FisherOperator, GGNOperator, HessianOperator, ResidualOperator
-from hesse._problem import Problem
+from hesse._autodiff import products as _products
+from hesse._autodiff.bishop import bishop_hessian
+from hesse._autodiff.problem import Problem
+from hesse._operators.curvature import (
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    ResidualOperator,
+)
 
 __all__ = [
     "Decomposition",

@@ -22,14 +22,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hesse import _products
-from hesse._bishop import _flatten_sequential
-from hesse._chain_pivots import Elimination, SingularPivotError, StageElimination, SweepState
-from hesse._chain_stages import LossStage, Stage, StageDerivatives, make_stage
-from hesse._checks import check_curvature
-from hesse._memory import check_memory
-from hesse._problem import Problem, float64_problem
-from hesse._progress import progress_bar
+from hesse._autodiff import products as _products
+from hesse._autodiff.bishop import _flatten_sequential
+from hesse._autodiff.problem import Problem, float64_problem
+from hesse._chain.pivots import Elimination, SingularPivotError, StageElimination, SweepState
+from hesse._chain.stages import LossStage, Stage, StageDerivatives, make_stage
+from hesse._util.checks import check_curvature
+from hesse._util.memory import check_memory
+from hesse._util.progress import progress_bar
 
 __all__ = [
     "Chain",

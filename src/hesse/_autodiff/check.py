@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from hesse import _products
-from hesse._operators import HessianOperator
-from hesse._problem import Problem
+from hesse._autodiff import products as _products
+from hesse._autodiff.problem import Problem
+from hesse._operators.curvature import HessianOperator
 
 __all__ = ["CheckReport", "CheckRow", "check"]
 

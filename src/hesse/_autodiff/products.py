@@ -29,7 +29,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from hesse._problem import Problem
+from hesse._autodiff.problem import Problem
 
 __all__ = [
     "apply_batched",
@@ -391,7 +391,7 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     per-sample gradients (``vmap`` of ``grad`` over each batch's samples: ``n P``
     memory, about one gradient of work); the loss must be one `FisherOperator` accepts
     and the inputs and targets tensors. ``None`` when the model cannot be vmapped over
-    samples (`hesse._spectral.empirical_fisher_diagonal` then falls back to products)."""
+    samples (`hesse._spectral.core.empirical_fisher_diagonal` then falls back to products)."""
     from torch.func import functional_call, grad, vmap
 
     lf = _fisher_loss(problem)

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hesse import _products
-from hesse._memory import check_memory
-from hesse._operators import CurvatureOperator, FisherOperator
-from hesse._problem import Problem
+from hesse._autodiff import products as _products
+from hesse._autodiff.problem import Problem
+from hesse._operators.curvature import CurvatureOperator, FisherOperator
+from hesse._util.memory import check_memory
 
 __all__ = [
     "EigResult",
@@ -462,7 +462,7 @@ def spectral_density(
 # ----------------------------------------------------------------------------- exact
 def empirical_fisher_diagonal(problem: Problem) -> Tensor:
     """The diagonal ``(P,)`` of the empirical Fisher: from per-sample gradients
-    (`hesse._products.empirical_fisher_diagonal_vmap`, about one gradient of work), or
+    (`hesse._autodiff.products.empirical_fisher_diagonal_vmap`, about one gradient of work), or
     from ``P`` operator products when the model cannot be vmapped over samples."""
     fast = _products.empirical_fisher_diagonal_vmap(problem)
     if fast is not None:

@@ -31,10 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
-from hesse import _chain_pivots, _memory
-from hesse._bishop import ELEMENTWISE, activation_derivatives
-from hesse._chain_pivots import TAU, Elimination, StageElimination, SweepState
-from hesse._problem import check_loss_shapes
+from hesse._autodiff.bishop import ELEMENTWISE, activation_derivatives
+from hesse._autodiff.problem import check_loss_shapes
+from hesse._chain import pivots as _chain_pivots
+from hesse._chain.pivots import TAU, Elimination, StageElimination, SweepState
+from hesse._util import memory as _memory
 
 __all__ = [
     "ElementwiseStage",

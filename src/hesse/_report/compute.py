@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse import _products
-from hesse._api import decompose
-from hesse._files import save_png
-from hesse._operators import HessianOperator
-from hesse._problem import Problem, float64_problem
-from hesse._progress import progress_bar
-from hesse._solve import eigenvalue_histogram
-from hesse._spectral import eigs, spectral_density, trace
+from hesse._autodiff import products as _products
+from hesse._autodiff.problem import Problem, float64_problem
+from hesse._linalg.solve import eigenvalue_histogram
+from hesse._operators.curvature import HessianOperator
+from hesse._operators.functions import decompose
+from hesse._spectral.core import eigs, spectral_density, trace
+from hesse._util.files import save_png
+from hesse._util.progress import progress_bar
 
 __all__ = ["REPORT_SCHEMA", "SpectrumTracker", "build_report", "prepare_report_dir", "write_report"]
 

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from hesse import optim
-from hesse._files import atomic_path, save_png
-from hesse._progress import progress_bar
+from hesse._util.files import atomic_path, save_png
+from hesse._util.progress import progress_bar
 
 EXAMPLES = ("autoencoder", "classifier")
 OPTIMIZERS = ("hf", "chain-newton", "adam", "sgd")

@@ -17,11 +17,11 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-from hesse import _products
-from hesse._checks import check_curvature
-from hesse._memory import check_memory
-from hesse._problem import Problem
-from hesse._progress import progress_bar
+from hesse._autodiff import products as _products
+from hesse._autodiff.problem import Problem
+from hesse._util.checks import check_curvature
+from hesse._util.memory import check_memory
+from hesse._util.progress import progress_bar
 
 __all__ = [
     "CurvatureOperator",

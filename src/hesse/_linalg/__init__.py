@@ -1,0 +1,1 @@
+"""Solves, log-determinants, eigenvalue counts and Newton steps for curvature matrices."""

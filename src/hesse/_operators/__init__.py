@@ -1,0 +1,1 @@
+"""Curvature operators (``@``, ``to_dense``, ``to_scipy``) and the functional API over them."""

@@ -1,0 +1,1 @@
+"""The analysis report of ``hesse analyze --report``: schema, computation, figures, files."""

@@ -1,0 +1,1 @@
+"""Spectra of curvature operators: Lanczos, stochastic trace and density estimates."""

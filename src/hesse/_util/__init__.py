@@ -1,0 +1,2 @@
+"""Leaves every layer may use: progress bars, atomic file writes, memory budgets and
+shared argument checks (no hesse imports)."""
