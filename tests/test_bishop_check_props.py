@@ -58,7 +58,8 @@ def test_bishop_equals_autodiff(act, loss, widths, bias):
     ids=repr,
 )
 def test_closed_form_activation_derivatives_match_autograd(mod):
-    from hesse._autodiff.bishop import _autograd_derivatives, activation_derivatives
+    from hesse._autodiff.layers import activation_derivatives
+    from hesse._autodiff.layers import autograd_derivatives as _autograd_derivatives
 
     g = torch.Generator().manual_seed(7)
     a = 3 * torch.randn(301, generator=g)  # wide enough to cross softplus' threshold

@@ -341,7 +341,7 @@ class BatchCentre(nn.Module):
 
 
 def test_generic_stages_use_per_sample_blocks_when_samples_are_independent():
-    from hesse._chain.stages import _BlockDerivs, _DenseDerivs
+    from hesse._chain.generic import _BlockDerivs, _DenseDerivs
 
     torch.manual_seed(1)
     g = torch.Generator().manual_seed(1)
@@ -355,8 +355,8 @@ def test_generic_stages_use_per_sample_blocks_when_samples_are_independent():
         (res, z_vec, lam_vec, _BlockDerivs),
         (centre, z_vec, lam_vec, _DenseDerivs),
     ]:
-        fast = hesse._chain.stages.GenericStage("s", mod).derivatives(z, lam)
-        dense = hesse._chain.stages.GenericStage("s", mod, per_sample=False).derivatives(z, lam)
+        fast = hesse._chain.generic.GenericStage("s", mod).derivatives(z, lam)
+        dense = hesse._chain.generic.GenericStage("s", mod, per_sample=False).derivatives(z, lam)
         assert isinstance(fast, kind) and isinstance(dense, _DenseDerivs)
         S = torch.randn(fast.a_out, fast.a_out, generator=g, dtype=torch.float64)
         S = S + S.T

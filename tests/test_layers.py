@@ -23,24 +23,32 @@ LAYERS: dict[str, int] = {
     "hesse._linalg": 0,
     "hesse._report": 0,
     "hesse._cli": 0,
-    "hesse._chain.pivots": 0,
-    # 1-4: the problem, its products, the operators
+    "hesse._autodiff.losses": 0,
+    "hesse._autodiff.layers": 0,
+    "hesse._linalg.results": 0,
+    # 1-3: the problem, its products, Bishop; the chain's stages
     "hesse._autodiff.problem": 1,
+    "hesse._chain.pivots": 1,
+    "hesse._autodiff.products": 2,
     "hesse._autodiff.bishop": 2,
-    "hesse._autodiff.products": 3,
-    "hesse._chain.stages": 3,
-    "hesse._operators.curvature": 4,
-    # 5-6: spectra, the chain solver, checks, the functional API; solves on top of them
-    "hesse._spectral.core": 5,
+    "hesse._chain.stages": 2,
+    "hesse._chain.generic": 3,
+    "hesse._chain.linear": 3,
+    # 3-5: operators, the factorisation base, the chain and its sweep
+    "hesse._operators.curvature": 3,
+    "hesse._linalg.base": 3,
+    "hesse._chain.chain": 4,
     "hesse._chain.factorization": 5,
-    "hesse._autodiff.check": 5,
-    "hesse._operators.functions": 5,
+    # 4-6: spectra, checks, the functional API; solves on top of them
+    "hesse._spectral.core": 4,
+    "hesse._autodiff.check": 4,
+    "hesse._operators.functions": 4,
     "hesse._linalg.solve": 6,
     # 7-9: optimisers
     "hesse.optim._parts": 7,
     "hesse.optim._optimizers": 8,
     "hesse.optim": 9,
-    # 10-12: the outer ring (files, figures, printing) and the public package
+    # 10-13: the outer ring (files, figures, printing) and the public package
     "hesse._report.compute": 10,
     "hesse._cli.training": 10,
     "hesse": 11,

@@ -8,15 +8,14 @@ quantities as functions of it, and curvature operators that behave like
 from hesse import optim
 from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Problem
-from hesse._chain.factorization import (
-    Chain,
-    ChainFactorization,
+from hesse._chain.chain import Chain
+from hesse._chain.factorization import ChainFactorization, factorize
+from hesse._linalg.results import (
     FactorizationStatus,
     InaccurateSolveError,
     Inertia,
     SingularPivotError,
     SolveResult,
-    factorize,
 )
 from hesse._linalg.solve import (
     NewtonStep,

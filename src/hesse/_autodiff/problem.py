@@ -16,6 +16,7 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -24,7 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["Batch", "Problem", "float64_problem"]
+from hesse._autodiff.losses import weighted_loss
+
+__all__ = ["Batch", "Parameters", "Problem", "float64_problem"]
 
 Batch = tuple[Any, Tensor | None]
 
@@ -63,6 +66,179 @@ def _is_single_batch(data: Any) -> bool:
         and len(data) == 2
         and (isinstance(data[1], Tensor) or data[1] is None)
     )
+
+
+class Parameters:
+    """The parameters of a model selected for differentiation, and their flattening: the
+    one owner of the map between a flat vector ``(P,)`` (or matrix ``(P, k)``) and
+    per-parameter tensors, used by `Problem`, the chain's stages and the optimisers.
+
+    Args:
+        model: the module holding the parameters.
+        params: names from ``model.named_parameters()`` or the parameter tensors
+            themselves (default: every parameter that requires grad). The order is always
+            that of ``named_parameters()``.
+
+    Attributes:
+        names, shapes, sizes: per parameter, in flattening order.
+        num_params: ``P``.
+        slices: ``{name: slice}`` of each parameter in a flat vector.
+        dtype, device: shared by all selected parameters (checked).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[str | Tensor] | None = None) -> None:
+        self.names, self.tensors = _select(model, params)
+        self.shapes = [tuple(p.shape) for p in self.tensors]
+        self.sizes = [p.numel() for p in self.tensors]
+        self.num_params = sum(self.sizes)
+        offsets = [0, *itertools.accumulate(self.sizes)]
+        self.slices = {
+            n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:], strict=False)
+        }
+        self.dtype = self.tensors[0].dtype
+        self.device = self.tensors[0].device
+
+    def vector(self) -> Tensor:
+        """Current values as one flat ``(P,)`` tensor (detached)."""
+        return self.flatten([p.detach() for p in self.tensors])
+
+    def assign(self, vec: Tensor) -> None:
+        """Copy a flat ``(P,)`` vector into the parameters, in place, without autograd."""
+        with torch.no_grad():
+            for p, v in zip(self.tensors, self.unflatten(vec), strict=True):
+                p.copy_(v)
+
+    def grad_vector(self) -> Tensor:
+        """The parameters' ``.grad`` as one flat ``(P,)`` tensor (``None`` counts as 0)."""
+        return self.flatten(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.tensors]
+        )
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-parameter tensors -> flat vector ``(P,)``; tensors with one extra
+        trailing dimension ``k`` (shape ``param.shape + (k,)``) -> matrix ``(P, k)``."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.shapes):
+            raise ValueError(
+                f"expected {len(self.shapes)} tensors (one per parameter {self.names}); "
+                f"got {len(tensors)}"
+            )
+        extra = None
+        flat = []
+        for name, shape, t in zip(self.names, self.shapes, tensors, strict=True):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"entry for {name!r} must be a tensor; got {type(t).__name__}")
+            tail = tuple(t.shape[len(shape) :])
+            if (
+                tuple(t.shape[: len(shape)]) != shape
+                or len(tail) > 1
+                or (extra is not None and tail != extra)
+            ):
+                raise ValueError(
+                    f"entry for {name!r} has shape {tuple(t.shape)}; expected {shape} "
+                    f"(a vector) or {shape} + (k,) (a matrix of k columns)"
+                )
+            extra = tail
+            flat.append(t.reshape(-1, *tail))
+        return torch.cat(flat, dim=0)
+
+    def unflatten(self, vec: Tensor) -> list[Tensor]:
+        """Flat ``(P,)`` vector -> per-parameter tensors (views); ``(P, k)`` ->
+        tensors of shape ``param.shape + (k,)``."""
+        return self.split(self.as_flat(vec))
+
+    def split(self, vec: Tensor) -> list[Tensor]:
+        """`unflatten` without validation (for use inside ``torch.func`` transforms,
+        where data-dependent checks cannot run)."""
+        tail = tuple(vec.shape[1:])
+        return [
+            vec[sl].reshape((*shape, *tail))
+            for sl, shape in zip(self.slices.values(), self.shapes, strict=True)
+        ]
+
+    def as_flat(self, v: Tensor | Sequence[Tensor], name: str = "v") -> Tensor:
+        """Validate and convert a vector or matrix to the flat form ``(P,)`` or
+        ``(P, k)``, on the parameters' device and dtype."""
+        if isinstance(v, (list, tuple)):
+            v = self.flatten(v)
+        if not isinstance(v, Tensor):
+            raise TypeError(
+                f"{name} must be a tensor or a list of per-parameter tensors; "
+                f"got {type(v).__name__}"
+            )
+        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
+            raise ValueError(
+                f"{name} has shape {tuple(v.shape)}; expected ({self.num_params},) or "
+                f"({self.num_params}, k) for the {self.num_params} selected parameters"
+            )
+        if not (v.is_floating_point()):
+            raise TypeError(f"{name} has dtype {v.dtype}; expected a floating-point dtype")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} has non-finite entries (nan or inf)")
+        return v.to(device=self.device, dtype=self.dtype)
+
+    def within(self, prefix: str) -> list[str]:
+        """The selected parameters of the submodule named ``prefix``, by their names in
+        that submodule (``"0"`` -> ``["weight", "bias"]`` for ``0.weight``, ``0.bias``)."""
+        head = f"{prefix}." if prefix else ""
+        return [n[len(head) :] for n in self.names if n.startswith(head)]
+
+
+def _select(
+    model: nn.Module, params: Sequence[str | Tensor] | None
+) -> tuple[list[str], list[Tensor]]:
+    """The names and tensors `Parameters` selects, validated."""
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    else:
+        if isinstance(params, (str, Tensor)):
+            params = [params]
+        by_name = dict(named)
+        wanted_names: set[str] = set()
+        for item in params:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise ValueError(
+                        f"unknown parameter name {item!r}; the model has {[n for n, _ in named]}"
+                    )
+                wanted_names.add(item)
+            elif isinstance(item, Tensor):
+                match = [n for n, p in named if p is item]
+                if not match:
+                    raise ValueError(
+                        f"a tensor of shape {tuple(item.shape)} in params is not a "
+                        "parameter of the model (pass the model's own parameters "
+                        "or their names)"
+                    )
+                wanted_names.add(match[0])
+            else:
+                raise TypeError(
+                    f"params must hold names (str) or parameter tensors; got {type(item).__name__}"
+                )
+        chosen = [(n, p) for n, p in named if n in wanted_names]
+    if not chosen:
+        raise ValueError(
+            "no parameters selected: the model has no parameter that "
+            "requires grad, or params is empty"
+        )
+    for n, p in chosen:
+        if not (p.is_floating_point()):
+            raise TypeError(
+                f"parameter {n!r} has dtype {p.dtype}; only real floating-point "
+                "parameters can be differentiated"
+            )
+    dtypes = {p.dtype for _, p in chosen}
+    devices = {p.device for _, p in chosen}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"selected parameters must share one dtype and device; got dtypes "
+            f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}"
+        )
+    for n, p in chosen:
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {n!r} contains NaN or inf")
+    return [n for n, _ in chosen], [p for _, p in chosen]
 
 
 class Problem:
@@ -120,18 +296,11 @@ class Problem:
         self.loss_fn = loss_fn
         self.reduction = self._resolve_reduction(loss_fn, reduction)
 
-        self.names, self._params = self._select_params(model, params)
-        self.shapes = [tuple(p.shape) for p in self._params]
-        self.sizes = [p.numel() for p in self._params]
-        self.num_params = sum(self.sizes)
-        offsets = [0]
-        for s in self.sizes:
-            offsets.append(offsets[-1] + s)
-        self.slices = {
-            n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:], strict=False)
-        }
-        self.dtype = self._params[0].dtype
-        self.device = self._params[0].device
+        self.parameters = Parameters(model, params)
+        sel = self.parameters
+        self.names, self.shapes, self.sizes = sel.names, sel.shapes, sel.sizes
+        self.num_params, self.slices = sel.num_params, sel.slices
+        self.dtype, self.device = sel.dtype, sel.device
 
         if (
             isinstance(data, tuple)
@@ -163,64 +332,6 @@ class Problem:
                 f"got reduction={red!r}"
             )
         return red
-
-    @staticmethod
-    def _select_params(
-        model: nn.Module, params: Sequence[str | Tensor] | None
-    ) -> tuple[list[str], list[Tensor]]:
-        named = list(model.named_parameters())
-        if params is None:
-            chosen = [(n, p) for n, p in named if p.requires_grad]
-        else:
-            if isinstance(params, (str, Tensor)):
-                params = [params]
-            by_name = dict(named)
-            wanted_names: set[str] = set()
-            for item in params:
-                if isinstance(item, str):
-                    if item not in by_name:
-                        raise ValueError(
-                            f"unknown parameter name {item!r}; the model has "
-                            f"{[n for n, _ in named]}"
-                        )
-                    wanted_names.add(item)
-                elif isinstance(item, Tensor):
-                    match = [n for n, p in named if p is item]
-                    if not match:
-                        raise ValueError(
-                            f"a tensor of shape {tuple(item.shape)} in params is not a "
-                            "parameter of the model (pass the model's own parameters "
-                            "or their names)"
-                        )
-                    wanted_names.add(match[0])
-                else:
-                    raise TypeError(
-                        f"params must hold names (str) or parameter tensors; got "
-                        f"{type(item).__name__}"
-                    )
-            chosen = [(n, p) for n, p in named if n in wanted_names]
-        if not chosen:
-            raise ValueError(
-                "no parameters selected: the model has no parameter that "
-                "requires grad, or params is empty"
-            )
-        for n, p in chosen:
-            if not (p.is_floating_point()):
-                raise TypeError(
-                    f"parameter {n!r} has dtype {p.dtype}; only real floating-point "
-                    "parameters can be differentiated"
-                )
-        dtypes = {p.dtype for _, p in chosen}
-        devices = {p.device for _, p in chosen}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise ValueError(
-                f"selected parameters must share one dtype and device; got dtypes "
-                f"{sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}"
-            )
-        for n, p in chosen:
-            if not torch.isfinite(p).all():
-                raise ValueError(f"parameter {n!r} contains NaN or inf")
-        return [n for n, _ in chosen], [p for _, p in chosen]
 
     def _scan_data(self) -> list[int]:
         sizes = []
@@ -298,7 +409,7 @@ class Problem:
                 changes between passes).
         """
         dev = self.device
-        for name, p in zip(self.names, self._params, strict=True):
+        for name, p in zip(self.names, self.params, strict=True):
             if not bool(torch.isfinite(p).all()):
                 raise ValueError(
                     f"parameter {name!r} has NaN or inf entries (set after the Problem was "
@@ -320,6 +431,25 @@ class Problem:
                 f"{seen} now: pass data that yields the same samples on every pass"
             )
 
+    def as_one_batch(self) -> tuple[Tensor, Tensor | None]:
+        """All batches concatenated into one ``(inputs, targets)`` pair (tensor inputs
+        only): for the solvers whose state is the whole batch (the chain sweep). Its
+        loss, with the loss's reduction, is the objective ``L``."""
+        xs, ys = [], []
+        for inputs, targets, _w in self.batches():
+            if not isinstance(inputs, Tensor):
+                raise TypeError(
+                    f"the chain solver needs tensor inputs (n, ...); got {type(inputs).__name__}"
+                )
+            xs.append(inputs)
+            ys.append(targets)
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        if all(isinstance(y, Tensor) for y in ys):
+            return x, torch.cat(ys) if len(ys) > 1 else ys[0]
+        if all(y is None for y in ys):
+            return x, None
+        raise TypeError("targets must all be tensors or all None")
+
     @property
     def batch_sizes(self) -> list[int]:
         """Number of samples in each batch."""
@@ -329,70 +459,24 @@ class Problem:
     @property
     def params(self) -> list[Tensor]:
         """The selected parameter tensors (the model's own, not copies)."""
-        return list(self._params)
+        return list(self.parameters.tensors)
 
     def param_vector(self) -> Tensor:
         """Current values of the selected parameters as one flat ``(P,)`` tensor."""
-        return self.flatten([p.detach() for p in self._params])
+        return self.parameters.vector()
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
-        """Per-parameter tensors -> flat vector ``(P,)``; tensors with one extra
-        trailing dimension ``k`` (shape ``param.shape + (k,)``) -> matrix ``(P, k)``."""
-        tensors = list(tensors)
-        if len(tensors) != len(self.shapes):
-            raise ValueError(
-                f"expected {len(self.shapes)} tensors (one per parameter {self.names}); "
-                f"got {len(tensors)}"
-            )
-        extra = None
-        flat = []
-        for name, shape, t in zip(self.names, self.shapes, tensors, strict=True):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"entry for {name!r} must be a tensor; got {type(t).__name__}")
-            tail = tuple(t.shape[len(shape) :])
-            if (
-                tuple(t.shape[: len(shape)]) != shape
-                or len(tail) > 1
-                or (extra is not None and tail != extra)
-            ):
-                raise ValueError(
-                    f"entry for {name!r} has shape {tuple(t.shape)}; expected {shape} "
-                    f"(a vector) or {shape} + (k,) (a matrix of k columns)"
-                )
-            extra = tail
-            flat.append(t.reshape(-1, *tail))
-        return torch.cat(flat, dim=0)
+        """Per-parameter tensors -> ``(P,)`` or ``(P, k)`` (`Parameters.flatten`)."""
+        return self.parameters.flatten(tensors)
 
     def unflatten(self, vec: Tensor) -> list[Tensor]:
-        """Flat ``(P,)`` vector -> per-parameter tensors (views); ``(P, k)`` ->
-        tensors of shape ``param.shape + (k,)``."""
-        vec = self.as_flat(vec)
-        tail = tuple(vec.shape[1:])
-        return [
-            vec[sl].reshape((*shape, *tail))
-            for sl, shape in zip(self.slices.values(), self.shapes, strict=True)
-        ]
+        """``(P,)`` or ``(P, k)`` -> per-parameter tensors (`Parameters.unflatten`)."""
+        return self.parameters.unflatten(vec)
 
     def as_flat(self, v: Tensor | Sequence[Tensor], name: str = "v") -> Tensor:
-        """Validate and convert a vector or matrix to the flat form ``(P,)`` or
-        ``(P, k)``, on the problem's device and dtype."""
-        if isinstance(v, (list, tuple)):
-            v = self.flatten(v)
-        if not isinstance(v, Tensor):
-            raise TypeError(
-                f"{name} must be a tensor or a list of per-parameter tensors; "
-                f"got {type(v).__name__}"
-            )
-        if v.ndim not in (1, 2) or v.shape[0] != self.num_params:
-            raise ValueError(
-                f"{name} has shape {tuple(v.shape)}; expected ({self.num_params},) or "
-                f"({self.num_params}, k) for the {self.num_params} selected parameters"
-            )
-        if not (v.is_floating_point()):
-            raise TypeError(f"{name} has dtype {v.dtype}; expected a floating-point dtype")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} has non-finite entries (nan or inf)")
-        return v.to(device=self.device, dtype=self.dtype)
+        """Validate and convert a vector or matrix to ``(P,)`` or ``(P, k)`` on the
+        problem's device and dtype (`Parameters.as_flat`)."""
+        return self.parameters.as_flat(v, name)
 
     # ------------------------------------------------------------------ evaluation
     def outputs(self, params: Sequence[Tensor], inputs: Any) -> Any:
@@ -413,19 +497,11 @@ class Problem:
 
     def batch_loss(self, outputs: Any, targets: Tensor | None, weight: float) -> Tensor:
         """Weighted loss of one batch, ``w_b * loss_fn(outputs, targets)``."""
-        check_loss_shapes(self.loss_fn, outputs, targets)
-        loss = self.loss_fn(outputs, targets)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar (0-dim) tensor; got {shape}. Use "
-                "reduction='mean' or 'sum'."
-            )
-        return loss * weight
+        return weighted_loss(self.loss_fn, outputs, targets, weight)
 
     def loss(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """The objective ``L`` at ``params`` (default: the current parameters)."""
-        ps = [p.detach() for p in self._params] if params is None else list(params)
+        ps = [p.detach() for p in self.params] if params is None else list(params)
         total = None
         with torch.no_grad():
             for inputs, targets, w in self.batches():
@@ -439,35 +515,6 @@ class Problem:
             f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
             f"N={self.num_samples}, batches={len(self._sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
-        )
-
-
-_ELEMENTWISE_LOSSES = (
-    nn.MSELoss,
-    nn.L1Loss,
-    nn.SmoothL1Loss,
-    nn.HuberLoss,
-    nn.BCELoss,
-    nn.BCEWithLogitsLoss,
-    nn.SoftMarginLoss,
-)
-
-
-def check_loss_shapes(loss_fn: Any, outputs: Any, targets: Any) -> None:
-    """Refuse the silent broadcast of element-wise losses: ``MSELoss`` of outputs
-    ``(N, 1)`` against targets ``(N,)`` is the mean over an ``(N, N)`` grid, not the
-    loss anyone meant (torch only warns)."""
-    if (
-        isinstance(loss_fn, _ELEMENTWISE_LOSSES)
-        and isinstance(outputs, Tensor)
-        and isinstance(targets, Tensor)
-        and outputs.shape != targets.shape
-    ):
-        raise ValueError(
-            f"{type(loss_fn).__name__}: the model's outputs have shape "
-            f"{tuple(outputs.shape)} but the targets {tuple(targets.shape)}; torch would "
-            "broadcast them into a different loss. Reshape the targets to the outputs' "
-            f"shape (e.g. y.reshape({', '.join(str(d) for d in outputs.shape)}))"
         )
 
 

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor, nn
+from torch import Tensor
 
+from hesse._autodiff import losses
 from hesse._autodiff.problem import Problem
 
 __all__ = [
@@ -225,21 +226,19 @@ def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     return out
 
 
-def _loss_hessian_map(problem: Problem) -> OutputMap:
-    """``Lambda`` = Hessian of the weighted batch loss w.r.t. the outputs (autodiff)."""
+def _bind(problem: Problem, product: Callable[..., Tensor]) -> OutputMap:
+    """An `OutputMap` from one of `hesse._autodiff.losses`' ``Lambda`` products."""
+    lf = problem.loss_fn
 
     def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
-        o = o.detach().requires_grad_(True)
-        loss = problem.batch_loss(o, targets, w)
-        (g,) = torch.autograd.grad(loss, [o], create_graph=True)
-        return apply_batched(g.reshape(-1), [o], U.reshape(U.shape[0], -1)).reshape(U.shape)
+        return product(lf, o, targets, w, U)
 
     return apply
 
 
 def ggn_matmat(problem: Problem, V: Tensor) -> Tensor:
     """Generalised Gauss-Newton ``G V = sum_b J_b^T (d^2 loss_b / d f^2) J_b V``."""
-    return jtlj_matmat(problem, V, _loss_hessian_map(problem))
+    return jtlj_matmat(problem, V, _bind(problem, losses.output_hessian_product))
 
 
 def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
@@ -256,112 +255,21 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
         o = _require_tensor_output(problem.outputs(ps, inputs))
         if not o.requires_grad:
             continue
-        o_leaf = o.detach().requires_grad_(True)
-        (lam,) = torch.autograd.grad(problem.batch_loss(o_leaf, targets, w), [o_leaf])
+        lam = losses.output_gradient(problem.loss_fn, o, targets, w)
         gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True)
         out += apply_batched(gs, ps, cot).T
     return out
 
 
 # --------------------------------------------------------------------------- Fisher
-_FISHER_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
-
-
-def _fisher_loss(problem: Problem) -> nn.Module:
-    lf = problem.loss_fn
-    if not isinstance(lf, _FISHER_LOSSES):
-        raise NotImplementedError(
-            "Fisher products need a likelihood: loss_fn must be one of "
-            f"{[c.__name__ for c in _FISHER_LOSSES]}; got {type(lf).__name__}"
-        )
-    if isinstance(lf, nn.CrossEntropyLoss) and (lf.weight is not None or lf.label_smoothing != 0.0):
-        raise NotImplementedError(
-            "Fisher products for CrossEntropyLoss with class weights or "
-            "label smoothing are not supported"
-        )
-    if isinstance(lf, nn.BCEWithLogitsLoss) and (
-        lf.weight is not None or lf.pos_weight is not None
-    ):
-        raise NotImplementedError(
-            "Fisher products for BCEWithLogitsLoss with weights are not supported"
-        )
-    return lf
-
-
-def _reduction_factor(lf: nn.Module, o: Tensor, w: float) -> float:
-    """``c`` of ``w_b loss_b = c sum_n l_n`` for this batch (see module docstring)."""
-    if lf.reduction == "sum":
-        return w
-    n = o.shape[0]
-    per_sample = 1 if isinstance(lf, nn.CrossEntropyLoss) else o[0].numel()
-    return w / (n * per_sample)
-
-
-def _check_ce_output(o: Tensor) -> None:
-    if o.ndim != 2:
-        raise NotImplementedError(
-            f"Fisher products for CrossEntropyLoss need outputs of shape (n, C); got "
-            f"{tuple(o.shape)}"
-        )
-
-
-def _true_fisher_map(problem: Problem) -> OutputMap:
-    """``Lambda = c E_{y~p(y|f)}[grad_f l grad_f l^T]`` in closed form:
-    ``diag(p) - p p^T`` (softmax), ``2 I`` (Gaussian of MSE), ``diag(s (1 - s))``
-    (Bernoulli of BCE with logits)."""
-    lf = _fisher_loss(problem)
-
-    def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
-        c = _reduction_factor(lf, o, w)
-        if isinstance(lf, nn.CrossEntropyLoss):
-            _check_ce_output(o)
-            p = torch.softmax(o, dim=-1)
-            return c * (p * U - p * (p * U).sum(-1, keepdim=True))
-        if isinstance(lf, nn.MSELoss):
-            return 2.0 * c * U
-        s = torch.sigmoid(o)
-        return c * s * (1 - s) * U
-
-    return apply
-
-
-def _per_sample_output_grads(lf: nn.Module, o: Tensor, targets: Tensor) -> Tensor:
-    """``grad_f l_n`` for each sample (``l_n`` summed over its output elements)."""
-    o = o.detach().requires_grad_(True)
-    if isinstance(lf, nn.CrossEntropyLoss):
-        _check_ce_output(o)
-        loss = nn.functional.cross_entropy(
-            o, targets, reduction="sum", ignore_index=lf.ignore_index
-        )
-    elif isinstance(lf, nn.MSELoss):
-        loss = nn.functional.mse_loss(o, targets, reduction="sum")
-    else:
-        loss = nn.functional.binary_cross_entropy_with_logits(o, targets, reduction="sum")
-    (g,) = torch.autograd.grad(loss, [o])
-    return g
-
-
-def _empirical_fisher_map(problem: Problem) -> OutputMap:
-    """``Lambda_n = c g_n g_n^T`` with ``g_n = grad_f l_n``."""
-    lf = _fisher_loss(problem)
-
-    def apply(o: Tensor, targets: Any, w: float, U: Tensor) -> Tensor:
-        c = _reduction_factor(lf, o, w)
-        g = _per_sample_output_grads(lf, o, targets)  # (n, ...)
-        dims = tuple(range(2, U.ndim))
-        coef = (g.unsqueeze(0) * U).sum(dim=dims, keepdim=True) if dims else g * U
-        return c * coef * g.unsqueeze(0)
-
-    return apply
-
-
 def fisher_matmat(problem: Problem, V: Tensor, kind: str = "true") -> Tensor:
     """Fisher products: ``kind="true"`` (expected over the model's predictive
     distribution, exact) or ``kind="empirical"`` (observed labels)."""
+    losses.fisher_loss(problem.loss_fn)
     if kind == "true":
-        return jtlj_matmat(problem, V, _true_fisher_map(problem))
+        return jtlj_matmat(problem, V, _bind(problem, losses.true_fisher_product))
     if kind == "empirical":
-        return jtlj_matmat(problem, V, _empirical_fisher_map(problem))
+        return jtlj_matmat(problem, V, _bind(problem, losses.empirical_fisher_product))
     raise ValueError(f"kind must be 'true' or 'empirical'; got {kind!r}")
 
 
@@ -391,15 +299,12 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     per-sample gradients (``vmap`` of ``grad`` over each batch's samples: ``n P``
     memory, about one gradient of work); the loss must be one `FisherOperator` accepts
     and the inputs and targets tensors. ``None`` when the model cannot be vmapped over
-    samples (`hesse._spectral.core.empirical_fisher_diagonal` then falls back to products)."""
+    samples (`hesse._spectral.core.empirical_fisher_diagonal` then falls back to
+    products)."""
     from torch.func import functional_call, grad, vmap
 
-    lf = _fisher_loss(problem)
-    per_sample = {
-        nn.CrossEntropyLoss: nn.functional.cross_entropy,
-        nn.MSELoss: nn.functional.mse_loss,
-        nn.BCEWithLogitsLoss: nn.functional.binary_cross_entropy_with_logits,
-    }[type(lf)]
+    lf = losses.fisher_loss(problem.loss_fn)
+    per_sample = losses.per_sample_loss(lf)
     names = problem.names
     out = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
     try:
@@ -412,11 +317,11 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
                 o = functional_call(
                     problem.model, dict(zip(names, params, strict=True)), (x[None],)
                 )
-                return per_sample(o, t[None], reduction="sum")
+                return per_sample(o, t[None])
 
             gs = vmap(grad(loss_i), in_dims=(None, 0, 0))(ps, inputs, targets)
             o = problem.outputs(ps, inputs[:1])
-            c = _reduction_factor(lf, o.expand(inputs.shape[0], *o.shape[1:]), w)
+            c = losses.reduction_factor(lf, o.expand(inputs.shape[0], *o.shape[1:]), targets, w)
             out += c * torch.cat([(g**2).sum(0).reshape(-1) for g in gs])
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None

@@ -34,6 +34,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from hesse._linalg.results import SingularPivotError
+
 __all__ = ["TAU", "Elimination", "SingularPivotError", "StageElimination", "SweepState"]
 
 
@@ -51,12 +53,6 @@ class SweepState(NamedTuple):
     def m(self) -> int:
         """The number of delayed directions."""
         return 0 if self.S_dz is None else self.S_dz.shape[0]
-
-
-class SingularPivotError(ValueError):
-    """``C + eps I`` is singular (within the rank tolerance): a solve is asked for where
-    none exists. The message gives the dimension of the near-null space found; more
-    damping helps."""
 
 
 class StageElimination(Protocol):

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
-from hesse._chain.factorization import Chain, Inertia, _as_chain, _promoted, factorize
+from hesse._chain.chain import Chain
+from hesse._chain.factorization import as_chain, factorize, promoted
+from hesse._linalg.results import Inertia
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.core import eigs
 from hesse._util.checks import check_curvature
@@ -176,8 +178,8 @@ def eigenvalue_histogram(
 
 
 def _float64_chain(problem: Problem | Chain) -> Chain:
-    chain = _as_chain(problem)
-    return chain if chain.problem.dtype == torch.float64 else _promoted(chain)
+    chain = as_chain(problem)
+    return chain if chain.problem.dtype == torch.float64 else promoted(chain)
 
 
 def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float, float]:

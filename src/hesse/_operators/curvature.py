@@ -17,6 +17,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
+from hesse._autodiff import losses
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
 from hesse._util.checks import check_curvature
@@ -291,7 +292,7 @@ class FisherOperator(CurvatureOperator):
         super().__init__(problem)
         if kind not in ("true", "empirical"):
             raise ValueError(f"kind must be 'true' or 'empirical'; got {kind!r}")
-        _products._fisher_loss(problem)  # validate the loss before any work
+        losses.fisher_loss(problem.loss_fn)  # validate the loss before any work
         self.kind = kind
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from hesse._chain.factorization import SingularPivotError
+from hesse._linalg.results import SingularPivotError
 
 _SINGULAR = (SingularPivotError, torch.linalg.LinAlgError)
 

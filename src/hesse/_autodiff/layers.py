@@ -1,0 +1,119 @@
+"""Layers that several exact methods share: the element-wise activations with their
+closed-form first and second derivatives, and the structure of ``nn.Sequential`` models.
+Used by Bishop's Hessian (`hesse._autodiff.bishop`) and the chain's element-wise stages
+(`hesse._chain.stages`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ELEMENTWISE", "activation_derivatives", "autograd_derivatives", "flatten_sequential"]
+
+ELEMENTWISE = (
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Hardtanh,
+    nn.Identity,
+)
+
+
+def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The modules of an ``nn.Sequential`` in order, nested Sequentials flattened, each with
+    its name in the model (``[("0", Linear), ("1.0", Tanh), ...]``); any other module is
+    one entry."""
+    if isinstance(model, nn.Sequential):
+        out = []
+        for name, child in model.named_children():
+            out += flatten_sequential(child, f"{prefix}{name}.")
+        return out
+    return [(prefix[:-1], model)]
+
+
+def _tanh(_m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = torch.tanh(a)
+    d1 = 1 - t * t
+    return t, d1, -2 * t * d1
+
+
+def _sigmoid(_m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(a)
+    d1 = s * (1 - s)
+    return s, d1, d1 * (1 - 2 * s)
+
+
+def _softplus(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # torch's softplus is linear above the threshold; its derivatives follow suit
+    beta, linear = m.beta, a * m.beta > m.threshold
+    s = torch.sigmoid(beta * a)
+    d1 = torch.where(linear, torch.ones_like(a), s)
+    d2 = torch.where(linear, torch.zeros_like(a), beta * s * (1 - s))
+    return m(a), d1, d2
+
+
+def _gelu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if m.approximate != "none":
+        return autograd_derivatives([m], a)
+    cdf = 0.5 * (1 + torch.erf(a * math.sqrt(0.5)))
+    pdf = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    return m(a), cdf + a * pdf, pdf * (2 - a * a)
+
+
+def _silu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    s = torch.sigmoid(a)
+    d1 = s * (1 + a * (1 - s))
+    return m(a), d1, s * (1 - s) * (2 + a * (1 - 2 * s))
+
+
+_CLOSED_FORMS: dict[type, Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    nn.Tanh: _tanh,
+    nn.Sigmoid: _sigmoid,
+    nn.Softplus: _softplus,
+    nn.GELU: _gelu,
+    nn.SiLU: _silu,
+}
+
+
+def activation_derivatives(
+    mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``z = h(a)``, ``h'(a)`` and ``h''(a)`` for an element-wise composition ``h`` of
+    ``mods`` (shared with the chain solver's element-wise stages). Common activations
+    use closed forms; any other composition goes through autograd (two passes)."""
+    a = a.detach()
+    if len(mods) == 1 and type(mods[0]) in _CLOSED_FORMS:
+        return _CLOSED_FORMS[type(mods[0])](mods[0], a)
+    return autograd_derivatives(mods, a)
+
+
+def autograd_derivatives(
+    mods: Sequence[Callable[[Tensor], Tensor]], a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`activation_derivatives` by autograd (two passes), for any element-wise ``mods``."""
+    a = a.detach().requires_grad_(True)
+    z = a.clone()  # in-place activations (ELU(inplace=True)) must not write into the leaf
+    for m in mods:
+        z = m(z)
+    if not z.requires_grad:
+        return a.detach(), torch.ones_like(a), torch.zeros_like(a)
+    (d1,) = torch.autograd.grad(z.sum(), a, create_graph=True)
+    if d1.requires_grad:
+        (d2,) = torch.autograd.grad(d1.sum(), a, allow_unused=True, materialize_grads=True)
+    else:
+        d2 = torch.zeros_like(a)
+    return z.detach(), d1.detach(), d2.detach()
