@@ -96,9 +96,9 @@ def test_dense_and_chain_refuse_up_front_with_the_estimate(monkeypatch):
     prob = _prob()
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 10_000)
     calls = []
-    real = hesse.HessianOperator._columns
+    real = hesse.HessianOperator.columns
     monkeypatch.setattr(
-        hesse.HessianOperator, "_columns", lambda *a, **k: calls.append(1) or real(*a, **k)
+        hesse.HessianOperator, "columns", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     with pytest.raises(
         hesse.MemoryBudgetError, match=r"dense 66 x 66 Hessian matrix would need about .* KB"

@@ -213,7 +213,7 @@ def test_sum_reduction_and_batches():
 
 def test_empirical_fisher_diagonal_from_per_sample_gradients(setting):
     _, ref, prob = setting
-    from hesse._spectral.core import empirical_fisher_diagonal
+    from hesse._spectral.stochastic import empirical_fisher_diagonal
 
     assert rel_err(empirical_fisher_diagonal(prob), torch.diagonal(ref.empirical_fisher())) < TOL64
 

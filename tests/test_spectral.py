@@ -10,7 +10,7 @@ from conftest import make_case
 from torch import nn
 
 import hesse
-from hesse._spectral.core import _rademacher
+from hesse._spectral.stochastic import rademacher as _rademacher
 
 
 @pytest.fixture(scope="module", params=["mlp-tanh", "cnn"])

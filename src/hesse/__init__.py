@@ -27,8 +27,8 @@ from hesse._linalg.solve import (
     newton_step,
     solve,
 )
+from hesse._operators.base import CurvatureOperator
 from hesse._operators.curvature import (
-    CurvatureOperator,
     FisherOperator,
     GGNOperator,
     HessianOperator,
@@ -48,13 +48,11 @@ from hesse._operators.functions import (
     loss_and_gradient,
 )
 from hesse._report.compute import REPORT_SCHEMA, SpectrumTracker
-from hesse._spectral.core import (
-    EigResult,
+from hesse._spectral.lanczos import EigResult, eigs, eigvalsh
+from hesse._spectral.stochastic import (
     SpectralDensity,
     TraceEstimate,
     diagonal,
-    eigs,
-    eigvalsh,
     spectral_density,
     trace,
 )

@@ -299,7 +299,7 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     per-sample gradients (``vmap`` of ``grad`` over each batch's samples: ``n P``
     memory, about one gradient of work); the loss must be one `FisherOperator` accepts
     and the inputs and targets tensors. ``None`` when the model cannot be vmapped over
-    samples (`hesse._spectral.core.empirical_fisher_diagonal` then falls back to
+    samples (`hesse._spectral.stochastic.empirical_fisher_diagonal` then falls back to
     products)."""
     from torch.func import functional_call, grad, vmap
 

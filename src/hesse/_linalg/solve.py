@@ -20,7 +20,7 @@ from hesse._chain.chain import Chain
 from hesse._chain.factorization import as_chain, factorize, promoted
 from hesse._linalg.results import Inertia
 from hesse._operators.curvature import curvature_operator
-from hesse._spectral.core import eigs
+from hesse._spectral.lanczos import eigs
 from hesse._util.checks import check_curvature
 from hesse._util.progress import progress_bar
 

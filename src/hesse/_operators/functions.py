@@ -143,7 +143,7 @@ def hessian_blocks(
     out: dict[tuple[str, str], Tensor] = {}
     for col in dict.fromkeys(b for _, b in pairs):  # one pass of products per column block
         sl = problem.slices[col]
-        cols = op._columns(range(sl.start, sl.stop), max_memory, progress=False)
+        cols = op.columns(range(sl.start, sl.stop), max_memory)
         for a, b in pairs:
             if b == col:
                 out[(a, b)] = cols[problem.slices[a]].reshape((*shapes[a], *shapes[b]))

@@ -26,7 +26,8 @@ from hesse._autodiff.problem import Problem, float64_problem
 from hesse._linalg.solve import eigenvalue_histogram
 from hesse._operators.curvature import HessianOperator
 from hesse._operators.functions import decompose
-from hesse._spectral.core import eigs, spectral_density, trace
+from hesse._spectral.lanczos import eigs
+from hesse._spectral.stochastic import spectral_density, trace
 from hesse._util.files import save_png
 from hesse._util.progress import progress_bar
 

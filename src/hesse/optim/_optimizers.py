@@ -19,7 +19,8 @@ from hesse._autodiff.problem import Problem
 from hesse._chain.factorization import factorize
 from hesse._linalg.solve import eigenvalue
 from hesse._operators.curvature import HessianOperator, curvature_operator
-from hesse._spectral.core import eigs, empirical_fisher_diagonal
+from hesse._spectral.lanczos import eigs
+from hesse._spectral.stochastic import empirical_fisher_diagonal
 from hesse._util.checks import check_curvature
 from hesse.optim._parts import (
     armijo,
