@@ -42,7 +42,7 @@ def train(name: str) -> nn.Sequential:
         if name == "HessianFree":
             opt.step(closure, curvature_batch=(X[:32], y[:32]))
         else:
-            opt.step(closure, batch=(X, y))
+            opt.step(closure, curvature_batch=(X, y))
         tracker.step()
     last = float(closure().detach())
     print(f"{name}: loss {first:.4f} -> {last:.4f}; decreased: {last < first}")

@@ -45,10 +45,13 @@ LAYERS: dict[str, int] = {
     "hesse._spectral.stochastic": 4,
     "hesse._autodiff.check": 3,
     "hesse._operators.functions": 4,
+    "hesse._linalg.eigen": 6,
     "hesse._linalg.solve": 6,
     # 7-9: optimisers
     "hesse.optim._parts": 7,
-    "hesse.optim._optimizers": 8,
+    "hesse.optim._base": 7,
+    "hesse.optim._hessian_free": 8,
+    "hesse.optim._newton": 8,
     "hesse.optim": 9,
     # 10-13: the outer ring (files, figures, printing) and the public package
     "hesse._report.compute": 10,

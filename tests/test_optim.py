@@ -239,7 +239,7 @@ def test_convex_quadratic_converges(which):
         step = lambda c: opt.step(c, curvature_batch=(X, y))  # noqa: E731
     else:
         opt = hesse.optim.ChainNewton(model, lf, damping=1e-10)
-        step = lambda c: opt.step(c, batch=(X, y))  # noqa: E731
+        step = lambda c: opt.step(c, curvature_batch=(X, y))  # noqa: E731
     for _ in range(3):
         step(_closure(opt, model, lf, X, y))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -277,7 +277,7 @@ def test_logistic_regression_newton_is_quadratic():
     opt = hesse.optim.ChainNewton(model, lf, curvature="hessian", damping=0.0, adapt_damping=False)
     errs = []
     for _ in range(8):
-        opt.step(_closure(opt, model, lf, X, y), batch=(X, y))
+        opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
         theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
         errs.append(float((theta - ref).norm()))
     assert errs[-1] < 1e-12
@@ -313,7 +313,7 @@ def test_saddle_free_uses_abs_of_the_top_eigenpairs():
     opt = hesse.optim.ChainNewton(
         model, lf, damping=lam, saddle_free=k, adapt_damping=False, line_search=False
     )
-    opt.step(_closure(opt, model, lf, X, y), batch=(X, y))
+    opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
     step = torch.nn.utils.parameters_to_vector(model.parameters()).detach() - theta0
     assert opt.last["alpha"] == 1.0
     assert torch.allclose(step, ref, atol=1e-7)
@@ -324,7 +324,7 @@ def test_trust_region_optimiser_decreases_the_loss():
     opt = hesse.optim.ChainNewton(model, lf, curvature="hessian", trust_region=0.5)
     losses = []
     for _ in range(6):
-        losses.append(float(opt.step(_closure(opt, model, lf, X, y), batch=(X, y))))
+        losses.append(float(opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))))
     assert losses[-1] < losses[0]
     assert all(b <= a + 1e-12 for a, b in itertools.pairwise(losses))
 
@@ -400,7 +400,7 @@ def test_non_finite_gradient_is_skipped(which):
         kw = {"curvature_batch": (X, y)}
     else:
         opt = hesse.optim.ChainNewton(model, lf)
-        kw = {"batch": (X, y)}
+        kw = {"curvature_batch": (X, y)}
 
     def closure():
         opt.zero_grad()
@@ -412,3 +412,107 @@ def test_non_finite_gradient_is_skipped(which):
         opt.step(closure, **kw)
     assert opt.param_groups[0]["skipped"] == 1 and opt.last == {"skipped": True}
     assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()).detach(), theta)
+
+
+# ------------------------------------------------------------------ torch.optim conventions
+@pytest.mark.parametrize(
+    ("radius", "rho", "norm", "expected"),
+    [
+        (1.0, 0.1, 0.5, (0.25, True)),  # over-promised: shrink, but rho > 1e-4 accepts
+        (1.0, 1e-5, 0.5, (0.25, False)),  # barely any decrease: shrink and reject
+        (1.0, float("nan"), 1.0, (0.25, False)),  # no prediction: shrink and reject
+        (1.0, 0.9, 1.0, (2.0, True)),  # a good step on the boundary: grow
+        (1.0, 0.9, 0.5, (1.0, True)),  # a good step inside: keep
+        (1.0, 0.5, 1.0, (1.0, True)),  # between the thresholds: keep
+        (600.0, 0.9, 600.0, (1000.0, True)),  # growth capped at max_radius
+        (1.0, -2.0, 1.0, (0.25, False)),  # the loss went up
+    ],
+)
+def test_trust_radius_update(radius, rho, norm, expected):
+    assert hesse.optim.trust_radius_update(radius, rho, norm, max_radius=1e3) == expected
+
+
+def _objective_gradient(model, lf, X, y, wd):
+    prob = hesse.Problem(model, lf, (X, y))
+    theta = prob.param_vector()
+    return hesse.gradient(prob) + wd * theta
+
+
+@pytest.mark.parametrize("which", ["hf", "chain"])
+def test_l2_weight_decay_reaches_the_regularised_minimiser(which):
+    """L2 weight decay is part of the objective, its gradient and its curvature: on least
+    squares the optimisers reach the point where ``grad L + wd theta = 0`` (ridge)."""
+    model, lf, X, y, _ref = _least_squares()
+    wd = 0.05
+    if which == "hf":
+        opt = hesse.optim.HessianFree(model, lf, damping=1e-6, weight_decay=wd)
+    else:
+        opt = hesse.optim.ChainNewton(model, lf, damping=1e-10, weight_decay=wd)
+    for _ in range(4):
+        opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
+    g = _objective_gradient(model, lf, X, y, wd)
+    assert float(g.norm()) < 1e-9
+
+
+def test_parameter_groups_set_their_own_weight_decay():
+    model, lf, X, y, _ref = _least_squares()
+    lin = model[0]
+    groups = [
+        {"params": [lin.weight], "weight_decay": 0.1},
+        {"params": [lin.bias], "weight_decay": 0.0},
+    ]
+    opt = hesse.optim.HessianFree(groups, model=model, loss_fn=lf, damping=1e-6)
+    for _ in range(4):
+        opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
+    prob = hesse.Problem(model, lf, (X, y))
+    wd = torch.cat([torch.full((lin.weight.numel(),), 0.1), torch.zeros(lin.bias.numel())])
+    g = hesse.gradient(prob) + wd.double() * prob.param_vector()
+    assert float(g.norm()) < 1e-9
+    with pytest.raises(ValueError, match="one weight_decay for every parameter"):
+        hesse.optim.ChainNewton(groups, model=model, loss_fn=lf)
+
+
+def test_decoupled_weight_decay_shrinks_after_the_step():
+    model, lf, X, y = _mlp_problem(7, n=10)
+    twin = copy.deepcopy(model)
+    theta0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    wd = 0.01
+    opt = hesse.optim.ChainNewton(model, lf, weight_decay=wd, decoupled_weight_decay=True)
+    opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
+    plain = hesse.optim.ChainNewton(twin, lf)
+    plain.step(_closure(plain, twin, lf, X, y), curvature_batch=(X, y))
+    got = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    without = torch.nn.utils.parameters_to_vector(twin.parameters()).detach()
+    assert torch.allclose(got, without - wd * theta0, atol=1e-12, rtol=0)
+
+
+def test_torch_style_construction_takes_the_same_steps():
+    model, lf, X, y = _mlp_problem(8, n=10)
+    twin = copy.deepcopy(model)
+    a = hesse.optim.HessianFree(model, lf)
+    b = hesse.optim.HessianFree(twin.parameters(), model=twin, loss_fn=lf)
+    for _ in range(2):
+        a.step(_closure(a, model, lf, X, y), curvature_batch=(X, y))
+        b.step(_closure(b, twin, lf, X, y), curvature_batch=(X, y))
+    assert torch.equal(
+        torch.nn.utils.parameters_to_vector(model.parameters()),
+        torch.nn.utils.parameters_to_vector(twin.parameters()),
+    )
+
+
+def test_optimiser_conventions_refused_clearly():
+    model, lf, X, y = _mlp_problem(9)
+    with pytest.raises(TypeError, match="pass the model as model="):
+        hesse.optim.HessianFree(model.parameters(), lf)
+    with pytest.raises(ValueError, match="a group may set only 'weight_decay'"):
+        hesse.optim.HessianFree(
+            [{"params": model.parameters(), "lr": 0.1}], model=model, loss_fn=lf
+        )
+    stranger = torch.nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="the model's own parameters"):
+        hesse.optim.HessianFree(model, lf, params=[stranger.weight])
+    with pytest.raises(ValueError, match="weight_decay must be"):
+        hesse.optim.HessianFree(model, lf, weight_decay=-1.0)
+    opt = hesse.optim.ChainNewton(model, lf)
+    with pytest.warns(DeprecationWarning, match="curvature_batch"):
+        opt.step(_closure(opt, model, lf, X, y), batch=(X, y))

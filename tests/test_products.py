@@ -227,3 +227,40 @@ def test_public_loss_and_gradient_over_unequal_batches(loss):
     assert value.ndim == 0 and g.shape == (prob.num_params,)
     assert rel_err(value, ref.loss(ref.theta0)) < 1e-12
     assert rel_err(g, ref.gradient()) < 1e-12
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fisher_honours_ignore_index(reduction):
+    """Cross-entropy ignores samples whose target is ``ignore_index`` (and ``"mean"``
+    divides by the others only): the true Fisher equals the GGN of that loss (autodiff),
+    the empirical Fisher equals ``c sum_valid g_n g_n^T`` from per-sample gradients, and
+    the vmapped empirical Fisher diagonal agrees."""
+    from torch.func import functional_call, grad, vmap
+
+    from hesse._spectral.stochastic import empirical_fisher_diagonal
+
+    g = torch.Generator().manual_seed(11)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    X = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    y[[1, 4, 5]] = -100
+    lf = torch.nn.CrossEntropyLoss(reduction=reduction)
+    prob = hesse.Problem(model, lf, (X, y))
+    G = hesse.ggn(prob)
+    F = hesse.FisherOperator(prob).to_dense()
+    assert rel_err(F, G) < TOL64
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+
+    def loss_i(ps, x, t):
+        o = functional_call(model, dict(zip(names, ps, strict=True)), (x[None],))
+        return torch.nn.functional.cross_entropy(o, t[None], reduction="sum", ignore_index=-100)
+
+    gs = vmap(grad(loss_i), in_dims=(None, 0, 0))(params, X, y)
+    J = torch.cat([gg.reshape(9, -1) for gg in gs], 1)  # (n, P), zero rows for ignored
+    c = 1.0 if reduction == "sum" else 1.0 / int((y != -100).sum())
+    ref = c * J.T @ J
+    assert rel_err(hesse.FisherOperator(prob, kind="empirical").to_dense(), ref) < TOL64
+    assert rel_err(empirical_fisher_diagonal(prob), torch.diagonal(ref)) < TOL64

@@ -10,6 +10,7 @@ from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization, factorize
+from hesse._linalg.eigen import count_eigenvalues, eigenvalue, eigenvalue_histogram
 from hesse._linalg.results import (
     FactorizationStatus,
     InaccurateSolveError,
@@ -17,16 +18,7 @@ from hesse._linalg.results import (
     SingularPivotError,
     SolveResult,
 )
-from hesse._linalg.solve import (
-    NewtonStep,
-    count_eigenvalues,
-    eigenvalue,
-    eigenvalue_histogram,
-    inertia,
-    logdet,
-    newton_step,
-    solve,
-)
+from hesse._linalg.solve import NewtonStep, inertia, logdet, newton_step, solve
 from hesse._operators.base import CurvatureOperator
 from hesse._operators.curvature import (
     FisherOperator,

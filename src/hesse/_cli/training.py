@@ -194,10 +194,8 @@ def train_one(
         if time_budget is not None and elapsed >= time_budget:
             break
         t0 = time.perf_counter()
-        if kind == "hf":
+        if kind in ("hf", "chain-newton"):
             opt.step(closure, curvature_batch=_curvature_batch(ex, gen, curvature_batch))
-        elif kind == "chain-newton":
-            opt.step(closure, batch=_curvature_batch(ex, gen, curvature_batch))
         else:
             opt.step(closure)
         elapsed += time.perf_counter() - t0

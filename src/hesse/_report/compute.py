@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem, float64_problem
-from hesse._linalg.solve import eigenvalue_histogram
+from hesse._linalg.eigen import eigenvalue_histogram
 from hesse._operators.curvature import HessianOperator
 from hesse._operators.functions import decompose
 from hesse._spectral.lanczos import eigs

@@ -1,7 +1,10 @@
-"""Second-order optimisers: ``hesse.optim.HessianFree`` and ``hesse.optim.ChainNewton``,
-and the parts they are built from (each usable and tested on its own)."""
+"""Second-order optimisers: ``hesse.optim.HessianFree`` and ``hesse.optim.ChainNewton``
+(``torch.optim.Optimizer`` subclasses), and the parts they are built from, each usable and
+tested on its own (optax's spirit: small transforms composed)."""
 
-from hesse.optim._optimizers import ChainNewton, HessianFree
+from hesse.optim._base import SecondOrderOptimizer
+from hesse.optim._hessian_free import HessianFree
+from hesse.optim._newton import ChainNewton, saddle_free_direction, smallest_eigenpair
 from hesse.optim._parts import (
     CGResult,
     TrustRegionResult,
@@ -10,6 +13,7 @@ from hesse.optim._parts import (
     lm_damping,
     reduction_ratio,
     truncated_cg,
+    trust_radius_update,
     trust_region_subproblem,
 )
 
@@ -17,11 +21,15 @@ __all__ = [
     "CGResult",
     "ChainNewton",
     "HessianFree",
+    "SecondOrderOptimizer",
     "TrustRegionResult",
     "armijo",
     "cg_backtrack",
     "lm_damping",
     "reduction_ratio",
+    "saddle_free_direction",
+    "smallest_eigenpair",
     "truncated_cg",
+    "trust_radius_update",
     "trust_region_subproblem",
 ]

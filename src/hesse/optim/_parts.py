@@ -25,6 +25,7 @@ __all__ = [
     "reduction_ratio",
     "rounding_slack",
     "truncated_cg",
+    "trust_radius_update",
     "trust_region_subproblem",
 ]
 
@@ -73,6 +74,17 @@ class CGResult(NamedTuple):
     iterations: int
     phi: float
     reason: str
+
+
+def _stalled(phis: list[float], progress_tol: float) -> bool:
+    """Martens' relative-progress rule at iteration ``i = len(phis)``: ``phi_i < 0`` and
+    ``(phi_i - phi_{i-k}) / phi_i < k * progress_tol`` with ``k = max(10, 0.1 i)``;
+    ``progress_tol = 0`` switches it off."""
+    i = len(phis)
+    k = max(10, int(0.1 * i))
+    if not (progress_tol > 0 and i > k and phis[-1] < 0):
+        return False
+    return (phis[-1] - phis[-1 - k]) / phis[-1] < k * progress_tol
 
 
 def truncated_cg(
@@ -133,12 +145,9 @@ def truncated_cg(
         if float(r.norm()) <= rtol * bnorm:
             reason = "residual"
             break
-        k = max(10, int(0.1 * i))
-        if progress_tol > 0 and i > k and i >= min_iter and phis[-1] < 0:
-            prev = phis[-1 - k]
-            if (phis[-1] - prev) / phis[-1] < k * progress_tol:
-                reason = "progress"
-                break
+        if i >= min_iter and _stalled(phis, progress_tol):
+            reason = "progress"
+            break
         z = r if minv is None else minv * r
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
@@ -185,6 +194,29 @@ def armijo(
             return alpha, f
         alpha *= shrink
     return 0.0, f0
+
+
+def trust_radius_update(
+    radius: float,
+    rho: float,
+    step_norm: float,
+    *,
+    max_radius: float = 1e3,
+    shrink_below: float = 0.25,
+    grow_above: float = 0.75,
+    accept_above: float = 1e-4,
+) -> tuple[float, bool]:
+    """The classical trust-radius rule (Nocedal and Wright, *Numerical Optimization*,
+    alg. 4.1): shrink the radius to a quarter when the model over-promised
+    (``rho < shrink_below`` or ``rho`` not finite), double it (up to ``max_radius``) when
+    ``rho > grow_above`` and the step reached the boundary (``|d| >= 0.99 radius``);
+    accept the step when ``rho > accept_above``. Returns ``(new radius, accepted)``."""
+    finite = math.isfinite(rho)
+    if not finite or rho < shrink_below:
+        radius = 0.25 * radius
+    elif rho > grow_above and step_norm >= 0.99 * radius:
+        radius = min(2.0 * radius, max_radius)
+    return radius, finite and rho > accept_above
 
 
 # ----------------------------------------------------------------------------- trust region
@@ -251,31 +283,54 @@ def trust_region_subproblem(
         pass
     lam1, u = smallest()
     lo = max(0.0, -lam1)
-    gnorm = float(g.norm())
-    hi = lo + gnorm / radius + 1e-12 * max(1.0, abs(lo))
-    # hard case: just above -lambda_1 the step is still inside the region
-    scale = max(1.0, abs(lo), gnorm / radius)
-    for j in range(6):  # the smallest shift at which C + lam I is numerically non-singular
-        eps_shift = 1e-10 * 10.0**j * scale
+    hi = lo + float(g.norm()) / radius + 1e-12 * max(1.0, abs(lo))
+    lam_lo, d_lo = _just_above(fac, g, lo, max(1.0, abs(lo), float(g.norm()) / radius))
+    if float(d_lo.norm()) < radius and lo > 0:  # the hard case
+        return TrustRegionResult(_hard_case_step(g, d_lo, u, radius), lo, True, count)
+    lam = lam_lo if float(d_lo.norm()) > radius else hi
+    d, lam = _secular_newton(fac, g, radius, lam, (lo, hi), d_lo, rtol, max_iter)
+    return TrustRegionResult(d, lam, False, count)
+
+
+def _just_above(
+    fac: Callable[[float], ShiftedFactor], g: Tensor, lo: float, scale: float
+) -> tuple[float, Tensor]:
+    """The smallest shift ``lo + e`` at which ``C + lam I`` is numerically non-singular,
+    and its step ``-(C + lam I)^-1 g``."""
+    for j in range(6):
+        shift = lo + 1e-10 * 10.0**j * scale
         try:
-            d_lo = -fac(lo + eps_shift).solve(g)
-            break
+            return shift, -fac(shift).solve(g)
         except _SINGULAR:
             continue
-    else:
-        raise ArithmeticError("C + lam I stays singular just above -lambda_1")
-    if float(d_lo.norm()) < radius and lo > 0:
-        # the component of d along u is unreliable this close to singular: remove it
-        d_h = d_lo - (u @ d_lo) * u
-        a, b_, c = float(u @ u), 2 * float(u @ d_h), float(d_h @ d_h) - radius**2
-        disc = math.sqrt(max(b_ * b_ - 4 * a * c, 0.0))
-        taus = [(-b_ + disc) / (2 * a), (-b_ - disc) / (2 * a)]
-        # on the boundary the model is 1/2 g.d - 1/2 lam Delta^2: the smaller g.d wins
-        d = min((d_h + t * u for t in taus), key=lambda dv: float(g @ dv))
-        return TrustRegionResult(d, lo, True, count)
-    lam = lo + eps_shift if float(d_lo.norm()) > radius else hi
-    lo_b, hi_b = lo, hi
-    d = d_lo
+    raise ArithmeticError("C + lam I stays singular just above -lambda_1")
+
+
+def _hard_case_step(g: Tensor, d_lo: Tensor, u: Tensor, radius: float) -> Tensor:
+    """Just above ``-lambda_1`` the step is still inside the region: add ``tau u_1`` to
+    reach the boundary (the component of ``d`` along ``u`` is unreliable this close to
+    singular: it is removed first)."""
+    d_h = d_lo - (u @ d_lo) * u
+    a, b_, c = float(u @ u), 2 * float(u @ d_h), float(d_h @ d_h) - radius**2
+    disc = math.sqrt(max(b_ * b_ - 4 * a * c, 0.0))
+    taus = [(-b_ + disc) / (2 * a), (-b_ - disc) / (2 * a)]
+    # on the boundary the model is 1/2 g.d - 1/2 lam Delta^2: the smaller g.d wins
+    return min((d_h + t * u for t in taus), key=lambda dv: float(g @ dv))
+
+
+def _secular_newton(
+    fac: Callable[[float], ShiftedFactor],
+    g: Tensor,
+    radius: float,
+    lam: float,
+    bracket: tuple[float, float],
+    d: Tensor,
+    rtol: float,
+    max_iter: int,
+) -> tuple[Tensor, float]:
+    """Newton's method on ``1/|d(lam)| = 1/Delta`` (Moré-Sorensen), safeguarded by the
+    bracket; returns the step and its multiplier."""
+    lo_b, hi_b = bracket
     for _ in range(max_iter):
         try:
             f = fac(lam)
@@ -293,4 +348,4 @@ def trust_region_subproblem(
         q2 = float(d @ f.solve(d))  # |L^-1 d|^2 = d^T (C + lam I)^-1 d
         new = lam + (dn / radius - 1.0) * dn**2 / max(q2, 1e-300)  # Newton on 1/|d| = 1/Delta
         lam = new if lo_b < new < hi_b else 0.5 * (lo_b + hi_b)
-    return TrustRegionResult(d, lam, False, count)
+    return d, lam

@@ -1,0 +1,225 @@
+"""What the second-order optimisers share: ``torch.optim`` conventions (parameters or
+parameter groups, the closure, ``state_dict``), the selected parameters as one flat
+vector (`hesse.Parameters`), weight decay (L2, with its term in the curvature, or
+decoupled), and the handling of non-finite losses."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hesse._autodiff.problem import Parameters, Problem
+
+__all__ = ["Closure", "SecondOrderOptimizer"]
+
+Closure = Callable[[], Tensor]
+
+_GROUP_KEYS = {"params", "weight_decay"}
+
+
+def _group_names(model: nn.Module, params: Any) -> tuple[list[str], dict[str, float] | None]:
+    """The parameter names a ``params`` argument selects, and the per-name weight decay
+    its groups set (``None``: no group set one). ``params`` may be names, parameter
+    tensors, or ``torch.optim``-style groups (dicts with ``"params"`` and optionally
+    ``"weight_decay"``)."""
+    named = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in named.items()}
+
+    def name_of(item: Any) -> str:
+        if isinstance(item, str):
+            if item not in named:
+                raise ValueError(f"unknown parameter {item!r}; the model has {list(named)}")
+            return item
+        if isinstance(item, Tensor) and id(item) in by_id:
+            return by_id[id(item)]
+        raise ValueError(
+            f"params must hold the model's own parameters (tensors or names); got a "
+            f"{type(item).__name__} that is not one of them"
+        )
+
+    items = list(params)
+    if not items or not isinstance(items[0], dict):
+        return [name_of(i) for i in items], None
+    names: list[str] = []
+    decay: dict[str, float] = {}
+    for k, group in enumerate(items):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"parameter group {k} must be a dict with 'params'; got {group!r}")
+        extra = set(group) - _GROUP_KEYS
+        if extra:
+            raise ValueError(
+                f"parameter group {k} sets {sorted(extra)}: a second-order step moves all "
+                "parameters together, so a group may set only 'weight_decay'"
+            )
+        ps = group["params"]
+        members = [name_of(i) for i in ([ps] if isinstance(ps, (str, Tensor)) else ps)]
+        names += members
+        if "weight_decay" in group:
+            decay |= dict.fromkeys(members, float(group["weight_decay"]))
+    if len(set(names)) != len(names):
+        raise ValueError("a parameter appears in more than one group")
+    return names, decay
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Shared plumbing of `HessianFree` and `ChainNewton`.
+
+    Args:
+        params_or_model: the model (``HessianFree(model, loss_fn, ...)``), or, in
+            ``torch.optim`` style, the parameters or parameter groups to optimise, with
+            the model as ``model=`` (``HessianFree(model.parameters(), model=model,
+            loss_fn=loss_fn)``): the curvature needs the model.
+        loss_fn: ``loss_fn(outputs, targets)``, for the curvature batch.
+        params: with a model first: names, tensors or groups (default: every parameter
+            that requires grad). A group may set ``weight_decay`` and nothing else.
+        weight_decay: ``wd`` for the parameters whose group sets none.
+        decoupled_weight_decay: ``False`` (default): L2, the objective is
+            ``L + wd/2 |theta|^2``, its gradient and its curvature ``C + wd I`` include
+            the term (Martens 2010 used L2 in the curvature). ``True``: after each step
+            ``theta <- theta (1 - lr wd)`` (AdamW's rule), outside the model.
+
+    The adaptive state (damping, trust radius, counters) lives in ``param_groups[0]``
+    and ``state``, so ``state_dict()`` / ``load_state_dict()`` checkpoint it.
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Iterable[Any],
+        loss_fn: Any,
+        defaults: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        params: Any = None,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        model, names, decay = self._resolve(params_or_model, model, params)
+        for n in names:
+            if not dict(model.named_parameters())[n].requires_grad:
+                raise ValueError(f"parameter {n!r} does not require grad; it cannot be optimised")
+        if not names:
+            raise ValueError("no parameter requires grad: nothing to optimise")
+        checked = {"lr": defaults.get("lr"), "damping": defaults.get("damping")}
+        for key, value in (checked | {"weight_decay": weight_decay}).items():
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{key} must be a finite number >= 0; got {value!r}")
+        self.space = Parameters(model, names)
+        self._model, self._loss_fn, self._names = model, loss_fn, self.space.names
+        wd = [decay.get(n, weight_decay) if decay else weight_decay for n in self.space.names]
+        if any(not (math.isfinite(w) and w >= 0) for w in wd):
+            raise ValueError(f"weight_decay must be finite and >= 0; got {wd}")
+        self._wd = self.space.flatten(
+            [torch.full_like(p, w) for p, w in zip(self.space.tensors, wd, strict=True)]
+        ).detach()
+        self._decoupled = bool(decoupled_weight_decay)
+        defaults = {**defaults, "step": 0, "skipped": 0}
+        super().__init__(list(self.space.tensors), defaults)
+        self.last: dict[str, Any] = {}  # statistics of the last step, for logging
+
+    @staticmethod
+    def _resolve(
+        first: nn.Module | Iterable[Any], model: nn.Module | None, params: Any
+    ) -> tuple[nn.Module, list[str], dict[str, float] | None]:
+        if isinstance(first, nn.Module):
+            if model is not None:
+                raise TypeError("pass the model once: first, or as model= after the params")
+            model = first
+        else:
+            if model is None or params is not None:
+                raise TypeError(
+                    "with parameters first (torch.optim style), pass the model as model= "
+                    "(the curvature needs it) and no params="
+                )
+            params = first
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+        if params is None:
+            return model, [n for n, p in model.named_parameters() if p.requires_grad], None
+        names, decay = _group_names(model, [params] if isinstance(params, str) else params)
+        return model, names, decay
+
+    # ------------------------------------------------------------------ weight decay
+    @property
+    def l2(self) -> bool:
+        """Whether an L2 term is part of the objective and its curvature."""
+        return not self._decoupled and bool((self._wd > 0).any())
+
+    def penalty(self, theta: Tensor) -> float:
+        """``wd/2 |theta|^2`` of the L2 term (0 when decoupled or without decay)."""
+        return 0.5 * float((self._wd * theta * theta).sum()) if self.l2 else 0.0
+
+    def curvature_term(self, v: Tensor) -> Tensor:
+        """The L2 term's curvature applied to ``v``: ``wd * v`` (0 when decoupled)."""
+        return self._wd * v if self.l2 else torch.zeros_like(v)
+
+    # ------------------------------------------------------------------ flat parameters
+    def _theta(self) -> Tensor:
+        return self.space.vector()
+
+    def _set(self, flat: Tensor) -> None:
+        self.space.assign(flat)
+
+    def _finish(self, theta: Tensor, step: Tensor) -> None:
+        """Move to ``theta + step``; decoupled weight decay shrinks ``theta`` first."""
+        if self._decoupled:
+            theta = theta * (1.0 - self.param_groups[0]["lr"] * self._wd)
+        self._set(theta + step)
+        self.param_groups[0]["step"] += 1
+
+    def _loss_at(self, closure: Closure, flat: Tensor) -> float:
+        self._set(flat)
+        with torch.enable_grad():
+            return float(closure().detach()) + self.penalty(flat)
+
+    def _problem(self, batch: Any, name: str = "curvature_batch") -> Problem:
+        if batch is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs {name}=(inputs, targets) for the curvature"
+            )
+        return Problem(self._model, self._loss_fn, batch, params=self._names)
+
+    def _start(self, closure: Closure) -> tuple[Tensor, Tensor, bool]:
+        """Evaluate the closure: ``(objective, flat gradient, skipped)``, the L2 term
+        included. A non-finite loss or gradient skips the step (the damping is raised
+        and a warning says so)."""
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(
+                "the closure must return the loss as a scalar tensor (and call "
+                f"backward on it); got {type(loss).__name__}"
+            )
+        if all(p.grad is None for p in self.space.tensors):
+            raise RuntimeError(
+                "the closure returned a loss but left every parameter's .grad None: call "
+                "loss.backward() inside it (after optimizer.zero_grad())"
+            )
+        loss0, g = loss.detach(), self.space.grad_vector()
+        if not math.isfinite(float(loss0)):
+            return self._skip(loss0, "loss"), g, True
+        if not bool(torch.isfinite(g).all()):
+            return self._skip(loss0, "gradient"), g, True
+        if self.l2:
+            theta = self._theta()
+            loss0 = loss0 + self.penalty(theta)
+            g = g + self._wd * theta
+        return loss0, g, False
+
+    def _skip(self, loss: Tensor, what: str) -> Tensor:
+        group = self.param_groups[0]
+        group["skipped"] += 1
+        group["damping"] = min(group["damping"] * 10.0, 1e10)
+        self.last = {"skipped": True}
+        warnings.warn(
+            f"{type(self).__name__}: non-finite {what} at step {group['step']}; step "
+            f"skipped, damping raised to {group['damping']:.3g}",
+            stacklevel=4,
+        )
+        return loss
