@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, jvp, vjp
 
 import hesse
 from hesse._autodiff import products as _products
-from hesse._cli.training import load_digits_data
+from hesse._cli.data import load_digits_data
 
 
 def digits(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

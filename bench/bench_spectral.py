@@ -29,7 +29,7 @@ from torch import nn
 
 import hesse
 from hesse._autodiff import products as _products
-from hesse._cli.training import load_digits_data
+from hesse._cli.data import load_digits_data
 
 
 def setup(dtype: torch.dtype) -> hesse.Problem:

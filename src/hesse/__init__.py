@@ -39,7 +39,7 @@ from hesse._operators.functions import (
     jacobian,
     loss_and_gradient,
 )
-from hesse._report.compute import REPORT_SCHEMA, SpectrumTracker
+from hesse._report.schema import REPORT_SCHEMA
 from hesse._spectral.lanczos import EigResult, eigs, eigvalsh
 from hesse._spectral.stochastic import (
     SpectralDensity,
@@ -48,6 +48,7 @@ from hesse._spectral.stochastic import (
     spectral_density,
     trace,
 )
+from hesse._spectral.tracker import SpectrumTracker
 from hesse._util.memory import MemoryBudgetError
 
 __version__ = "0.1.0"

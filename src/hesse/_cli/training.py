@@ -15,7 +15,7 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse import optim
+from hesse._cli.data import load_digits_data
 from hesse._util.files import atomic_path, save_png
 from hesse._util.progress import progress_bar
 
@@ -39,14 +40,6 @@ class Example:
     loss_fn: nn.Module
     X: Tensor
     y: Tensor
-
-
-def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled digits (1797 images of 8x8 pixels), scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.as_tensor(d.data / 16.0, dtype=dtype), torch.as_tensor(d.target).long()
 
 
 def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Example:
@@ -125,6 +118,83 @@ def _curvature_batch(ex: Example, gen: torch.Generator, size: int) -> tuple[Tens
     return ex.X[idx], ex.y[idx]
 
 
+@dataclass
+class _Run:
+    """One optimiser's run: what a checkpoint holds and restores."""
+
+    kind: str
+    example: str
+    ex: Example
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    ck_path: Path
+    settings: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    start: int = 0
+    elapsed: float = 0.0
+
+    def full_loss(self) -> float:
+        with torch.no_grad():
+            return float(self.ex.loss_fn(self.ex.model(self.ex.X), self.ex.y))
+
+    def closure(self) -> Tensor:
+        self.opt.zero_grad()
+        loss = self.ex.loss_fn(self.ex.model(self.ex.X), self.ex.y)
+        loss.backward()
+        return loss
+
+
+def _resume(run: _Run) -> None:
+    """Restore ``run`` from its checkpoint, refusing one written with other settings or
+    for another model; says so when there is none to resume."""
+    if not run.ck_path.exists():
+        print(
+            f"hesse train: no checkpoint {str(run.ck_path)!r} to resume; {run.kind} starts "
+            "at step 0",
+            file=sys.stderr,
+        )
+        return
+    ck = load_checkpoint(run.ck_path, run.example, run.kind)
+    stored = ck.get("settings", {})
+    changed = {k: (stored[k], v) for k, v in run.settings.items() if k in stored and stored[k] != v}
+    if changed:
+        what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"checkpoint {str(run.ck_path)!r} was written with {what}; resume with the "
+            "run's own settings, or train into a new --out"
+        )
+    try:
+        run.ex.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optim"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"checkpoint {str(run.ck_path)!r} does not fit this model: {err}"
+        ) from None
+    run.gen.set_state(ck["generator"])
+    torch.set_rng_state(ck["torch_rng"])
+    run.history, run.start, run.elapsed = ck["history"], int(ck["step"]), float(ck["elapsed"])
+
+
+def _checkpoint(run: _Run, step: int) -> None:
+    save_checkpoint(
+        run.ck_path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": 1,
+            "example": run.example,
+            "optimizer": run.kind,
+            "step": step,
+            "elapsed": run.elapsed,
+            "model": run.ex.model.state_dict(),
+            "optim": run.opt.state_dict(),
+            "generator": run.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": run.history,
+            "settings": run.settings,
+        },
+    )
+
+
 def train_one(
     kind: str,
     example: str,
@@ -143,89 +213,44 @@ def train_one(
     """Train one optimiser; returns the history ``[{step, seconds, loss}]`` (the full-data
     training loss after each step; step 0 is the initial loss)."""
     ex = make_example(example, seed)
-    opt = make_optimizer(kind, ex, lr, damping)
-    gen = torch.Generator().manual_seed(seed + 1)
-    ck_path = out / f"checkpoint_{kind}.pt"
-    history: list[dict[str, float]] = []
-    start, elapsed = 0, 0.0
     settings = {"seed": seed, "lr": lr, "damping": damping, "curvature_batch": curvature_batch}
-    if resume and not ck_path.exists():
-        print(
-            f"hesse train: no checkpoint {str(ck_path)!r} to resume; {kind} starts at step 0",
-            file=sys.stderr,
-        )
-    if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path, example, kind)
-        stored = ck.get("settings", {})
-        changed = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
-        if changed:
-            what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"checkpoint {str(ck_path)!r} was written with {what}; resume with the "
-                "run's own settings, or train into a new --out"
-            )
-        try:
-            ex.model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optim"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(
-                f"checkpoint {str(ck_path)!r} does not fit this model: {err}"
-            ) from None
-        gen.set_state(ck["generator"])
-        torch.set_rng_state(ck["torch_rng"])
-        history, start, elapsed = ck["history"], int(ck["step"]), float(ck["elapsed"])
-
-    def full_loss() -> float:
-        with torch.no_grad():
-            return float(ex.loss_fn(ex.model(ex.X), ex.y))
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = ex.loss_fn(ex.model(ex.X), ex.y)
-        loss.backward()
-        return loss
-
-    if not history:
-        history.append({"step": 0, "seconds": 0.0, "loss": full_loss()})
-    bar = progress_bar(
-        steps, f"{example} / {kind}", progress, unit="step", initial=start, leave=True
+    run = _Run(
+        kind,
+        example,
+        ex,
+        make_optimizer(kind, ex, lr, damping),
+        torch.Generator().manual_seed(seed + 1),
+        out / f"checkpoint_{kind}.pt",
+        settings,
     )
-    for step in range(start, steps):
-        if time_budget is not None and elapsed >= time_budget:
+    if resume:
+        _resume(run)
+    if not run.history:
+        run.history.append({"step": 0, "seconds": 0.0, "loss": run.full_loss()})
+    bar = progress_bar(
+        steps, f"{example} / {kind}", progress, unit="step", initial=run.start, leave=True
+    )
+    for step in range(run.start, steps):
+        if time_budget is not None and run.elapsed >= time_budget:
             break
         t0 = time.perf_counter()
         if kind in ("hf", "chain-newton"):
-            opt.step(closure, curvature_batch=_curvature_batch(ex, gen, curvature_batch))
+            batch = _curvature_batch(ex, run.gen, curvature_batch)
+            run.opt.step(run.closure, curvature_batch=batch)  # type: ignore[call-arg]
         else:
-            opt.step(closure)
-        elapsed += time.perf_counter() - t0
-        loss = full_loss()
-        history.append({"step": step + 1, "seconds": elapsed, "loss": loss})
+            run.opt.step(run.closure)
+        run.elapsed += time.perf_counter() - t0
+        loss = run.full_loss()
+        run.history.append({"step": step + 1, "seconds": run.elapsed, "loss": loss})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}")
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(
-                ck_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": 1,
-                    "example": example,
-                    "optimizer": kind,
-                    "step": step + 1,
-                    "elapsed": elapsed,
-                    "model": ex.model.state_dict(),
-                    "optim": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "settings": settings,
-                },
-            )
+            _checkpoint(run, step + 1)
         if not math.isfinite(loss):
             break
     bar.close()
-    write_csv(out / f"losses_{kind}.csv", history)
-    return history
+    write_csv(out / f"losses_{kind}.csv", run.history)
+    return run.history
 
 
 def write_csv(path: Path, rows: list[dict[str, float]]) -> None:

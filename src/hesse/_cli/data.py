@@ -1,0 +1,16 @@
+"""The built-in data: scikit-learn's bundled digits (no download)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_digits_data"]
+
+
+def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits (1797 images of 8x8 pixels), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.as_tensor(d.data / 16.0, dtype=dtype), torch.as_tensor(d.target).long()

@@ -1,0 +1,57 @@
+"""``hesse train``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["train_command"]
+
+
+def train_command(args: argparse.Namespace, progress: bool | None) -> int:
+    from hesse._cli import training as _train
+
+    kinds = [k.strip() for k in args.optimizer.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in _train.OPTIMIZERS]
+    if bad or not kinds:
+        raise SystemExit(
+            f"hesse train: unknown optimizer(s) {bad}; choose from {list(_train.OPTIMIZERS)}"
+        )
+    out = Path(args.out or f"hesse-train-{args.example}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hesse-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise SystemExit(
+            f"hesse train: cannot write to --out {str(out)!r}: {err.strerror or err}"
+        ) from None
+    print(f"{'optimizer':<14}{'steps':>7}{'seconds':>10}{'final loss':>14}{'best loss':>14}")
+    for kind in kinds:
+        try:
+            hist = _train.train_one(
+                kind,
+                args.example,
+                out,
+                steps=args.steps,
+                seed=args.seed,
+                lr=args.lr,
+                time_budget=args.time_budget,
+                checkpoint_every=args.checkpoint_every,
+                resume=args.resume,
+                curvature_batch=args.curvature_batch,
+                progress=progress,
+                damping=args.damping,
+            )
+        except ValueError as err:
+            raise SystemExit(f"hesse train: {err}") from None
+        last = hist[-1]
+        best = min(r["loss"] for r in hist)
+        print(
+            f"{kind:<14}{int(last['step']):>7}{last['seconds']:>10.1f}{last['loss']:>14.6g}"
+            f"{best:>14.6g}"
+        )
+    png = _train.plot_curves(out, args.example)
+    print(f"curves: {png} (and losses_*.csv)")
+    return 0
