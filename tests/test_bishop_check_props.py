@@ -183,3 +183,39 @@ def test_identities_on_random_mlps(widths, n, act, loss, seed):
 
     ref = Reference(Case("rand", model, X, y, lf))
     assert rel_err(d.hessian, ref.hessian()) < 1e-10
+
+
+def test_check_says_when_finite_differences_cross_a_kink():
+    """A ReLU whose pre-activation sits within the step of its kink: the differences at
+    h and 2h disagree, so the row is unreliable (not FAILED) and the report says why; the
+    same model away from the kink passes."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-1.0 + 1e-7)  # pre-activation 1e-7 at x = 1: h is about 6e-6
+        model[2].weight.fill_(2.0)
+        model[2].bias.fill_(0.0)
+    X = torch.ones(1, 1, dtype=torch.float64)
+    y = torch.full((1, 1), 3.0, dtype=torch.float64)
+    rep = hesse.check(hesse.Problem(model, nn.MSELoss(), (X, y)), hessian=False)
+    verdicts = {(r.quantity, r.block): r.verdict for r in rep.rows}
+    assert verdicts[("gradient", "0.bias")] == "unreliable"
+    assert rep.passed and not rep.conclusive
+    assert "inconclusive" in str(rep) and "kink" in str(rep) and "FAILED" not in str(rep)
+    with torch.no_grad():
+        model[0].bias.fill_(-0.5)  # far from the kink
+    rep = hesse.check(hesse.Problem(model, nn.MSELoss(), (X, y)), hessian=False)
+    assert rep.passed and rep.conclusive, str(rep)
+
+
+def test_check_float32_relu_maxpool_is_not_a_false_failure():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4)
+    )
+    X, y = torch.randn(6, 1, 6, 6), torch.randint(0, 4, (6,))
+    rep = hesse.check(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), hessian=False)
+    assert rep.passed, str(rep)
+    assert "FAILED" not in str(rep)
+    if not rep.conclusive:
+        assert "float64" in str(rep)

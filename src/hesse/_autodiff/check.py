@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -17,22 +18,39 @@ __all__ = ["CheckReport", "CheckRow", "check"]
 class CheckRow:
     """One comparison: ``quantity`` ("gradient", "hvp", "hessian") on parameter
     ``block``, with the errors ``|exact - fd|`` (absolute, and relative to the larger
-    of the two norms) and the tolerance it was judged by."""
+    of the two norms), the tolerance it was judged by, and whether the finite
+    differences themselves could be trusted (``fd_spread``: the relative distance
+    between the central differences at steps ``h`` and ``2h``, measured for a row that
+    missed the tolerance; ``nan`` when not needed)."""
 
     quantity: str
     block: str
     abs_error: float
     rel_error: float
     tol: float
+    fd_spread: float = float("nan")
 
     @property
     def passed(self) -> bool:
         return self.rel_error <= self.tol
 
+    @property
+    def verdict(self) -> str:
+        """``"ok"``; ``"FAILED"`` (the finite differences agree with each other but not
+        with the exact derivative: a wrong derivative); or ``"unreliable"`` (they do not
+        agree with each other: a kink such as ReLU or max-pooling within the step, or
+        float32 rounding; nothing can be concluded)."""
+        if self.passed:
+            return "ok"
+        return "unreliable" if not self.fd_spread <= self.tol else "FAILED"
+
 
 @dataclass
 class CheckReport:
-    """The result of `check`: a row per quantity and parameter block."""
+    """The result of `check`: a row per quantity and parameter block.
+
+    ``passed``: no row FAILED (a row whose finite differences are unreliable is not a
+    failure, but ``conclusive`` is then ``False`` and the table says why)."""
 
     rows: list[CheckRow] = field(default_factory=list)
     dtype: str = ""
@@ -40,34 +58,98 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rows)
+        return all(r.verdict != "FAILED" for r in self.rows)
+
+    @property
+    def conclusive(self) -> bool:
+        return all(r.verdict != "unreliable" for r in self.rows)
 
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "conclusive": self.conclusive,
             "dtype": self.dtype,
             "step": self.step,
-            "rows": [asdict(r) | {"passed": r.passed} for r in self.rows],
+            "rows": [asdict(r) | {"passed": r.passed, "verdict": r.verdict} for r in self.rows],
         }
 
     def __str__(self) -> str:
         w = max([len(r.block) for r in self.rows] + [5])
-        lines = [f"{'quantity':<9} {'block':<{w}} {'abs err':>10} {'rel err':>10} {'tol':>8}  ok"]
+        head = f"{'quantity':<9} {'block':<{w}} {'abs err':>10} {'rel err':>10} {'tol':>8}  ok"
+        lines = [head]
+        mark = {"ok": "yes", "FAILED": "NO", "unreliable": "? (fd unreliable)"}
         for r in self.rows:
             lines.append(
                 f"{r.quantity:<9} {r.block:<{w}} {r.abs_error:10.2e} {r.rel_error:10.2e} "
-                f"{r.tol:8.0e}  {'yes' if r.passed else 'NO'}"
+                f"{r.tol:8.0e}  {mark[r.verdict]}"
             )
-        verdict = "all passed" if self.passed else "FAILED"
-        lines.append(
-            f"{verdict} ({self.dtype}, central differences, relative step {self.step:.1e})"
-        )
+        where = f"({self.dtype}, central differences, relative step {self.step:.1e})"
+        if not self.passed:
+            lines.append(f"FAILED {where}")
+        elif self.conclusive:
+            lines.append(f"all passed {where}")
+        else:
+            n = sum(r.verdict == "unreliable" for r in self.rows)
+            advice = "rerun in float64 (model.double())" if self.dtype != "float64" else ""
+            advice += " at parameters away from kinks" if advice else "move away from kinks"
+            lines.append(
+                f"inconclusive {where}: on {n} row(s) the finite differences at steps h and "
+                "2h disagree, so they cannot judge the derivative (a kink such as ReLU or "
+                f"max-pooling within the step, or float32 rounding); {advice}"
+            )
         return "\n".join(lines)
 
 
 def _rel(a: Tensor, b: Tensor, floor: float) -> tuple[float, float]:
     err = float((a - b).norm())
     return err, err / max(float(a.norm()), float(b.norm()), floor)
+
+
+class _Checker:
+    """Central differences of the loss and the gradient along directions, at step ``h``
+    and, for a row that misses the tolerance, also at ``2h``."""
+
+    def __init__(self, problem: Problem, h: float, floor: float, tol: float) -> None:
+        self.problem, self.h, self.floor, self.tol = problem, h, floor, tol
+        self.theta = problem.param_vector()
+
+    def _loss_fd(self, d: Tensor, h: float) -> Tensor:
+        prob, th = self.problem, self.theta
+        return (prob.loss(prob.unflatten(th + h * d)) - prob.loss(prob.unflatten(th - h * d))) / (
+            2 * h
+        )
+
+    def _grad_fd(self, D: Tensor, h: float) -> Tensor:
+        """``(g(x + h d) - g(x - h d)) / 2h`` for each column ``d`` of ``D``."""
+        prob, th = self.problem, self.theta
+        cols = []
+        for d in D.T:
+            _, gp = products.loss_and_gradient(prob, prob.unflatten(th + h * d))
+            _, gm = products.loss_and_gradient(prob, prob.unflatten(th - h * d))
+            cols.append((gp - gm) / (2 * h))
+        return torch.stack(cols, 1)
+
+    def row(
+        self,
+        quantity: str,
+        block: str,
+        exact: Tensor,
+        fd: Callable[[float], Tensor],
+        magnitude: float,
+    ) -> CheckRow:
+        """Judge ``exact`` against ``fd(h)``. The finite differences of a function of
+        size ``magnitude`` carry a rounding error of about ``eps magnitude / h``: errors
+        within ten times that pass whatever the relative error (a derivative far smaller
+        than the function cannot be resolved better)."""
+        eps = torch.finfo(exact.dtype).eps
+        rounding = 10.0 * eps * max(1.0, magnitude) / self.h
+        floor = max(self.floor, rounding / self.tol)
+        first = fd(self.h).reshape(exact.shape)
+        err, rel = _rel(exact, first, floor)
+        if rel <= self.tol:
+            return CheckRow(quantity, block, err, rel, self.tol)
+        spread = _rel(first, fd(2 * self.h).reshape(exact.shape), floor)[1]
+        return CheckRow(quantity, block, err, rel, self.tol, spread)
 
 
 def check(
@@ -85,6 +167,12 @@ def check(
     ``(g(x + h d) - g(x - h d)) / 2h``; ``hessian``: the columns of ``H`` belonging to
     ``b`` vs finite differences of the gradient (2 gradients per column).
 
+    Finite differences know their limits: a row that misses the tolerance is differenced
+    again at step ``2h``; when the two disagree, the row is "unreliable" (a kink such as
+    ReLU or max-pooling within the step, or float32 rounding), not FAILED, and the report
+    says so and suggests float64. A wrong derivative gives differences that agree with
+    each other and not with it: FAILED.
+
     Args:
         problem: the `Problem` (use float64 for tight checks).
         hessian: check the dense Hessian column by column; default when ``P <= 600``.
@@ -93,8 +181,9 @@ def check(
             central differences lose about a third of the digits).
 
     Returns:
-        a `CheckReport`; ``report.passed`` tells whether all rows are within ``rtol``,
-        ``print(report)`` shows the table.
+        a `CheckReport`; ``report.passed`` tells whether no row failed,
+        ``report.conclusive`` whether every row could be judged, ``print(report)`` shows
+        the table.
     """
     dt = problem.dtype
     eps = torch.finfo(dt).eps
@@ -102,44 +191,37 @@ def check(
     rel_step = eps ** (1.0 / 3.0)  # balances truncation h^2 against round-off eps/h
     gen = torch.Generator().manual_seed(seed)
     theta = problem.param_vector()
-    scale = max(1.0, float(theta.abs().max()))
-    h = rel_step * scale
     P = problem.num_params
-    do_hessian = P <= 600 if hessian is None else hessian
-
-    def at(x: Tensor) -> list[Tensor]:
-        return problem.unflatten(x)
-
-    _, g0 = products.loss_and_gradient(problem)
-    floor = 1e3 * eps * (1.0 + float(g0.norm()))
+    L0, g0 = products.loss_and_gradient(problem)
+    c = _Checker(
+        problem,
+        rel_step * max(1.0, float(theta.abs().max())),
+        1e3 * eps * (1.0 + float(g0.norm())),
+        tol,
+    )
     report = CheckReport(dtype=str(dt).replace("torch.", ""), step=rel_step)
     for name, sl in problem.slices.items():
         d = torch.zeros(P, dtype=dt, device=problem.device)
         d[sl] = torch.randn(sl.stop - sl.start, generator=gen, dtype=dt).to(problem.device)
         d /= d.norm()
-        lp = problem.loss(at(theta + h * d))
-        lm = problem.loss(at(theta - h * d))
-        fd = (lp - lm) / (2 * h)
-        ex = g0 @ d
         report.rows.append(
-            CheckRow("gradient", name, *_rel(ex.reshape(1), fd.reshape(1), floor), tol)
+            c.row(
+                "gradient",
+                name,
+                (g0 @ d).reshape(1),
+                lambda h, d=d: c._loss_fd(d, h),
+                abs(float(L0)),
+            )
         )
-        _, gp = products.loss_and_gradient(problem, at(theta + h * d))
-        _, gm = products.loss_and_gradient(problem, at(theta - h * d))
-        fd_hv = (gp - gm) / (2 * h)
-        Hd = products.hessian_matmat(problem, d.unsqueeze(1))[:, 0]
-        report.rows.append(CheckRow("hvp", name, *_rel(Hd, fd_hv, floor), tol))
-    if do_hessian:
+        Hd = products.hessian_matmat(problem, d.unsqueeze(1))
+        report.rows.append(
+            c.row("hvp", name, Hd, lambda h, d=d: c._grad_fd(d.unsqueeze(1), h), float(g0.norm()))
+        )
+    if P <= 600 if hessian is None else hessian:
         for name, sl in problem.slices.items():
-            cols = []
-            for j in range(sl.start, sl.stop):
-                e = torch.zeros(P, dtype=dt, device=problem.device)
-                e[j] = h
-                _, gp = products.loss_and_gradient(problem, at(theta + e))
-                _, gm = products.loss_and_gradient(problem, at(theta - e))
-                cols.append((gp - gm) / (2 * h))
-            exact = products.hessian_matmat(problem, torch.eye(P, dtype=dt)[:, sl].to(theta))
+            E = torch.eye(P, dtype=dt)[:, sl].to(theta)
+            exact = products.hessian_matmat(problem, E)
             report.rows.append(
-                CheckRow("hessian", name, *_rel(exact, torch.stack(cols, 1), floor), tol)
+                c.row("hessian", name, exact, lambda h, E=E: c._grad_fd(E, h), float(g0.norm()))
             )
     return report
