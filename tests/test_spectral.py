@@ -163,3 +163,26 @@ def test_bad_input(hess):
         hesse.trace(op, method="guess")
     with pytest.raises(ValueError, match="strictly increasing"):
         hesse.eigenvalue_histogram(prob, [0.0, 0.0])
+
+
+def test_a_random_operator_is_reported_as_such():
+    """Train-mode Dropout makes every product random: eigs says it did not converge and
+    every spectral routine warns, naming the cause."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(6, 2)
+    ).double()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    with pytest.warns(UserWarning, match="Dropout"):
+        prob = hesse.Problem(model, torch.nn.CrossEntropyLoss(), (X, y))
+    op = hesse.HessianOperator(prob)
+    assert op.random
+    with pytest.warns(UserWarning, match="is random"):
+        r = hesse.eigs(op, 1, max_steps=20, generator=torch.Generator().manual_seed(0))
+    assert not r.converged
+    with pytest.warns(UserWarning, match="is random"):
+        hesse.trace(op, num_products=9, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    assert not hesse.HessianOperator(
+        hesse.Problem(model, torch.nn.CrossEntropyLoss(), (X, y))
+    ).random

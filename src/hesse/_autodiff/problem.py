@@ -375,9 +375,15 @@ class Problem:
             "leading batch dimension in inputs or targets)"
         )
 
+    @property
+    def random(self) -> bool:
+        """Whether the objective is random: a module is Dropout in training mode (each
+        evaluation draws new masks)."""
+        return any(isinstance(m, _DROPOUT) and m.p > 0 and m.training for m in self.model.modules())
+
     def _warn_about_modes(self, model: nn.Module) -> None:
         # each module's own mode: a training-mode wrapper around eval-mode layers is fine
-        if any(isinstance(m, _DROPOUT) and m.p > 0 and m.training for m in model.modules()):
+        if self.random:
             warnings.warn(
                 "the model is in training mode and has active Dropout: every loss "
                 "evaluation draws a new mask, so gradients and curvature are random. "

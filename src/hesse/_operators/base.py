@@ -70,6 +70,12 @@ class CurvatureOperator:
         raise NotImplementedError
 
     @property
+    def random(self) -> bool:
+        """Whether products are random: a module of the model is Dropout in training mode
+        (each product draws new masks)."""
+        return self.problem.random
+
+    @property
     def shape(self) -> tuple[int, int]:
         P = self.problem.num_params
         return (P, P)

@@ -81,6 +81,25 @@ def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict
     return {"alphas": alphas.tolist(), "losses": losses, "quadratic": quad}
 
 
+def _top(top: EigResult, evals: Tensor | None, k: int) -> dict[str, Any]:
+    return {
+        "values": top.eigenvalues.tolist(),
+        "residuals": top.residuals.tolist(),
+        "num_products": top.num_products,
+        "dense": evals.flip(0)[:k].tolist() if evals is not None else None,
+    }
+
+
+def _density(sd: SpectralDensity, probes: int, steps: int) -> dict[str, Any]:
+    return {
+        "grid": sd.grid.tolist(),
+        "density": sd.density.tolist(),
+        "sigma": sd.sigma,
+        "num_probes": probes,
+        "lanczos_steps": steps,
+    }
+
+
 def build_report(
     problem: Problem,
     *,
@@ -133,7 +152,7 @@ def build_report(
     landscape = _landscape(problem, top, float(loss), g)
     bar.update(1)
     bar.close()
-    return {
+    report = {
         "version": 1,
         "model": description or type(problem.model).__name__,
         "num_params": P,
@@ -141,24 +160,13 @@ def build_report(
         "dtype": str(problem.dtype).replace("torch.", ""),
         "loss": float(loss),
         "grad_norm": float(g.norm()),
-        "top_eigenvalues": {
-            "values": top.eigenvalues.tolist(),
-            "residuals": top.residuals.tolist(),
-            "num_products": top.num_products,
-            "dense": evals.flip(0)[:k].tolist() if evals is not None else None,
-        },
+        "top_eigenvalues": _top(top, evals, k),
         "smallest_eigenvalue": float(bottom.eigenvalues[0]),
         "trace": tr,
-        "density": {
-            "grid": sd.grid.tolist(),
-            "density": sd.density.tolist(),
-            "sigma": sd.sigma,
-            "num_probes": probes,
-            "lanczos_steps": steps,
-        },
+        "density": _density(sd, probes, steps),
         "histogram": histogram,
         "blocks": blocks,
         "landscape": landscape,
         "figures": [],
-        "seconds": time.perf_counter() - t0,
     }
+    return report | {"seconds": time.perf_counter() - t0}

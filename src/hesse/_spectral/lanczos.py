@@ -35,6 +35,15 @@ class Counted:
                 )
             self.P, self.dtype, self.device = op.shape[0], op.dtype, op.device
             self._mm: Callable[[Tensor], Tensor] = op.matmat
+            self.random = op.random
+            if self.random:
+                warnings.warn(
+                    f"{type(op).__name__} is random: the model has Dropout in training mode, "
+                    "so every product draws new masks and spectra, traces and densities are "
+                    "of no fixed matrix (eigs reports converged=False). Call model.eval() "
+                    "for the deterministic curvature.",
+                    stacklevel=3,
+                )
         elif isinstance(op, Tensor):
             if op.ndim != 2 or op.shape[0] != op.shape[1]:
                 raise ValueError(f"expected a square (P, P) matrix; got {tuple(op.shape)}")
@@ -52,6 +61,8 @@ class Counted:
                 f"expected a CurvatureOperator or a square tensor; got {type(op).__name__}"
             )
         self.count = 0
+
+    random: bool = False
 
     def __call__(self, V: Tensor) -> Tensor:
         self.count += V.shape[1]
@@ -182,6 +193,34 @@ class EigResult(NamedTuple):
     converged: bool
 
 
+def _eigs_arguments(
+    A: Counted,
+    k: object,
+    which: str,
+    tol: object,
+    max_steps: object,
+    generator: torch.Generator | None,
+    v0: Tensor | None,
+) -> tuple[int, Tensor]:
+    """`eigs`' arguments validated: the number of steps and the start vector."""
+    P = A.P
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
+        raise ValueError(f"k must be in [1, {P}] (an integer) for a {P} x {P} operator; got {k!r}")
+    _select(torch.zeros(1), 1, which)  # validate `which` early
+    check_positive("tol", tol)
+    if max_steps is not None:
+        check_int("max_steps", max_steps, 1)
+    steps = min(P, max_steps if max_steps is not None else 300 + 10 * int(k))
+    if v0 is None:
+        v0 = torch.randn(P, generator=generator, dtype=torch.float64).to(A.dtype).to(A.device)
+    elif not isinstance(v0, Tensor) or v0.shape != (P,):
+        shape = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
+        raise ValueError(f"v0 must be a tensor of shape ({P},); got {shape}")
+    elif not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0:
+        raise ValueError("v0 must be finite and nonzero (it starts the Krylov space)")
+    return steps, v0
+
+
 def eigs(
     op: Operator,
     k: int = 1,
@@ -213,21 +252,7 @@ def eigs(
     Symmetric Eigenvalue Problem* (1998), ch. 13 (full reorthogonalisation).
     """
     A = Counted(op)
-    P = A.P
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
-        raise ValueError(f"k must be in [1, {P}] (an integer) for a {P} x {P} operator; got {k!r}")
-    _select(torch.zeros(1), 1, which)  # validate `which` early
-    check_positive("tol", tol)
-    if max_steps is not None:
-        check_int("max_steps", max_steps, 1)
-    steps = min(P, max_steps if max_steps is not None else 300 + 10 * k)
-    if v0 is None:
-        v0 = torch.randn(P, generator=generator, dtype=torch.float64).to(A.dtype).to(A.device)
-    elif not isinstance(v0, Tensor) or v0.shape != (P,):
-        shape = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
-        raise ValueError(f"v0 must be a tensor of shape ({P},); got {shape}")
-    elif not bool(torch.isfinite(v0).all()) or float(v0.norm()) == 0.0:
-        raise ValueError("v0 must be finite and nonzero (it starts the Krylov space)")
+    steps, v0 = _eigs_arguments(A, k, which, tol, max_steps, generator, v0)
 
     def ritz(T: Tensor, Q: Tensor, b: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         theta, S = torch.linalg.eigh(T)
@@ -251,8 +276,9 @@ def eigs(
             f"k = {k}; pass another v0 or generator"
         )
     scale = float(theta.abs().max()) if len(theta) else 1.0
-    converged = bool((res <= tol * max(scale, 1e-300)).all())
-    if not converged:
+    # a random operator (train-mode Dropout) has no eigenpairs to converge to
+    converged = bool((res <= tol * max(scale, 1e-300)).all()) and not A.random
+    if not converged and not A.random:
         warnings.warn(
             f"Lanczos did not converge in {Q.shape[1]} steps: largest Ritz residual "
             f"{float(res.max()):.2e} against the requested {tol * scale:.2e}; raise max_steps",
