@@ -86,7 +86,7 @@ def test_chain_against_dense(cfg, loss, curvature):
     V = torch.randn(P, 3, generator=torch.Generator().manual_seed(1))
     for eps in _shifts(C):
         Ce = C + eps * torch.eye(P)
-        f = hesse.factorize(prob, damping=eps, curvature=curvature)
+        f = hesse.factorize(prob, damping=eps, curvature=curvature, method="chain")
         _assert_matches_dense(f, Ce, V)
         assert rel_err(f.solve(V[:, 0]), torch.linalg.solve(Ce, V[:, 0])) < TOL
         parts = f.solve(prob.unflatten(V[:, 1]))
@@ -103,8 +103,8 @@ def test_chain_generic_stages_equal_structured_and_dense():
     assert all(type(s).__name__ == "GenericStage" for s in naive.stages)
     for eps in (0.5, -0.01):
         ref = torch.linalg.solve(H + eps * torch.eye(len(H)), v)
-        assert rel_err(hesse.factorize(naive, eps).solve(v), ref) < TOL
-        assert rel_err(hesse.factorize(prob, eps).solve(v), ref) < TOL
+        assert rel_err(hesse.factorize(naive, eps, method="chain").solve(v), ref) < TOL
+        assert rel_err(hesse.factorize(prob, eps, method="chain").solve(v), ref) < TOL
 
 
 class Residual(nn.Module):
@@ -141,7 +141,7 @@ def test_hand_declared_stages_conv_and_residual():
     for curvature, C in [("hessian", hesse.hessian(prob)), ("ggn", hesse.ggn(prob))]:
         eps = _shifts(C)[2]
         Ce = C + eps * torch.eye(len(C))
-        f = hesse.factorize(chain, eps, curvature)
+        f = hesse.factorize(chain, eps, curvature, method="chain")
         v = torch.randn(len(C))
         assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
         ev = torch.linalg.eigvalsh(Ce)
@@ -164,7 +164,7 @@ def test_seed000_scalar_chains_solve(power, L):
     v = torch.tensor(rng.standard_normal(L))
     for eps in (2.0, 0.1, -float(torch.linalg.eigvalsh(H)[L // 2]) - 1e-3):
         Ce = H + eps * torch.eye(L)
-        f = hesse.factorize(prob, eps)
+        f = hesse.factorize(prob, eps, method="chain")
         assert rel_err(f.solve(v), torch.linalg.solve(Ce, v)) < TOL
         ev = torch.linalg.eigvalsh(Ce)
         assert f.inertia().negative == int((ev < 0).sum())
@@ -183,16 +183,18 @@ def test_eigenvalue_bisection_and_counts(curvature):
     simple = [k for k in range(1, P + 1) if gaps[k - 1] > 1e-6]  # not in a cluster
     middle = min(simple, key=lambda k: abs(k - P // 2))
     for k in (1, middle, P):
-        lam = hesse.eigenvalue(prob, k, curvature, tol=1e-11)
+        lam = hesse.eigenvalue(prob, k, curvature, tol=1e-11, method="chain")
         scale = max(1.0, float(ev.abs().max()))
         assert abs(lam - float(ev[k - 1])) <= 2e-11 * scale * 4
     for sigma in (-0.1, 0.0, 0.05, float(ev[-1]) + 1):
         # eigenvalues within rounding of sigma (the exact zeros of a rank-deficient
         # matrix, seen by eigvalsh as +-1e-17) count as not below it
         ref = int((ev < sigma - 1e-9 * max(1.0, abs(sigma))).sum())
-        assert hesse.count_eigenvalues(prob, below=sigma, curvature=curvature) == ref
+        assert (
+            hesse.count_eigenvalues(prob, below=sigma, curvature=curvature, method="chain") == ref
+        )
     with pytest.raises(ValueError, match=r"k must be in \[1, "):
-        hesse.eigenvalue(prob, P + 1)
+        hesse.eigenvalue(prob, P + 1, method="chain")
 
 
 def test_newton_steps_and_methods():
@@ -202,7 +204,7 @@ def test_newton_steps_and_methods():
         C = hesse.ggn(prob) if curvature == "ggn" else hesse.hessian(prob)
         eps = 0.3
         ref = -torch.linalg.solve(C + eps * torch.eye(len(C)), g)
-        st = hesse.newton_step(prob, eps, curvature)
+        st = hesse.newton_step(prob, eps, curvature, method="chain")
         assert rel_err(st.step, ref) < TOL
         assert st.predicted_change == pytest.approx(float(g @ ref + 0.5 * ref @ C @ ref), rel=1e-9)
         for method in ("chain", "dense", "cg", "auto"):
@@ -210,15 +212,19 @@ def test_newton_steps_and_methods():
             assert rel_err(x, ref) < (TOL if method != "cg" else 1e-7), method
 
 
-def test_solve_auto_uses_cg_for_non_chains():
+def test_solve_auto_takes_an_exact_engine_for_non_chains():
+    """A CNN is not a chain: auto factors it by another exact engine; the chain engine,
+    asked for by name, refuses it."""
     case = make_case("cnn", "ce", seed=2)
     prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
     G = Reference(case).ggn()
     v = torch.randn(prob.num_params)
     ref = torch.linalg.solve(G + 0.5 * torch.eye(len(G)), v)
     assert rel_err(hesse.solve(prob, v, 0.5, "ggn"), ref) < 1e-7
+    assert rel_err(hesse.solve(prob, v, 0.5, "ggn", method="cg"), ref) < 1e-7
+    assert hesse.factorize(prob, 0.5).status.method in ("dense", "gram")
     with pytest.raises(ValueError, match="needs an nn.Sequential model"):
-        hesse.factorize(prob, 0.5)
+        hesse.factorize(prob, 0.5, method="chain")
 
 
 def test_batches_and_parameter_subsets():
@@ -250,15 +256,17 @@ class BatchMixer(nn.Module):
 
 def test_bad_input():
     prob = _setup(CONFIGS[0], "ce", seed=1)
-    f = hesse.factorize(prob, 0.5)
+    f = hesse.factorize(prob, 0.5, method="chain")
     with pytest.raises(ValueError, match=rf"expected \({prob.num_params},\)"):
         f.solve(torch.randn(prob.num_params + 2))
     with pytest.raises(ValueError, match="curvature must be"):
-        hesse.factorize(prob, 0.5, "fisher")
+        hesse.factorize(prob, 0.5, "fisher", method="chain")
     X, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
     bad = nn.Sequential(nn.Linear(3, 3), BatchMixer(), nn.Linear(12, 3)).double()
     with pytest.raises(ValueError, match=r"stage '1' .* maps a batch of 4 to \(1, 12\)"):
-        hesse.factorize(hesse.Problem(bad, nn.MSELoss(), (X, torch.randn(1, 3))), 0.1)
+        hesse.factorize(
+            hesse.Problem(bad, nn.MSELoss(), (X, torch.randn(1, 3))), 0.1, method="chain"
+        )
     train_drop = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 3)).double().train()
     with (
         pytest.warns(UserWarning),
@@ -282,14 +290,16 @@ def test_singular_matrix_counts_its_null_space_and_refuses_to_solve():
     G = hesse.ggn(prob)
     P, rank = prob.num_params, int(torch.linalg.matrix_rank(G))
     assert rank <= 4
-    f = hesse.factorize(prob, 0.0, "ggn")
+    f = hesse.factorize(prob, 0.0, "ggn", method="chain")
     assert f.inertia() == (0, P - rank, rank)
     assert f.logdet() == (0.0, float("-inf")) and f.near_singular
     with pytest.raises(hesse.SingularPivotError, match=rf"dimension {P - rank}.*increase"):
         f.solve(torch.ones(P))
-    f = hesse.factorize(prob, 1e-3, "ggn")  # damping cures it
+    f = hesse.factorize(prob, 1e-3, "ggn", method="chain")  # damping cures it
     assert f.inertia() == (0, 0, P) and not f.near_singular
-    near = hesse.factorize(prob, 1e-12, "ggn")  # tiny damping: non-singular, flagged
+    near = hesse.factorize(
+        prob, 1e-12, "ggn", method="chain"
+    )  # tiny damping: non-singular, flagged
     assert near.inertia() == (0, 0, P) and near.near_singular
     assert near.status.min_pivot < 1e-9
 
@@ -303,11 +313,11 @@ def test_float32_is_promoted_by_default():
     ((X, y),) = [(b[0], b[1]) for b in prob64.batches()]
     prob32 = hesse.Problem(m32, prob64.loss_fn, (X.float(), y))
     with pytest.warns(UserWarning, match="float64 is recommended"):
-        f32 = hesse.factorize(prob32, 0.3, promote=False)
+        f32 = hesse.factorize(prob32, 0.3, promote=False, method="chain")
     assert rel_err(f32.solve(v.float(), max_refine=0), ref) < 1e-4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fp = hesse.factorize(prob32, 0.3)
+        fp = hesse.factorize(prob32, 0.3, method="chain")
     # the float32 weights, promoted: exact up to the float32 rounding of the weights;
     # the answer comes back in the model's dtype
     x = fp.solve(v)
@@ -323,9 +333,9 @@ def test_eigenvalue_inside_a_zero_cluster():
     zeros = int((ev.abs() < 1e-12).sum())
     assert zeros > 10
     k = int((ev < -1e-12).sum()) + zeros // 2 + 1
-    assert abs(hesse.eigenvalue(prob, k, "ggn")) < 1e-7
-    assert hesse.count_eigenvalues(prob, below=0.0, curvature="ggn") == 0
-    assert hesse.count_eigenvalues(prob, below=1e-6, curvature="ggn") == zeros
+    assert abs(hesse.eigenvalue(prob, k, "ggn", method="chain")) < 1e-7
+    assert hesse.count_eigenvalues(prob, below=0.0, curvature="ggn", method="chain") == 0
+    assert hesse.count_eigenvalues(prob, below=1e-6, curvature="ggn", method="chain") == zeros
 
 
 class BatchCentre(nn.Module):
@@ -375,7 +385,8 @@ def test_generic_stages_use_per_sample_blocks_when_samples_are_independent():
     v = torch.randn(len(H), generator=g, dtype=torch.float64)
     assert (
         rel_err(
-            hesse.factorize(chain, 0.3).solve(v), torch.linalg.solve(H + 0.3 * torch.eye(len(H)), v)
+            hesse.factorize(chain, 0.3, method="chain").solve(v),
+            torch.linalg.solve(H + 0.3 * torch.eye(len(H)), v),
         )
         < TOL
     )
@@ -395,7 +406,7 @@ def test_wide_stages_by_woodbury(curvature):
     C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
     for eps in [*_shifts(C), -0.37]:
         Ce = C + eps * torch.eye(len(C))
-        f = hesse.factorize(prob, eps, curvature)
+        f = hesse.factorize(prob, eps, curvature, method="chain")
         # the first stage has no state to couple to: always wide. A later wide stage of
         # the Hessian whose complement pivot eps is small against its coupling G_xz
         # fails the threshold test and is eliminated with its dense pivot instead
@@ -405,7 +416,7 @@ def test_wide_stages_by_woodbury(curvature):
         _assert_matches_dense(f, Ce, v)
     # at eps = 0 the wide stages' complements are exact zeros (the GGN's and, on the
     # first stage, the Hessian's): counted, and a solve refuses
-    f0 = hesse.factorize(prob, 0.0, curvature)
+    f0 = hesse.factorize(prob, 0.0, curvature, method="chain")
     ev = torch.linalg.eigvalsh(C)
     tol = 1e-10 * float(ev.abs().max())
     assert f0.inertia().zero >= int((ev.abs() < tol).sum()) - 0 > 0 or curvature == "hessian"
@@ -427,7 +438,7 @@ def test_wide_middle_stage_never_forms_its_pivot():
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
     v = torch.randn(prob.num_params, generator=g, dtype=torch.float64)
     for curvature, eps in (("hessian", 0.5), ("hessian", -0.05), ("ggn", 0.1)):
-        f = hesse.factorize(prob, eps, curvature)
+        f = hesse.factorize(prob, eps, curvature, method="chain")
         kinds = [k for k in f.status.kinds if k != "none"]
         assert kinds == ["wide", "wide", "wide"]
         x = f.solve(v)
@@ -451,7 +462,7 @@ def test_wide_stages_with_repeated_samples(curvature):
     v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
     for eps in _shifts(C):
         Ce = C + eps * torch.eye(len(C))
-        f = hesse.factorize(prob, eps, curvature)
+        f = hesse.factorize(prob, eps, curvature, method="chain")
         kinds = [k for k in f.status.kinds if k != "none"]
         assert kinds[0] == "wide" and (kinds == ["wide"] * 3 or curvature == "hessian")
         _assert_matches_dense(f, Ce, v)
@@ -469,7 +480,7 @@ def test_wide_input_layer_at_mnist_size():
     # the Hessian has ~12000 eigenvalues near 0, so cond(H + eps I) ~ |H| / eps: the
     # sweep (fixed elimination order, not backward stable) loses digits as eps shrinks
     for eps, tol in ((1.0, 1e-12), (0.1, 1e-10), (1e-2, 1e-8)):
-        f = hesse.factorize(prob, eps)
+        f = hesse.factorize(prob, eps, method="chain")
         assert f.status.kinds[0] == "wide"
         x = f.solve(v)
         residual = hesse.hvp(prob, x) + eps * x - v
@@ -478,12 +489,12 @@ def test_wide_input_layer_at_mnist_size():
 
 def test_progress_bars_for_the_sweep_and_the_bisection(capsys):
     prob = _setup(CONFIGS[0], "ce", seed=5)
-    hesse.factorize(prob, 0.1, progress=True)
+    hesse.factorize(prob, 0.1, progress=True, method="chain")
     assert "chain sweep" in capsys.readouterr().err
-    hesse.factorize(prob, 0.1, progress=False)
-    hesse.factorize(prob, 0.1)  # auto: not a terminal here
+    hesse.factorize(prob, 0.1, progress=False, method="chain")
+    hesse.factorize(prob, 0.1, method="chain")  # auto: not a terminal here
     assert capsys.readouterr().err == ""
-    lam = hesse.eigenvalue(prob, 1, tol=1e-6, progress=True)
+    lam = hesse.eigenvalue(prob, 1, tol=1e-6, progress=True, method="chain")
     assert "bisection (k=1)" in capsys.readouterr().err
     assert abs(lam - float(torch.linalg.eigvalsh(hesse.hessian(prob))[0])) < 1e-5
 
@@ -504,7 +515,7 @@ def test_first_stages_without_parameters(first):
     H = hesse.hessian(prob)
     v = torch.randn(len(H), 2, generator=g, dtype=torch.float64)
     for eps in _shifts(H):
-        f = hesse.factorize(prob, eps)
+        f = hesse.factorize(prob, eps, method="chain")
         assert rel_err(f.solve(v), torch.linalg.solve(H + eps * torch.eye(len(H)), v)) < TOL
 
 
@@ -533,5 +544,5 @@ def test_random_chains_against_dense(widths, n, bias, act, curvature, seed):
     v = torch.randn(len(C), 2, generator=g, dtype=torch.float64)
     for eps in _shifts(C):
         Ce = C + eps * torch.eye(len(C))
-        f = hesse.factorize(prob, eps, curvature)
+        f = hesse.factorize(prob, eps, curvature, method="chain")
         _assert_matches_dense(f, Ce, v)

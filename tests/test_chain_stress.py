@@ -92,7 +92,7 @@ def test_stress_counts_solves_logdets(i, curvature):
     # counts at sigma = 0 and at tiny shifts: never an exception
     for s in (0.0, 1e-12, -1e-12, 1e-9, -1e-9, 1e-6, -1e-6):
         sigma = s * norm
-        neg = hesse.count_eigenvalues(prob, below=sigma, curvature=curvature)
+        neg = hesse.count_eigenvalues(prob, below=sigma, curvature=curvature, method="chain")
         assert _count_ok(neg, ev, sigma, delta), (sigma, neg)
     # solves, log-determinants and inertia for dampings down to 1e-8 ||C||
     g = torch.Generator().manual_seed(i)
@@ -104,7 +104,7 @@ def test_stress_counts_solves_logdets(i, curvature):
         if float(mu.abs().min()) <= delta:  # singular to working accuracy: skip
             continue
         Ce = C + eps * torch.eye(P, dtype=torch.float64)
-        f = hesse.factorize(prob, eps, curvature)
+        f = hesse.factorize(prob, eps, curvature, method="chain")
         res = f.solve_ex(V)
         X = res.x
         r = torch.linalg.vector_norm(Ce @ X - V, dim=0) / torch.linalg.vector_norm(V, dim=0)
@@ -132,7 +132,7 @@ def test_stress_eigenvalues_by_bisection(i, curvature):
     ev = torch.linalg.eigvalsh(_dense(case, curvature))
     P, norm = len(ev), float(ev.abs().max())
     for k in (1, P // 2 + 1, P):
-        lam = hesse.eigenvalue(prob, k, curvature)
+        lam = hesse.eigenvalue(prob, k, curvature, method="chain")
         assert abs(lam - float(ev[k - 1])) <= 1e-8 * norm, (k, lam, float(ev[k - 1]))
 
 
@@ -141,8 +141,8 @@ def test_results_do_not_depend_on_the_call_order():
     prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
     v = torch.randn(prob.num_params, generator=torch.Generator().manual_seed(3))
     eps = -1e-3  # indefinite: the pivots of several kinds
-    a = hesse.factorize(prob, eps)
-    b = hesse.factorize(prob, eps)
+    a = hesse.factorize(prob, eps, method="chain")
+    b = hesse.factorize(prob, eps, method="chain")
     first = (a.logdet(), a.inertia(), a.near_singular, a.solve(v))
     second_inertia, second_near = b.inertia(), b.near_singular
     second_x, second_logdet = b.solve(v), b.logdet()
@@ -167,7 +167,7 @@ def test_the_issue_net_needs_pivoting_and_reports_it():
     H = _dense(case, "hessian")
     ev = torch.linalg.eigvalsh(H)
     eps = 1e-6 * float(ev.abs().max())
-    f = hesse.factorize(prob, eps)
+    f = hesse.factorize(prob, eps, method="chain")
     st = f.status
     assert st.growth <= 10 + 1e-9  # the threshold test: at most 1 / TAU
     assert len(st.kinds) == len(st.delayed) == len(prob.model) and st.max_delayed == max(st.delayed)
@@ -186,7 +186,7 @@ def test_the_issue_net_needs_pivoting_and_reports_it():
 def test_solve_refuses_an_unreachable_rtol_and_names_what_it_reached():
     case = _case(*_params(0))
     prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
-    f = hesse.factorize(prob, 1e-7)
+    f = hesse.factorize(prob, 1e-7, method="chain")
     v = torch.randn(prob.num_params, generator=torch.Generator().manual_seed(1))
     with pytest.raises(hesse.InaccurateSolveError, match=r"reached a relative residual of .* rtol"):
         f.solve(v, rtol=1e-30)
@@ -233,7 +233,7 @@ def test_histogram_counts_match_dense_on_a_deep_chain():
     ev = torch.linalg.eigvalsh(_dense(case, "hessian"))
     norm = float(ev.abs().max())
     edges = [-1.01 * norm, -1e-3 * norm, -1e-8 * norm, 1e-8 * norm, 1e-3 * norm, 1.01 * norm]
-    counts = hesse.eigenvalue_histogram(prob, edges)
+    counts = hesse.eigenvalue_histogram(prob, edges, method="chain")
     ref = [int(((ev >= a) & (ev < b)).sum()) for a, b in itertools.pairwise(edges)]
     delta = 1e-10 * norm
     assert int(counts.sum()) == len(ev)
@@ -259,15 +259,17 @@ def test_float32_models_are_factored_in_float64():
     norm = float(ev.abs().max())
     eps = 1e-3 * norm
     v = torch.randn(len(H), generator=g).float()
-    x = hesse.solve(prob, v, eps)
+    x = hesse.solve(prob, v, eps, method="chain")
     assert x.dtype == torch.float32
     ref = torch.linalg.solve(H + eps * torch.eye(len(H)), v.double())
     assert float((x.double() - ref).norm() / ref.norm()) < 1e-5  # float32 rounding of x
-    assert _count_ok(hesse.count_eigenvalues(prob, below=0.0), ev, 0.0, 1e-10 * norm)
+    assert _count_ok(
+        hesse.count_eigenvalues(prob, below=0.0, method="chain"), ev, 0.0, 1e-10 * norm
+    )
     sign, la = torch.linalg.slogdet(H + eps * torch.eye(len(H)))
-    fs, fla = hesse.logdet(prob, eps)
+    fs, fla = hesse.logdet(prob, eps, method="chain")
     assert fs == float(sign) and abs(fla - float(la)) < 1e-8 * abs(float(la))
-    lam = hesse.eigenvalue(prob, 1)
+    lam = hesse.eigenvalue(prob, 1, method="chain")
     assert abs(lam - float(ev[0])) <= 1e-8 * norm
 
 
@@ -276,15 +278,15 @@ def test_eigenvalue_refuses_bad_k_and_tol_and_never_loops():
     P = prob.num_params
     for k in (0, P + 1, 1.5, True, "1"):
         with pytest.raises(ValueError, match=r"k must be in \[1, "):
-            hesse.eigenvalue(prob, k)
+            hesse.eigenvalue(prob, k, method="chain")
     for tol in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="tol must be a positive finite number"):
-            hesse.eigenvalue(prob, 1, tol=tol)
+            hesse.eigenvalue(prob, 1, tol=tol, method="chain")
     # a tol below the float spacing stops at the spacing (bounded sweeps), not forever
     ev = torch.linalg.eigvalsh(_dense(case, "hessian"))
-    lam = hesse.eigenvalue(prob, P, tol=1e-30)
+    lam = hesse.eigenvalue(prob, P, tol=1e-30, method="chain")
     assert abs(lam - float(ev[-1])) <= 1e-8 * float(ev.abs().max())
     with pytest.raises(ValueError, match="below must be a finite number"):
-        hesse.count_eigenvalues(prob, below=float("nan"))
+        hesse.count_eigenvalues(prob, below=float("nan"), method="chain")
     with pytest.raises(ValueError, match="bounds must be two finite numbers"):
-        hesse.eigenvalue(prob, 1, bounds=(1.0, 0.0))
+        hesse.eigenvalue(prob, 1, bounds=(1.0, 0.0), method="chain")

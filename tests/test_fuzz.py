@@ -329,17 +329,17 @@ def _api_cases() -> list[Bad]:
     add(
         Bad(
             "factorize-not-sequential",
-            lambda: hesse.factorize(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1),
+            lambda: hesse.factorize(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1, method="chain"),
             ValueError,
             "nn.Sequential",
         )
     )
     add(
         Bad(
-            "logdet-not-sequential-no-cg-hint",
-            lambda: hesse.logdet(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1),
+            "logdet-not-sequential-names-the-other-engines",
+            lambda: hesse.logdet(hesse.Problem(_TwoLayer(), ce, (X, y)), 0.1, method="chain"),
             ValueError,
-            "exact log-determinants and counts need a chain",
+            "dense and observation-space engines",
         )
     )
     f = hesse.factorize(prob, 0.1)

@@ -26,50 +26,53 @@ LAYERS: dict[str, int] = {
     "hesse._autodiff.losses": 0,
     "hesse._autodiff.layers": 0,
     "hesse._linalg.results": 0,
-    # 1-3: the problem, its products, Bishop; the chain's stages
+    "hesse._report.schema": 0,
+    "hesse._cli.data": 0,
+    # 1-3: the problem, its products, Bishop, checks; the chain's stages
     "hesse._autodiff.problem": 1,
     "hesse._chain.pivots": 1,
     "hesse._autodiff.products": 2,
     "hesse._autodiff.bishop": 2,
+    "hesse._autodiff.check": 3,
     "hesse._chain.stages": 2,
     "hesse._chain.generic": 3,
     "hesse._chain.linear": 3,
-    # 3-5: operators, the factorisation base, the chain and its sweep
+    # 2-4: operators and the functional API; spectra
+    "hesse._operators.base": 2,
     "hesse._operators.curvature": 3,
+    "hesse._operators.functions": 4,
+    "hesse._spectral.lanczos": 4,
+    "hesse._spectral.stochastic": 5,
+    "hesse._spectral.tracker": 6,
+    # 3-7: exact factorisations: the shared base, the three engines, the choice among
+    # them, and what is built on it (solves, counts, certified eigenvalues)
     "hesse._linalg.base": 3,
     "hesse._chain.chain": 4,
     "hesse._chain.factorization": 5,
-    # 4-6: spectra, checks, the functional API; solves on top of them
-    "hesse._operators.base": 2,
-    "hesse._spectral.lanczos": 3,
-    "hesse._spectral.stochastic": 4,
-    "hesse._autodiff.check": 3,
-    "hesse._operators.functions": 4,
-    "hesse._linalg.eigen": 6,
-    "hesse._linalg.solve": 6,
-    # 7-9: optimisers
-    "hesse.optim._parts": 7,
-    "hesse.optim._base": 7,
-    "hesse.optim._hessian_free": 8,
-    "hesse.optim._newton": 8,
-    "hesse.optim": 9,
-    # 10-16: the outer ring (files, figures, printing) and the public package; the
-    # report's schema is data (it imports nothing); the tracker plots lazily
-    "hesse._report.schema": 0,
-    "hesse._spectral.tracker": 5,
+    "hesse._linalg.dense": 5,
+    "hesse._linalg.gram": 5,
+    "hesse._linalg.factorize": 6,
+    "hesse._linalg.eigen": 7,
+    "hesse._linalg.solve": 7,
+    # 8-10: optimisers
+    "hesse.optim._parts": 8,
+    "hesse.optim._base": 8,
+    "hesse.optim._hessian_free": 9,
+    "hesse.optim._newton": 9,
+    "hesse.optim": 10,
+    # 11-16: the outer ring (files, figures, printing) and the public package
     "hesse._report.figures": 1,
     "hesse._report.files": 2,
-    "hesse._report.compute": 10,
-    "hesse._cli.data": 0,
+    "hesse._report.compute": 11,
     "hesse._cli.output": 1,
-    "hesse._cli.training": 10,
-    "hesse": 11,
-    "hesse._cli.inputs": 12,
-    "hesse._cli.analysis": 13,
-    "hesse._cli.train": 13,
-    "hesse._cli.main": 14,
-    "hesse._cli.__main__": 15,
-    "hesse.__main__": 15,
+    "hesse._cli.training": 11,
+    "hesse": 12,
+    "hesse._cli.inputs": 13,
+    "hesse._cli.analysis": 14,
+    "hesse._cli.train": 14,
+    "hesse._cli.main": 15,
+    "hesse._cli.__main__": 16,
+    "hesse.__main__": 16,
 }
 
 

@@ -106,7 +106,7 @@ def test_dense_and_chain_refuse_up_front_with_the_estimate(monkeypatch):
         hesse.hessian(prob)
     assert not calls  # refused before the first product
     with pytest.raises(hesse.MemoryBudgetError, match=r"chain sweep \(8 samples.*fewer samples"):
-        hesse.factorize(prob, 0.1)
+        hesse.factorize(prob, 0.1, method="chain")
     with pytest.raises(hesse.MemoryBudgetError):
         hesse.count_eigenvalues(prob, below=0.0)
 

@@ -9,8 +9,10 @@ from hesse import optim
 from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import ChainFactorization, factorize
+from hesse._chain.factorization import ChainFactorization
+from hesse._linalg.base import Factorization
 from hesse._linalg.eigen import count_eigenvalues, eigenvalue, eigenvalue_histogram
+from hesse._linalg.factorize import EngineCost, Plan, engine, factorize, plan
 from hesse._linalg.results import (
     FactorizationStatus,
     InaccurateSolveError,
@@ -62,6 +64,8 @@ __all__ = [
     "CurvatureOperator",
     "Decomposition",
     "EigResult",
+    "EngineCost",
+    "Factorization",
     "FactorizationStatus",
     "FisherOperator",
     "GGNOperator",
@@ -70,6 +74,7 @@ __all__ = [
     "Inertia",
     "MemoryBudgetError",
     "NewtonStep",
+    "Plan",
     "Problem",
     "ResidualOperator",
     "SingularPivotError",
@@ -85,6 +90,7 @@ __all__ = [
     "eigenvalue_histogram",
     "eigs",
     "eigvalsh",
+    "engine",
     "factorize",
     "fisher_vp",
     "ggn",
@@ -99,6 +105,7 @@ __all__ = [
     "loss_and_gradient",
     "newton_step",
     "optim",
+    "plan",
     "solve",
     "spectral_density",
     "trace",

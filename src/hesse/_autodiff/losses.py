@@ -34,6 +34,7 @@ __all__ = [
     "per_sample_output_grads",
     "reduction_factor",
     "true_fisher_product",
+    "valid_samples",
     "weighted_loss",
 ]
 
@@ -170,7 +171,7 @@ def _check_ce_output(o: Tensor) -> None:
         )
 
 
-def _valid(loss_fn: nn.Module, o: Tensor, targets: Any) -> Tensor | None:
+def valid_samples(loss_fn: nn.Module, o: Tensor, targets: Any) -> Tensor | None:
     """The samples that count (cross-entropy's ``ignore_index``), ``(n,)`` bool; ``None``:
     all of them."""
     if (
@@ -188,7 +189,7 @@ def reduction_factor(loss_fn: nn.Module, o: Tensor, targets: Any, weight: float)
     if loss_fn.reduction == "sum":
         return weight
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        valid = _valid(loss_fn, o, targets)
+        valid = valid_samples(loss_fn, o, targets)
         count = o.shape[0] if valid is None else int(valid.sum())
         return weight / max(count, 1)
     return weight / o.numel()
@@ -231,7 +232,7 @@ def true_fisher_product(
         _check_ce_output(o)
         p = torch.softmax(o, dim=-1)
         out = c * (p * U - p * (p * U).sum(-1, keepdim=True))
-        valid = _valid(loss_fn, o, targets)
+        valid = valid_samples(loss_fn, o, targets)
         return out if valid is None else out * valid[:, None].to(out.dtype)
     if isinstance(loss_fn, nn.MSELoss):
         return 2.0 * c * U

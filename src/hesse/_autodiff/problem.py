@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from hesse._autodiff.losses import weighted_loss
 
-__all__ = ["Batch", "Parameters", "Problem", "float64_problem"]
+__all__ = ["Batch", "Parameters", "Problem", "float64_problem", "map_tensors", "tensor_leaves"]
 
 Batch = tuple[Any, Tensor | None]
 
@@ -35,28 +35,28 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 
 
-def _tensor_leaves(obj: Any) -> Iterator[Tensor]:
+def tensor_leaves(obj: Any) -> Iterator[Tensor]:
     """Yield the tensors inside a nested tuple/list/dict structure."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _tensor_leaves(v)
+            yield from tensor_leaves(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _tensor_leaves(v)
+            yield from tensor_leaves(v)
 
 
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """Apply ``fn`` to every tensor of a nested tuple/list/dict structure."""
     if isinstance(obj, Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
+        return tuple(map_tensors(v, fn) for v in obj)
     if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
+        return [map_tensors(v, fn) for v in obj]
     return obj
 
 
@@ -337,10 +337,10 @@ class Problem:
         sizes = []
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
-            for t in list(_tensor_leaves(inputs)) + list(_tensor_leaves(targets)):
+            for t in list(tensor_leaves(inputs)) + list(tensor_leaves(targets)):
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise ValueError(f"batch {i} contains NaN or inf")
-            for t in _tensor_leaves(inputs):
+            for t in tensor_leaves(inputs):
                 if t.is_floating_point() and t.dtype != self.dtype:
                     raise TypeError(
                         f"batch {i} has floating-point inputs of dtype {t.dtype}, but the "
@@ -367,7 +367,7 @@ class Problem:
     def _batch_size(inputs: Any, targets: Tensor | None, index: int) -> int:
         if isinstance(targets, Tensor) and targets.ndim >= 1:
             return int(targets.shape[0])
-        leaves = [t for t in _tensor_leaves(inputs) if t.ndim >= 1]
+        leaves = [t for t in tensor_leaves(inputs) if t.ndim >= 1]
         if leaves:
             return int(leaves[0].shape[0])
         raise ValueError(
@@ -427,7 +427,7 @@ class Problem:
             n = self._batch_size(inputs, targets, i)
             seen += n
             yield (
-                _map_tensors(inputs, lambda t: t.to(dev)),
+                map_tensors(inputs, lambda t: t.to(dev)),
                 targets.to(dev) if isinstance(targets, Tensor) else targets,
                 n / self.num_samples if self.reduction == "mean" else 1.0,
             )
@@ -516,12 +516,43 @@ class Problem:
         assert total is not None
         return total
 
+    def promoted(self, dtype: torch.dtype = torch.float64) -> Problem:
+        """The same problem on a copy of the model in ``dtype`` (float64 by default: for
+        solves, counts and log-determinants that need the digits when the model is
+        float32), with the data converted as it is read. The caller's model is not
+        modified."""
+        if dtype == self.dtype:
+            return self
+        model = copy.deepcopy(self.model).to(dtype)
+        return Problem(
+            model,
+            self.loss_fn,
+            _Converted(self._data, dtype),
+            params=self.names,
+            reduction=self.reduction,
+        )
+
     def __repr__(self) -> str:
         return (
             f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
             f"N={self.num_samples}, batches={len(self._sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
+
+
+class _Converted:
+    """An iterable of batches whose floating-point tensors are converted to ``dtype`` as
+    they are read (integer targets such as class labels are kept)."""
+
+    def __init__(self, data: Iterable[Any], dtype: torch.dtype) -> None:
+        self.data, self.dtype = data, dtype
+
+    def __iter__(self) -> Iterator[Any]:
+        def conv(t: Tensor) -> Tensor:
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        for batch in self.data:
+            yield map_tensors(tuple(batch), conv)
 
 
 def float64_problem(

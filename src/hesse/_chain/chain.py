@@ -72,8 +72,9 @@ class Chain:
             raise ValueError(
                 f"the chain solver needs an nn.Sequential model (or stages declared with "
                 f"hesse.Chain([...])); got {type(problem.model).__name__}. For other "
-                "models: hesse.solve(..., method='cg') solves, hesse.eigs finds extreme "
-                "eigenvalues; exact log-determinants and counts need a chain."
+                "models, hesse.factorize's dense and observation-space engines "
+                "(method='auto', 'dense' or 'gram') give exact solves, log-determinants and "
+                "counts, and hesse.solve(..., method='cg') solves at any size."
             )
         self = cls.__new__(cls)
         self._init(problem, flatten_sequential(problem.model), _generic)
@@ -82,6 +83,7 @@ class Chain:
     def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:
         self.problem = problem
         self._memory_estimate: int | None = None
+        self._flops_estimate = 0
         self.generic = generic  # dense derivatives everywhere (the benchmark's baseline)
         sel = problem.parameters
         self.stages: list[Stage] = [make_stage(n, m, sel.within(n), generic) for n, m in modules]
@@ -124,15 +126,26 @@ class Chain:
         from ``a_L`` unit vectors). Delayed directions, which depend on the values, add
         ``m (m + a)`` a stage; the estimate assumes none (the GGN never delays). Sizes
         only: computed once a chain (bisection sweeps the same chain many times)."""
-        if self._memory_estimate is None:
-            self._memory_estimate = self._estimate_memory()
-        return self._memory_estimate
+        return self._estimates()[0]
 
-    def _estimate_memory(self) -> int:
+    def flops_estimate(self) -> int:
+        """Floating-point operations of one sweep, from the same sizes: each stage's pivot
+        factorisation ``n_u^3 / 3``, its coupling ``n_u^2 a_in``, its Schur update
+        ``n_u a_in^2`` and the forming of its blocks ``2 a_out^2 (a_in + n_u)`` (the
+        cost model of `hesse.plan`; delayed directions, which depend on the values, are
+        not counted)."""
+        return self._estimates()[1]
+
+    def _estimates(self) -> tuple[int, int]:
+        if self._memory_estimate is None:
+            self._memory_estimate, self._flops_estimate = self._estimate()
+        return self._memory_estimate, self._flops_estimate
+
+    def _estimate(self) -> tuple[int, int]:
         n = self.inputs.shape[0]
         itemsize = torch.empty((), dtype=self.inputs.dtype).element_size()
         z = self.inputs.detach()
-        stored, transient = 0, 0
+        stored, transient, flops = 0, 0, 0
         with torch.no_grad():
             for index, stage in enumerate(self.stages):
                 # the first stage has no state (dz_0 = 0): no coupling, no Q_zz
@@ -141,6 +154,7 @@ class Chain:
                 a_out, p = z.numel(), stage.num_params
                 if p == 0:
                     transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
+                    flops += 2 * a_out * a_out * a_in
                     continue
                 n_u = stage.pivot_size(a_out)
                 wide = n_u < p
@@ -148,9 +162,11 @@ class Chain:
                 blocks = a_out * a_out + 2 * a_in * a_in + a_out * a_in
                 blocks += 2 * n_u * a_in + (0 if wide else 2 * p * p + a_out * p)
                 transient = max(transient, blocks)
+                flops += n_u**3 // 3 + n_u * n_u * a_in + n_u * a_in * a_in
+                flops += 2 * a_out * a_out * (a_in + n_u)
         a_L = z.numel()
         transient = max(transient, 3 * a_L * a_L)  # the loss Hessian: eye, grads, result
-        return itemsize * (stored + transient)
+        return itemsize * (stored + transient), flops
 
     # ------------------------------------------------------------------------- passes
     def forward_backward(self) -> tuple[list[Tensor], list[Tensor]]:

@@ -13,8 +13,6 @@ one, e.g. a wide ``Linear`` stage's (W1)-(W4); `hesse._chain.stages`).
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +24,9 @@ from hesse._chain.pivots import Elimination, StageElimination, SweepState
 from hesse._chain.stages import Stage, StageDerivatives
 from hesse._linalg.base import Factorization, PivotSummary
 from hesse._linalg.results import FactorizationStatus
-from hesse._util.checks import check_curvature
-from hesse._util.memory import check_memory
 from hesse._util.progress import progress_bar
 
-__all__ = ["ChainFactorization", "as_chain", "factorize", "promoted"]
+__all__ = ["ChainFactorization", "as_chain", "promoted"]
 
 
 # ----------------------------------------------------------------------------- factorisation
@@ -61,6 +57,13 @@ class ChainFactorization(Factorization):
         curvature: ``"hessian"`` or ``"ggn"``.
         num_params: ``P``.
         status: a `FactorizationStatus`.
+
+    Cost: time and memory linear in the number of stages, ``O(a^3 + p^3 + a p (a + p))``
+    per stage for ``a`` activations (batch x width) and ``p`` parameters; a ``Linear``
+    stage with ``p > a`` (batch below its fan-in) costs ``O(a^3 + a p)``. Pivots that
+    fail the threshold test are delayed to the stage before (``m`` of them add ``m`` to
+    that stage's pivot size; ``status.max_delayed``). Reference: design note
+    ``docs/design/chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class ChainFactorization(Factorization):
         curvature: str,
         progress: bool | None = None,
         rank_rtol: float | None = None,
+        *,
+        linearisation: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> None:
         self.chain, self.damping, self.curvature = chain, float(damping), curvature
         self.problem = chain.problem
@@ -80,7 +85,7 @@ class ChainFactorization(Factorization):
             10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
         )
         gn = curvature == "ggn"
-        zs, lams = chain.forward_backward()
+        zs, lams = chain.forward_backward() if linearisation is None else linearisation
         stages = chain.stages
         # the loss stage: S_L = 0, so S_{L-1} = Q_zz = the loss Hessian
         loss_d = chain.loss_stage.derivatives(zs[-1], lams[-1])
@@ -235,69 +240,3 @@ def promoted(chain: Chain) -> Chain:
     prob = chain.problem
     p64 = float64_problem(prob.model, prob.loss_fn, chain.inputs, chain.targets, prob.names)
     return Chain.from_problem(p64, _generic=chain.generic)
-
-
-def factorize(
-    problem_or_chain: Problem | Chain,
-    damping: float = 0.0,
-    curvature: str = "hessian",
-    *,
-    promote: bool = True,
-    rank_rtol: float | None = None,
-    progress: bool | None = None,
-) -> ChainFactorization:
-    """Run the backward sweep once for ``C + eps I`` (``C`` the Hessian or the GGN).
-
-    Args:
-        problem_or_chain: a `Chain`, or a `Problem` whose model is an ``nn.Sequential``.
-        damping: ``eps`` (may be negative: ``eps = -sigma`` counts eigenvalues below
-            ``sigma``).
-        curvature: ``"hessian"`` or ``"ggn"``.
-        promote: a model in another dtype than float64 (float32, bfloat16) is factored
-            on a float64 copy (default; answers come back in the model's dtype);
-            ``False`` runs in the model's dtype, with a warning: solves and counts then
-            lose digits in proportion to the conditioning.
-        rank_rtol: pivots at most ``rank_rtol * scale`` count as zero eigenvalues
-            (default ``10 P u``, ``u`` the unit roundoff: numpy's ``matrix_rank``
-            tolerance with a margin for the elimination's growth).
-        progress: a bar over the stages (default: when stderr is a terminal and the
-            sweep takes over a second).
-
-    Returns:
-        a `ChainFactorization` with ``.solve(v)``, ``.logdet()``, ``.inertia()`` and
-        ``.status`` (pivot kinds, delayed directions, growth, inertia).
-
-    Cost: time and memory linear in the number of stages, ``O(a^3 + p^3 + a p (a + p))``
-    per stage for ``a`` activations (batch x width) and ``p`` parameters; a ``Linear``
-    stage with ``p > a`` (batch below its fan-in) costs ``O(a^3 + a p)``. Pivots that
-    fail the threshold test are delayed to the stage before (``m`` of them add ``m`` to
-    that stage's pivot size; ``status.max_delayed``). Reference: design note
-    ``docs/design/chain-curvature.md``; A. Rahimi, arXiv 2601.06096.
-    """
-    check_curvature(curvature)
-    if not math.isfinite(float(damping)):
-        raise ValueError(f"damping must be a finite number; got {damping}")
-    if rank_rtol is not None and not (0 <= float(rank_rtol) < 1):
-        raise ValueError(f"rank_rtol must be in [0, 1); got {rank_rtol}")
-    chain = as_chain(problem_or_chain)
-    out_dtype = chain.problem.dtype
-    if out_dtype != torch.float64:
-        if promote:
-            chain = promoted(chain)
-        else:
-            warnings.warn(
-                f"the chain solver runs in {out_dtype}; float64 is recommended for "
-                "solves and log-determinants (promote=True, the default, computes in "
-                "float64)",
-                stacklevel=2,
-            )
-    check_memory(
-        chain.memory_estimate(),
-        f"the chain sweep ({chain.inputs.shape[0]} samples, P = {chain.num_params})",
-        "its state is (samples x width)^2 a stage: use fewer samples (a curvature batch), "
-        "or hesse.solve(..., method='cg') for solves without the exact factorisation",
-        chain.inputs.device,
-    )
-    f = ChainFactorization(chain, damping, curvature, progress, rank_rtol)
-    f._out_dtype = out_dtype
-    return f

@@ -1,5 +1,5 @@
 """Exact eigenvalue counts and certified eigenvalues of curvature matrices, from the
-stable chain sweep's inertia (Sylvester's law of inertia): counts below a value,
+exact factorisations' inertia (Sylvester's law of inertia): counts below a value,
 histograms over bins, and the ``k``-th eigenvalue by bisection on counts."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import as_chain, factorize, promoted
+from hesse._linalg.factorize import Engine, engine, factorize
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.lanczos import eigs
 from hesse._util.progress import progress_bar
@@ -28,57 +28,65 @@ def count_eigenvalues(
     below: float,
     curvature: str = "hessian",
     *,
+    method: str = "auto",
     rank_rtol: float | None = None,
     progress: bool | None = None,
 ) -> int:
     """The exact number of eigenvalues of ``C`` below ``sigma`` (``below``): the
-    negative inertia of ``C - sigma I`` (Sylvester), from one stable chain sweep.
+    negative inertia of ``C - sigma I`` (Sylvester), from one stable factorisation
+    (`hesse.factorize`; ``method`` picks the engine, ``"auto"`` the cheapest).
 
     Eigenvalues within the rank tolerance of ``sigma`` (``rank_rtol`` times the scale
     of ``C - sigma I``, see `factorize`) count as equal to it, not below: so
     ``below=0.0`` counts the negative eigenvalues of a rank-deficient Hessian and leaves
-    its exact zeros out. Every other eigenvalue is counted exactly (up to the sweep's
-    backward error, about ``1e-13 ||C||`` in float64).
+    its exact zeros out. Every other eigenvalue is counted exactly (up to the
+    factorisation's backward error, about ``1e-13 ||C||`` in float64).
     """
     sigma = float(below)
     if not math.isfinite(sigma):
         raise ValueError(f"below must be a finite number; got {below}")
-    return (
-        factorize(problem, -sigma, curvature, rank_rtol=rank_rtol, progress=progress)
-        .inertia()
-        .negative
-    )
+    f = factorize(problem, -sigma, curvature, method=method, rank_rtol=rank_rtol, progress=progress)
+    return f.inertia().negative
+
+
+def _counter(eng: Engine) -> Callable[[float], int]:
+    """``sigma -> #{lambda < sigma}`` from one engine (``C`` prepared once)."""
+
+    def count(sigma: float) -> int:
+        return eng.factor(-float(sigma)).inertia().negative
+
+    return count
 
 
 def eigenvalue_histogram(
-    problem: Problem | Chain, edges: Sequence[float] | Tensor, curvature: str = "hessian"
+    problem: Problem | Chain,
+    edges: Sequence[float] | Tensor,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
 ) -> Tensor:
-    """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the chain
-    sweep's counts (one sweep per edge), for models that are chains.
+    """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the counts of one
+    engine (``C`` prepared once, one factorisation per edge).
 
     Returns ``(len(edges) - 1,)`` integer counts.
     """
     e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
     if len(e) < 2 or any(not b > a for a, b in itertools.pairwise(e)):
         raise ValueError(f"edges must be at least two strictly increasing numbers; got {e}")
-    chain = _float64_chain(problem)
-    below = [count_eigenvalues(chain, x, curvature) for x in e]
+    count = _counter(engine(problem, curvature, method=method))
+    below = [count(x) for x in e]
     return torch.tensor([b - a for a, b in itertools.pairwise(below)])
 
 
-def _float64_chain(problem: Problem | Chain) -> Chain:
-    """The chain in float64 (promoted once, not once a sweep)."""
-    chain = as_chain(problem)
-    return chain if chain.problem.dtype == torch.float64 else promoted(chain)
-
-
-def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, float, float, float]:
+def _spectral_bracket(
+    eng: Engine, curvature: str, k: int, count: Callable[[float], int]
+) -> tuple[float, float, float, float]:
     """``(lo, hi, theta, r)``: an interval holding the whole spectrum, certified by
     counts (``count(lo) = 0``, ``count(hi) = P``), and the Lanczos estimate of the wanted
     eigenvalue with its residual norm (``nan`` for an interior ``k``): an eigenvalue lies
     within ``r`` of ``theta``, and the extreme Ritz values lie inside the spectrum."""
-    P = chain.num_params
-    op = curvature_operator(chain.problem, curvature)
+    P = eng.problem.num_params
+    op = curvature_operator(eng.problem, curvature)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a rough estimate is enough here
         gen = torch.Generator().manual_seed(0)
@@ -90,13 +98,13 @@ def _spectral_bracket(chain: Chain, curvature: str, k: int) -> tuple[float, floa
     lo, hi = lmin - rmin - 1e-3 * norm, lmax + rmax + 1e-3 * norm
     # certify with counts, widening until they hold (Ritz values lie inside the spectrum)
     for _ in range(64):
-        if count_eigenvalues(chain, lo, curvature) == 0:
+        if count(lo) == 0:
             break
         lo -= max(hi - lo, norm)
     else:
         raise ArithmeticError(f"no lower bound of the spectrum found (last tried {lo:.3e})")
     for _ in range(64):
-        if count_eigenvalues(chain, hi, curvature) == P:
+        if count(hi) == P:
             break
         hi += max(hi - lo, norm)
     else:
@@ -113,9 +121,10 @@ def eigenvalue(
     tol: float = 1e-10,
     bounds: tuple[float, float] | None = None,
     progress: bool | None = None,
+    method: str = "auto",
 ) -> float:
     """The ``k``-th smallest eigenvalue of ``C`` (``k = 1`` the smallest, ``k = P`` the
-    largest), certified by exact eigenvalue counts (one chain sweep each).
+    largest), certified by exact eigenvalue counts (one factorisation each).
 
     The spectrum is bracketed by Lanczos (`eigs`, a few dozen operator products) and
     the bracket certified by two counts; the smallest and largest eigenvalues start
@@ -123,7 +132,9 @@ def eigenvalue(
     found by bisection on counts. Which tool answers which question: `eigs` for a few
     extreme eigenpairs (fast, not certified), `eigenvalue` for one eigenvalue, any ``k``,
     certified to ``tol``; `count_eigenvalues` / `eigenvalue_histogram` for how many lie
-    below a value or in bins.
+    below a value or in bins. One engine serves every count (``method``, as for
+    `hesse.factorize`): the dense matrix, the kernel or the chain's linearisation is
+    prepared once.
 
     Args:
         k: an integer, ``1 <= k <= P``.
@@ -135,18 +146,16 @@ def eigenvalue(
 
     Cost: two Lanczos runs and ``O(log2(width / tol))`` sweeps, at most 200.
     """
-    chain = _float64_chain(problem)  # promoted once, not once a sweep
-    P = chain.num_params
+    eng = engine(problem, curvature, method=method)  # C prepared once, not once a count
+    P = eng.problem.num_params
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
         raise ValueError(f"k must be in [1, {P}], an integer; got {k!r}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number; got {tol!r}")
 
-    def count(sigma: float) -> int:  # eigenvalues < sigma
-        return count_eigenvalues(chain, sigma, curvature, progress=False)
-
+    count = _counter(eng)
     if bounds is None:
-        lo, hi, scale = _bracket(chain, curvature, int(k), tol, count)
+        lo, hi, scale = _bracket(eng, curvature, int(k), tol, count)
     else:
         lo, hi = (float(x) for x in bounds)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -158,12 +167,12 @@ def eigenvalue(
 
 
 def _bracket(
-    chain: Chain, curvature: str, k: int, tol: float, count: Callable[[float], int]
+    eng: Engine, curvature: str, k: int, tol: float, count: Callable[[float], int]
 ) -> tuple[float, float, float]:
     """An interval certified by counts to hold ``lambda_k`` (the whole spectrum, or, for
     an extreme eigenvalue, ``[theta - r, theta]`` from its Ritz value and residual when
     the counts confirm it: ``lambda_1`` lies there), and the spectrum's scale."""
-    lo, hi, theta, r = _spectral_bracket(chain, curvature, k)
+    lo, hi, theta, r = _spectral_bracket(eng, curvature, k, count)
     scale = max(abs(lo), abs(hi))
     if math.isfinite(theta):  # an extreme eigenvalue: lambda_1 in [theta - r, theta]
         pad = 0.5 * tol * scale

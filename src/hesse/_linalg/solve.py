@@ -1,5 +1,5 @@
-"""Solves, log-determinants, eigenvalue counts and Newton steps for curvature matrices:
-one entry point each, with the chain solver, Krylov methods or a dense reference."""
+"""Solves, log-determinants, inertia and Newton steps for curvature matrices: one entry
+point each, through the exact engines of `hesse.factorize` or Krylov methods."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from torch import Tensor
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import factorize
+from hesse._linalg.factorize import METHODS, factorize
 from hesse._linalg.results import Inertia
 from hesse._operators.curvature import curvature_operator
 from hesse._util.checks import check_curvature
+from hesse._util.memory import MemoryBudgetError
 
 __all__ = [
     "NewtonStep",
@@ -32,16 +33,6 @@ __all__ = [
 
 def _problem_of(obj: Problem | Chain) -> Problem:
     return obj.problem if isinstance(obj, Chain) else obj
-
-
-def _chainable(obj: Problem | Chain) -> bool:
-    if isinstance(obj, Chain):
-        return True
-    try:
-        Chain.from_problem(obj)
-    except (ValueError, TypeError):
-        return False
-    return True
 
 
 def solve(
@@ -61,29 +52,27 @@ def solve(
         v: ``(P,)``, ``(P, k)`` or a list of per-parameter tensors (same form returned).
         damping: ``eps``.
         curvature: ``"hessian"`` or ``"ggn"``.
-        method: ``"chain"`` (exact, linear in depth; ``nn.Sequential`` models),
-            ``"cg"`` (conjugate gradients on the GGN with ``eps > 0``, MINRES otherwise,
-            on the matrix-free operator: any model), ``"dense"`` (the reference: dense
-            matrix and ``torch.linalg.solve``), or ``"auto"`` (chain when the model is a
-            chain, else cg).
+        method: an exact engine of `hesse.factorize` (``"dense"``, ``"gram"``,
+            ``"chain"``), refined until the residual checks; ``"cg"`` (conjugate
+            gradients on the GGN with ``eps > 0``, MINRES otherwise, on the matrix-free
+            operator: any model, any size); or ``"auto"`` (the cheapest exact engine that
+            fits in memory, else cg).
         rtol, maxiter: stopping rule of the Krylov methods (``scipy.sparse.linalg``
             conventions); a warning reports the residual when they do not converge.
     """
     check_curvature(curvature)
     if method == "auto":
-        method = "chain" if _chainable(problem) else "cg"
-    if method == "chain":
-        return factorize(problem, damping, curvature).solve(v)
+        try:
+            return factorize(problem, damping, curvature, method="auto").solve(v)
+        except MemoryBudgetError:
+            method = "cg"
+    if method in METHODS:
+        return factorize(problem, damping, curvature, method=method).solve(v)
+    if method != "cg":
+        raise ValueError(f"method must be 'auto', 'dense', 'gram', 'chain' or 'cg'; got {method!r}")
     prob = _problem_of(problem)
     as_list = isinstance(v, (list, tuple))
-    V = prob.as_flat(v, "v")
-    if method == "dense":
-        C = curvature_operator(prob, curvature).to_dense()
-        x = torch.linalg.solve(C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device), V)
-    elif method == "cg":
-        x = _krylov(prob, V, damping, curvature, rtol, maxiter)
-    else:
-        raise ValueError(f"method must be 'auto', 'chain', 'cg' or 'dense'; got {method!r}")
+    x = _krylov(prob, prob.as_flat(v, "v"), damping, curvature, rtol, maxiter)
     return prob.unflatten(x) if as_list else x
 
 
@@ -115,17 +104,27 @@ def _krylov(
 
 
 def logdet(
-    problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian"
+    problem: Problem | Chain,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
 ) -> tuple[float, float]:
-    """``(sign, log|det(C + eps I)|)`` from the chain sweep, as ``torch.linalg.slogdet``
-    (``(0.0, -inf)`` for a singular matrix)."""
-    return factorize(problem, damping, curvature).logdet()
+    """``(sign, log|det(C + eps I)|)`` from an exact factorisation (`hesse.factorize`),
+    as ``torch.linalg.slogdet`` (``(0.0, -inf)`` for a singular matrix)."""
+    return factorize(problem, damping, curvature, method=method).logdet()
 
 
-def inertia(problem: Problem | Chain, damping: float = 0.0, curvature: str = "hessian") -> Inertia:
-    """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (chain sweep;
-    zero under the rank tolerance of `factorize`)."""
-    return factorize(problem, damping, curvature).inertia()
+def inertia(
+    problem: Problem | Chain,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
+) -> Inertia:
+    """Counts of negative, zero and positive eigenvalues of ``C + eps I`` (an exact
+    factorisation; zero under the rank tolerance of `factorize`)."""
+    return factorize(problem, damping, curvature, method=method).inertia()
 
 
 class NewtonStep(NamedTuple):

@@ -114,10 +114,12 @@ class CurvatureOperator:
         budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         P = self.problem.num_params
-        per_col = 4 * itemsize * (P + self._activation_numel())
+        per_col = 4 * itemsize * (P + self.activation_numel())
         return max(1, min(P, budget // max(per_col, 1)))
 
-    def _activation_numel(self) -> int:
+    def activation_numel(self) -> int:
+        """Numbers in one forward pass over the first batch (every module's output),
+        measured once: the unit of the working-memory estimates."""
         if not hasattr(self, "_act_numel"):
             numel = 0
 
@@ -188,7 +190,7 @@ class CurvatureOperator:
         chunk = self.chunk_size(max_memory)
         # measured (tests/test_memory.py): a column costs about two parameter vectors and
         # two sets of activations while its chunk is in flight
-        per_col = 2 * itemsize * (P + self._activation_numel())
+        per_col = 2 * itemsize * (P + self.activation_numel())
         return P * P * itemsize + chunk * per_col
 
     def block(self, row: str, col: str, max_memory: int | None = None) -> Tensor:

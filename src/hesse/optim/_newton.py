@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from hesse._autodiff.problem import Problem
-from hesse._chain.factorization import factorize
 from hesse._linalg.eigen import eigenvalue
+from hesse._linalg.factorize import METHODS, factorize
 from hesse._operators.curvature import HessianOperator, curvature_operator
 from hesse._spectral.lanczos import eigs
 from hesse._util.checks import check_curvature
@@ -28,15 +28,15 @@ from hesse.optim._parts import (
     trust_region_subproblem,
 )
 
-__all__ = ["ChainNewton", "saddle_free_direction", "smallest_eigenpair"]
+__all__ = ["ChainNewton", "Newton", "saddle_free_direction", "smallest_eigenpair"]
 
 
-def smallest_eigenpair(prob: Problem, curvature: str) -> tuple[float, Tensor]:
+def smallest_eigenpair(prob: Problem, curvature: str, method: str = "auto") -> tuple[float, Tensor]:
     """The smallest eigenvalue of ``C`` (bisection on exact counts) and a unit eigenvector
-    (four steps of inverse iteration with the chain solver just below it)."""
-    lam1 = eigenvalue(prob, 1, curvature, tol=1e-10)
+    (four steps of inverse iteration with an exact factorisation just below it)."""
+    lam1 = eigenvalue(prob, 1, curvature, tol=1e-10, method=method)
     shift = -lam1 + 1e-7 * max(1.0, abs(lam1))
-    f = factorize(prob, shift, curvature)  # nearly singular by design
+    f = factorize(prob, shift, curvature, method=method)  # nearly singular by design
     u = torch.randn(
         prob.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     ).to(prob.dtype)
@@ -59,25 +59,29 @@ def saddle_free_direction(
     return -V @ ((V.T @ g) / (L.abs() + damping)), hop
 
 
-class ChainNewton(SecondOrderOptimizer):
-    """Exact damped Gauss-Newton (default) or Newton steps from the chain solver, for
-    ``nn.Sequential`` models: ``d = -(C + lam I)^-1 g`` solved exactly in time linear in
-    depth, with Levenberg-Marquardt damping adapted by the reduction ratio.
+class Newton(SecondOrderOptimizer):
+    """Exact damped Gauss-Newton (default) or Newton steps: ``d = -(C + lam I)^-1 g``
+    solved exactly by the cheapest engine of `hesse.factorize` (dense, observation space
+    or chain; ``method``), with Levenberg-Marquardt damping adapted by the reduction
+    ratio.
 
     Options:
+        method: the engine, ``"auto"`` (default: the fastest that fits, by
+            `hesse.plan`), ``"dense"``, ``"gram"`` (the GGN of CE / MSE / BCE) or
+            ``"chain"`` (``nn.Sequential``).
         trust_region: an initial radius; each step then solves the trust-region
-            subproblem exactly (Moré-Sorensen: the chain sweep's exact inertia tells
-            whether ``C + lam I`` is positive definite, the hard case included) and adapts
-            the radius by the reduction ratio (`trust_radius_update`).
+            subproblem exactly (Moré-Sorensen: the exact inertia tells whether
+            ``C + lam I`` is positive definite, the hard case included) and adapts the
+            radius by the reduction ratio (`trust_radius_update`).
         saddle_free: ``k``; the step is `saddle_free_direction`.
         params_or_model, loss_fn, model, params, weight_decay, decoupled_weight_decay:
             see `SecondOrderOptimizer`. L2 weight decay must be the same for every
-            parameter here: the exact factorisation takes one scalar shift,
+            parameter here: an exact factorisation takes one scalar shift,
             ``C + (lam + wd) I``.
 
     Usage::
 
-        opt = hesse.optim.ChainNewton(model, loss_fn, damping=1e-2)
+        opt = hesse.optim.Newton(model, loss_fn, damping=1e-2)
         opt.step(closure, curvature_batch=(X, y))     # the data of the curvature
     """
 
@@ -93,6 +97,7 @@ class ChainNewton(SecondOrderOptimizer):
         lr: float = 1.0,
         damping: float = 1e-2,
         curvature: str = "ggn",
+        method: str = "auto",
         adapt_damping: bool = True,
         line_search: bool = True,
         trust_region: float | None = None,
@@ -100,20 +105,17 @@ class ChainNewton(SecondOrderOptimizer):
         saddle_free: int | None = None,
     ) -> None:
         check_curvature(curvature)
+        if method not in ("auto", *METHODS):
+            raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
         if damping < 0 or lr <= 0:
             raise ValueError("damping must be >= 0 and lr > 0")
         if trust_region is not None and trust_region <= 0:
             raise ValueError(f"trust_region radius must be positive; got {trust_region}")
-        the_model = params_or_model if isinstance(params_or_model, nn.Module) else model
-        if not isinstance(the_model, nn.Sequential):
-            raise ValueError(
-                "ChainNewton needs an nn.Sequential model (a chain); use "
-                "HessianFree for other models"
-            )
         defaults = {
             "lr": lr,
             "damping": damping,
             "curvature": curvature,
+            "method": method,
             "adapt_damping": adapt_damping,
             "line_search": line_search,
             "radius": trust_region,
@@ -131,9 +133,9 @@ class ChainNewton(SecondOrderOptimizer):
         )
         if self.l2 and not bool((self._wd == self._wd[0]).all()):
             raise ValueError(
-                "ChainNewton with L2 weight decay needs one weight_decay for every parameter "
-                "(the exact factorisation takes one scalar shift C + (damping + wd) I); use "
-                "decoupled_weight_decay=True, or HessianFree for per-group decay"
+                f"{type(self).__name__} with L2 weight decay needs one weight_decay for every "
+                "parameter (an exact factorisation takes one scalar shift C + (damping + wd) I); "
+                "use decoupled_weight_decay=True, or HessianFree for per-group decay"
             )
 
     def _shift(self) -> float:
@@ -142,7 +144,7 @@ class ChainNewton(SecondOrderOptimizer):
 
     def _smallest(self, prob: Problem, curvature: str) -> tuple[float, Tensor]:
         """`smallest_eigenpair` of the step's curvature (the L2 term shifts it)."""
-        lam1, u = smallest_eigenpair(prob, curvature)
+        lam1, u = smallest_eigenpair(prob, curvature, self.param_groups[0]["method"])
         return lam1 + self._shift(), u
 
     def step(  # type: ignore[override]
@@ -154,7 +156,7 @@ class ChainNewton(SecondOrderOptimizer):
             if curvature_batch is not None:
                 raise TypeError("pass the curvature data once, as curvature_batch=")
             warnings.warn(
-                "ChainNewton.step(batch=...) is now curvature_batch=, as in HessianFree",
+                f"{type(self).__name__}.step(batch=...) is now curvature_batch=, as in HessianFree",
                 DeprecationWarning,
                 stacklevel=3,  # the user's call (torch.optim wraps step)
             )
@@ -195,6 +197,7 @@ class ChainNewton(SecondOrderOptimizer):
         L2 term included) and what to log."""
         group = self.param_groups[0]
         curvature, lam, shift = group["curvature"], group["damping"], self._shift()
+        method = group["method"]
         op = curvature_operator(prob, curvature)
         info: dict[str, Any] = {}
         if group["saddle_free"]:
@@ -203,13 +206,14 @@ class ChainNewton(SecondOrderOptimizer):
             tr = trust_region_subproblem(
                 g,
                 group["radius"],
-                lambda s: factorize(prob, s + shift, curvature),  # near -lambda_1 by design
+                # near -lambda_1 by design
+                lambda s: factorize(prob, s + shift, curvature, method=method),
                 lambda: self._smallest(prob, curvature),
             )
             d = tr.step
             info |= {"multiplier": tr.lam, "hard_case": tr.hard_case}
         else:
-            d = factorize(prob, lam + shift, curvature).solve(-g)
+            d = factorize(prob, lam + shift, curvature, method=method).solve(-g)
         return d, (lambda v: op @ v + self.curvature_term(v)), info
 
     # ------------------------------------------------------------------ acceptance
@@ -248,3 +252,30 @@ class ChainNewton(SecondOrderOptimizer):
             float(g @ d),
             alpha0=0.5 * group["lr"],
         )
+
+
+class ChainNewton(Newton):
+    """`Newton` on the chain engine (``method="chain"``), for ``nn.Sequential`` models:
+    each step's exact factorisation in time linear in depth. Arguments as `Newton`.
+
+    Usage::
+
+        opt = hesse.optim.ChainNewton(model, loss_fn, damping=1e-2)
+        opt.step(closure, curvature_batch=(X, y))
+    """
+
+    def __init__(
+        self,
+        params_or_model: nn.Module | Iterable[Any],
+        loss_fn: Any = None,
+        *,
+        method: str = "chain",
+        **kwargs: Any,
+    ) -> None:
+        model = params_or_model if isinstance(params_or_model, nn.Module) else kwargs.get("model")
+        if not isinstance(model, nn.Sequential):
+            raise ValueError(
+                "ChainNewton needs an nn.Sequential model (a chain); use Newton "
+                "(any exact engine) or HessianFree for other models"
+            )
+        super().__init__(params_or_model, loss_fn, method=method, **kwargs)

@@ -1,0 +1,446 @@
+"""One exact factorisation of ``C + eps I``, three engines, chosen by cost.
+
+- ``"dense"`` (`hesse._linalg.dense`): ``C`` formed in column chunks, factored by
+  Cholesky / Bunch-Kaufman / eigen tiers: ``O(P^3)``, ``O(P^2)`` memory.
+- ``"gram"`` (`hesse._linalg.gram`, GGN only): Woodbury in observation space,
+  ``O(M^3 + M P)`` for ``M`` samples times outputs.
+- ``"chain"`` (`hesse._chain.factorization`): the stable Riccati sweep, linear in depth,
+  for ``nn.Sequential`` models.
+
+`plan` predicts, before any heavy work, each applicable engine's flops, peak memory and
+time on this machine (from a one-off calibration of matrix-product and factorisation
+speed and one timed product of the problem), and which one ``"auto"`` picks: the fastest
+that fits the memory budget. `engine` builds the chosen engine once (the dense matrix,
+the kernel or the chain's linearisation), and `Engine.factor` factors ``C + eps I`` for
+any number of dampings; `factorize` does both for one damping.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from hesse._autodiff import products
+from hesse._autodiff.problem import Problem
+from hesse._chain.chain import Chain
+from hesse._chain.factorization import ChainFactorization, as_chain, promoted
+from hesse._linalg.base import Factorization
+from hesse._linalg.dense import DenseEngine
+from hesse._linalg.gram import GramEngine, GramNotApplicableError, _linear_modules
+from hesse._operators.curvature import curvature_operator
+from hesse._util.checks import check_curvature
+from hesse._util.memory import BUDGET_FRACTION, MemoryBudgetError, available_memory, format_bytes
+
+__all__ = ["METHODS", "ChainEngine", "EngineCost", "Plan", "engine", "factorize", "plan"]
+
+METHODS = ("dense", "gram", "chain")
+
+
+class Engine(Protocol):
+    """What every engine offers: ``C`` prepared once, ``factor(damping)`` for each
+    ``eps``."""
+
+    method: str
+    problem: Problem
+
+    def factor(self, damping: float, rank_rtol: float | None = None) -> Factorization: ...
+
+
+class ChainEngine:
+    """The chain sweep as an engine: the chain and its linearisation (one forward and one
+    backward pass: every stage's input and output adjoint) are kept, so each damping costs
+    one sweep."""
+
+    method = "chain"
+
+    def __init__(self, chain: Chain, curvature: str, progress: bool | None = None) -> None:
+        self.chain, self.problem, self.curvature, self.progress = (
+            chain,
+            chain.problem,
+            curvature,
+            progress,
+        )
+        self._linearisation: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def factor(self, damping: float, rank_rtol: float | None = None) -> ChainFactorization:
+        if self._linearisation is None:
+            self._linearisation = self.chain.forward_backward()
+        return ChainFactorization(
+            self.chain,
+            damping,
+            self.curvature,
+            self.progress,
+            rank_rtol,
+            linearisation=self._linearisation,
+        )
+
+
+# ----------------------------------------------------------------------------- calibration
+@functools.cache
+def _rates(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """Flops per second of a matrix product and of a Cholesky factorisation on this
+    device and dtype, measured once a process (best of three, ``n = 384``)."""
+    n = 384
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    S = A @ A.T + n * torch.eye(n, dtype=dtype, device=device)
+
+    def best(fn: Any) -> float:
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return max(min(ts), 1e-9)
+
+    gemm = 2 * n**3 / best(lambda: A @ A)
+    chol = (n**3 / 3) / best(lambda: torch.linalg.cholesky(S))
+    return gemm, chol
+
+
+def _product_seconds(problem: Problem, curvature: str) -> float:
+    """Seconds per column of the curvature's product, measured on 8 columns at once
+    (one warm-up): the unit of the dense engine's ``P`` products."""
+    op = curvature_operator(problem, curvature)
+    V = torch.zeros(problem.num_params, 8, dtype=problem.dtype, device=problem.device)
+    V[0] = 1.0
+    op.matmat(V[:, :1])
+    t0 = time.perf_counter()
+    op.matmat(V)
+    return (time.perf_counter() - t0) / 8
+
+
+def _gradient_seconds(problem: Problem) -> float:
+    t0 = time.perf_counter()
+    products.gradient(problem)
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class EngineCost:
+    """One engine's predicted cost: ``flops``, peak ``memory`` (bytes) and ``seconds``;
+    ``reason`` says why it does not apply (``applies`` is then ``False``)."""
+
+    method: str
+    applies: bool
+    flops: float = math.nan
+    memory: float = math.nan
+    seconds: float = math.nan
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    """`plan`'s answer: each engine's `EngineCost`, the memory budget and ``choice`` (the
+    fastest engine that applies and fits, ``None`` when none does). ``print(plan)``
+    shows the table."""
+
+    curvature: str
+    num_params: int
+    num_outputs: int
+    budget: float
+    costs: dict[str, EngineCost] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> list[str]:
+        return [m for m, c in self.costs.items() if c.applies and c.memory <= self.budget]
+
+    @property
+    def choice(self) -> str | None:
+        ok = self.feasible
+        return min(ok, key=lambda m: self.costs[m].seconds) if ok else None
+
+    def __str__(self) -> str:
+        lines = [
+            f"exact factorisation of {self.curvature} + eps I: P = {self.num_params}, "
+            f"samples x outputs M = {self.num_outputs}, memory budget "
+            f"{format_bytes(self.budget)}",
+            f"  {'engine':<7}{'GFLOP':>10}{'memory':>12}{'predicted':>12}",
+        ]
+        for m, c in self.costs.items():
+            if not c.applies:
+                lines.append(f"  {m:<7}  does not apply: {c.reason}")
+                continue
+            mark = " <- auto" if m == self.choice else ""
+            over = "  (over budget)" if c.memory > self.budget else ""
+            lines.append(
+                f"  {m:<7}{c.flops / 1e9:>10.3g}{format_bytes(c.memory):>12}"
+                f"{c.seconds:>10.3g} s{mark}{over}"
+            )
+        return "\n".join(lines)
+
+
+def _activations(problem: Problem) -> int:
+    """Numbers in the forward pass over all the data (the outputs of every module)."""
+    return curvature_operator(problem, "hessian").activation_numel() * len(problem.batch_sizes)
+
+
+def _dense_cost(
+    problem: Problem, curvature: str, rates: tuple[float, float], col: float
+) -> EngineCost:
+    P = problem.num_params
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    op = curvature_operator(problem, curvature)
+    build = op.dense_memory() - P * P * item  # the column chunks' working memory
+    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3  # Cholesky; LU + LDL^T
+    memory = 4 * P * P * item + build  # C, the shifted copy, two factors
+    seconds = P * col + factor_flops / rates[1]
+    return EngineCost("dense", True, factor_flops + 0.0, memory, seconds)
+
+
+def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
+    """``(N, m, linear work, other parameters)``: samples, outputs a sample, the flops of
+    the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers."""
+    inputs, _t, _w = next(iter(problem.batches()))
+    with torch.no_grad():
+        o = problem.outputs([p.detach() for p in problem.params], inputs)
+    if not isinstance(o, Tensor):
+        raise GramNotApplicableError("the model's output is not one tensor")
+    N, m = problem.num_samples, int(o[0].numel())
+    M = N * m
+    linear = _linear_modules(problem)
+    covered, work = 0, 0
+    for name, mod in linear.items():
+        head = f"{name}." if name else ""
+        for suffix in ("weight", "bias"):
+            if f"{head}{suffix}" in problem.slices:
+                covered += (
+                    problem.slices[f"{head}{suffix}"].stop - problem.slices[f"{head}{suffix}"].start
+                )
+        work += 2 * (N * N * mod.in_features + M * M * mod.out_features)
+    return N, m, work, problem.num_params - covered
+
+
+def _gram_cost(
+    problem: Problem, curvature: str, rates: tuple[float, float], grad: float
+) -> EngineCost:
+    try:
+        if curvature != "ggn":
+            raise GramNotApplicableError("the observation-space engine factors the GGN only")
+        from hesse._autodiff import losses
+
+        losses.fisher_loss(problem.loss_fn)
+        N, m, work, rest = _gram_sizes(problem)
+    except (GramNotApplicableError, NotImplementedError) as err:
+        return EngineCost("gram", False, reason=str(err).split(";")[0])
+    M, P = N * m, problem.num_params
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
+    flops = kernel_flops + M**3 / 3
+    memory = item * (4 * M * M + M * rest + (m + 3) * _activations(problem))
+    seconds = m * grad + M * grad * (rest > 0) + kernel_flops / rates[0] + (M**3 / 3) / rates[1]
+    if M >= P:
+        seconds += P**3 / rates[1]  # no smaller than the dense problem: never preferred
+    return EngineCost("gram", True, flops, memory, seconds)
+
+
+def _chain_cost(
+    problem: Problem | Chain, curvature: str, rates: tuple[float, float], grad: float
+) -> tuple[EngineCost, Chain | None]:
+    try:
+        chain = as_chain(problem)
+    except (ValueError, TypeError) as err:
+        return EngineCost("chain", False, reason=str(err).split(";")[0].split(". ")[0]), None
+    flops = chain.flops_estimate()
+    seconds = 2 * grad + flops / rates[0] + 0.3 * flops / rates[1]
+    return EngineCost("chain", True, flops, chain.memory_estimate(), seconds), chain
+
+
+def plan(
+    problem: Problem | Chain,
+    curvature: str = "hessian",
+    *,
+    max_memory: float | None = None,
+    promote: bool = True,
+) -> Plan:
+    """Predict each exact engine's cost for ``C + eps I`` (``C`` the Hessian or the GGN)
+    before any heavy work, and which one ``method="auto"`` picks.
+
+    Args:
+        problem: a `Problem` or a `Chain`.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        max_memory: the memory budget in bytes (default: 80% of the memory available now
+            on the problem's device).
+        promote: predict for the float64 copy a float32 model is factored on.
+
+    Returns:
+        a `Plan`: ``plan.costs[m]`` (flops, peak memory, predicted seconds) for ``m`` in
+        ``"dense"``, ``"gram"``, ``"chain"``, and ``plan.choice``.
+
+    Cost: one timed product and one gradient of the problem, a forward pass for the
+    sizes, and (once a process) a few small matrix products and factorisations.
+    """
+    check_curvature(curvature)
+    prob = problem.problem if isinstance(problem, Chain) else problem
+    if promote and prob.dtype != torch.float64:
+        prob = prob.promoted()
+        problem = prob if not isinstance(problem, Chain) else promoted(problem)
+    budget = (
+        BUDGET_FRACTION * available_memory(prob.device) if max_memory is None else float(max_memory)
+    )
+    rates = _rates(str(prob.device), prob.dtype)
+    grad = _gradient_seconds(prob)
+    out = Plan(curvature, prob.num_params, 0, budget)
+    out.costs["dense"] = _dense_cost(prob, curvature, rates, _product_seconds(prob, curvature))
+    out.costs["gram"] = _gram_cost(prob, curvature, rates, grad)
+    out.costs["chain"], _chain = _chain_cost(problem, curvature, rates, grad)
+    try:
+        N, m, _w, _r = _gram_sizes(prob)
+        out.num_outputs = N * m
+    except GramNotApplicableError:
+        out.num_outputs = 0
+    return out
+
+
+# ----------------------------------------------------------------------------- the engines
+def engine(
+    problem: Problem | Chain,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
+    promote: bool = True,
+    max_memory: float | None = None,
+    progress: bool | None = None,
+) -> Engine:
+    """Prepare ``C`` once for exact factorisations of ``C + eps I`` at any number of
+    dampings (``engine.factor(eps)``): the dense matrix, the observation-space kernel or
+    the chain's linearisation. Arguments as `factorize`. The engine holds ``C`` at the
+    parameters it was built at."""
+    check_curvature(curvature)
+    if method not in ("auto", *METHODS):
+        raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
+    out_dtype = (problem.problem if isinstance(problem, Chain) else problem).dtype
+    if out_dtype != torch.float64 and not promote:
+        import warnings
+
+        warnings.warn(
+            f"the factorisation runs in {out_dtype}; float64 is recommended for "
+            "solves and log-determinants (promote=True, the default, computes in "
+            "float64)",
+            stacklevel=3,
+        )
+    if promote and out_dtype != torch.float64:
+        problem = promoted(problem) if isinstance(problem, Chain) else problem.promoted()
+    if method == "auto":
+        method = "chain" if isinstance(problem, Chain) else _auto(problem, curvature, max_memory)
+    eng = _build(problem, curvature, method, max_memory, progress)
+    eng.out_dtype = out_dtype  # type: ignore[attr-defined]
+    return eng
+
+
+def _auto(problem: Problem, curvature: str, max_memory: float | None) -> str:
+    p = plan(problem, curvature, max_memory=max_memory, promote=False)
+    if p.choice is None:
+        raise MemoryBudgetError(
+            "no exact engine fits the memory budget; the plan:\n"
+            f"{p}\nuse fewer samples (a curvature batch), hesse.solve(..., method='cg') for "
+            "solves without a factorisation, or a larger max_memory"
+        )
+    return p.choice
+
+
+def _build(
+    problem: Problem | Chain,
+    curvature: str,
+    method: str,
+    max_memory: float | None,
+    progress: bool | None,
+) -> Any:
+    prob = problem.problem if isinstance(problem, Chain) else problem
+    budget = (
+        BUDGET_FRACTION * available_memory(prob.device) if max_memory is None else float(max_memory)
+    )
+    if method == "chain":
+        chain = as_chain(problem)
+        _refuse_over(
+            chain.memory_estimate(),
+            budget,
+            f"the chain sweep ({chain.inputs.shape[0]} samples, P = {chain.num_params})",
+            "its state is (samples x width)^2 a stage: use fewer samples (a curvature "
+            "batch), or hesse.solve(..., method='cg') for solves without the exact "
+            "factorisation",
+        )
+        return ChainEngine(chain, curvature, progress)
+    if method == "dense":
+        rates = _rates(str(prob.device), prob.dtype)
+        cost = _dense_cost(prob, curvature, rates, 0.0)
+        _refuse_over(
+            cost.memory,
+            budget,
+            f"the dense {prob.num_params} x {prob.num_params} {curvature} factorisation",
+            "use method='gram' (GGN) or 'chain' (nn.Sequential), or fewer parameters",
+        )
+        return DenseEngine(prob, curvature, progress=progress)
+    return GramEngine(prob, curvature)
+
+
+def _refuse_over(estimate: float, budget: float, what: str, way_out: str) -> None:
+    if estimate > budget:
+        raise MemoryBudgetError(
+            f"{what} would need about {format_bytes(estimate)}, more than the "
+            f"{format_bytes(budget)} available to it; {way_out}"
+        )
+
+
+def factorize(
+    problem: Problem | Chain,
+    damping: float = 0.0,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
+    promote: bool = True,
+    rank_rtol: float | None = None,
+    progress: bool | None = None,
+    max_memory: float | None = None,
+) -> Factorization:
+    """Factor ``C + eps I`` once (``C`` the Hessian or the GGN) by the cheapest exact
+    engine; cheap ``solve``, ``logdet`` and ``inertia`` afterwards.
+
+    Args:
+        problem: a `Problem`, or a `Chain` (then the chain engine is used).
+        damping: ``eps`` (may be negative: ``eps = -sigma`` counts eigenvalues below
+            ``sigma``).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        method: ``"auto"`` (the fastest engine that fits the memory budget, by `plan`),
+            ``"dense"``, ``"gram"`` (GGN only) or ``"chain"`` (``nn.Sequential``).
+        promote: a model in another dtype than float64 is factored on a float64 copy
+            (default; answers come back in the model's dtype); ``False`` runs in the
+            model's dtype, with a warning.
+        rank_rtol: pivots at most ``rank_rtol * scale`` count as zero eigenvalues
+            (default ``10 P u``, ``u`` the unit roundoff).
+        progress: a progress bar (default: when stderr is a terminal and the work long).
+        max_memory: the memory budget (bytes; default 80% of what is available): an
+            engine over it is refused up front with `MemoryBudgetError` and the plan.
+
+    Returns:
+        a `Factorization` (`hesse.ChainFactorization` for the chain) with
+        ``.solve(v)``, ``.solve_ex(v)``, ``.logdet()``, ``.inertia()`` and ``.status``
+        (``status.method`` names the engine).
+
+    For several dampings, `engine` builds ``C``'s representation once. Reference: design
+    note ``docs/design/chain-curvature.md``.
+    """
+    if not math.isfinite(float(damping)):
+        raise ValueError(f"damping must be a finite number; got {damping}")
+    if rank_rtol is not None and not (0 <= float(rank_rtol) < 1):
+        raise ValueError(f"rank_rtol must be in [0, 1); got {rank_rtol}")
+    eng = engine(
+        problem,
+        curvature,
+        method=method,
+        promote=promote,
+        max_memory=max_memory,
+        progress=progress,
+    )
+    f = eng.factor(damping, rank_rtol)
+    f._out_dtype = eng.out_dtype  # type: ignore[attr-defined]
+    return f
