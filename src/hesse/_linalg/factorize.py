@@ -34,8 +34,9 @@ from hesse._linalg.base import Factorization
 from hesse._linalg.dense import DenseEngine
 from hesse._linalg.gram import GramEngine, GramNotApplicableError, _linear_modules
 from hesse._operators.curvature import curvature_operator
+from hesse._util import memory
 from hesse._util.checks import check_curvature
-from hesse._util.memory import BUDGET_FRACTION, MemoryBudgetError, available_memory, format_bytes
+from hesse._util.memory import MemoryBudgetError, check_memory, format_bytes
 
 __all__ = ["METHODS", "ChainEngine", "EngineCost", "Plan", "engine", "factorize", "plan"]
 
@@ -284,9 +285,7 @@ def plan(
     if promote and prob.dtype != torch.float64:
         prob = prob.promoted()
         problem = prob if not isinstance(problem, Chain) else promoted(problem)
-    budget = (
-        BUDGET_FRACTION * available_memory(prob.device) if max_memory is None else float(max_memory)
-    )
+    budget = _budget(prob, max_memory)
     rates = _rates(str(prob.device), prob.dtype)
     grad = _gradient_seconds(prob)
     out = Plan(curvature, prob.num_params, 0, budget)
@@ -356,9 +355,7 @@ def _build(
     progress: bool | None,
 ) -> Any:
     prob = problem.problem if isinstance(problem, Chain) else problem
-    budget = (
-        BUDGET_FRACTION * available_memory(prob.device) if max_memory is None else float(max_memory)
-    )
+    budget = _budget(prob, max_memory)
     if method == "chain":
         chain = as_chain(problem)
         _refuse_over(
@@ -383,12 +380,15 @@ def _build(
     return GramEngine(prob, curvature)
 
 
+def _budget(prob: Problem, max_memory: float | None) -> float:
+    """``max_memory``, or the default share of the memory available now."""
+    if max_memory is not None:
+        return float(max_memory)
+    return memory.BUDGET_FRACTION * memory.available_memory(prob.device)
+
+
 def _refuse_over(estimate: float, budget: float, what: str, way_out: str) -> None:
-    if estimate > budget:
-        raise MemoryBudgetError(
-            f"{what} would need about {format_bytes(estimate)}, more than the "
-            f"{format_bytes(budget)} available to it; {way_out}"
-        )
+    check_memory(estimate, what, way_out, budget=budget)
 
 
 def factorize(
