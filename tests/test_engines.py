@@ -1,0 +1,247 @@
+"""The three exact engines of ``hesse.factorize`` (dense, observation space, chain) against
+dense float64 references from ``torch.func`` and ``torch.linalg`` (never from hesse), on
+the conftest zoo, CE / MSE / BCE, reduction mean and sum, unequal batches, dampings down
+to ``1e-8 ||C||``; the cost model's choice; engines reused across dampings; bad input.
+
+The bounds are the algorithms' (as in test_chain_stress.py): a refined solve reaches a
+relative residual of 1e-10 or float64's floor ``u ||C + eps I|| ||x|| / ||v||``; the
+log-determinant matches to 1e-10 relative plus what a ``1e-13 ||C||`` backward error moves
+it by; counts are exact but for eigenvalues within ``1e-10 ||C||`` of the shift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import Case, Reference, make_case, mlp
+from torch import nn
+
+import hesse
+
+U = torch.finfo(torch.float64).eps
+
+
+def _bce_case(seed: int) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = mlp([4, 5, 3]).double()
+    X = torch.randn(7, 4, generator=g)
+    y = (torch.rand(7, 3, generator=g) > 0.5).double()
+    return Case("mlp-bce", model, X, y, nn.BCEWithLogitsLoss())
+
+
+def _case(name: str, loss: str, reduction: str, seed: int) -> Case:
+    case = _bce_case(seed) if loss == "bce" else make_case(name, loss, seed=seed)
+    case.loss_fn = type(case.loss_fn)(reduction=reduction)
+    return case
+
+
+def _reference(case: Case, curvature: str) -> torch.Tensor:
+    ref = Reference(case)
+    C = ref.hessian() if curvature == "hessian" else ref.ggn()
+    return 0.5 * (C + C.T)
+
+
+def _check(f: hesse.Factorization, C: torch.Tensor, eps: float, v: torch.Tensor) -> None:
+    """solve, log-determinant and inertia of ``f`` against ``C + eps I``."""
+    P = len(C)
+    A = C + eps * torch.eye(P)
+    ev = torch.linalg.eigvalsh(A)
+    norm = float(torch.linalg.matrix_norm(C, 2))
+    delta = 1e-10 * norm
+    neg, zero, pos = f.inertia()
+    assert neg + zero + pos == P
+    assert int((ev < -delta).sum()) <= neg <= int((ev < delta).sum())
+    assert int((ev > delta).sum()) <= pos <= int((ev > -delta).sum())
+    if zero == 0 and float(ev.abs().min()) > delta:
+        x = f.solve(v)
+        res = float((A @ x - v).norm() / v.norm())
+        floor = U * float(torch.linalg.matrix_norm(A, 2)) * float(x.norm()) / float(v.norm())
+        assert res <= max(1e-10, 10 * floor), (res, floor)
+        sign, logabs = f.logdet()
+        ref_sign, ref_log = torch.linalg.slogdet(A)
+        assert sign == float(ref_sign)
+        allow = 1e-10 * abs(float(ref_log)) + float((1e-13 * norm / ev.abs()).sum())
+        assert abs(logabs - float(ref_log)) <= allow, (logabs, float(ref_log), allow)
+
+
+ZOO = [
+    ("mlp-tanh", "ce"),
+    ("mlp-gelu", "mse"),
+    ("mlp-softplus", "bce"),
+    ("cnn", "ce"),
+    ("rnn", "mse"),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(("name", "loss"), ZOO, ids=[f"{a}-{b}" for a, b in ZOO])
+def test_every_engine_against_dense_references(name, loss, reduction):
+    case = _case(name, loss, reduction, seed=len(name) + len(loss))
+    data = case.batches([4, 3])  # unequal batches: the objective of all the data
+    prob = hesse.Problem(case.model, case.loss_fn, data)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(prob.num_params, generator=g)
+    chain = isinstance(case.model, nn.Sequential)
+    for curvature in ("ggn", "hessian"):
+        C = _reference(case, curvature)
+        norm = float(torch.linalg.matrix_norm(C, 2))
+        methods = (
+            ["dense"] + (["gram"] if curvature == "ggn" else []) + (["chain"] if chain else [])
+        )
+        for rel in (1e-2, 1e-5, 1e-8, -0.3):
+            eps = rel * norm
+            for method in methods:
+                f = hesse.factorize(prob, eps, curvature, method=method)
+                assert f.status.method == method
+                _check(f, C, eps, v)
+
+
+def test_engines_agree_with_each_other_on_a_deep_chain():
+    """A 10-layer tanh chain, batch 5: solve, log-determinant and inertia of the GGN by
+    all three engines agree (and with the reference)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = mlp([4] + [6] * 9 + [3]).double()
+    X, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+    case = Case("deep", model, X, y, nn.CrossEntropyLoss())
+    prob = hesse.Problem(model, case.loss_fn, (X, y))
+    C = _reference(case, "ggn")
+    v = torch.randn(prob.num_params, generator=g)
+    eps = 1e-6 * float(torch.linalg.matrix_norm(C, 2))
+    fs = {m: hesse.factorize(prob, eps, "ggn", method=m) for m in ("dense", "gram", "chain")}
+    for f in fs.values():
+        _check(f, C, eps, v)
+    xs = {m: f.solve(v) for m, f in fs.items()}
+    assert float((xs["gram"] - xs["dense"]).norm() / xs["dense"].norm()) < 1e-8
+    assert float((xs["chain"] - xs["dense"]).norm() / xs["dense"].norm()) < 1e-8
+    assert len({tuple(f.inertia()) for f in fs.values()}) == 1
+
+
+def test_an_engine_serves_many_dampings_from_one_preparation(monkeypatch):
+    """C is prepared once: the dense matrix, the kernel and the chain's linearisation are
+    built by the first factorisation only; counts at several shifts are exact."""
+    case = make_case("mlp-tanh", "ce", seed=5)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    G = _reference(case, "ggn")
+    ev = torch.linalg.eigvalsh(G)
+    from hesse._chain.chain import Chain
+
+    calls = []
+    real = Chain.forward_backward
+    monkeypatch.setattr(Chain, "forward_backward", lambda s: calls.append(1) or real(s))
+    for method in ("dense", "gram", "chain"):
+        eng = hesse.engine(prob, "ggn", method=method)
+        for sigma in (-0.1, 1e-3 * float(ev[-1]), 0.3 * float(ev[-1])):
+            neg = eng.factor(-sigma).inertia().negative
+            assert neg == int((ev < sigma).sum()), (method, sigma)
+    assert len(calls) == 1  # the chain engine linearised once for its three shifts
+
+
+def test_float32_models_are_factored_in_float64_by_every_engine():
+    case = make_case("mlp-tanh", "mse", seed=2, dtype=torch.float32)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    case64 = make_case("mlp-tanh", "mse", seed=2)
+    C = _reference(case64, "ggn")
+    v = torch.randn(prob.num_params, dtype=torch.float32)
+    ref = torch.linalg.solve(C + 1e-3 * torch.eye(len(C)), v.double())
+    for method in ("dense", "gram", "chain"):
+        f = hesse.factorize(prob, 1e-3, "ggn", method=method)
+        assert f.status.dtype == torch.float64
+        x = f.solve(v)
+        assert x.dtype == torch.float32
+        assert float((x.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the plan
+def _wide_mlp() -> hesse.Problem:
+    torch.manual_seed(1)
+    model = mlp([30, 200, 3]).double()
+    X, y = torch.randn(8, 30), torch.randint(0, 3, (8,))
+    return hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+
+
+def _cnn_many_samples() -> hesse.Problem:
+    case = make_case("cnn", "ce", seed=1)
+    X = torch.randn(200, *case.X.shape[1:])
+    y = torch.randint(0, 3, (200,))
+    return hesse.Problem(case.model, case.loss_fn, (X, y))
+
+
+def _deep_narrow() -> hesse.Problem:
+    torch.manual_seed(2)
+    model = mlp([4] + [8] * 63 + [3]).double()
+    X, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    return hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+
+
+PLANS = [
+    # the problem, its curvature, the engine auto must pick (clear by orders of magnitude)
+    (_wide_mlp, "ggn", "gram"),  # P = 6803 against M = 24
+    (_cnn_many_samples, "ggn", "dense"),  # not a chain, M = 600 > P = 111
+    (_deep_narrow, "hessian", "chain"),  # 64 layers, P = 4443: the Hessian, linear in depth
+]
+
+
+@pytest.mark.parametrize(("build", "curvature", "expected"), PLANS, ids=[p[2] for p in PLANS])
+def test_auto_picks_the_fastest_predicted_engine(build, curvature, expected):
+    prob = build()
+    p = hesse.plan(prob, curvature)
+    feasible = [m for m, c in p.costs.items() if c.applies and c.memory <= p.budget]
+    assert p.choice == min(feasible, key=lambda m: p.costs[m].seconds)
+    assert p.choice == expected, str(p)
+    assert "<- auto" in str(p) and expected in str(p)
+
+
+def test_plan_says_which_engines_do_not_apply():
+    case = make_case("cnn", "ce", seed=0)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    p = hesse.plan(prob, "hessian")
+    assert not p.costs["gram"].applies and "GGN only" in p.costs["gram"].reason
+    assert not p.costs["chain"].applies and "nn.Sequential" in p.costs["chain"].reason
+    assert p.choice == "dense"
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_zero_damping_on_a_rank_deficient_ggn_is_singular_for_every_engine():
+    """Batch 2, 3 classes: the GGN has rank <= 4 < P. At damping 0 every engine says
+    singular, with the null space's dimension and a damping to try."""
+    torch.manual_seed(0)
+    model = mlp([3, 4, 3]).double()
+    X, y = torch.randn(2, 3), torch.randint(0, 3, (2,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    for method in ("dense", "gram", "chain"):
+        f = hesse.factorize(prob, 0.0, "ggn", method=method)
+        assert f.inertia().zero >= prob.num_params - 4, method
+        with pytest.raises(hesse.SingularPivotError, match=r"dimension \d+.*increase the damping"):
+            f.solve(torch.ones(prob.num_params))
+
+
+def test_gram_engine_refuses_what_it_cannot_take():
+    case = make_case("mlp-tanh", "ce", seed=0)
+    l1 = hesse.Problem(case.model, nn.L1Loss(), (case.X, torch.randn(7, 3)))
+    with pytest.raises(ValueError, match=r"closed-form Lambda.*CrossEntropyLoss.*L1Loss"):
+        hesse.factorize(l1, 0.1, "ggn", method="gram")
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    with pytest.raises(ValueError, match="GGN .* only"):
+        hesse.factorize(prob, 0.1, "hessian", method="gram")
+    bn = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        coupled = hesse.Problem(bn, case.loss_fn, (case.X, case.y))
+    with pytest.raises(ValueError, match="samples that do not interact"):
+        hesse.factorize(coupled, 0.1, "ggn", method="gram")
+    with pytest.raises(ValueError, match="method must be"):
+        hesse.factorize(prob, 0.1, "ggn", method="lu")
+
+
+def test_no_engine_within_max_memory_is_refused_with_the_plan():
+    prob = _wide_mlp()
+    with pytest.raises(
+        hesse.MemoryBudgetError, match=r"no exact engine fits(.|\n)*dense(.|\n)*gram"
+    ):
+        hesse.factorize(prob, 0.1, "ggn", max_memory=1e3)
+    with pytest.raises(hesse.MemoryBudgetError, match=r"dense .* factorisation would need"):
+        hesse.factorize(prob, 0.1, "ggn", method="dense", max_memory=1e6)
+    assert math.isfinite(hesse.plan(prob, "ggn").costs["gram"].seconds)
