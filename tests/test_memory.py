@@ -25,18 +25,23 @@ _MEASURE = textwrap.dedent(
     import hesse
 
     torch.set_default_dtype(torch.float64)
-    kind, L, w, n, din = sys.argv[1], *(int(x) for x in sys.argv[2:6])
+    kind, L, w, n, din, C = sys.argv[1], *(int(x) for x in sys.argv[2:7])
     torch.manual_seed(0)
     layers = [nn.Linear(din, w), nn.Tanh()]
     for _ in range(L - 2):
         layers += [nn.Linear(w, w), nn.Tanh()]
-    layers.append(nn.Linear(w, 10))
+    layers.append(nn.Linear(w, C))
     model = nn.Sequential(*layers).double()
-    X, y = torch.randn(n, din), torch.randint(0, 10, (n,))
+    X, y = torch.randn(n, din), torch.randint(0, C, (n,))
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
     if kind == "dense":
         op = hesse.HessianOperator(prob)
         est, run = op.dense_memory(), lambda: op.to_dense(progress=False)
+    elif kind.startswith("plan-"):  # an engine of hesse.factorize: its plan's peak
+        method, curvature = kind.split("-")[1:]
+        est = hesse.plan(prob, curvature).costs[method].memory
+        v = torch.ones(prob.num_params)
+        run = lambda: hesse.factorize(prob, 1e-2, curvature, method=method).solve(v)
     else:
         chain = hesse.Chain.from_problem(prob)
         est, run = chain.memory_estimate(), lambda: hesse.factorize(chain, 1e-2, "ggn")
@@ -59,14 +64,23 @@ _MEASURE = textwrap.dedent(
 )
 
 CASES = [
-    # kind, depth, width, batch, inputs: the dense Hessian (P = 3190 .. 8170), the chain
-    # (GGN sweeps dominated by stored factors, by a wide stage, by the loss Hessian)
-    ("dense", 3, 40, 50, 64),
-    ("dense", 3, 30, 400, 64),
-    ("dense", 3, 60, 30, 64),
-    ("chain", 8, 64, 32, 16),
-    ("chain", 6, 128, 24, 64),
-    ("chain", 3, 16, 400, 10),
+    # kind, depth, width, batch, inputs, classes: the dense Hessian (P = 3190 .. 8170),
+    # the chain (GGN sweeps dominated by stored factors, by a wide stage, by the loss
+    # Hessian; its estimate is the plan's chain memory), and the plan's memory for the
+    # dense engine (factoring the GGN and the Hessian; forming a GGN at batch 400) and
+    # the observation-space engine (M = 2500 .. 6000 outputs)
+    ("dense", 3, 40, 50, 64, 10),
+    ("dense", 3, 30, 400, 64, 10),
+    ("dense", 3, 60, 30, 64, 10),
+    ("chain", 8, 64, 32, 16, 10),
+    ("chain", 6, 128, 24, 64, 10),
+    ("chain", 3, 16, 400, 10, 10),
+    ("plan-dense-ggn", 3, 40, 50, 64, 10),
+    ("plan-dense-hessian", 3, 60, 30, 64, 10),
+    ("plan-dense-ggn", 3, 30, 400, 64, 10),
+    ("plan-gram-ggn", 3, 100, 500, 64, 5),
+    ("plan-gram-ggn", 4, 64, 600, 32, 10),
+    ("plan-gram-ggn", 2, 800, 1000, 64, 3),
 ]
 
 

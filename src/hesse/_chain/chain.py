@@ -131,9 +131,9 @@ class Chain:
     def flops_estimate(self) -> int:
         """Floating-point operations of one sweep, from the same sizes: each stage's pivot
         factorisation ``n_u^3 / 3``, its coupling ``n_u^2 a_in``, its Schur update
-        ``n_u a_in^2`` and the forming of its blocks ``2 a_out^2 (a_in + n_u)`` (the
-        cost model of `hesse.plan`; delayed directions, which depend on the values, are
-        not counted)."""
+        ``n_u a_in^2`` and the forming of its blocks (`Stage.block_flops`) (the cost
+        model of `hesse.plan`; delayed directions, which depend on the values, are not
+        counted)."""
         return self._estimates()[1]
 
     def _estimates(self) -> tuple[int, int]:
@@ -152,9 +152,9 @@ class Chain:
                 a_in = z.numel() if index > 0 else 0
                 z = stage.forward(z.clone())
                 a_out, p = z.numel(), stage.num_params
+                flops += stage.block_flops(n, a_in, a_out)
                 if p == 0:
                     transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
-                    flops += 2 * a_out * a_out * a_in
                     continue
                 n_u = stage.pivot_size(a_out)
                 wide = n_u < p
@@ -163,7 +163,6 @@ class Chain:
                 blocks += 2 * n_u * a_in + (0 if wide else 2 * p * p + a_out * p)
                 transient = max(transient, blocks)
                 flops += n_u**3 // 3 + n_u * n_u * a_in + n_u * a_in * a_in
-                flops += 2 * a_out * a_out * (a_in + n_u)
         a_L = z.numel()
         transient = max(transient, 3 * a_L * a_L)  # the loss Hessian: eye, grads, result
         return itemsize * (stored + transient), flops

@@ -123,6 +123,13 @@ class LinearStage(Stage):
     def forward(self, z: Tensor) -> Tensor:
         return self.module(z)
 
+    def block_flops(self, n: int, a_in: int, a_out: int) -> int:
+        # S B and S A are batched products over S viewed as (n, o, n, o): 2 a_out^2 (J + i)
+        # with J = i + 1; then B^T (S B), B^T (S A) and A^T (S A) per sample
+        i, o = self.module.in_features, self.module.out_features
+        J = i + 1
+        return 2 * a_out * a_out * (J + i) + 2 * n * J * o * (J * o + a_in) + 2 * n * i * o * a_in
+
     def pivot_size(self, a_out: int) -> int:
         p = self.num_params
         return min(p, a_out)  # a wide stage's pivot lives on the range of B^T

@@ -36,7 +36,14 @@ from torch import Tensor
 
 from hesse._linalg.results import SingularPivotError
 
-__all__ = ["TAU", "Elimination", "SingularPivotError", "StageElimination", "SweepState"]
+__all__ = [
+    "TAU",
+    "Elimination",
+    "SingularPivotError",
+    "StageElimination",
+    "SweepState",
+    "maxabs",
+]
 
 
 class SweepState(NamedTuple):
@@ -105,8 +112,12 @@ that succeeds, with no growth or rank test and no eigen tier, as the sweep did b
 pivoted. Never set it in library code."""
 
 
-def _maxabs(T: Tensor | None) -> float:
-    return float(T.abs().max()) if T is not None and T.numel() else 0.0
+def maxabs(T: Tensor | None) -> float:
+    """The largest magnitude of an entry (0 for none), without a temporary copy."""
+    if T is None or not T.numel():
+        return 0.0
+    lo, hi = T.aminmax()
+    return max(-float(lo), float(hi))
 
 
 def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
@@ -155,8 +166,8 @@ class Elimination:
         self, Q_uu: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, stage: str
     ) -> None:
         self.n, self.stage = Q_uu.shape[0], stage
-        self.scale = _maxabs(Q_uu)
-        self.ref = ref = max(self.scale, _maxabs(Q_uz), _maxabs(Q_zz))
+        self.scale = maxabs(Q_uu)
+        self.ref = ref = max(self.scale, maxabs(Q_uz), maxabs(Q_zz))
         self.num_delayed, self.growth = 0, 0.0
         self.S_dz: Tensor | None = None
         self.S_dd: Tensor | None = None
@@ -208,7 +219,7 @@ class Elimination:
             if not float((Q_uz * K).sum(0).abs().max()) <= limit:
                 return False
             U = Q_uz.T @ K
-            self.growth = _maxabs(U)
+            self.growth = maxabs(U)
             if not self.growth <= limit:
                 return False
         # Bunch-Kaufman for the inertia and the determinant (Sylvester over D's blocks)
@@ -243,7 +254,7 @@ class Elimination:
             C_E = C[self.E]
             self.KE = KE = -C_E / self.mu_E[:, None]
             U = C_E.T @ KE
-            self.growth = _maxabs(U)
+            self.growth = maxabs(U)
             self.S_zz = Q_zz + U  # (S3): S = Q_zz - C_E^T diag(mu_E)^-1 C_E
             if self.num_delayed:  # (S4): the delayed directions' state
                 self.S_dz, self.S_dd = C[self.D], torch.diag(mu[self.D])

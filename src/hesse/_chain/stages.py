@@ -148,6 +148,12 @@ class Stage(abc.ABC):
         works in a smaller space."""
         return self.num_params
 
+    def block_flops(self, n: int, a_in: int, a_out: int) -> int:
+        """Floating-point operations of forming the stage's blocks of ``Q`` (R1)-(R3)
+        in one sweep (the cost model of `hesse.plan`): dense ``A`` and ``B`` by default,
+        ``2 a_out^2 (a_in + p)``; structured stages say less."""
+        return 2 * a_out * a_out * (a_in + self.num_params)
+
 
 # ----------------------------------------------------------------------------- element-wise
 class _DiagDerivs(StageDerivatives):
@@ -187,6 +193,9 @@ class ElementwiseStage(Stage):
     def forward(self, z: Tensor) -> Tensor:
         return self.fn(z)
 
+    def block_flops(self, n: int, a_in: int, a_out: int) -> int:
+        return 2 * a_out * a_out  # diagonal A: Q_zz = D S D
+
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         _z, d1, d2 = activation_derivatives([self.fn], z.reshape(-1))
         return _DiagDerivs(d1, lam.reshape(-1) * d2)
@@ -202,6 +211,9 @@ class IdentityStage(Stage):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.module(z)
+
+    def block_flops(self, n: int, a_in: int, a_out: int) -> int:
+        return a_out * a_out  # A = I: Q_zz = S
 
     def derivatives(self, z: Tensor, lam: Tensor) -> StageDerivatives:
         return _DiagDerivs(torch.ones(z.numel(), dtype=z.dtype, device=z.device), None)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff.problem import Problem
-from hesse._chain.pivots import Elimination
+from hesse._chain.pivots import Elimination, maxabs
 from hesse._linalg.base import Factorization, PivotSummary
 from hesse._operators.curvature import curvature_operator
 
@@ -64,7 +64,7 @@ class DenseFactorization(Factorization):
         )
         M = engine.matrix.clone()
         M.diagonal().add_(self.damping)
-        scale = float(M.abs().max()) if M.numel() else 0.0
+        scale = maxabs(M)
         zero_tol = self.rank_rtol * scale
         self._elim = Elimination(M, None, None, zero_tol, "dense")
         del M

@@ -188,14 +188,17 @@ def _activations(problem: Problem) -> int:
 def _dense_cost(
     problem: Problem, curvature: str, rates: tuple[float, float], col: float
 ) -> EngineCost:
+    """``P`` products for ``C``, then Cholesky (``P^3 / 3``; the GGN) or LU and
+    Bunch-Kaufman (``P^3``; the Hessian). Peak memory: forming ``C`` (the matrix and
+    the column chunks' working memory) or factoring it (``C``, the shifted copy and
+    the factors: 3 and 4 ``P x P`` arrays)."""
     P = problem.num_params
     item = torch.empty((), dtype=problem.dtype).element_size()
-    op = curvature_operator(problem, curvature)
-    build = op.dense_memory() - P * P * item  # the column chunks' working memory
-    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3  # Cholesky; LU + LDL^T
-    memory = 4 * P * P * item + build  # C, the shifted copy, two factors
+    build = curvature_operator(problem, curvature).dense_memory()
+    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
+    memory = max(build, (3 if curvature == "ggn" else 4) * P * P * item)
     seconds = P * col + factor_flops / rates[1]
-    return EngineCost("dense", True, factor_flops + 0.0, memory, seconds)
+    return EngineCost("dense", True, factor_flops, memory, seconds)
 
 
 def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
@@ -237,7 +240,9 @@ def _gram_cost(
     item = torch.empty((), dtype=problem.dtype).element_size()
     kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
     flops = kernel_flops + M**3 / 3
-    memory = item * (4 * M * M + M * rest + (m + 3) * _activations(problem))
+    # the kernel (three M x M arrays at the peak), the Jacobian rows outside Linear
+    # layers, and the forward graph of all the data with m cotangents through it
+    memory = item * (3 * M * M + M * rest + (m + 3) * _activations(problem))
     seconds = m * grad + M * grad * (rest > 0) + kernel_flops / rates[0] + (M**3 / 3) / rates[1]
     if M >= P:
         seconds += P**3 / rates[1]  # no smaller than the dense problem: never preferred

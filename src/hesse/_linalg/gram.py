@@ -79,13 +79,16 @@ class _LinearBlock:
     w: slice | None
     b: slice | None
 
-    def kernel(self) -> Tensor:
-        N, m, _ = self.D.shape
+    def add_kernel(self, K: Tensor) -> None:
+        """``K += J_l J_l^T``: ``(D D^T) * (Z Z^T + [bias])``, one ``M x M`` temporary."""
+        N, m, o = self.D.shape
         G = self.Z @ self.Z.T if self.w is not None else torch.zeros(N, N).to(self.D)
         if self.b is not None:
             G = G + 1.0
-        DD = torch.einsum("nco,kdo->nckd", self.D, self.D)
-        return (DD * G[:, None, :, None]).reshape(N * m, N * m)
+        Df = self.D.reshape(N * m, o)
+        DD = (Df @ Df.T).view(N, m, N, m)
+        DD.mul_(G[:, None, :, None])
+        K.add_(DD.view(N * m, N * m))
 
     def jv(self, V: Tensor) -> Tensor:
         N, m, o = self.D.shape
@@ -114,8 +117,9 @@ class _DenseBlock:
     J: Tensor
     index: Tensor
 
-    def kernel(self) -> Tensor:
-        return self.J @ self.J.T
+    def add_kernel(self, K: Tensor) -> None:
+        """``K += J J^T``."""
+        K.addmm_(self.J, self.J.T)
 
     def jv(self, V: Tensor) -> Tensor:
         return self.J @ V[self.index]
@@ -291,13 +295,20 @@ class GramEngine:
         return block
 
     def _kernel(self) -> Tensor:
-        """``K = F (J J^T) F^T``, ``F`` block diagonal over samples."""
+        """``K = F (J J^T) F^T``, ``F`` block diagonal over samples (symmetric up to
+        rounding; the factorisations read its lower triangle): three ``M x M`` arrays
+        at the peak."""
         M = self.num_outputs
-        KJ = sum(b.kernel() for b in self.blocks)
-        N, m, _ = self.factors.shape
-        K = torch.einsum("nac,ncjd,jbd->najb", self.factors, KJ.reshape(N, m, N, m), self.factors)
-        K = K.reshape(M, M)
-        return 0.5 * (K + K.T)
+        F = self.factors
+        N, m, _ = F.shape
+        KJ = torch.zeros(M, M, dtype=F.dtype, device=F.device)
+        for b in self.blocks:
+            b.add_kernel(KJ)
+        left = torch.bmm(F, KJ.view(N, m, M)).view(M, N, m)  # F_n (J J^T)[n, :]
+        del KJ
+        return torch.bmm(left.view(M, N, m).transpose(0, 1), F.transpose(1, 2)).transpose(
+            0, 1
+        ).reshape(M, M)
 
     # ------------------------------------------------------------------ B and B^T
     def B(self, V: Tensor) -> Tensor:

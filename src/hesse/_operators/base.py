@@ -58,6 +58,7 @@ class CurvatureOperator:
 
     symmetric: bool = True
     psd: bool = False
+    column_memory: float = 2.0  # vectors of (P + activations) a column costs in flight
     name: str = "curvature"
 
     def __init__(self, problem: Problem) -> None:
@@ -189,8 +190,9 @@ class CurvatureOperator:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         chunk = self.chunk_size(max_memory)
         # measured (tests/test_memory.py): a column costs about two parameter vectors and
-        # two sets of activations while its chunk is in flight
-        per_col = 2 * itemsize * (P + self.activation_numel())
+        # two sets of activations while its chunk is in flight (the Hessian's double
+        # backward; the Gauss-Newton family's forward-mode product somewhat less)
+        per_col = self.column_memory * itemsize * (P + self.activation_numel())
         return P * P * itemsize + chunk * per_col
 
     def block(self, row: str, col: str, max_memory: int | None = None) -> Tensor:

@@ -50,6 +50,7 @@ class GGNOperator(CurvatureOperator):
 
     name = "GGN"
     psd = True
+    column_memory = 1.7
 
     def _matmat(self, V: Tensor) -> Tensor:
         return products.ggn_matmat(self.problem, V)
@@ -84,6 +85,7 @@ class FisherOperator(CurvatureOperator):
 
     name = "Fisher"
     psd = True
+    column_memory = 1.7
 
     def __init__(self, problem: Problem, kind: str = "true") -> None:
         super().__init__(problem)
