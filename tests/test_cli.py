@@ -166,12 +166,23 @@ def test_analyze_chain_section_matches_dense(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert (
         _cli.main(
-            ["analyze", *SMALL, "--chain-samples", "40", "--damping", "0.01", "--json", str(out)]
+            [
+                "analyze",
+                *SMALL,
+                "--chain-samples",
+                "40",
+                "--damping",
+                "0.01",
+                "--method",
+                "chain",
+                "--json",
+                str(out),
+            ]
         )
         == 0
     )
     assert "chain sweep" in capsys.readouterr().out
-    c = json.loads(out.read_text())["chain"]
+    c = json.loads(out.read_text())["exact"]
     d = c["dense_check"]  # the dense eigendecomposition of the same 40-sample problem
     assert c["samples"] == 40 and c["num_negative"] == d["num_negative"] > 0
     assert c["logdet"] == pytest.approx(d["logdet"], rel=1e-9)
@@ -179,7 +190,9 @@ def test_analyze_chain_section_matches_dense(tmp_path, capsys):
     assert c["ggn_step_predicted_change"] < 0  # damped Gauss-Newton: a descent direction
 
 
-def test_analyze_skips_chain_for_non_sequential(tmp_path, capsys):
+def test_analyze_exact_section_for_a_non_sequential_model(tmp_path, capsys):
+    """Not a chain: the exact section takes the engine the plan picks, and its counts
+    and log-determinant match the dense eigendecomposition."""
     (tmp_path / "m.py").write_text(
         "from torch import nn\n"
         "class M(nn.Module):\n"
@@ -191,13 +204,16 @@ def test_analyze_skips_chain_for_non_sequential(tmp_path, capsys):
         "def make():\n"
         "    return M()\n"
     )
-    assert (
-        _cli.main(
-            ["analyze", "--model", f"{tmp_path / 'm.py'}:make", "--samples", "50", "--no-progress"]
-        )
-        == 0
-    )
-    assert "chain sweep skipped: the model is not an nn.Sequential" in capsys.readouterr().out
+    out = tmp_path / "s.json"
+    model = f"{tmp_path / 'm.py'}:make"
+    args = ["analyze", "--model", model, "--samples", "50", "--no-progress", "--json", str(out)]
+    assert _cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "<- auto" in printed and "does not apply: the chain solver needs" in printed
+    c = json.loads(out.read_text())["exact"]
+    assert c["method"] in ("dense", "gram")
+    assert c["num_negative"] == c["dense_check"]["num_negative"]
+    assert c["logdet"] == pytest.approx(c["dense_check"]["logdet"], rel=1e-9)
 
 
 def test_chain_section_is_float64_for_a_float32_model(tmp_path):
@@ -206,6 +222,6 @@ def test_chain_section_is_float64_for_a_float32_model(tmp_path):
     assert _cli.main(args) == 0
     s = json.loads(out.read_text())
     assert s["dtype"] == "float32"
-    c = s["chain"]
+    c = s["exact"]
     assert c["num_negative"] == c["dense_check"]["num_negative"]
     assert c["logdet"] == pytest.approx(c["dense_check"]["logdet"], rel=1e-9)

@@ -776,7 +776,7 @@ def test_cli_chain_section_too_big_is_refused_before_the_analysis(monkeypatch, c
     from hesse._cli import analysis
 
     monkeypatch.setattr(analysis.Analysis, "summary", lambda *a, **k: called.append(1))
-    with pytest.raises(SystemExit, match=r"hesse analyze: the chain section \(1797 samples\)"):
+    with pytest.raises(SystemExit, match=r"hesse analyze: the exact section \(1797 samples\)"):
         _cli.main(["analyze", "--hidden", "8", "--train-steps", "0", "--chain-samples", "1797"])
     assert not called
 

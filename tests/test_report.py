@@ -76,7 +76,8 @@ def test_report_dense(tmp_path, capsys):
 def test_report_large_model_path(tmp_path):
     """Beyond --max-dense: Hutch++ trace and a chain-sweep histogram, no block figure."""
     out = tmp_path / "rep"
-    assert _cli.main(["analyze", *SMALL, "--max-dense", "50", "--report", str(out)]) == 0
+    args = ["analyze", *SMALL, "--max-dense", "50", "--method", "chain", "--report", str(out)]
+    assert _cli.main(args) == 0
     rep = _check_report(out)
     assert rep["trace"]["method"] == "hutch++" and rep["trace"]["std_error"] > 0
     assert rep["blocks"] is None and "blocks.png" not in rep["figures"]

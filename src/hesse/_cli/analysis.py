@@ -1,6 +1,6 @@
 """``hesse analyze``'s computations, done once and shared: the problem, its loss and
-gradient, the dense decomposition and eigenvalues, and the chain of the first samples
-(float64) feed the summary, the JSON, the chain section and the report alike."""
+gradient, the dense decomposition and eigenvalues, and the exact engine of the first
+samples (float64) feed the summary, the JSON, the exact section and the report alike."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import hesse
 from hesse._autodiff.problem import float64_problem
 from hesse._cli.inputs import Setup
-from hesse._util.memory import MemoryBudgetError, check_memory
+from hesse._util.memory import MemoryBudgetError
 
 __all__ = ["NEGATIVE_TOL", "Analysis", "dense_summary", "lanczos_summary"]
 
@@ -63,8 +63,9 @@ class Analysis:
     Args:
         setup: the model, loss and data.
         max_dense: the largest ``P`` for the dense Hessian.
-        chain_samples: samples of the chain section (0: none).
-        damping: ``eps`` of the chain section's ``H + eps I``.
+        exact_samples: samples of the exact section (0: none).
+        damping: ``eps`` of the exact section's ``H + eps I``.
+        method: the exact section's engine (``"auto"``: the plan's choice).
         progress: progress bars (``None``: when stderr is a terminal).
     """
 
@@ -73,13 +74,13 @@ class Analysis:
         setup: Setup,
         *,
         max_dense: int,
-        chain_samples: int,
+        exact_samples: int,
         damping: float,
         progress: bool | None,
+        method: str = "auto",
     ) -> None:
         self.setup, self.max_dense, self.damping = setup, max_dense, damping
-        self.chain_samples, self.progress = chain_samples, progress
-        self.chain_skipped = "the model is not an nn.Sequential"
+        self.exact_samples, self.progress, self.method = exact_samples, progress, method
 
     @functools.cached_property
     def problem(self) -> hesse.Problem:
@@ -102,66 +103,76 @@ class Analysis:
     def hessian_eigenvalues(self) -> Tensor:
         return torch.linalg.eigvalsh(self.decomposition.hessian)
 
-    # ------------------------------------------------------------------ the chain
-    @property
-    def has_chain(self) -> bool:
-        return self.chain_samples > 0 and isinstance(self.setup.model, nn.Sequential)
+    # ------------------------------------------------------------------ the exact section
+    @functools.cached_property
+    def exact_problem(self) -> hesse.Problem:
+        """The first ``exact_samples`` samples, always in float64 (on a copy: counts near
+        zero and log-determinants need the digits)."""
+        s, n = self.setup, min(self.exact_samples, len(self.setup.X))
+        return float64_problem(s.model, s.loss_fn, s.X[:n], s.y[:n])
 
     @functools.cached_property
-    def chain(self) -> hesse.Chain | None:
-        """The chain of the first ``chain_samples`` samples, always in float64 (on a
-        copy: counts near zero and log-determinants need the digits); ``None`` when the
-        model is not a chain the solver takes."""
-        if not self.has_chain:
-            return None
-        s, n = self.setup, min(self.chain_samples, len(self.setup.X))
-        try:
-            return hesse.Chain.from_problem(float64_problem(s.model, s.loss_fn, s.X[:n], s.y[:n]))
-        except (ValueError, TypeError) as err:
-            self.chain_skipped = str(err)
-            return None
+    def plan(self) -> hesse.Plan:
+        """The cost of each exact engine for the section's Hessian (`hesse.plan`)."""
+        return hesse.plan(self.exact_problem, "hessian")
 
-    def check_chain_memory(self) -> None:
-        """Refuse, before any other work, a chain section that would not fit in memory."""
-        if self.chain is None:
+    @functools.cached_property
+    def engine(self) -> Any:
+        """The section's Hessian engine (``--method``; auto: the plan's choice), built
+        once for its counts, log-determinant, Newton step and the report's histogram."""
+        method = self.method if self.method != "auto" else self.plan.choice
+        return hesse.engine(self.exact_problem, "hessian", method=method, progress=self.progress)
+
+    def check_exact_memory(self) -> None:
+        """Refuse, before any other work, an exact section that no engine can take within
+        the memory budget (or the engine asked for cannot)."""
+        if self.exact_samples <= 0:
             return
+        n = self.exact_problem.num_samples
         try:
-            check_memory(
-                self.chain.memory_estimate(),
-                f"the chain section ({self.chain.inputs.shape[0]} samples)",
-                "pass a smaller --chain-samples (its memory grows as (samples x width)^2), "
-                "or 0 to skip it",
-            )
+            if self.method == "auto" and self.plan.choice is None:
+                raise MemoryBudgetError(f"no exact engine fits the memory budget:\n{self.plan}")
+            self.engine  # noqa: B018 - built (and its memory checked) before the analysis
         except MemoryBudgetError as err:
-            raise SystemExit(f"hesse analyze: {err}") from None
+            raise SystemExit(
+                f"hesse analyze: the exact section ({n} samples): {err}; pass a smaller "
+                "--chain-samples, or 0 to skip it"
+            ) from None
+        except ValueError as err:  # the engine asked for does not take this model
+            raise SystemExit(f"hesse analyze: --method {self.method}: {err}") from None
 
-    def chain_summary(self) -> dict[str, Any]:
-        """Exact chain-sweep quantities: the number of negative Hessian eigenvalues,
-        ``log det(H + eps I)`` and the damped Newton and Gauss-Newton steps' predicted
-        loss change, cross-checked against the dense eigendecomposition of the same
-        problem when it is small enough."""
-        chain, eps, tau = self.chain, self.damping, NEGATIVE_TOL
-        assert chain is not None
+    def exact_summary(self) -> dict[str, Any]:
+        """Exact quantities from one factorisation engine: the number of negative Hessian
+        eigenvalues, ``log det(H + eps I)`` and the damped Newton and Gauss-Newton steps'
+        predicted loss change, cross-checked against the dense eigendecomposition of the
+        same problem when it is small enough."""
+        prob, eng, eps, tau = self.exact_problem, self.engine, self.damping, NEGATIVE_TOL
         t0 = time.perf_counter()
         # "negative" = below -tau: a Hessian may have many eigenvalues within rounding of 0
         out: dict[str, Any] = {
-            "samples": chain.inputs.shape[0],
+            "method": eng.method,
+            "samples": prob.num_samples,
             "damping": eps,
             "negative_below": -tau,
         }
-        out["num_negative"] = hesse.count_eigenvalues(chain, below=-tau, progress=self.progress)
-        f = hesse.factorize(chain, eps, "hessian", progress=self.progress)
+        out["num_negative"] = eng.factor(tau).inertia().negative
+        f = eng.factor(eps)
         sign, logabs = f.logdet()
         out |= {"logdet_sign": sign, "logdet": logabs, "inertia": list(f.inertia())}
         st = f.status
         out["pivoting"] = {"max_delayed": st.max_delayed, "growth": st.growth, "kinds": st.kinds}
-        for curvature in ("hessian", "ggn"):
-            step = hesse.newton_step(chain, eps, curvature, method="chain")
-            out[f"{curvature}_step_predicted_change"] = step.predicted_change
-            out[f"{curvature}_step_norm"] = float(step.step.norm())
+        g = hesse.gradient(prob)
+        ggn = hesse.factorize(prob, eps, "ggn", method=self.method, progress=self.progress)
+        for curvature, fac in (("hessian", f), ("ggn", ggn)):
+            step = fac.solve(-g)
+            out[f"{curvature}_step_predicted_change"] = 0.5 * float(g @ step) - 0.5 * eps * float(
+                step @ step
+            )
+            out[f"{curvature}_step_norm"] = float(step.norm())
+        out["ggn_method"] = ggn.status.method
         out["seconds"] = time.perf_counter() - t0
-        if chain.num_params <= self.max_dense:
-            ev = torch.linalg.eigvalsh(hesse.hessian(chain.problem, progress=False))
+        if prob.num_params <= self.max_dense:
+            ev = torch.linalg.eigvalsh(hesse.hessian(prob, progress=False))
             shifted = ev + eps
             out["dense_check"] = {
                 "num_negative": int((ev < -tau).sum()),
@@ -173,7 +184,7 @@ class Analysis:
     # ------------------------------------------------------------------ the summary
     def summary(self) -> dict[str, Any]:
         """The exact curvature summary as a JSON-ready dict: the problem, then the dense
-        (or, beyond ``max_dense``, Lanczos) section, then the chain section."""
+        (or, beyond ``max_dense``, Lanczos) section, then the plan and the exact section."""
         prob = self.problem
         t0 = time.perf_counter()
         loss, g = self.loss_and_gradient
@@ -187,11 +198,9 @@ class Analysis:
         }
         out |= dense_summary(self) if self.dense else lanczos_summary(self)
         out["seconds"] = time.perf_counter() - t0
-        if self.chain_samples > 0:
-            if self.chain is not None:
-                out["chain"] = self.chain_summary()
-            else:
-                out["chain_skipped"] = self.chain_skipped
+        if self.exact_samples > 0:
+            out["plan"] = str(self.plan)
+            out["exact"] = self.exact_summary()
         return out
 
     def report(self, seed: int) -> dict[str, Any]:
@@ -208,5 +217,5 @@ class Analysis:
             loss_and_gradient=self.loss_and_gradient,
             decomposition=self.decomposition if self.dense else None,
             hessian_eigenvalues=self.hessian_eigenvalues if self.dense else None,
-            chain=self.chain,
+            engine=self.engine if self.exact_samples > 0 else None,
         )

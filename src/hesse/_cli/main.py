@@ -85,8 +85,15 @@ def _analyze_parser(sub: Any) -> None:
         "--chain-samples",
         type=_NONNEG_INT,
         default=128,
-        help="samples for the exact chain sweep (its memory grows as "
+        help="samples for the exact section (counts, log-determinant and Newton steps "
+        "from an exact factorisation; the chain sweep's memory grows as "
         "(samples x width)^2); 0 skips it",
+    )
+    pa.add_argument(
+        "--method",
+        choices=["auto", "dense", "gram", "chain"],
+        default="auto",
+        help="the exact section's engine (auto: the fastest the plan predicts)",
     )
     pa.add_argument("--damping", type=_FLOAT, default=1e-3, help="eps of H + eps I")
     pa.add_argument(
@@ -189,17 +196,18 @@ def _check_report_dir(args: argparse.Namespace) -> None:
 
 
 def analyze_command(args: argparse.Namespace, progress: bool | None) -> int:
-    """``hesse analyze``: the summary (printed, and ``--json``), the chain section and the
-    ``--report``, all from one `Analysis`."""
+    """``hesse analyze``: the summary (printed, and ``--json``), the plan, the exact
+    section and the ``--report``, all from one `Analysis`."""
     setup = build_setup(args)
     analysis = Analysis(
         setup,
         max_dense=args.max_dense,
-        chain_samples=args.chain_samples,
+        exact_samples=args.chain_samples,
         damping=args.damping,
         progress=progress,
+        method=args.method,
     )
-    analysis.check_chain_memory()
+    analysis.check_exact_memory()
     if args.report:
         _check_report_dir(args)
     summary = analysis.summary()

@@ -62,11 +62,18 @@ def _row(label: str, value: str) -> str:
     return f"  {label:<31}{value}"
 
 
-def _format_chain(c: dict[str, Any]) -> list[str]:
+_ENGINES = {
+    "chain": "chain sweep, exact, linear in depth",
+    "dense": "dense factorisation, exact",
+    "gram": "observation-space factorisation, exact",
+}
+
+
+def _format_exact(c: dict[str, Any]) -> list[str]:
     lines = [
         "",
-        f"chain sweep, exact, linear in depth (first {c['samples']} samples, "
-        f"eps = {c['damping']:g}, float64):",
+        f"{_ENGINES[c['method']]} (first {c['samples']} samples, "
+        f"eps = {c['damping']:g}, float64; Gauss-Newton step: {c['ggn_method']}):",
         _row(f"Hessian eigenvalues < {c['negative_below']:.0e}", str(c["num_negative"])),
         _row(
             "log|det(H + eps I)|",
@@ -111,8 +118,6 @@ def format_summary(s: dict[str, Any]) -> str:
             f"P > --max-dense, so no trace or counts)"
         )
     lines.append(f"({s['seconds']:.1f} s)")
-    if s.get("chain"):
-        lines += _format_chain(s["chain"])
-    elif "chain_skipped" in s:
-        lines += ["", f"chain sweep skipped: {s['chain_skipped']}"]
+    if s.get("exact"):
+        lines += ["", s["plan"], *_format_exact(s["exact"])]
     return "\n".join(lines)

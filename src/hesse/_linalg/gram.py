@@ -306,9 +306,11 @@ class GramEngine:
             b.add_kernel(KJ)
         left = torch.bmm(F, KJ.view(N, m, M)).view(M, N, m)  # F_n (J J^T)[n, :]
         del KJ
-        return torch.bmm(left.view(M, N, m).transpose(0, 1), F.transpose(1, 2)).transpose(
-            0, 1
-        ).reshape(M, M)
+        return (
+            torch.bmm(left.view(M, N, m).transpose(0, 1), F.transpose(1, 2))
+            .transpose(0, 1)
+            .reshape(M, M)
+        )
 
     # ------------------------------------------------------------------ B and B^T
     def B(self, V: Tensor) -> Tensor:

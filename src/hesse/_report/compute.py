@@ -1,12 +1,13 @@
 """What ``hesse analyze --report`` shows, computed as a JSON-ready dict (`REPORT_SCHEMA`),
 one section a function: top and bottom eigenvalues (Lanczos), the trace (exact or
-Hutch++), the spectral density (SLQ), the exact histogram (dense eigenvalues or chain
-counts), the per-layer blocks of the Hessian / GGN / residual, and the loss along the
+Hutch++), the spectral density (SLQ), the exact histogram (dense eigenvalues or an
+exact engine's counts), the per-layer blocks of the Hessian / GGN / residual, and the loss along the
 top eigenvector. Whatever an analysis already computed (loss and gradient, the dense
-decomposition and eigenvalues, the chain) is passed in and reused."""
+decomposition and eigenvalues, the exact engine) is passed in and reused."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -16,8 +17,6 @@ from torch import Tensor
 
 from hesse._autodiff import products
 from hesse._autodiff.problem import Problem
-from hesse._chain.chain import Chain
-from hesse._linalg.eigen import eigenvalue_histogram
 from hesse._operators.curvature import HessianOperator
 from hesse._operators.functions import Decomposition, decompose
 from hesse._spectral.lanczos import EigResult, eigs
@@ -48,23 +47,22 @@ def _estimated_trace(op: HessianOperator, gen: torch.Generator) -> dict[str, Any
     }
 
 
-def _histogram(
-    evals: Tensor | None, sd: SpectralDensity, chain: Chain | None
-) -> dict[str, Any] | None:
+def _histogram(evals: Tensor | None, sd: SpectralDensity, engine: Any) -> dict[str, Any] | None:
     """Exact counts per bin: from the dense eigenvalues (60 bins over the spectrum), or
-    from the chain sweep's counts (30 bins over the SLQ nodes' range); ``None`` when
+    from an exact engine's counts (30 bins over the SLQ nodes' range); ``None`` when
     neither is at hand."""
     if evals is not None:
         edges = torch.linspace(float(evals[0]), float(evals[-1]), 61, dtype=evals.dtype)
         edges[-1] = torch.nextafter(edges[-1], edges[-1] + 1)  # include the largest
         counts = torch.histogram(evals.cpu(), edges.cpu()).hist.long()
         return {"edges": edges.tolist(), "counts": counts.tolist(), "source": "dense"}
-    if chain is None:
+    if engine is None:
         return None
     lo, hi = float(sd.nodes.min()), float(sd.nodes.max())
     edges = torch.linspace(lo - 1e-9, hi + 1e-9, 31, dtype=torch.float64)
-    counts = eigenvalue_histogram(chain, edges)
-    return {"edges": edges.tolist(), "counts": counts.tolist(), "source": "chain"}
+    below = [engine.factor(-float(x)).inertia().negative for x in edges]
+    counts = [b - a for a, b in itertools.pairwise(below)]
+    return {"edges": edges.tolist(), "counts": counts, "source": engine.method}
 
 
 def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict[str, Any]:
@@ -111,14 +109,14 @@ def build_report(
     loss_and_gradient: tuple[Tensor, Tensor] | None = None,
     decomposition: Decomposition | None = None,
     hessian_eigenvalues: Tensor | None = None,
-    chain: Chain | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Compute everything the report shows, as a JSON-ready dict (`REPORT_SCHEMA`).
 
     Dense quantities (exact trace, exact histogram, the per-layer-block norms of the
     Hessian, GGN and residual) are included when ``P <= max_dense``; otherwise the
-    histogram comes from the chain sweep of ``chain`` (a `Chain`, e.g. of the first
-    samples in float64) when one is given, and is absent else. ``loss_and_gradient``,
+    histogram comes from the counts of ``engine`` (a `hesse.engine` of the Hessian, e.g.
+    of the first samples in float64) when one is given, and is absent else. ``loss_and_gradient``,
     ``decomposition`` and ``hessian_eigenvalues`` (ascending) reuse what an analysis
     already computed.
     """
@@ -147,7 +145,7 @@ def build_report(
     probes, steps = 8, min(80, P)
     sd = spectral_density(op, num_probes=probes, lanczos_steps=steps, generator=gen)
     bar.update(1)
-    histogram = _histogram(evals, sd, chain)
+    histogram = _histogram(evals, sd, engine)
     bar.update(1)
     landscape = _landscape(problem, top, float(loss), g)
     bar.update(1)

@@ -82,7 +82,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                     "properties": {
                         "edges": _nums,
                         "counts": {"type": "array", "items": {"type": "integer"}},
-                        "source": {"enum": ["dense", "chain"]},
+                        "source": {"enum": ["dense", "chain", "gram"]},
                     },
                 },
             ]
