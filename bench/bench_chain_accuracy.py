@@ -96,14 +96,14 @@ def accuracy_table(rels: list[float]) -> list[dict]:
             Ce = C + eps * torch.eye(P, dtype=torch.float64)
             _unpivoted(True)
             try:
-                xb = hesse.factorize(prob, eps, curvature).solve(v, max_refine=0)
+                xb = hesse.factorize(prob, eps, curvature, method="chain").solve(v, max_refine=0)
                 before = _residual(Ce, xb, v)
             except (ArithmeticError, ValueError, RuntimeError):
                 before = float("nan")
             finally:
                 _unpivoted(False)
             t = time.perf_counter()
-            f = hesse.factorize(prob, eps, curvature)
+            f = hesse.factorize(prob, eps, curvature, method="chain")
             res = f.solve_ex(v)
             t_sweep = time.perf_counter() - t
             raw = _residual(Ce, f.solve(v, max_refine=0), v)
@@ -176,17 +176,25 @@ def cost_table(depths: list[int], paper: bool) -> list[dict]:
         for curvature in curvatures:
             _unpivoted(True)
             try:
-                tb_f, _ = _best(lambda prob=prob, c=curvature, e=eps: hesse.factorize(prob, e, c))
-                tb, _ = _best(
-                    lambda prob=prob, c=curvature, e=eps, v=v: hesse.factorize(prob, e, c).solve(
-                        v, max_refine=0
+                tb_f, _ = _best(
+                    lambda prob=prob, c=curvature, e=eps: hesse.factorize(
+                        prob, e, c, method="chain"
                     )
+                )
+                tb, _ = _best(
+                    lambda prob=prob, c=curvature, e=eps, v=v: hesse.factorize(
+                        prob, e, c, method="chain"
+                    ).solve(v, max_refine=0)
                 )
             finally:
                 _unpivoted(False)
-            ts_f, f = _best(lambda prob=prob, c=curvature, e=eps: hesse.factorize(prob, e, c))
+            ts_f, f = _best(
+                lambda prob=prob, c=curvature, e=eps: hesse.factorize(prob, e, c, method="chain")
+            )
             ts, res = _best(
-                lambda prob=prob, c=curvature, e=eps, v=v: hesse.factorize(prob, e, c).solve_ex(v)
+                lambda prob=prob, c=curvature, e=eps, v=v: hesse.factorize(
+                    prob, e, c, method="chain"
+                ).solve_ex(v)
             )
             row = {
                 "problem": name,

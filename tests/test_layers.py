@@ -124,3 +124,23 @@ def test_the_layering_test_catches_a_deferred_upward_import(tmp_path):
     node = ast.parse("def f():\n    from hesse._spectral.stochastic import diagonal\n")
     assert _targets(node.body[0].body[0]) == ["hesse._spectral.stochastic"]
     assert LAYERS["hesse._spectral.stochastic"] > LAYERS["hesse._autodiff.products"]
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's layout tree lists every module of the package, and nothing else."""
+    readme = (SRC.parents[1] / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = set(), ""
+    for line in block.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("src/hesse/"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        for word in stripped.split():
+            if word.endswith("/") and indent == 2:
+                folder = word
+            elif word.endswith(".py"):
+                listed.add((folder if indent > 2 else "") + word)
+    actual = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "__init__.py"}
+    actual |= {"__init__.py"}
+    assert listed == actual, (sorted(actual - listed), sorted(listed - actual))

@@ -51,7 +51,7 @@ class DenseEngine:
 
 class DenseFactorization(Factorization):
     """``C + eps I`` of a `DenseEngine`, factored by one `Elimination` (no state to carry:
-    everything is eliminated, zeros counted under the rank tolerance)."""
+    everything is eliminated, zeros counted under the rank tolerance; design note (D1))."""
 
     def __init__(self, engine: DenseEngine, damping: float, rank_rtol: float | None) -> None:
         self.problem, self.curvature = engine.problem, engine.curvature

@@ -120,9 +120,16 @@ def _product_seconds(problem: Problem, curvature: str) -> float:
 
 
 def _gradient_seconds(problem: Problem) -> float:
+    """Seconds of one gradient of the problem (the second of two: the first pays the
+    kernels' start-up)."""
+    products.gradient(problem)
     t0 = time.perf_counter()
     products.gradient(problem)
     return time.perf_counter() - t0
+
+
+_STAGE_SECONDS = 2.5e-3
+"""The chain sweep's fixed cost a stage (measured on a 2-core CPU: many small kernels)."""
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -243,7 +250,11 @@ def _gram_cost(
     # the kernel (three M x M arrays at the peak), the Jacobian rows outside Linear
     # layers, and the forward graph of all the data with m cotangents through it
     memory = item * (3 * M * M + M * rest + (m + 3) * _activations(problem))
-    seconds = m * grad + M * grad * (rest > 0) + kernel_flops / rates[0] + (M**3 / 3) / rates[1]
+    # the forward graph and m batched cotangents through it (vectorised: a fraction of m
+    # backward passes), Jacobian rows outside Linear layers one backward each, the kernel,
+    # its Cholesky factor, and the refinement's product
+    seconds = (3 + 0.3 * m) * grad + M * grad * (rest > 0)
+    seconds += kernel_flops / rates[0] + (M**3 / 3) / rates[1]
     if M >= P:
         seconds += P**3 / rates[1]  # no smaller than the dense problem: never preferred
     return EngineCost("gram", True, flops, memory, seconds)
@@ -257,7 +268,9 @@ def _chain_cost(
     except (ValueError, TypeError) as err:
         return EngineCost("chain", False, reason=str(err).split(";")[0].split(". ")[0]), None
     flops = chain.flops_estimate()
-    seconds = 2 * grad + flops / rates[0] + 0.3 * flops / rates[1]
+    # a forward and a backward pass, the sweep's flops, the refinement's product, and
+    # each stage's fixed cost (small matrices: the work of calling the kernels)
+    seconds = 3 * grad + flops / rates[0] + 0.3 * flops / rates[1] + _STAGE_SECONDS * len(chain)
     return EngineCost("chain", True, flops, chain.memory_estimate(), seconds), chain
 
 

@@ -2,9 +2,9 @@
 most ``M = N m`` (samples times outputs), so with ``B = Lambda^{1/2} J`` (``M x P``) and
 the kernel ``K = B B^T`` (``M x M``, the empirical NTK weighted by ``Lambda``),
 
-    (C + eps I)^-1 v = (v - B^T (eps I + K)^-1 B v) / eps               (Woodbury)
-    log det(C + eps I) = (P - M) log eps + log det(eps I + K)            (Sylvester)
-    eig(C) = eig(K) and P - M zeros (M <= P)
+    (C + eps I)^-1 v = (v - B^T (eps I + K)^-1 B v) / eps          (O1, Woodbury)
+    log det(C + eps I) = (P - M) log eps + log det(eps I + K)       (O2, Sylvester)
+    eig(C) = eig(K) and P - M zeros (M <= P)                        (O3)
 
 ``O(M^3 + M P)`` instead of ``O(P^3)``: the engine when samples times outputs is small
 against ``P`` (design note, "Wide stages", applied to the whole network; laplace-torch's
@@ -15,7 +15,7 @@ input and ``D_n = d f_n / d a_n`` the per-sample Jacobian of the outputs with re
 its output (Novak et al. 2022, "Fast finite width neural tangent kernel"); other
 parameters get their Jacobian rows by batched vector-Jacobian products.
 
-``Lambda^{1/2}`` in closed form, per sample (``F_n^T F_n = Lambda_n``): cross-entropy
+``Lambda^{1/2}`` in closed form, per sample (``F_n^T F_n = Lambda_n``, (O4)): cross-entropy
 ``sqrt(c) (I - q q^T) diag(q)`` with ``q = sqrt(softmax(f))``; MSE ``sqrt(2 c) I``; BCE
 with logits ``diag(sqrt(c s (1 - s)))``; ``c`` the loss's reduction factor
 (`hesse._autodiff.losses.reduction_factor`).
@@ -295,9 +295,9 @@ class GramEngine:
         return block
 
     def _kernel(self) -> Tensor:
-        """``K = F (J J^T) F^T``, ``F`` block diagonal over samples (symmetric up to
-        rounding; the factorisations read its lower triangle): three ``M x M`` arrays
-        at the peak."""
+        """``K = F (J J^T) F^T`` (O5 per Linear layer), ``F`` block diagonal over
+        samples (symmetric up to rounding; the factorisations read its lower triangle):
+        three ``M x M`` arrays at the peak."""
         M = self.num_outputs
         F = self.factors
         N, m, _ = F.shape
@@ -382,7 +382,7 @@ class GramFactorization(Factorization):
         self, piv: Tensor, n_eps: int, zero_tol: float, scale: float, kind: str, dtype: Any
     ) -> None:
         """Inertia and log-determinant: from ``eps I + K``'s pivots and ``P - M`` further
-        eigenvalues ``eps`` (Cholesky: ``log det(eps I + K) + (P - M) log eps``)."""
+        eigenvalues ``eps`` (O2, O3)."""
         eps = self.damping
         p = piv.double().cpu()
         neg = int((p < -zero_tol).sum()) + (n_eps if eps < -zero_tol else 0)
@@ -412,12 +412,12 @@ class GramFactorization(Factorization):
     def _apply_inverse(self, V: Tensor) -> Tensor:
         e, eps = self.engine, self.damping
         BV = e.B(V)
-        if self._chol is not None:  # Woodbury
+        if self._chol is not None:  # (O1)
             Z = torch.cholesky_solve(BV, self._chol)
             return (V - e.Bt(Z)) / eps
         mu, U = self._eig  # type: ignore[misc]
         W = U.T @ BV
         if eps != 0.0:
             return (V - e.Bt(U @ (W / (mu + eps)[:, None]))) / eps
-        # eps = 0 with C non-singular (M >= P, full rank): C^-1 = B^T U mu^-2 U^T B
+        # eps = 0 with C non-singular (M >= P, full rank): C^-1 = B^T U mu^-2 U^T B (O3)
         return e.Bt(U @ (W / (mu * mu)[:, None]))

@@ -1,0 +1,207 @@
+"""The three exact engines of ``hesse.factorize`` side by side, and ``auto``'s choice.
+
+Usage:
+    python bench/bench_engines.py [--rows a b ...] [--curvature ggn|hessian]
+                                  [--max-seconds 90] [--no-paper] [--json out.json]
+
+float64, CPU, cross-entropy MLPs, the GGN (every engine applies; ``--curvature
+hessian``: dense and chain), damping 1e-3. For each problem shape (P from 1e3 to 1e5,
+samples x outputs M from 1e2 to 1e4, depth 2 to 64) each engine runs in a fresh process:
+``hesse.factorize(..., method=m)`` then one solve and the log-determinant; the wall time
+of a warm call (the second; the first pays the kernels' start-up, unless it took over
+30 s) and the peak growth of the resident set over the first call (VmHWM). Engines the
+plan predicts over ``--max-seconds`` or over the memory budget are not run (the table
+says so, with the prediction). The last columns: auto's choice (the plan, computed in
+the parent) and auto's time over the fastest engine measured.
+
+Table 2, the reference paper's configuration (8 bias-free ReLU layers 768-24x7-10,
+batch 64, P = 22,128, M = 640; GGN, damping 1e-3): solve + log-determinant by the
+observation-space and the chain engines in HVP-times, one Hessian-vector product timed
+in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import hesse
+
+ROWS = {
+    # name: (input, hidden widths, classes, batch, bias, activation)
+    "small": (32, [24], 10, 10, True, "tanh"),
+    "digits": (64, [32], 10, 128, True, "tanh"),
+    "many-samples": (32, [64], 10, 1000, True, "tanh"),
+    "deep-narrow": (16, [16] * 63, 10, 16, True, "tanh"),
+    "deep-many": (16, [16] * 31, 10, 256, True, "tanh"),
+    "paper": (768, [24] * 7, 10, 64, False, "relu"),
+    "wide": (256, [128], 10, 32, True, "tanh"),
+    "P=1e5": (512, [192], 10, 16, True, "tanh"),
+}
+
+_CHILD = """
+import json, resource, sys, time, torch
+sys.path.insert(0, {bench!r})
+from bench_engines import problem
+import hesse
+prob = problem({name!r})
+v = torch.ones(prob.num_params, dtype=torch.float64)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+def hwm():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+def run():
+    f = hesse.factorize(prob, 1e-3, {curvature!r}, method={method!r})
+    f.solve(v)
+    f.logdet()
+before = rss()
+t0 = time.perf_counter()
+run()
+first = time.perf_counter() - t0
+peak = hwm() - before
+t0 = time.perf_counter()
+if first < 30:  # a warm second call (the first pays the kernels' start-up)
+    run()
+    first = time.perf_counter() - t0
+print(json.dumps({{"seconds": first, "peak": peak}}))
+"""
+
+
+def problem(name: str) -> hesse.Problem:
+    d_in, hidden, classes, n, bias, act = ROWS[name]
+    torch.manual_seed(0)
+    widths = [d_in, *hidden, classes]
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU() if act == "relu" else nn.Tanh())
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X, y))
+
+
+def run_engine(name: str, method: str, curvature: str) -> dict:
+    code = _CHILD.format(bench=sys.path[0], name=name, method=method, curvature=curvature)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=900
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1][:80]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def engine_table(names: list[str], max_seconds: float, curvature: str) -> list[dict]:
+    rows = []
+    for name in names:
+        prob = problem(name)
+        plan = hesse.plan(prob, curvature)
+        row: dict = {
+            "row": name,
+            "P": prob.num_params,
+            "M": plan.num_outputs,
+            "depth": len(ROWS[name][1]) + 1,
+            "auto": plan.choice,
+            "engines": {},
+        }
+        for m, cost in plan.costs.items():
+            entry = {"predicted_s": cost.seconds, "predicted_memory": cost.memory}
+            if not cost.applies:
+                entry["skipped"] = "does not apply"
+            elif cost.memory > plan.budget:
+                entry["skipped"] = f"over the memory budget ({cost.memory / 2**30:.1f} GB)"
+            elif cost.seconds > max_seconds:
+                entry["skipped"] = f"predicted {cost.seconds:.0f} s"
+            else:
+                entry |= run_engine(name, m, curvature)
+            row["engines"][m] = entry
+        measured = {m: e["seconds"] for m, e in row["engines"].items() if "seconds" in e}
+        if measured and row["auto"] in measured:
+            row["auto_over_fastest"] = measured[row["auto"]] / min(measured.values())
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def print_row(row: dict) -> None:
+    cells = []
+    for m in ("dense", "gram", "chain"):
+        e = row["engines"].get(m, {})
+        if "seconds" in e:
+            cells.append(f"{e['seconds']:.3g} s / {e['peak'] / 2**20:.0f} MB")
+        else:
+            cells.append(e.get("skipped", e.get("error", "-")))
+    ratio = row.get("auto_over_fastest")
+    print(
+        f"| {row['row']} | {row['P']} | {row['M']} | {row['depth']} | "
+        + " | ".join(cells)
+        + f" | {row['auto']} | {'-' if ratio is None else f'{ratio:.2f}'} |",
+        flush=True,
+    )
+
+
+def paper_table() -> dict:
+    prob = problem("paper")
+    v = torch.randn(prob.num_params, dtype=torch.float64)
+    op = hesse.HessianOperator(prob)
+    op @ v  # warm-up
+    ts = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        op @ v
+        ts.append(time.perf_counter() - t0)
+    hvp = sorted(ts)[len(ts) // 2]
+    out = {"hvp_seconds": hvp}
+    for m in ("gram", "chain"):
+        hesse.factorize(prob, 1e-3, "ggn", method=m).solve(v)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f = hesse.factorize(prob, 1e-3, "ggn", method=m)
+            f.solve(v)
+            f.logdet()
+            best = min(best, time.perf_counter() - t0)
+        out[m] = {"seconds": best, "hvp_times": best / hvp}
+        print(f"| {m} | {best:.3f} s | {best / hvp:.0f} |", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--max-seconds", type=float, default=90.0)
+    ap.add_argument("--curvature", choices=["ggn", "hessian"], default="ggn")
+    ap.add_argument("--no-paper", action="store_true", help="skip table 2")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
+        f"{args.curvature}, eps 1e-3"
+    )
+    print("| row | P | M | depth | dense | gram | chain | auto | auto / fastest |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = engine_table(args.rows, args.max_seconds, args.curvature)
+    paper = None
+    if not args.no_paper:
+        print("\n| paper configuration, GGN, solve + logdet | time | HVP-times |")
+        print("|---|---|---|")
+        paper = paper_table()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "paper": paper}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
