@@ -28,7 +28,6 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 import hesse
-from hesse._autodiff import products as _products
 from hesse._cli.data import load_digits_data
 
 
@@ -90,7 +89,7 @@ def products_table(dtype: torch.dtype, repeats: int) -> list[dict]:
 
     rows = [
         ("gradient (baseline, plain PyTorch)", plain_gradient, 1),
-        ("hesse gradient", lambda: _products.gradient(prob), 1),
+        ("hesse gradient", lambda: hesse.gradient(prob), 1),
         ("hesse hvp (reverse-over-reverse)", lambda: hop_r @ v, 1),
         ("hesse hvp (forward-over-reverse)", lambda: hop_f @ v, 1),
         ("torch.func hvp jvp(grad)", lambda: jvp(grad(f), (params,), (vs,)), 1),

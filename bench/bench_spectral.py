@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 import hesse
-from hesse._autodiff import products as _products
 from hesse._cli.data import load_digits_data
 
 
@@ -119,7 +118,7 @@ def main() -> None:
     op = hesse.HessianOperator(prob)
     t = time.perf_counter()
     for _ in range(20):
-        _products.gradient(prob)
+        hesse.gradient(prob)
     t_grad = (time.perf_counter() - t) / 20
     t = time.perf_counter()
     for _ in range(20):

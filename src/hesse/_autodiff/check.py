@@ -129,6 +129,17 @@ class _Checker:
             cols.append((gp - gm) / (2 * h))
         return torch.stack(cols, 1)
 
+    def directional(self, block: str, d: Tensor, L0: float, g0: Tensor) -> list[CheckRow]:
+        """The gradient and HVP rows along a unit direction ``d`` in ``block``."""
+        grad_row = self.row(
+            "gradient", block, (g0 @ d).reshape(1), lambda h: self._loss_fd(d, h), abs(L0)
+        )
+        Hd = products.hessian_matmat(self.problem, d.unsqueeze(1))
+        hvp_row = self.row(
+            "hvp", block, Hd, lambda h: self._grad_fd(d.unsqueeze(1), h), float(g0.norm())
+        )
+        return [grad_row, hvp_row]
+
     def row(
         self,
         quantity: str,
@@ -203,20 +214,7 @@ def check(
     for name, sl in problem.slices.items():
         d = torch.zeros(P, dtype=dt, device=problem.device)
         d[sl] = torch.randn(sl.stop - sl.start, generator=gen, dtype=dt).to(problem.device)
-        d /= d.norm()
-        report.rows.append(
-            c.row(
-                "gradient",
-                name,
-                (g0 @ d).reshape(1),
-                lambda h, d=d: c._loss_fd(d, h),
-                abs(float(L0)),
-            )
-        )
-        Hd = products.hessian_matmat(problem, d.unsqueeze(1))
-        report.rows.append(
-            c.row("hvp", name, Hd, lambda h, d=d: c._grad_fd(d.unsqueeze(1), h), float(g0.norm()))
-        )
+        report.rows += c.directional(name, d / d.norm(), float(L0), g0)
     if P <= 600 if hessian is None else hessian:
         for name, sl in problem.slices.items():
             E = torch.eye(P, dtype=dt)[:, sl].to(theta)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem, float64_problem
 from hesse._chain.chain import Chain
-from hesse._chain.pivots import Elimination, StageElimination, SweepState
+from hesse._chain.pivots import Elimination, StageContext, StageElimination, SweepState
 from hesse._chain.stages import Stage, StageDerivatives
 from hesse._linalg.base import Factorization, PivotSummary
 from hesse._linalg.results import FactorizationStatus
@@ -105,7 +105,7 @@ class ChainFactorization(Factorization):
             # a stage with structure eliminates its own pivot variables (a wide Linear
             # stage: W1-W4); otherwise the sweep forms its blocks (R1-R3) and eliminates
             m_in = state.m  # delayed directions carried into this stage
-            elim = d.eliminate(state, self.damping, gn, need_z, tol, stage.name)
+            elim = d.eliminate(StageContext(state, self.damping, gn, need_z, tol, stage.name))
             if elim is not None:
                 state = elim.take_state()
             else:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._chain import pivots
-from hesse._chain.pivots import TAU, Elimination, StageElimination, SweepState
+from hesse._chain.pivots import TAU, Elimination, StageContext, StageElimination, SweepState
 from hesse._chain.stages import Stage, StageDerivatives
 from hesse._util import memory
 
@@ -68,19 +68,11 @@ class _LinearDerivs(StageDerivatives):
             torch.diagonal(Q_xz.view(J, o, n, i)[:k], dim1=0, dim2=3).add_(self.lam.T.unsqueeze(-1))
         return Q_zz, Q_xx, Q_xz
 
-    def eliminate(
-        self,
-        state: SweepState,
-        damping: float,
-        gauss_newton: bool,
-        need_z: bool,
-        tol: float,
-        stage: str,
-    ) -> StageElimination | None:
+    def eliminate(self, ctx: StageContext) -> StageElimination | None:
         """More parameters than activations (``J > n``): the wide form (`_Wide`)."""
         if self.p <= self.a_out:
             return None
-        return _Wide.build(self, state, damping, gauss_newton, need_z, tol, stage)
+        return _Wide.build(self, ctx)
 
 
 class LinearStage(Stage):
@@ -176,7 +168,7 @@ class _Wide:
 
     @staticmethod
     def _complement_coupling(
-        d: _LinearDerivs, Qz: Tensor, state: SweepState, damping: float, tol: float, stage: str
+        d: _LinearDerivs, Qz: Tensor, ctx: StageContext
     ) -> tuple[Tensor | None, bool]:
         """``P_z`` (the complement projector on the inputs' rows, ``(J, i)``; ``None``
         without coupling to speak of) and whether the sweep must take the dense pivot
@@ -188,8 +180,9 @@ class _Wide:
         c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
             torch.linalg.vector_norm(d.lam, dim=0).max()
         )
+        damping, tol, stage = ctx.damping, ctx.tol, ctx.stage
         if not abs(damping) >= TAU * c and c > tol and not pivots.UNPIVOTED:
-            S = state.S_zz
+            S = ctx.state.S_zz
             dense = 4 * d.p * d.p * S.element_size()  # the pivot, its eigenvectors, work
             if dense <= memory.BUDGET_FRACTION * memory.available_memory(S.device):
                 return Pz, True  # the dense pivot fits: eliminate it like any stage's
@@ -203,24 +196,16 @@ class _Wide:
         return (None if c <= tol else Pz), False
 
     @classmethod
-    def build(
-        cls,
-        d: _LinearDerivs,
-        state: SweepState,
-        damping: float,
-        gauss_newton: bool,
-        need_z: bool,
-        tol: float,
-        stage: str,
-    ) -> _Wide | None:
+    def build(cls, d: _LinearDerivs, ctx: StageContext) -> _Wide | None:
         """The wide elimination (W1)-(W4), or ``None`` when the dense pivot must be used
         (see `_complement_coupling`)."""
+        state, damping, gauss_newton, need_z, tol, stage = ctx
         S, S_dz, S_dd = state
         n, o, a = d.n, d.o, d.a_out
         Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
         Pz = None
         if need_z and not gauss_newton and d.p > a:
-            Pz, dense = cls._complement_coupling(d, Qz, state, damping, tol, stage)
+            Pz, dense = cls._complement_coupling(d, Qz, ctx)
             if dense:
                 return None
         self = cls(d, Qz, Rz, Pz)

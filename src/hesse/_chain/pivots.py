@@ -40,6 +40,7 @@ __all__ = [
     "TAU",
     "Elimination",
     "SingularPivotError",
+    "StageContext",
     "StageElimination",
     "SweepState",
     "maxabs",
@@ -60,6 +61,21 @@ class SweepState(NamedTuple):
     def m(self) -> int:
         """The number of delayed directions."""
         return 0 if self.S_dz is None else self.S_dz.shape[0]
+
+
+class StageContext(NamedTuple):
+    """What a stage's own elimination is given (`StageDerivatives.eliminate`): the
+    state the later stages left (its delayed directions included), the damping ``eps``,
+    whether ``C`` is the Gauss-Newton matrix, whether the stage has a state to couple to
+    (``dz_{l-1}``: not at the first stage), the rank tolerance so far, and the stage's
+    name for messages."""
+
+    state: SweepState
+    damping: float
+    gauss_newton: bool
+    need_z: bool
+    tol: float
+    stage: str
 
 
 class StageElimination(Protocol):

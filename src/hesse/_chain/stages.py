@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff import losses
 from hesse._autodiff.layers import activation_derivatives
-from hesse._chain.pivots import StageElimination, SweepState
+from hesse._chain.pivots import StageContext, StageElimination
 
 __all__ = [
     "ElementwiseStage",
@@ -90,15 +90,7 @@ class StageDerivatives(abc.ABC):
         (first stage: ``dz_0 = 0``) ``Q_zz`` and ``Q_xz`` are not formed. A stage without
         parameters returns ``Q_xx = Q_xz = None``."""
 
-    def eliminate(
-        self,
-        state: SweepState,
-        damping: float,
-        gauss_newton: bool,
-        need_z: bool,
-        tol: float,
-        stage: str,
-    ) -> StageElimination | None:
+    def eliminate(self, ctx: StageContext) -> StageElimination | None:
         """The stage's own elimination of its pivot variables ``[x; d]`` (design note
         (S1)), for a stage whose structure makes it cheaper than the dense blocks of
         `q_blocks` (a wide ``Linear`` stage: W1-W4), given the state the later stages

@@ -37,6 +37,10 @@ def _exact_trace_and_blocks(
     }
 
 
+def _eigvalsh(dec: Decomposition) -> Tensor:
+    return torch.linalg.eigvalsh(dec.hessian)
+
+
 def _estimated_trace(op: HessianOperator, gen: torch.Generator) -> dict[str, Any]:
     t = trace(op, method="hutch++", num_products=90, generator=gen)
     return {
@@ -79,6 +83,18 @@ def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict
     return {"alphas": alphas.tolist(), "losses": losses, "quadratic": quad}
 
 
+def _head(problem: Problem, description: str, loss: float, g: Tensor) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "model": description or type(problem.model).__name__,
+        "num_params": problem.num_params,
+        "num_samples": problem.num_samples,
+        "dtype": str(problem.dtype).replace("torch.", ""),
+        "loss": loss,
+        "grad_norm": float(g.norm()),
+    }
+
+
 def _top(top: EigResult, evals: Tensor | None, k: int) -> dict[str, Any]:
     return {
         "values": top.eigenvalues.tolist(),
@@ -116,9 +132,9 @@ def build_report(
     Dense quantities (exact trace, exact histogram, the per-layer-block norms of the
     Hessian, GGN and residual) are included when ``P <= max_dense``; otherwise the
     histogram comes from the counts of ``engine`` (a `hesse.engine` of the Hessian, e.g.
-    of the first samples in float64) when one is given, and is absent else. ``loss_and_gradient``,
-    ``decomposition`` and ``hessian_eigenvalues`` (ascending) reuse what an analysis
-    already computed.
+    of the first samples in float64) when one is given, and is absent else.
+    ``loss_and_gradient``, ``decomposition`` and ``hessian_eigenvalues`` (ascending)
+    reuse what an analysis already computed.
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
@@ -135,29 +151,19 @@ def build_report(
     evals, blocks = None, None
     if P <= max_dense:
         dec = decomposition if decomposition is not None else decompose(problem, progress=False)
-        evals = hessian_eigenvalues
-        if evals is None:
-            evals = torch.linalg.eigvalsh(dec.hessian)
+        evals = hessian_eigenvalues if hessian_eigenvalues is not None else _eigvalsh(dec)
         tr, blocks = _exact_trace_and_blocks(problem, dec, evals)
     else:
         tr = _estimated_trace(op, gen)
     bar.update(1)
     probes, steps = 8, min(80, P)
     sd = spectral_density(op, num_probes=probes, lanczos_steps=steps, generator=gen)
-    bar.update(1)
     histogram = _histogram(evals, sd, engine)
-    bar.update(1)
+    bar.update(2)
     landscape = _landscape(problem, top, float(loss), g)
     bar.update(1)
     bar.close()
-    report = {
-        "version": 1,
-        "model": description or type(problem.model).__name__,
-        "num_params": P,
-        "num_samples": problem.num_samples,
-        "dtype": str(problem.dtype).replace("torch.", ""),
-        "loss": float(loss),
-        "grad_norm": float(g.norm()),
+    report = _head(problem, description, float(loss), g) | {
         "top_eigenvalues": _top(top, evals, k),
         "smallest_eigenvalue": float(bottom.eigenvalues[0]),
         "trace": tr,

@@ -114,6 +114,9 @@ def lanczos(
 
     Returns the basis ``Q (P, m)``, the tridiagonal's ``alpha (m,)``, ``beta (m-1,)``
     and the last ``beta_m`` (zero when the Krylov space became invariant).
+
+    A numerical kernel: its length is the algorithm's (the recurrence, the two passes of
+    reorthogonalisation, the restart and the stopping test share the loop's state).
     """
     P = A.P
     full = min(steps, P) + 1
@@ -193,6 +196,14 @@ class EigResult(NamedTuple):
     converged: bool
 
 
+def _ritz(T: Tensor, b: float, k: int, which: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Ritz values ``theta`` and vectors ``S`` of the tridiagonal ``T``, the wanted
+    ones' indices and their residual norms ``|b S[-1, i]|``."""
+    theta, S = torch.linalg.eigh(T)
+    idx = _select(theta, min(k, len(theta)), which)
+    return theta, S, idx, (b * S[-1, idx]).abs()
+
+
 def _eigs_arguments(
     A: Counted,
     k: object,
@@ -254,22 +265,15 @@ def eigs(
     A = Counted(op)
     steps, v0 = _eigs_arguments(A, k, which, tol, max_steps, generator, v0)
 
-    def ritz(T: Tensor, Q: Tensor, b: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        theta, S = torch.linalg.eigh(T)
-        idx = _select(theta, min(k, len(theta)), which)
-        res = (b * S[-1, idx]).abs()
-        return theta, S, idx, res
-
     def stop(T: Tensor, Q: Tensor, b: float) -> bool:
         if T.shape[0] < k:
             return False
-        theta, _S, _idx, res = ritz(T, Q, b)
+        theta, _S, _idx, res = _ritz(T, b, k, which)
         return bool((res <= tol * float(theta.abs().max())).all())
 
     restart = generator if generator is not None else torch.Generator().manual_seed(0)
     Q, alpha, beta, b = lanczos(A, v0, steps, stop=stop, restart=restart)
-    T = tridiag(alpha.tolist(), beta.tolist(), A.dtype)
-    theta, S, idx, res = ritz(T, Q, b)
+    theta, S, idx, res = _ritz(tridiag(alpha.tolist(), beta.tolist(), A.dtype), b, k, which)
     if len(idx) < k:
         raise ValueError(
             f"the Krylov space of the start vector has dimension {len(theta)} < "

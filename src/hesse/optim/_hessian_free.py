@@ -38,9 +38,9 @@ class HessianFree(SecondOrderOptimizer):
     optionally Martens' diagonal preconditioner ``(diag(EF) + lam)^0.75``.
 
     Args:
-        params_or_model, loss_fn, model, params, weight_decay, decoupled_weight_decay:
-            see `SecondOrderOptimizer` (the model, or parameters and groups in
-            ``torch.optim`` style with ``model=``).
+        params_or_model, loss_fn, and ``model``, ``params``, ``weight_decay``,
+            ``decoupled_weight_decay`` (keywords): see `SecondOrderOptimizer` (the model,
+            or parameters and groups in ``torch.optim`` style with ``model=``).
         lr: the initial step length of the line search (1: the CG step).
         damping: initial ``lam``.
         curvature: ``"ggn"`` or ``"hessian"``.
@@ -65,10 +65,6 @@ class HessianFree(SecondOrderOptimizer):
         params_or_model: nn.Module | Iterable[Any],
         loss_fn: Any = None,
         *,
-        model: nn.Module | None = None,
-        params: Any = None,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
         lr: float = 1.0,
         damping: float = 1.0,
         curvature: str = "ggn",
@@ -79,6 +75,7 @@ class HessianFree(SecondOrderOptimizer):
         line_search: bool = True,
         adapt_damping: bool = True,
         preconditioner: str | None = None,
+        **common: Any,
     ) -> None:
         check_curvature(curvature)
         if preconditioner not in (None, "martens"):
@@ -98,15 +95,7 @@ class HessianFree(SecondOrderOptimizer):
             "adapt_damping": adapt_damping,
             "preconditioner": preconditioner,
         }
-        super().__init__(
-            params_or_model,
-            loss_fn,
-            defaults,
-            model=model,
-            params=params,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
+        super().__init__(params_or_model, loss_fn, defaults, **common)
 
     def _preconditioner(self, prob: Problem, lam: float) -> Tensor:
         """Martens' ``(diag(EF) + lam)^0.75``, the empirical Fisher's diagonal from

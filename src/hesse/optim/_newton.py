@@ -74,10 +74,10 @@ class Newton(SecondOrderOptimizer):
             ``C + lam I`` is positive definite, the hard case included) and adapts the
             radius by the reduction ratio (`trust_radius_update`).
         saddle_free: ``k``; the step is `saddle_free_direction`.
-        params_or_model, loss_fn, model, params, weight_decay, decoupled_weight_decay:
-            see `SecondOrderOptimizer`. L2 weight decay must be the same for every
-            parameter here: an exact factorisation takes one scalar shift,
-            ``C + (lam + wd) I``.
+        params_or_model, loss_fn, and ``model``, ``params``, ``weight_decay``,
+            ``decoupled_weight_decay`` (keywords): see `SecondOrderOptimizer`. L2 weight
+            decay must be the same for every parameter here: an exact factorisation takes
+            one scalar shift, ``C + (lam + wd) I``.
 
     Usage::
 
@@ -90,10 +90,6 @@ class Newton(SecondOrderOptimizer):
         params_or_model: nn.Module | Iterable[Any],
         loss_fn: Any = None,
         *,
-        model: nn.Module | None = None,
-        params: Any = None,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
         lr: float = 1.0,
         damping: float = 1e-2,
         curvature: str = "ggn",
@@ -103,6 +99,7 @@ class Newton(SecondOrderOptimizer):
         trust_region: float | None = None,
         max_radius: float = 1e3,
         saddle_free: int | None = None,
+        **common: Any,
     ) -> None:
         check_curvature(curvature)
         if method not in ("auto", *METHODS):
@@ -122,15 +119,7 @@ class Newton(SecondOrderOptimizer):
             "max_radius": max_radius,
             "saddle_free": saddle_free,
         }
-        super().__init__(
-            params_or_model,
-            loss_fn,
-            defaults,
-            model=model,
-            params=params,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
+        super().__init__(params_or_model, loss_fn, defaults, **common)
         if self.l2 and not bool((self._wd == self._wd[0]).all()):
             raise ValueError(
                 f"{type(self).__name__} with L2 weight decay needs one weight_decay for every "

@@ -110,6 +110,9 @@ def truncated_cg(
     Args:
         matvec: ``v -> A v`` for ``(P,)`` vectors.
         precond: the diagonal of the preconditioner ``M`` (``M^-1`` is applied).
+
+    A numerical kernel: its length is the algorithm's (the recurrence, the kept iterates
+    and the three stopping rules share the loop's state).
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0; got {max_iter!r}")
