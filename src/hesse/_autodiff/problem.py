@@ -15,6 +15,7 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hesse._autodiff.kernels import differentiable_kernels, find_module
 from hesse._autodiff.losses import weighted_loss
 
 __all__ = ["Batch", "Parameters", "Problem", "float64_problem", "map_tensors", "tensor_leaves"]
@@ -261,6 +263,11 @@ class Problem:
         reduction: ``"mean"`` or ``"sum"``; only needed for a plain loss function
             without a ``reduction`` attribute and several batches (default
             ``"mean"``).
+        output: which part of the model's output the loss takes (and the Gauss-Newton,
+            Fisher and Jacobian products differentiate): a field or key name
+            (``"logits"``), a callable (``lambda out: out[0]``), or ``None`` (default:
+            the output itself, or its ``logits`` when it is a Hugging Face
+            ``ModelOutput`` or a dict that has them).
 
     The objective is ``L = sum_b w_b loss_b`` with ``w_b = n_b / N`` for ``"mean"``
     and ``w_b = 1`` for ``"sum"``: several batches give the same value, gradient and
@@ -287,13 +294,21 @@ class Problem:
         params: Sequence[str | Tensor] | None = None,
         *,
         reduction: str | None = None,
+        output: str | Callable[[Any], Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
+        if output is not None and not (isinstance(output, str) or callable(output)):
+            raise TypeError(
+                f"output must be a field name, a callable or None; got {type(output).__name__}"
+            )
         self.model = model
         self.loss_fn = loss_fn
+        self.output = output
+        self.differentiable_kernels = False  # set on a kernel's missing derivative
+        self.graph_checked = False  # no once-differentiable Function in the graph
         self.reduction = self._resolve_reduction(loss_fn, reduction)
 
         self.parameters = Parameters(model, params)
@@ -495,11 +510,45 @@ class Problem:
             if mod.training:
                 for b_name, buf in mod.named_buffers(recurse=False):
                     mapping[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.clone()
-        if isinstance(inputs, dict):
-            return functional_call(self.model, mapping, (), inputs)
-        if isinstance(inputs, tuple):
-            return functional_call(self.model, mapping, inputs)
-        return functional_call(self.model, mapping, (inputs,))
+        args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, None)
+        if not isinstance(args, tuple):
+            args = (args,)
+        with differentiable_kernels() if self.differentiable_kernels else contextlib.nullcontext():
+            out = functional_call(self.model, mapping, args, kwargs)
+        return self.select(out)
+
+    def select(self, out: Any) -> Any:
+        """The model output the loss takes (``output=``): a field or key by name, a
+        callable's result, or by default the output itself, or its ``logits`` (a Hugging
+        Face ``ModelOutput``, a dict) when it is not a tensor."""
+        sel = self.output
+        if callable(sel):
+            return sel(out)
+        if isinstance(sel, str):
+            if isinstance(out, dict):
+                if sel in out:
+                    return out[sel]
+                fields = list(out.keys())
+            elif hasattr(out, sel):
+                return getattr(out, sel)
+            else:
+                fields = [f for f in dir(out) if not f.startswith("_")][:20]
+            raise ValueError(
+                f"output={sel!r}: the model's output ({type(out).__name__}) has no such field; "
+                f"it has {fields}"
+            )
+        if isinstance(out, Tensor):
+            return out
+        if isinstance(out, dict):  # a dict, or a Hugging Face ModelOutput (a dict too)
+            return out.get("logits", out)
+        return getattr(out, "logits", out)
+
+    def locate(self, op: str) -> str | None:
+        """The module of the model that runs the operation ``op`` (for messages), from
+        one forward pass over the first batch."""
+        inputs, _t, _w = next(iter(self.batches()))
+        ps = [p.detach().requires_grad_(True) for p in self.params]  # a graph to read
+        return find_module(self.model, lambda: self.outputs(ps, inputs), op)
 
     def batch_loss(self, outputs: Any, targets: Tensor | None, weight: float) -> Tensor:
         """Weighted loss of one batch, ``w_b * loss_fn(outputs, targets)``."""
@@ -530,6 +579,7 @@ class Problem:
             _Converted(self._data, dtype),
             params=self.names,
             reduction=self.reduction,
+            output=self.output,
         )
 
     def __repr__(self) -> str:

@@ -30,6 +30,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from hesse._autodiff import losses
+from hesse._autodiff.kernels import check_twice_differentiable, with_fallback
 from hesse._autodiff.problem import Problem
 
 __all__ = [
@@ -139,12 +140,26 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
     ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
     forward pass and one backward per column, ``torch.autograd.forward_ad``).
     """
+    return with_fallback(
+        problem, "the Hessian-vector product", lambda: _hessian_matmat(problem, V, method)
+    )
+
+
+def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tensor:
+    """``H V`` for ``V`` of shape ``(P, k)``.
+
+    ``method="reverse"`` (default, fastest on CPU): reverse-over-reverse, the
+    gradient graph is built once per batch and differentiated again for all columns.
+    ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
+    forward pass and one backward per column, ``torch.autograd.forward_ad``).
+    """
     if method == "reverse":
         out = torch.zeros_like(V)
         cot = _param_cotangents(problem, V)
         for inputs, targets, w in problem.batches():
             ps = _leaves(problem)
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
+            check_twice_differentiable(problem, loss)
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
             out += apply_batched(gs, ps, cot).T
         return out
@@ -183,8 +198,9 @@ OutputMap = Callable[[Tensor, Any, float, Tensor], Tensor]
 def _require_tensor_output(out: Any) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(
-            "Gauss-Newton, Fisher and Jacobian products need a model whose forward "
-            f"returns one tensor; got {type(out).__name__}"
+            "Gauss-Newton, Fisher and Jacobian products need one output tensor; the model "
+            f"returns {type(out).__name__}, which has no 'logits': pass output='<field>' "
+            "or a callable to hesse.Problem to select the tensor the loss takes"
         )
     return out
 
@@ -200,6 +216,13 @@ def _jvp_batched(out: Tensor, ps: Sequence[Tensor], V: Tensor) -> Tensor:
 
 
 def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
+    """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
+    return with_fallback(
+        problem, "the Gauss-Newton / Fisher product", lambda: _jtlj_matmat(problem, V, output_map)
+    )
+
+
+def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
     out = torch.zeros_like(V)
     k = V.shape[1]
@@ -220,6 +243,7 @@ def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
             o = _require_tensor_output(problem.outputs(ps, inputs))
             if not o.requires_grad:
                 continue
+            check_twice_differentiable(problem, o)  # the double-vjp trick differentiates J^T u
             JV = _jvp_batched(o, ps, V)
         LJV = output_map(o.detach(), targets, w, JV.detach())
         out += apply_batched(o, ps, LJV).T
@@ -248,6 +272,16 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
     ``lam = dL/df`` held fixed, so that ``H = G + R`` (seed 001) holds by
     construction of neither side.
     """
+    return with_fallback(problem, "the residual product", lambda: _residual_matmat(problem, V))
+
+
+def _residual_matmat(problem: Problem, V: Tensor) -> Tensor:
+    """Residual of the chain rule, ``R V`` with ``R = sum_k (dL/df_k) d^2 f_k/dtheta^2``.
+
+    Computed as the Hessian of ``theta -> <lam, f(theta)>`` with the output adjoint
+    ``lam = dL/df`` held fixed, so that ``H = G + R`` (seed 001) holds by
+    construction of neither side.
+    """
     out = torch.zeros_like(V)
     cot = _param_cotangents(problem, V)
     for inputs, targets, w in problem.batches():
@@ -255,6 +289,7 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
         o = _require_tensor_output(problem.outputs(ps, inputs))
         if not o.requires_grad:
             continue
+        check_twice_differentiable(problem, o)
         lam = losses.output_gradient(problem.loss_fn, o, targets, w)
         gs = torch.autograd.grad((lam * o).sum(), ps, create_graph=True, allow_unused=True)
         out += apply_batched(gs, ps, cot).T
@@ -275,6 +310,15 @@ def fisher_matmat(problem: Problem, V: Tensor, kind: str = "true") -> Tensor:
 
 # --------------------------------------------------------------------------- Jacobian
 def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
+    """Jacobian of the model's outputs w.r.t. the selected parameters.
+
+    Returns ``(N, *out_shape, P)``: the outputs of all batches concatenated along the
+    first (sample) dimension, as the model returns them (no loss weighting).
+    """
+    return with_fallback(problem, "the Jacobian", lambda: _jacobian(problem, chunk_size))
+
+
+def _jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
     """Jacobian of the model's outputs w.r.t. the selected parameters.
 
     Returns ``(N, *out_shape, P)``: the outputs of all batches concatenated along the

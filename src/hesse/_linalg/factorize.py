@@ -197,13 +197,14 @@ def _dense_cost(
 ) -> EngineCost:
     """``P`` products for ``C``, then Cholesky (``P^3 / 3``; the GGN) or LU and
     Bunch-Kaufman (``P^3``; the Hessian). Peak memory: forming ``C`` (the matrix and
-    the column chunks' working memory) or factoring it (``C``, the shifted copy and
-    the factors: 3 and 4 ``P x P`` arrays)."""
+    the column chunks' working memory) or factoring it."""
     P = problem.num_params
     item = torch.empty((), dtype=problem.dtype).element_size()
     build = curvature_operator(problem, curvature).dense_memory()
     factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
-    memory = max(build, (3 if curvature == "ggn" else 4) * P * P * item)
+    # measured (tests/test_memory.py): Cholesky about 3.5, LU and LDL^T about 4.5 P x P
+    # arrays (C, the shifted copy, the factors and LAPACK's copies)
+    memory = max(build, (3.5 if curvature == "ggn" else 4.5) * P * P * item)
     seconds = P * col + factor_flops / rates[1]
     return EngineCost("dense", True, factor_flops, memory, seconds)
 
@@ -247,9 +248,9 @@ def _gram_cost(
     item = torch.empty((), dtype=problem.dtype).element_size()
     kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
     flops = kernel_flops + M**3 / 3
-    # the kernel (three M x M arrays at the peak), the Jacobian rows outside Linear
-    # layers, and the forward graph of all the data with m cotangents through it
-    memory = item * (3 * M * M + M * rest + (m + 3) * _activations(problem))
+    # the kernel (three M x M arrays at the peak) or, before it, the forward graph of
+    # all the data with m cotangents through it; the Jacobian rows outside Linear layers
+    memory = item * (max(3 * M * M, (m + 3) * _activations(problem)) + M * rest)
     # the forward graph and m batched cotangents through it (vectorised: a fraction of m
     # backward passes), Jacobian rows outside Linear layers one backward each, the kernel,
     # its Cholesky factor, and the refinement's product

@@ -139,9 +139,12 @@ class _Capture:
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
             self.calls[name] += 1
             self.inputs[name], self.outputs[name] = args[0].detach(), out
+            # the next module may work in place (ReLU(inplace=True)): it gets a copy, and
+            # the layer's own output stays in the graph for d f / d a
+            return out.clone()
 
         return hook
 
