@@ -62,6 +62,15 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return obj
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry is finite, by one fused norm over all tensors (a finite
+    norm: all finite; a non-finite one may also be an overflow of huge entries, which
+    the caller's exact check then clears)."""
+    with torch.no_grad():
+        norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+
 def _is_single_batch(data: Any) -> bool:
     return (
         isinstance(data, (tuple, list))
@@ -309,6 +318,7 @@ class Problem:
         self.output = output
         self.differentiable_kernels = False  # set on a kernel's missing derivative
         self.graph_checked = False  # no once-differentiable Function in the graph
+        self._checked_versions: tuple[int, ...] = ()
         self.reduction = self._resolve_reduction(loss_fn, reduction)
 
         self.parameters = Parameters(model, params)
@@ -430,12 +440,15 @@ class Problem:
                 changes between passes).
         """
         dev = self.device
-        for name, p in zip(self.names, self.params, strict=True):
-            if not bool(torch.isfinite(p).all()):
-                raise ValueError(
-                    f"parameter {name!r} has NaN or inf entries (set after the Problem was "
-                    "built, e.g. by a diverged optimiser step); every result would be NaN"
-                )
+        versions = tuple(p._version for p in self.parameters.tensors)
+        if versions != self._checked_versions and not _all_finite(self.params):
+            for name, p in zip(self.names, self.params, strict=True):
+                if not bool(torch.isfinite(p).all()):
+                    raise ValueError(
+                        f"parameter {name!r} has NaN or inf entries (set after the Problem was "
+                        "built, e.g. by a diverged optimiser step); every result would be NaN"
+                    )
+        self._checked_versions = versions  # checked: again only after an in-place change
         seen = 0
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)

@@ -105,8 +105,9 @@ def apply_batched(
 
 
 def _param_cotangents(problem: Problem, V: Tensor) -> list[Tensor]:
-    """``(P, k)`` -> per-parameter cotangents of shape ``(k, *param.shape)``."""
-    return [t.movedim(-1, 0) for t in problem.unflatten(V)]
+    """``(P, k)`` -> per-parameter cotangents of shape ``(k, *param.shape)`` (views; ``V``
+    was validated by the caller)."""
+    return [t.movedim(-1, 0) for t in problem.parameters.split(V)]
 
 
 # --------------------------------------------------------------------------- first order
@@ -115,14 +116,16 @@ def loss_and_gradient(
 ) -> tuple[Tensor, Tensor]:
     """Objective ``L`` and its gradient ``(P,)`` at the current parameters, or at the
     per-parameter values ``at``."""
-    total = torch.zeros((), dtype=problem.dtype, device=problem.device)
-    grad = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
+    total: Tensor | None = None
+    grad: Tensor | None = None
     for inputs, targets, w in problem.batches():
         ps = _leaves(problem, at)
         loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
         gs = torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True)
-        grad += _flat(gs, ps)
-        total += loss.detach()
+        flat = _flat(gs, ps)
+        grad = flat if grad is None else grad.add_(flat)
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None and grad is not None  # a Problem has at least one batch
     return total, grad
 
 
@@ -154,14 +157,16 @@ def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Ten
     forward pass and one backward per column, ``torch.autograd.forward_ad``).
     """
     if method == "reverse":
-        out = torch.zeros_like(V)
+        out: Tensor | None = None
         cot = _param_cotangents(problem, V)
         for inputs, targets, w in problem.batches():
             ps = _leaves(problem)
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
             check_twice_differentiable(problem, loss)
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
-            out += apply_batched(gs, ps, cot).T
+            HV = apply_batched(gs, ps, cot).T
+            out = HV.contiguous() if out is None else out.add_(HV)
+        assert out is not None  # a Problem has at least one batch
         return out
     if method == "forward":
         return _hessian_matmat_forward(problem, V)
@@ -198,9 +203,10 @@ OutputMap = Callable[[Tensor, Any, float, Tensor], Tensor]
 def _require_tensor_output(out: Any) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(
-            "Gauss-Newton, Fisher and Jacobian products need one output tensor; the model "
-            f"returns {type(out).__name__}, which has no 'logits': pass output='<field>' "
-            "or a callable to hesse.Problem to select the tensor the loss takes"
+            "Gauss-Newton, Fisher and Jacobian products need a model whose forward "
+            f"returns one tensor; got {type(out).__name__}, which has no 'logits': pass "
+            "output='<field>' or a callable to hesse.Problem to select the tensor the loss "
+            "takes"
         )
     return out
 
