@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "hesse._cli": 0,
     "hesse._autodiff.losses": 0,
     "hesse._autodiff.kernels": 0,
+    "hesse._autodiff.distributed": 0,
     "hesse._autodiff.layers": 0,
     "hesse._linalg.results": 0,
     "hesse._report.schema": 0,

@@ -37,7 +37,7 @@ T = TypeVar("T")
 _GAP = re.compile(
     r"derivative for (aten::)?\S+ is not implemented|forward AD|double backward|"
     r"does not support (double )?backward|is not implemented for|not implemented yet|"
-    r"differentiate twice",
+    r"differentiate twice|can only be called in training mode",
     re.IGNORECASE,
 )
 

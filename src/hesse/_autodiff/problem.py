@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hesse._autodiff.distributed import LOCAL as _LOCAL
+from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.kernels import differentiable_kernels, find_module
 from hesse._autodiff.losses import weighted_loss
 
@@ -60,6 +62,26 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(obj, list):
         return [map_tensors(v, fn) for v in obj]
     return obj
+
+
+def _to_cpu(obj: Any) -> Any:
+    return map_tensors(obj, lambda t: t.detach().cpu())
+
+
+def _refuse_padded_sampler(data: Any, group: Any) -> None:
+    """A ``DistributedSampler`` that pads (``drop_last=False`` and a dataset that does not
+    divide by the ranks) repeats samples: their curvature would count twice."""
+    sampler = getattr(data, "sampler", None)
+    if group is None or sampler is None or type(sampler).__name__ != "DistributedSampler":
+        return
+    total, n = getattr(sampler, "total_size", 0), len(getattr(sampler, "dataset", ()))
+    if total > n:
+        raise ValueError(
+            f"the data's DistributedSampler pads {n} samples to {total} by repeating "
+            f"{total - n}: they would be counted twice in every sum. Pass "
+            "drop_last=True to the sampler (or shard the data yourself, unevenly: hesse "
+            "weights each rank by its own samples)"
+        )
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
@@ -277,6 +299,13 @@ class Problem:
             (``"logits"``), a callable (``lambda out: out[0]``), or ``None`` (default:
             the output itself, or its ``logits`` when it is a Hugging Face
             ``ModelOutput`` or a dict that has them).
+        process_group: data parallelism (`hesse._autodiff.distributed`): when
+            ``torch.distributed`` is initialised with several ranks (or a group is given),
+            each rank passes its own shard of the data and every quantity is the
+            full-data one, identical on every rank (one all-reduce per product; the mean
+            is over the samples of all ranks, shards of unequal size included; a rank may
+            hold none). ``"local"``: this process's data only. The ranks' parameters are
+            compared when the problem is built (a checksum) and must agree.
 
     The objective is ``L = sum_b w_b loss_b`` with ``w_b = n_b / N`` for ``"mean"``
     and ``w_b = 1`` for ``"sum"``: several batches give the same value, gradient and
@@ -304,6 +333,7 @@ class Problem:
         *,
         reduction: str | None = None,
         output: str | Callable[[Any], Tensor] | None = None,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -337,11 +367,21 @@ class Problem:
                 f"data (inputs, targets): targets must be a tensor or None; got "
                 f"{type(data[1]).__name__} (convert it with torch.as_tensor)"
             )
+        group = resolve_group(process_group)
+        self.group = Group(group) if group is not None else None
+        _refuse_padded_sampler(data, self.group)
         self._data = [data] if _is_single_batch(data) else data
         if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
             self._data = list(self._data)
         self._sizes = self._scan_data()
-        self.num_samples = sum(self._sizes)
+        self.local_samples = sum(self._sizes)
+        self.num_samples = self.local_samples
+        if self.group is not None:  # every rank: the samples of all ranks
+            self.group.check_same_model(self.names, self.params)
+            count = torch.tensor([float(self.local_samples)], dtype=torch.float64)
+            self.num_samples = int(self.group.all_reduce(count, "sample count").item())
+            if self.num_samples == 0:
+                raise ValueError("data is empty on every rank: expected at least one sample")
         self._warn_about_modes(model)
 
     # ------------------------------------------------------------------ set-up
@@ -373,7 +413,7 @@ class Problem:
                         f"X.to({self.dtype}) or model.to({t.dtype}))"
                     )
             sizes.append(self._batch_size(inputs, targets, i))
-        if not sizes or sum(sizes) == 0:
+        if (not sizes or sum(sizes) == 0) and self.group is None:  # a rank may hold none
             raise ValueError(
                 "data is empty: expected at least one (inputs, targets) batch "
                 "with at least one sample"
@@ -454,14 +494,16 @@ class Problem:
             inputs, targets = self._split_batch(batch, i)
             n = self._batch_size(inputs, targets, i)
             seen += n
+            if n == 0:  # an empty batch (a rank's empty shard) adds nothing
+                continue
             yield (
                 map_tensors(inputs, lambda t: t.to(dev)),
                 targets.to(dev) if isinstance(targets, Tensor) else targets,
                 n / self.num_samples if self.reduction == "mean" else 1.0,
             )
-        if seen != self.num_samples:
+        if seen != self.local_samples:
             raise RuntimeError(
-                f"the data held {self.num_samples} samples when the Problem was built but "
+                f"the data held {self.local_samples} samples when the Problem was built but "
                 f"{seen} now: pass data that yields the same samples on every pass"
             )
 
@@ -570,13 +612,47 @@ class Problem:
     def loss(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """The objective ``L`` at ``params`` (default: the current parameters)."""
         ps = [p.detach() for p in self.params] if params is None else list(params)
-        total = None
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for inputs, targets, w in self.batches():
-                term = self.batch_loss(self.outputs(ps, inputs), targets, w)
-                total = term if total is None else total + term
-        assert total is not None
-        return total
+                total = total + self.batch_loss(self.outputs(ps, inputs), targets, w)
+        return self.reduce(total.reshape(1), "loss").reshape(())
+
+    # ------------------------------------------------------------------ distributed
+    @property
+    def distributed(self) -> bool:
+        """Whether the data is sharded over the ranks of a process group."""
+        return self.group is not None
+
+    def reduce(self, t: Tensor, what: str = "product") -> Tensor:
+        """The sum of ``t`` over the ranks (one all-reduce; identical on every rank), or
+        ``t`` itself for a problem on one process."""
+        return t if self.group is None else self.group.all_reduce(t, what)
+
+    def shared_random(self, t: Tensor) -> Tensor:
+        """Rank 0's ``t`` on every rank (random probes and start vectors must agree)."""
+        return t if self.group is None else self.group.broadcast(t)
+
+    def gathered(self) -> Problem:
+        """The problem on one process: every rank's batches gathered to every rank (for
+        the exact factorisations, whose state is the whole curvature batch: it is small).
+        Identical on every rank; the caller's model is used as it is."""
+        if self.group is None:
+            return self
+        mine = [(i, t) for i, t, _w in self.batches()]
+        everyone = self.group.gather_objects(
+            [(_to_cpu(i), _to_cpu(t)) for i, t in mine], "gathering of the data"
+        )
+        data = [b for rank in everyone for b in rank]
+        return Problem(
+            self.model,
+            self.loss_fn,
+            data,
+            params=self.names,
+            reduction=self.reduction,
+            output=self.output,
+            process_group=_LOCAL,
+        )
 
     def promoted(self, dtype: torch.dtype = torch.float64) -> Problem:
         """The same problem on a copy of the model in ``dtype`` (float64 by default: for
@@ -593,6 +669,7 @@ class Problem:
             params=self.names,
             reduction=self.reduction,
             output=self.output,
+            process_group=self.group.group if self.group is not None else _LOCAL,
         )
 
     def __repr__(self) -> str:

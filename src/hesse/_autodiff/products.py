@@ -125,8 +125,11 @@ def loss_and_gradient(
         flat = _flat(gs, ps)
         grad = flat if grad is None else grad.add_(flat)
         total = loss.detach() if total is None else total + loss.detach()
-    assert total is not None and grad is not None  # a Problem has at least one batch
-    return total, grad
+    if grad is None:  # a rank may hold no samples: it contributes nothing
+        grad = torch.zeros(problem.num_params, dtype=problem.dtype, device=problem.device)
+        total = torch.zeros((), dtype=problem.dtype, device=problem.device)
+    both = problem.reduce(torch.cat([grad, total.reshape(1)]), "gradient")  # one all-reduce
+    return both[-1], both[:-1]
 
 
 def gradient(problem: Problem) -> Tensor:
@@ -143,9 +146,10 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
     ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
     forward pass and one backward per column, ``torch.autograd.forward_ad``).
     """
-    return with_fallback(
+    HV = with_fallback(
         problem, "the Hessian-vector product", lambda: _hessian_matmat(problem, V, method)
     )
+    return problem.reduce(HV, "Hessian-vector product")
 
 
 def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tensor:
@@ -166,8 +170,7 @@ def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Ten
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
             HV = apply_batched(gs, ps, cot).T
             out = HV.contiguous() if out is None else out.add_(HV)
-        assert out is not None  # a Problem has at least one batch
-        return out
+        return torch.zeros_like(V) if out is None else out  # a rank may hold no samples
     if method == "forward":
         return _hessian_matmat_forward(problem, V)
     raise ValueError(f"method must be 'reverse' or 'forward'; got {method!r}")
@@ -223,9 +226,10 @@ def _jvp_batched(out: Tensor, ps: Sequence[Tensor], V: Tensor) -> Tensor:
 
 def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
-    return with_fallback(
+    CV = with_fallback(
         problem, "the Gauss-Newton / Fisher product", lambda: _jtlj_matmat(problem, V, output_map)
     )
+    return problem.reduce(CV, "Gauss-Newton / Fisher product")
 
 
 def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
@@ -278,7 +282,8 @@ def residual_matmat(problem: Problem, V: Tensor) -> Tensor:
     ``lam = dL/df`` held fixed, so that ``H = G + R`` (seed 001) holds by
     construction of neither side.
     """
-    return with_fallback(problem, "the residual product", lambda: _residual_matmat(problem, V))
+    RV = with_fallback(problem, "the residual product", lambda: _residual_matmat(problem, V))
+    return problem.reduce(RV, "residual product")
 
 
 def _residual_matmat(problem: Problem, V: Tensor) -> Tensor:
@@ -321,10 +326,16 @@ def jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
     Returns ``(N, *out_shape, P)``: the outputs of all batches concatenated along the
     first (sample) dimension, as the model returns them (no loss weighting).
     """
-    return with_fallback(problem, "the Jacobian", lambda: _jacobian(problem, chunk_size))
+    J = with_fallback(problem, "the Jacobian", lambda: _jacobian(problem, chunk_size))
+    if problem.group is None:
+        assert J is not None
+        return J
+    # rows are samples: every rank's, in rank order (a rank without samples has none)
+    parts = problem.group.gather_objects(None if J is None else J.cpu(), "gathering of J")
+    return torch.cat([p for p in parts if p is not None]).to(problem.device)
 
 
-def _jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
+def _jacobian(problem: Problem, chunk_size: int = 256) -> Tensor | None:
     """Jacobian of the model's outputs w.r.t. the selected parameters.
 
     Returns ``(N, *out_shape, P)``: the outputs of all batches concatenated along the
@@ -341,7 +352,7 @@ def _jacobian(problem: Problem, chunk_size: int = 256) -> Tensor:
             apply_batched(flat_o, ps, eye[i : i + chunk_size]) for i in range(0, m, chunk_size)
         ]
         rows.append(torch.cat(blocks).reshape((*o.shape, problem.num_params)))
-    return torch.cat(rows, dim=0)
+    return torch.cat(rows, dim=0) if rows else None
 
 
 def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
@@ -374,5 +385,10 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
             c = losses.reduction_factor(lf, o.expand(inputs.shape[0], *o.shape[1:]), targets, w)
             out += c * torch.cat([(g**2).sum(0).reshape(-1) for g in gs])
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
-        return None
-    return out
+        failed = 1.0
+    else:
+        failed = 0.0
+    if problem.group is not None:  # every rank takes the same path
+        flag = torch.tensor([failed], dtype=torch.float64)
+        failed = float(problem.reduce(flag, "empirical Fisher diagonal").item())
+    return None if failed else problem.reduce(out, "empirical Fisher diagonal")

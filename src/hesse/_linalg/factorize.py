@@ -300,6 +300,8 @@ def plan(
     sizes, and (once a process) a few small matrix products and factorisations.
     """
     check_curvature(curvature)
+    if isinstance(problem, Problem) and problem.distributed:
+        problem = problem.gathered()  # what engine() factors
     prob = problem.problem if isinstance(problem, Chain) else problem
     if promote and prob.dtype != torch.float64:
         prob = prob.promoted()
@@ -336,6 +338,11 @@ def engine(
     check_curvature(curvature)
     if method not in ("auto", *METHODS):
         raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
+    group = problem.group if isinstance(problem, Problem) else None
+    if group is not None:
+        # the exact engines' state is the whole curvature batch: gather it (it is small)
+        # and factor identically on every rank
+        problem = problem.gathered()
     out_dtype = (problem.problem if isinstance(problem, Chain) else problem).dtype
     if out_dtype != torch.float64 and not promote:
         import warnings
@@ -350,6 +357,8 @@ def engine(
         problem = promoted(problem) if isinstance(problem, Chain) else problem.promoted()
     if method == "auto":
         method = "chain" if isinstance(problem, Chain) else _auto(problem, curvature, max_memory)
+        if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
+            method = group.gather_objects(method, "choice of the engine")[0]
     eng = _build(problem, curvature, method, max_memory, progress)
     eng.out_dtype = out_dtype  # type: ignore[attr-defined]
     return eng

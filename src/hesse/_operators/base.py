@@ -131,12 +131,15 @@ class CurvatureOperator:
 
             handles = [m.register_forward_hook(hook) for m in self.problem.model.modules()]
             try:
-                inputs, _t, _w = next(iter(self.problem.batches()))
-                with torch.no_grad():
-                    self.problem.outputs([p.detach() for p in self.problem.params], inputs)
+                first = next(iter(self.problem.batches()), None)  # a rank may hold none
+                if first is not None:
+                    with torch.no_grad():
+                        self.problem.outputs([p.detach() for p in self.problem.params], first[0])
             finally:
                 for h in handles:
                     h.remove()
+            if self.problem.group is not None:  # the same chunks on every rank
+                numel = self.problem.group.max(numel)
             self._act_numel = numel
         return self._act_numel
 

@@ -36,6 +36,7 @@ class Counted:
             self.P, self.dtype, self.device = op.shape[0], op.dtype, op.device
             self._mm: Callable[[Tensor], Tensor] = op.matmat
             self.random = op.random
+            self.share = op.problem.shared_random
             if self.random:
                 warnings.warn(
                     f"{type(op).__name__} is random: the model has Dropout in training mode, "
@@ -63,6 +64,12 @@ class Counted:
         self.count = 0
 
     random: bool = False
+
+    @staticmethod
+    def share(t: Tensor) -> Tensor:
+        """Rank 0's ``t`` on every rank for a distributed problem's operator (random
+        start vectors and probes must agree), else ``t``."""
+        return t
 
     def __call__(self, V: Tensor) -> Tensor:
         self.count += V.shape[1]
@@ -145,6 +152,7 @@ def lanczos(
             break
         if invariant:  # restart orthogonally: a new Krylov block, beta = 0 between blocks
             w = torch.randn(P, generator=restart, dtype=torch.float64).to(A.dtype).to(A.device)
+            w = A.share(w)
             for _ in range(2):
                 w = w - Qj.T @ (Qj @ w)
             basis.append(w / w.norm())
@@ -224,6 +232,7 @@ def _eigs_arguments(
     steps = min(P, max_steps if max_steps is not None else 300 + 10 * int(k))
     if v0 is None:
         v0 = torch.randn(P, generator=generator, dtype=torch.float64).to(A.dtype).to(A.device)
+        v0 = A.share(v0)
     elif not isinstance(v0, Tensor) or v0.shape != (P,):
         shape = tuple(v0.shape) if isinstance(v0, Tensor) else type(v0).__name__
         raise ValueError(f"v0 must be a tensor of shape ({P},); got {shape}")

@@ -77,7 +77,7 @@ def trace(
     if method == "hutchinson":
         if num_products < 2:
             raise ValueError("hutchinson needs num_products >= 2")
-        V = rademacher(P, num_products, generator, A.dtype, A.device)
+        V = A.share(rademacher(P, num_products, generator, A.dtype, A.device))
         vals = (V * A(V)).sum(0)
         return TraceEstimate(
             float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), A.count, method
@@ -87,10 +87,10 @@ def trace(
             raise ValueError("hutch++ needs num_products >= 3")
         s = max(1, num_products // 3)
         g = num_products - 2 * s
-        S = rademacher(P, s, generator, A.dtype, A.device)
+        S = A.share(rademacher(P, s, generator, A.dtype, A.device))
         Q, _ = torch.linalg.qr(A(S))
         exact_part = float(torch.trace(Q.T @ A(Q)))
-        G = rademacher(P, g, generator, A.dtype, A.device)
+        G = A.share(rademacher(P, g, generator, A.dtype, A.device))
         G = G - Q @ (Q.T @ G)
         vals = (G * A(G)).sum(0)
         se = float(vals.std() / math.sqrt(g)) if g > 1 else float("nan")
@@ -115,7 +115,7 @@ def diagonal(
             return torch.diagonal(op).clone()
         return op.diagonal(max_memory)
     if method == "hutchinson":
-        V = rademacher(A.P, num_products, generator, A.dtype, A.device)
+        V = A.share(rademacher(A.P, num_products, generator, A.dtype, A.device))
         return (V * A(V)).mean(1)
     raise ValueError(f"method must be 'exact' or 'hutchinson'; got {method!r}")
 
@@ -171,7 +171,7 @@ def spectral_density(
     nodes = torch.zeros(num_probes, m, dtype=A.dtype)
     weights = torch.zeros(num_probes, m, dtype=A.dtype)
     for i in range(num_probes):
-        v = rademacher(P, 1, generator, A.dtype, A.device)[:, 0]
+        v = A.share(rademacher(P, 1, generator, A.dtype, A.device))[:, 0]
         _Q, alpha, beta, _b = lanczos(A, v, m)
         theta, S = torch.linalg.eigh(tridiag(alpha.tolist(), beta.tolist(), A.dtype))
         mi = len(theta)  # fewer when the Krylov space became invariant

@@ -1,0 +1,101 @@
+"""Data parallelism with ``torch.distributed``: each rank holds a shard of the data, and
+every quantity hesse returns is the full-data one, identical on every rank.
+
+The rule is one all-reduce (a sum) per product, of all its columns at once, after each
+rank has summed its own batches with their global weights (``n_b / N`` with ``N`` the
+samples of all ranks, for ``reduction="mean"``). Collectives go through the problem's
+process group (gloo on CPU, NCCL on CUDA: the backend is the user's); a rank that dies
+makes the others fail after the group's timeout with a message that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["LOCAL", "Group", "resolve_group"]
+
+LOCAL = "local"
+"""``process_group=LOCAL``: this process's data only, even under torch.distributed."""
+
+
+def resolve_group(process_group: Any) -> Any:
+    """The process group a problem reduces over: ``None`` when torch.distributed is not
+    initialised (and none was given) or for ``LOCAL``, the default group when it is
+    initialised with several ranks, or the one given."""
+    if isinstance(process_group, str) and process_group == LOCAL:
+        return None
+    initialised = dist.is_available() and dist.is_initialized()
+    if process_group is None:
+        return dist.group.WORLD if initialised and dist.get_world_size() > 1 else None
+    if not initialised:
+        raise ValueError(
+            "process_group was given but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group (torchrun sets up the environment) first"
+        )
+    return process_group
+
+
+class Group:
+    """The collectives a distributed problem needs, with clear errors."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def _run(self, what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"hesse: the {what} across {self.size} ranks failed on rank {self.rank} (a "
+                f"rank died, or did not reach the same call, within the group's timeout): "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+
+    def all_reduce(self, t: Tensor, what: str = "product") -> Tensor:
+        """The sum over ranks (returned; in place when ``t`` is contiguous); identical on
+        every rank. Collectives work on contiguous memory: a strided view is copied first
+        (reducing a view in place would leave the caller's tensor unreduced)."""
+        t = t.contiguous()
+        self._run(f"all-reduce of the {what}", lambda: dist.all_reduce(t, group=self.group))
+        return t
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` over the ranks (sizes that must agree: chunking)."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        self._run("agreement on a size", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, self.group))
+        return int(t.item())
+
+    def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
+        """Rank ``src``'s tensor on every rank (returned; see `all_reduce` on views)."""
+        t = t.contiguous()
+        root = dist.get_global_rank(self.group, src) if self.group is not None else src
+        self._run("broadcast", lambda: dist.broadcast(t, root, group=self.group))
+        return t
+
+    def gather_objects(self, obj: Any, what: str) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        self._run(what, lambda: dist.all_gather_object(out, obj, group=self.group))
+        return out
+
+    def check_same_model(self, names: list[str], params: list[Tensor]) -> None:
+        """Refuse ranks whose selected parameters differ (in names, shapes, dtype or
+        values: a checksum), naming the ranks that differ from rank 0."""
+        h = hashlib.sha256()
+        for n, p in zip(names, params, strict=True):
+            h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+            h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        digests = self.gather_objects(h.hexdigest(), "comparison of the parameters")
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise ValueError(
+                f"the ranks' models differ: the selected parameters (names, shapes, dtype or "
+                f"values) of rank(s) {bad} are not rank 0's; every rank must hold the same "
+                "model (broadcast the weights, or seed the initialisation alike)"
+            )

@@ -1,0 +1,214 @@
+"""Data parallelism with torch.distributed (gloo on loopback, 2 and 3 ranks spawned by
+torch.multiprocessing, uneven shards, float64): every quantity equals one process holding
+all the data to 1e-12 relative and is bit-identical across ranks; bad input is refused;
+a rank that dies makes the others fail with a clear error, not hang."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hesse
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"
+)
+
+SHARDS = {2: [(0, 5), (5, 11)], 3: [(0, 3), (3, 3), (3, 11)]}  # rank 1 of 3 holds nothing
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    f32 = torch.float32  # the same initial values whatever the default dtype of the process
+    model = nn.Sequential(nn.Linear(4, 6, dtype=f32), nn.Tanh(), nn.Linear(6, 3, dtype=f32))
+    model = model.double()
+    X = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=g)
+    return model, X, y
+
+
+def _quantities(prob: hesse.Problem) -> dict:
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(prob.num_params, 3, generator=g, dtype=torch.float64)
+    loss, grad = hesse.loss_and_gradient(prob)
+    out = {
+        "loss": loss.reshape(1),
+        "gradient": grad,
+        "hvp": hesse.hvp(prob, V),
+        "hvp_forward": hesse.hvp(prob, V[:, 0], method="forward"),
+        "ggn_vp": hesse.ggn_vp(prob, V),
+        "ggn_vp1": hesse.ggn_vp(prob, V[:, 0]),
+        "fisher_vp": hesse.fisher_vp(prob, V, kind="empirical"),
+        "hessian": hesse.hessian(prob),
+        "jacobian": hesse.jacobian(prob),
+        "top3": hesse.eigs(
+            hesse.HessianOperator(prob), 3, generator=torch.Generator().manual_seed(1)
+        ).eigenvalues,
+        "top_unseeded": hesse.eigs(hesse.GGNOperator(prob), 1).eigenvalues,  # rank 0's v0
+        "trace": torch.tensor(
+            [
+                hesse.trace(
+                    hesse.HessianOperator(prob),
+                    num_products=30,
+                    generator=torch.Generator().manual_seed(2),
+                ).estimate
+            ]
+        ),
+        "solve": hesse.factorize(prob, 0.1, "ggn").solve(V[:, 0]),
+        "logdet": torch.tensor([hesse.factorize(prob, 0.1, "hessian", method="dense").logdet()[1]]),
+        "count": torch.tensor([float(hesse.count_eigenvalues(prob, below=0.0))]),
+    }
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, case: str) -> None:
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=20),
+        )
+        torch.set_num_threads(1)
+        result = CASES[case](rank, world)
+        torch.save(result, os.path.join(outdir, f"{rank}.pt"))
+    except BaseException as err:  # reported to the parent through the file
+        report = {"error": f"{type(err).__name__}: {err}", "tb": traceback.format_exc()}
+        torch.save(report, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def _case_products(rank: int, world: int) -> dict:
+    model, X, y = _setup()
+    a, b = SHARDS[world][rank]
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X[a:b], y[a:b]))
+    assert prob.distributed and prob.num_samples == 11 and prob.local_samples == b - a
+    return _quantities(prob)
+
+
+def _case_bad_input(rank: int, world: int) -> dict:
+    model, X, y = _setup()
+    said = {}
+    if rank == 1:  # a rank whose weights differ
+        with torch.no_grad():
+            model[0].bias.add_(1e-9)
+    try:
+        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    except ValueError as err:
+        said["differ"] = str(err)
+    model, X, y = _setup()
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    ds = TensorDataset(X, y)  # 11 samples on 2 ranks: the sampler pads one
+    loader = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, world, rank))
+    try:
+        hesse.Problem(model, nn.CrossEntropyLoss(), loader)
+    except ValueError as err:
+        said["padded"] = str(err)
+    exact = DataLoader(
+        ds, batch_size=4, sampler=DistributedSampler(ds, world, rank, drop_last=True)
+    )
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), exact)
+    said["dropped"] = prob.num_samples
+    local = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y), process_group="local")
+    said["local"] = local.num_samples
+    return said
+
+
+def _case_dead_rank(rank: int, world: int) -> dict:
+    model, X, y = _setup()
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X[rank::2], y[rank::2]))
+    if rank == 1:
+        os._exit(0)  # dies before the product: rank 0 must not hang
+    try:
+        hesse.hvp(prob, torch.ones(prob.num_params))
+    except RuntimeError as err:
+        return {"error_message": str(err)}
+    return {"error_message": ""}
+
+
+CASES = {"products": _case_products, "bad": _case_bad_input, "dead": _case_dead_rank}
+
+
+def _spawn(world: int, case: str, tmp_path, timeout: float = 120) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), case))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"a rank of {case!r} hung past {timeout} s")
+    out = []
+    for r in range(world):
+        path = tmp_path / f"{r}.pt"
+        out.append(torch.load(path, weights_only=False) if path.exists() else {"missing": True})
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_quantity_equals_one_process_and_agrees_across_ranks(world, tmp_path):
+    results = _spawn(world, "products", tmp_path)
+    errors = [r.get("tb", r) for r in results if "error" in r or "missing" in r]
+    assert not errors, "\n".join(map(str, errors))
+    model, X, y = _setup()
+    ref = _quantities(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)))
+    for key, want in ref.items():
+        for rank, got in enumerate(results):
+            assert torch.equal(got[key], results[0][key]), (key, rank)  # bit-identical
+        scale = max(float(want.abs().max()), 1e-300)
+        err = float((results[0][key] - want).abs().max()) / scale
+        # products to 1e-12; Lanczos and Hutch++ amplify the products' summation order
+        # (its QR, the Ritz values' conditioning) to a few 1e-8 at most
+        # (its QR, the Ritz values' conditioning) to a few 1e-8 at most; the gathered
+        # factorisations see the batches in another order than one process (the bound
+        # of their backward error, test_engines.py)
+        tol = {"top3": 1e-9, "top_unseeded": 1e-9, "trace": 1e-6}.get(key, 1e-12)
+        tol = 1e-7 if key in ("solve", "logdet") else tol
+        assert err <= tol, (key, err)
+
+
+def test_bad_input_is_refused_on_every_rank(tmp_path):
+    results = _spawn(2, "bad", tmp_path)
+    for r in results:
+        assert "error" not in r, r.get("tb", r)
+        assert "rank(s) [1]" in r["differ"]
+        assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
+        assert r["dropped"] == 10 and r["local"] == 11
+
+
+def test_a_process_group_needs_torch_distributed():
+    model, X, y = _setup()
+    with pytest.raises(ValueError, match="not initialised"):
+        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y), process_group=object())
+
+
+def test_a_dead_rank_fails_the_others_clearly(tmp_path):
+    results = _spawn(2, "dead", tmp_path, timeout=90)
+    assert "across 2 ranks failed on rank 0" in results[0]["error_message"]
