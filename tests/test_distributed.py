@@ -212,3 +212,31 @@ def test_a_process_group_needs_torch_distributed():
 def test_a_dead_rank_fails_the_others_clearly(tmp_path):
     results = _spawn(2, "dead", tmp_path, timeout=90)
     assert "across 2 ranks failed on rank 0" in results[0]["error_message"]
+
+
+def test_hesse_analyze_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m hesse analyze``: the data sharded by rank, rank 0
+    prints and writes; the numbers are one process's."""
+    import json
+    import subprocess
+
+    args = ["analyze", "--samples", "120", "--hidden", "4", "--train-steps", "10"]
+    args += ["--no-progress", "--chain-samples", "30"]
+    one = tmp_path / "one.json"
+    two = tmp_path / "two.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "hesse", *args, "--json", str(one)], check=True,
+                   capture_output=True, env=env, timeout=300)  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    launch += [f"--master_port={_free_port()}", "-m", "hesse"]
+    out = subprocess.run([*launch, *args, "--json", str(two)], check=True, capture_output=True,
+                         text=True, env=env, timeout=300)  # fmt: skip
+    assert out.stdout.count("parameters  ") == 1  # one rank prints
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["ranks"] == 2 and "sharded over 2 ranks" in b["model"]
+    for key in ("loss", "grad_norm", "trace", "eig_max", "eig_min"):
+        assert abs(a[key] - b[key]) <= 1e-10 * abs(a[key]), key
+    assert a["num_negative"] == b["num_negative"]
+    assert a["exact"]["samples"] == b["exact"]["samples"] == 30
+    assert a["exact"]["num_negative"] == b["exact"]["num_negative"]
+    assert abs(a["exact"]["logdet"] - b["exact"]["logdet"]) <= 1e-8 * abs(a["exact"]["logdet"])

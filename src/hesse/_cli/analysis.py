@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -47,14 +48,19 @@ def dense_summary(analysis: Analysis) -> dict[str, Any]:
 
 
 def lanczos_summary(analysis: Analysis) -> dict[str, Any]:
-    """The extreme eigenvalues by Lanczos (scipy's ``eigsh``), for models beyond
-    ``--max-dense``."""
-    from scipy.sparse.linalg import eigsh
-
-    lin = hesse.HessianOperator(analysis.problem).to_scipy()
-    top = eigsh(lin, k=1, which="LA", return_eigenvectors=False)
-    bottom = eigsh(lin, k=1, which="SA", return_eigenvectors=False)
-    return {"method": "lanczos", "eig_max": float(top[0]), "eig_min": float(bottom[0])}
+    """The extreme eigenvalues by Lanczos (`hesse.eigs`, seeded: every rank of a
+    distributed run takes the same steps), for models beyond ``--max-dense``."""
+    op = hesse.HessianOperator(analysis.problem)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the residual is in the result
+        top = hesse.eigs(op, 1, "largest", tol=1e-6, generator=gen)
+        bottom = hesse.eigs(op, 1, "smallest", tol=1e-6, generator=gen)
+    return {
+        "method": "lanczos",
+        "eig_max": float(top.eigenvalues[0]),
+        "eig_min": float(bottom.eigenvalues[0]),
+    }
 
 
 class Analysis:
@@ -108,7 +114,9 @@ class Analysis:
     def exact_problem(self) -> hesse.Problem:
         """The first ``exact_samples`` samples, always in float64 (on a copy: counts near
         zero and log-determinants need the digits)."""
-        s, n = self.setup, min(self.exact_samples, len(self.setup.X))
+        s = self.setup
+        # the first samples of the whole data: under torchrun, each rank's part of them
+        n = max(0, min(self.exact_samples - s.offset, len(s.X)))
         return float64_problem(s.model, s.loss_fn, s.X[:n], s.y[:n])
 
     @functools.cached_property

@@ -31,6 +31,7 @@ class Setup:
     X: Tensor
     y: Tensor
     description: str
+    offset: int = 0  # the index of the first sample in the whole data (a rank's shard)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -158,7 +159,13 @@ def build_setup(args: argparse.Namespace) -> Setup:
         y = y.reshape(-1, 1)
     setup = Setup(model, loss_fn, X, y, f"{desc} on {data_desc}, {type(loss_fn).__name__}")
     if not args.model and not args.weights and args.train_steps > 0:
-        secs = train_default(setup, args.train_steps, args.seed)
+        secs = train_default(setup, args.train_steps, args.seed)  # every rank: all the data
         setup.description += f", trained {args.train_steps} Adam steps ({secs:.1f} s)"
     model.eval()
+    rank, world = getattr(args, "rank", 0), getattr(args, "world", 1)
+    if world > 1:  # torchrun: each rank its contiguous shard (no sampler, no padding)
+        b = [len(setup.X) * r // world for r in range(world + 1)]
+        setup.X, setup.y = setup.X[b[rank] : b[rank + 1]], setup.y[b[rank] : b[rank + 1]]
+        setup.offset = b[rank]
+        setup.description += f", sharded over {world} ranks"
     return setup

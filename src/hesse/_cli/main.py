@@ -169,11 +169,34 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _distributed() -> tuple[int, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): the process group, initialised here if the
+    launcher did not (gloo on CPU, NCCL with CUDA); ``(rank, world size)``."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
+    args.rank, args.world = _distributed()
+    if args.rank > 0:  # one rank prints and writes; every rank computes
+        progress = False
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     if getattr(args, "json", None):
         check_output_file(args.json, "--json")
     if args.command == "train":
+        if args.world > 1:
+            raise SystemExit(
+                "hesse train: not under torchrun yet (the optimisers' steps are not reduced "
+                "across ranks); run it in one process"
+            )
         return train_command(args, progress)
     if args.command == "analyze":
         return analyze_command(args, progress)
@@ -211,14 +234,18 @@ def analyze_command(args: argparse.Namespace, progress: bool | None) -> int:
     if args.report:
         _check_report_dir(args)
     summary = analysis.summary()
+    if args.world > 1:
+        summary["ranks"] = args.world
     print(format_summary(summary))
-    if args.json:
+    if args.json and args.rank == 0:
         write_json_atomic(args.json, summary)
     if args.report:
         from hesse._report.files import write_report
 
-        path = write_report(analysis.report(args.seed), args.report, overwrite=args.overwrite)
-        print(f"\nreport: {path}/report.json and {len(os.listdir(path)) - 1} figures")
+        report = analysis.report(args.seed)  # every rank: the products are collective
+        if args.rank == 0:
+            path = write_report(report, args.report, overwrite=args.overwrite)
+            print(f"\nreport: {path}/report.json and {len(os.listdir(path)) - 1} figures")
     return 0
 
 
@@ -230,7 +257,7 @@ def check_command(args: argparse.Namespace) -> int:
     report = hesse.check(prob, hessian=args.hessian or None)
     print(f"model       {setup.description}")
     print(report)
-    if args.json:
+    if args.json and args.rank == 0:
         write_json_atomic(args.json, report.to_dict() | {"model": setup.description})
     return 0 if report.passed else 1
 
