@@ -5,9 +5,11 @@ memory-efficient attention (``scaled_dot_product_attention``) have no double bac
 and no forward-mode derivative (pytorch#128971, #117629), nor have the mkldnn (CPU) and
 cuDNN (CUDA) RNN kernels forward mode. The reference kernels have both and compute the
 same function: the math attention kernel and the native RNN. `with_fallback` runs a
-product; when it fails for such a gap it says so once, switches the problem to the
-reference kernels (`Problem.differentiable_kernels`) and recomputes, exactly. A gap no
-fallback closes is refused with the operation and the module that runs it.
+product; when it fails for such a gap it says so once, records that this kind of product
+needs the reference kernels (`Problem.fallbacks`: the others keep the fast ones, e.g. an
+LSTM's double-backward HVP on mkldnn while its forward-mode GGN product falls back) and
+recomputes, exactly. A gap no fallback closes is refused with the operation and the
+module that runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
 T = TypeVar("T")
 
 _GAP = re.compile(
-    r"derivative for (aten::)?\S+ is not implemented|forward AD|double backward|"
+    r"derivative for (aten::)?\S+ is not implemented|forward (mode )?AD|double backward|"
     r"does not support (double )?backward|is not implemented for|not implemented yet|"
     r"differentiate twice|can only be called in training mode",
     re.IGNORECASE,
@@ -179,9 +181,10 @@ def _user_stacklevel() -> int:
 
 
 def with_fallback(problem: Any, what: str, fn: Callable[[], T]) -> T:
-    """``fn()`` (a product of ``problem``); on a kernel's missing derivative, once for
-    the problem, a warning and ``fn()`` again on the reference kernels."""
-    if problem.differentiable_kernels:
+    """``fn()`` (the product ``what`` of ``problem``); on a kernel's missing derivative,
+    once for that product of the problem, a warning and ``fn()`` again on the reference
+    kernels (and for that product from then on)."""
+    if what in problem.fallbacks:
         with differentiable_kernels():
             return fn()
     try:
@@ -190,7 +193,7 @@ def with_fallback(problem: Any, what: str, fn: Callable[[], T]) -> T:
         if not is_kernel_gap(err):
             raise
         first = err
-    problem.differentiable_kernels = True
+    problem.fallbacks.add(what)
     try:
         with differentiable_kernels():
             out = fn()
@@ -205,8 +208,8 @@ def with_fallback(problem: Any, what: str, fn: Callable[[], T]) -> T:
             f"it (the math attention and native RNN kernels were tried): {str(err).splitlines()[0]}"
         ) from None
     warnings.warn(
-        f"hesse: {what} needs a derivative that {_op_name(first)!r} does not have; this "
-        "problem now runs attention on the math kernel and RNNs on the native kernel "
+        f"hesse: {what} needs a derivative that {_op_name(first)!r} does not have; for it, "
+        "this problem now runs attention on the math kernel and RNNs on the native kernel "
         "(the same functions, exact; slower than the fused kernels)",
         stacklevel=_user_stacklevel(),
     )

@@ -15,7 +15,6 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import warnings
@@ -28,7 +27,7 @@ from torch.func import functional_call
 
 from hesse._autodiff.distributed import LOCAL as _LOCAL
 from hesse._autodiff.distributed import Group, resolve_group
-from hesse._autodiff.kernels import differentiable_kernels, find_module
+from hesse._autodiff.kernels import find_module
 from hesse._autodiff.losses import weighted_loss
 
 __all__ = ["Batch", "Parameters", "Problem", "float64_problem", "map_tensors", "tensor_leaves"]
@@ -346,7 +345,7 @@ class Problem:
         self.model = model
         self.loss_fn = loss_fn
         self.output = output
-        self.differentiable_kernels = False  # set on a kernel's missing derivative
+        self.fallbacks: set[str] = set()  # products that need the reference kernels
         self.graph_checked = False  # no once-differentiable Function in the graph
         self._checked_versions: tuple[int, ...] = ()
         self.reduction = self._resolve_reduction(loss_fn, reduction)
@@ -568,8 +567,7 @@ class Problem:
         args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, None)
         if not isinstance(args, tuple):
             args = (args,)
-        with differentiable_kernels() if self.differentiable_kernels else contextlib.nullcontext():
-            out = functional_call(self.model, mapping, args, kwargs)
+        out = functional_call(self.model, mapping, args, kwargs)
         return self.select(out)
 
     def select(self, out: Any) -> Any:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._autodiff import losses, products
+from hesse._autodiff.kernels import with_fallback
 from hesse._autodiff.problem import Problem, map_tensors
 from hesse._linalg.base import Factorization
 from hesse._linalg.results import FactorizationStatus, Inertia
@@ -217,7 +218,9 @@ class GramEngine:
             ) from None
         _check_samples_independent(problem)
         self.problem, self.curvature = problem, curvature
-        self.blocks, self.factors = self._build()
+        self.blocks, self.factors = with_fallback(
+            problem, "the observation-space kernel", self._build
+        )
         self.num_outputs = int(self.factors.shape[0] * self.factors.shape[1])
         self.kernel = self._kernel()
         self._eigh: tuple[Tensor, Tensor] | None = None
