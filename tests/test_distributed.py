@@ -133,6 +133,11 @@ def _case_bad_input(rank: int, world: int) -> dict:
     said["dropped"] = prob.num_samples
     local = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y), process_group="local")
     said["local"] = local.num_samples
+    ddp = nn.parallel.DistributedDataParallel(model)  # its .module is taken
+    shard = (X[rank::world], y[rank::world])
+    a = hesse.hvp(hesse.Problem(ddp, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
+    b = hesse.hvp(hesse.Problem(model, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
+    said["ddp"] = bool(torch.equal(a, b))
     return said
 
 
@@ -200,7 +205,7 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
         assert "error" not in r, r.get("tb", r)
         assert "rank(s) [1]" in r["differ"]
         assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
-        assert r["dropped"] == 10 and r["local"] == 11
+        assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
 
 
 def test_a_process_group_needs_torch_distributed():

@@ -67,7 +67,7 @@ CASES = [
     # kind, depth, width, batch, inputs, classes: the dense Hessian (P = 3190 .. 8170),
     # the chain (GGN sweeps dominated by stored factors, by a wide stage, by the loss
     # Hessian; its estimate is the plan's chain memory), and the plan's memory for the
-    # dense engine (factoring the GGN at P = 4650 and 6310, the Hessian at 8170) and
+    # dense engine (factoring the GGN at P = 4650 and 6310, the Hessian at 4650) and
     # the observation-space engine (M = 2500 .. 6000 outputs)
     ("dense", 3, 40, 50, 64, 10),
     ("dense", 3, 30, 400, 64, 10),
@@ -76,7 +76,7 @@ CASES = [
     ("chain", 6, 128, 24, 64, 10),
     ("chain", 3, 16, 400, 10, 10),
     ("plan-dense-ggn", 3, 40, 50, 64, 10),
-    ("plan-dense-hessian", 3, 60, 30, 64, 10),
+    ("plan-dense-hessian", 3, 40, 50, 64, 10),
     ("plan-dense-ggn", 3, 50, 40, 64, 10),
     ("plan-gram-ggn", 3, 100, 500, 64, 5),
     ("plan-gram-ggn", 4, 64, 600, 32, 10),

@@ -26,9 +26,9 @@ from hesse._autodiff.kernels import differentiable_kernels
 class Encoder(nn.Module):
     """Two nn.TransformerEncoder layers, mean-pooled, a linear head."""
 
-    def __init__(self, d: int = 8, classes: int = 3) -> None:
+    def __init__(self, d: int = 4, classes: int = 3) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, batch_first=True)
         self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(d, classes)
 
@@ -145,7 +145,7 @@ def _problem(model, X, y, **kw):
 def test_attention_models_are_exact_with_the_math_kernel_fallback(build):
     torch.manual_seed(0)
     model = build().double().eval()
-    X, y = _data((4, 5, 8 if build is Encoder else 6), torch.float64)
+    X, y = _data((4, 5, 4 if build is Encoder else 6), torch.float64)
     prob = _problem(model, X, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -163,7 +163,7 @@ def test_the_encoder_reference_agrees_with_finite_differences():
     1e-8; torch.func's Hessian does not (see `Ref`)."""
     torch.manual_seed(0)
     model = Encoder().double().eval()
-    X, y = _data((4, 5, 8), torch.float64)
+    X, y = _data((4, 5, 4), torch.float64)
     prob = _problem(model, X, y)
     v = torch.randn(prob.num_params, generator=torch.Generator().manual_seed(4))
     theta, h = prob.param_vector(), 1e-5
@@ -181,8 +181,11 @@ def test_the_encoder_reference_agrees_with_finite_differences():
         torch.nn.utils.vector_to_parameters(theta, model.parameters())
     fd = (gp - gm) / (2 * h)
     assert rel_err(Hv, fd) < 1e-7
-    ref = Ref(model, nn.CrossEntropyLoss(), X, y, autograd=True).hessian() @ v
-    assert rel_err(ref, fd) < 1e-7
+    ref = Ref(model, nn.CrossEntropyLoss(), X, y, autograd=True)
+    assert rel_err(ref.hessian() @ v, fd) < 1e-7
+    with differentiable_kernels():
+        func = hessian(ref.loss)(ref.theta) @ v
+    assert rel_err(func, fd) > 1e-3  # torch.func's is not (if this fails: fixed upstream)
 
 
 def test_a_tiny_gpt2_from_a_transformers_config():

@@ -336,6 +336,8 @@ class Problem:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # DDP's hooks do not support double backward (pytorch#47562)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
         if output is not None and not (isinstance(output, str) or callable(output)):
