@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
+from bench_core import timeit as median  # warm runs, the median
 from torch import nn
 
 import hesse
@@ -132,16 +132,6 @@ class _TokenCE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- timing
-def median(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from hesse._autodiff.problem import Parameters, Problem
+from hesse._util.checks import check_curvature
 
 __all__ = ["Closure", "SecondOrderOptimizer"]
 
@@ -75,6 +76,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             the model as ``model=`` (``HessianFree(model.parameters(), model=model,
             loss_fn=loss_fn)``): the curvature needs the model.
         loss_fn: ``loss_fn(outputs, targets)``, for the curvature batch.
+        options: the subclass's own hyperparameters (kept in ``param_groups[0]``).
+        lr, damping, curvature: the step length, the initial damping and ``"ggn"`` or
+            ``"hessian"``.
         params: with a model first: names, tensors or groups (default: every parameter
             that requires grad). A group may set ``weight_decay`` and nothing else.
         weight_decay: ``wd`` for the parameters whose group sets none.
@@ -91,13 +95,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self,
         params_or_model: nn.Module | Iterable[Any],
         loss_fn: Any,
-        defaults: dict[str, Any],
+        options: dict[str, Any],
         *,
+        lr: float,
+        damping: float,
+        curvature: str,
         model: nn.Module | None = None,
         params: Any = None,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
     ) -> None:
+        check_curvature(curvature)
+        defaults = {"lr": lr, "damping": damping, "curvature": curvature, **options}
         model, names, decay = self._resolve(params_or_model, model, params)
         for n in names:
             if not dict(model.named_parameters())[n].requires_grad:

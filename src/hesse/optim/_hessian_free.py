@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.stochastic import empirical_fisher_diagonal
-from hesse._util.checks import check_curvature
 from hesse.optim._base import Closure, SecondOrderOptimizer
 from hesse.optim._parts import (
     CGResult,
@@ -77,16 +76,12 @@ class HessianFree(SecondOrderOptimizer):
         preconditioner: str | None = None,
         **common: Any,
     ) -> None:
-        check_curvature(curvature)
         if preconditioner not in (None, "martens"):
             raise ValueError(f"preconditioner must be None or 'martens'; got {preconditioner!r}")
         for key, value in (("damping", damping), ("lr", lr)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{key} must be a positive finite number; got {value!r}")
-        defaults = {
-            "lr": lr,
-            "damping": damping,
-            "curvature": curvature,
+        options = {
             "cg_max_iter": cg_max_iter,
             "cg_progress_tol": cg_progress_tol,
             "warm_start_decay": warm_start_decay,
@@ -95,7 +90,9 @@ class HessianFree(SecondOrderOptimizer):
             "adapt_damping": adapt_damping,
             "preconditioner": preconditioner,
         }
-        super().__init__(params_or_model, loss_fn, defaults, **common)
+        super().__init__(
+            params_or_model, loss_fn, options, lr=lr, damping=damping, curvature=curvature, **common
+        )
 
     def _preconditioner(self, prob: Problem, lam: float) -> Tensor:
         """Martens' ``(diag(EF) + lam)^0.75``, the empirical Fisher's diagonal from

@@ -17,7 +17,6 @@ from hesse._linalg.eigen import eigenvalue
 from hesse._linalg.factorize import METHODS, factorize
 from hesse._operators.curvature import HessianOperator, curvature_operator
 from hesse._spectral.lanczos import eigs
-from hesse._util.checks import check_curvature
 from hesse.optim._base import Closure, SecondOrderOptimizer
 from hesse.optim._parts import (
     armijo,
@@ -101,17 +100,13 @@ class Newton(SecondOrderOptimizer):
         saddle_free: int | None = None,
         **common: Any,
     ) -> None:
-        check_curvature(curvature)
         if method not in ("auto", *METHODS):
             raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
         if damping < 0 or lr <= 0:
             raise ValueError("damping must be >= 0 and lr > 0")
         if trust_region is not None and trust_region <= 0:
             raise ValueError(f"trust_region radius must be positive; got {trust_region}")
-        defaults = {
-            "lr": lr,
-            "damping": damping,
-            "curvature": curvature,
+        options = {
             "method": method,
             "adapt_damping": adapt_damping,
             "line_search": line_search,
@@ -119,7 +114,9 @@ class Newton(SecondOrderOptimizer):
             "max_radius": max_radius,
             "saddle_free": saddle_free,
         }
-        super().__init__(params_or_model, loss_fn, defaults, **common)
+        super().__init__(
+            params_or_model, loss_fn, options, lr=lr, damping=damping, curvature=curvature, **common
+        )
         if self.l2 and not bool((self._wd == self._wd[0]).all()):
             raise ValueError(
                 f"{type(self).__name__} with L2 weight decay needs one weight_decay for every "
