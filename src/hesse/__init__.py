@@ -7,7 +7,7 @@ quantities as functions of it, and curvature operators that behave like
 
 from hesse import optim
 from hesse._autodiff.check import CheckReport, CheckRow, check
-from hesse._autodiff.problem import Problem
+from hesse._autodiff.problem import Parameters, Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization
 from hesse._linalg.base import Factorization
@@ -74,6 +74,7 @@ __all__ = [
     "Inertia",
     "MemoryBudgetError",
     "NewtonStep",
+    "Parameters",
     "Plan",
     "Problem",
     "ResidualOperator",
