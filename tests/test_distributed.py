@@ -138,6 +138,10 @@ def _case_bad_input(rank: int, world: int) -> dict:
     a = hesse.hvp(hesse.Problem(ddp, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
     b = hesse.hvp(hesse.Problem(model, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
     said["ddp"] = bool(torch.equal(a, b))
+    try:
+        hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
+    except NotImplementedError as err:
+        said["optim"] = str(err)
     return said
 
 
@@ -206,6 +210,7 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
         assert "rank(s) [1]" in r["differ"]
         assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
         assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
+        assert "not supported yet" in r["optim"]
 
 
 def test_a_process_group_needs_torch_distributed():

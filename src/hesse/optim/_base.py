@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesse._autodiff.distributed import resolve_group
 from hesse._autodiff.problem import Parameters, Problem
 from hesse._util.checks import check_curvature
 
@@ -106,6 +107,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         check_curvature(curvature)
+        if resolve_group(None) is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} under torch.distributed with several ranks is not "
+                "supported yet: its gradient comes from each rank's closure and its steps "
+                "would differ between ranks. Run it in one process (the curvature of "
+                "hesse.Problem is data-parallel already)"
+            )
         defaults = {"lr": lr, "damping": damping, "curvature": curvature, **options}
         model, names, decay = self._resolve(params_or_model, model, params)
         for n in names:
