@@ -138,11 +138,78 @@ def _case_bad_input(rank: int, world: int) -> dict:
     a = hesse.hvp(hesse.Problem(ddp, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
     b = hesse.hvp(hesse.Problem(model, nn.CrossEntropyLoss(), shard), torch.ones(local.num_params))
     said["ddp"] = bool(torch.equal(a, b))
+    opt = hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
+    try:  # a 'mean' loss: the ranks' shares need each rank's sample count
+        opt.step(_closure(opt, model, *shard), curvature_batch=shard)
+    except ValueError as err:
+        said["samples"] = str(err)
+    if rank == 1:
+        with torch.no_grad():
+            model[0].bias.add_(1e-9)
     try:
-        hesse.optim.HessianFree(model, nn.CrossEntropyLoss())
-    except NotImplementedError as err:
-        said["optim"] = str(err)
+        hesse.optim.Newton(model, nn.CrossEntropyLoss())
+    except ValueError as err:
+        said["optim_differ"] = str(err)
     return said
+
+
+def _closure(opt, model, X, y, loss_fn=None):
+    """The usual closure on this rank's shard (a 'mean' loss over its samples)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+CURVATURE = 8  # the curvature batch: the first 8 samples (each rank its part of them)
+
+
+def _train(kind: str, model, X, y, rank: int, world: int) -> dict:
+    """A few steps of ``kind`` on this rank's shard; the loss history, the parameters and
+    the last step's statistics."""
+    a, b = SHARDS[world][rank] if world > 1 else (0, len(X))
+    ca, cb = min(a, CURVATURE), min(b, CURVATURE)
+    ddp = kind == "hf-ddp" and world > 1  # one process: the same steps without the wrapper
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    opt = {
+        "hf": lambda: hesse.optim.HessianFree(net, nn.CrossEntropyLoss(), preconditioner="martens"),
+        "hf-ddp": lambda: hesse.optim.HessianFree(net, nn.CrossEntropyLoss(), cg_max_iter=20),
+        "chain-newton": lambda: hesse.optim.ChainNewton(net, nn.CrossEntropyLoss(), damping=1e-2),
+        "newton-tr": lambda: hesse.optim.Newton(
+            net, nn.CrossEntropyLoss(), curvature="hessian", trust_region=0.5, method="dense"
+        ),
+    }[kind]()
+    steps = {"hf": 5, "hf-ddp": 2, "chain-newton": 3, "newton-tr": 2}[kind]
+    losses = []
+    for _ in range(steps):
+        loss = opt.step(
+            _closure(opt, net, X[a:b], y[a:b]), curvature_batch=(X[ca:cb], y[ca:cb]), samples=b - a
+        )
+        losses.append(float(loss))
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    stats = [float(v) for v in opt.last.values() if isinstance(v, (int, float))]
+    f64 = torch.float64  # a spawned rank's default dtype is float32
+    return {
+        "losses": torch.tensor(losses, dtype=f64),
+        "theta": theta,
+        "stats": torch.tensor(stats, dtype=f64),
+    }
+
+
+TRAINED = ("hf", "hf-ddp", "chain-newton", "newton-tr")
+
+
+def _case_optim(rank: int, world: int) -> dict:
+    out = {}
+    for kind in TRAINED:
+        model, X, y = _setup()
+        out |= {f"{kind}/{k}": v for k, v in _train(kind, model, X, y, rank, world).items()}
+    return out
 
 
 def _case_dead_rank(rank: int, world: int) -> dict:
@@ -157,7 +224,12 @@ def _case_dead_rank(rank: int, world: int) -> dict:
     return {"error_message": ""}
 
 
-CASES = {"products": _case_products, "bad": _case_bad_input, "dead": _case_dead_rank}
+CASES = {
+    "products": _case_products,
+    "bad": _case_bad_input,
+    "dead": _case_dead_rank,
+    "optim": _case_optim,
+}
 
 
 def _spawn(world: int, case: str, tmp_path, timeout: float = 120) -> list[dict]:
@@ -210,7 +282,30 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
         assert "rank(s) [1]" in r["differ"]
         assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
         assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
-        assert "not supported yet" in r["optim"]
+        assert "needs samples=" in r["samples"]
+        assert "rank(s) [1]" in r["optim_differ"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_optimiser_steps_equal_one_process_and_agree_across_ranks(world, tmp_path):
+    """5 HF steps (Martens' preconditioner: the Fisher diagonal reduced too), 3
+    ChainNewton steps, 2 exact trust-region Newton steps on the Hessian and 2 HF steps
+    through a DDP-wrapped model (its closure under no_sync): each rank evaluates its
+    shard, with uneven shards and (3 ranks) an empty one; every rank takes the same
+    step, and the trajectory is one process's."""
+    results = _spawn(world, "optim", tmp_path)
+    errors = [r.get("tb", r) for r in results if "error" in r or "missing" in r]
+    assert not errors, "\n".join(map(str, errors))
+    for key in results[0]:
+        for rank, got in enumerate(results):
+            assert torch.equal(got[key], results[0][key]), (key, rank)  # bit-identical
+    for kind in TRAINED:
+        model, X, y = _setup()
+        ref = _train(kind, model, X, y, 0, 1)
+        assert bool((ref["losses"].diff() < 0).all()), (kind, ref["losses"])  # it trains
+        for k, want in ref.items():
+            err = float((results[0][f"{kind}/{k}"] - want).abs().max()) / float(want.abs().max())
+            assert err <= 1e-12, (kind, k, err)
 
 
 def test_a_process_group_needs_torch_distributed():

@@ -1,23 +1,28 @@
 """What the second-order optimisers share: ``torch.optim`` conventions (parameters or
 parameter groups, the closure, ``state_dict``), the selected parameters as one flat
 vector (`hesse.Parameters`), weight decay (L2, with its term in the curvature, or
-decoupled), and the handling of non-finite losses."""
+decoupled), the handling of non-finite losses, and data parallelism: under
+``torch.distributed`` the closure's loss and gradient are reduced over the ranks with each
+rank's share of the samples, so every rank takes the same step."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hesse._autodiff.distributed import resolve_group
+from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.problem import Parameters, Problem
 from hesse._util.checks import check_curvature
 
 __all__ = ["Closure", "SecondOrderOptimizer"]
+
+_DDP = nn.parallel.DistributedDataParallel
 
 Closure = Callable[[], Tensor]
 
@@ -87,6 +92,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             ``L + wd/2 |theta|^2``, its gradient and its curvature ``C + wd I`` include
             the term (Martens 2010 used L2 in the curvature). ``True``: after each step
             ``theta <- theta (1 - lr wd)`` (AdamW's rule), outside the model.
+        process_group: data parallelism, as `hesse.Problem`'s (default: the default
+            group when ``torch.distributed`` is initialised with several ranks;
+            ``"local"``: this process alone). Each rank's closure evaluates its own shard
+            and each rank passes its own shard of the curvature batch; the step's
+            objective is the full-data one, ``sum_r (n_r / N) L_r`` for a ``"mean"`` loss
+            (``n_r`` the ``samples=`` each rank passes to ``step``, ``N`` their sum) or
+            ``sum_r L_r`` for ``"sum"``: one all-reduce of the loss and gradient per
+            closure call, and every rank takes the same step. The closure is called on
+            every rank the same number of times. A ``DistributedDataParallel`` model is
+            accepted: its ``.module`` gives the curvature, and the closure runs under its
+            ``no_sync()`` (hesse reduces the gradient with the ranks' shares; DDP's
+            average weighs ranks equally, which is wrong for unequal shards).
 
     The adaptive state (damping, trust radius, counters) lives in ``param_groups[0]``
     and ``state``, so ``state_dict()`` / ``load_state_dict()`` checkpoint it.
@@ -105,16 +122,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         params: Any = None,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
+        process_group: Any = None,
     ) -> None:
         check_curvature(curvature)
-        if resolve_group(None) is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} under torch.distributed with several ranks is not "
-                "supported yet: its gradient comes from each rank's closure and its steps "
-                "would differ between ranks. Run it in one process (the curvature of "
-                "hesse.Problem is data-parallel already)"
-            )
         defaults = {"lr": lr, "damping": damping, "curvature": curvature, **options}
+        ddp = params_or_model if isinstance(params_or_model, _DDP) else model
+        self._ddp = ddp if isinstance(ddp, _DDP) else None
         model, names, decay = self._resolve(params_or_model, model, params)
         for n in names:
             if not dict(model.named_parameters())[n].requires_grad:
@@ -129,6 +142,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{key} must be a finite number >= 0; got {value!r}")
         self.space = Parameters(model, names)
         self._model, self._loss_fn, self._names = model, loss_fn, self.space.names
+        group = resolve_group(process_group)
+        self._process_group = process_group  # what the curvature problems reduce over
+        self._group = Group(group) if group is not None else None
+        self._reduction = getattr(loss_fn, "reduction", "mean")
+        self._weight = 1.0  # this rank's share of the step's objective (distributed)
+        if self._group is not None:  # refuse differing ranks before any step
+            self._group.check_same_model(self.space.names, list(self.space.tensors))
         wd = [decay.get(n, weight_decay) if decay else weight_decay for n in self.space.names]
         if any(not (math.isfinite(w) and w >= 0) for w in wd):
             raise ValueError(f"weight_decay must be finite and >= 0; got {wd}")
@@ -155,6 +175,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     "(the curvature needs it) and no params="
                 )
             params = first
+        if isinstance(model, _DDP):
+            model = model.module  # the curvature needs double backward, which DDP lacks
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
         if params is None:
@@ -192,33 +214,86 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _loss_at(self, closure: Closure, flat: Tensor) -> float:
         self._set(flat)
-        with torch.enable_grad():
-            return float(closure().detach()) + self.penalty(flat)
+        loss = self._call(closure).detach().reshape(1)
+        return float(self._reduce(loss, "closure's loss")) + self.penalty(flat)
 
     def _problem(self, batch: Any, name: str = "curvature_batch") -> Problem:
         if batch is None:
             raise ValueError(
                 f"{type(self).__name__}.step needs {name}=(inputs, targets) for the curvature"
             )
-        return Problem(self._model, self._loss_fn, batch, params=self._names)
+        return Problem(
+            self._model,
+            self._loss_fn,
+            batch,
+            params=self._names,
+            process_group=self._process_group,
+        )
 
-    def _start(self, closure: Closure) -> tuple[Tensor, Tensor, bool]:
-        """Evaluate the closure: ``(objective, flat gradient, skipped)``, the L2 term
-        included. A non-finite loss or gradient skips the step (the damping is raised
-        and a warning says so)."""
-        with torch.enable_grad():
+    # ------------------------------------------------------------------ distributed
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        """A DDP model's ``no_sync()`` (hesse reduces the gradient itself), else nothing."""
+        with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
+            yield
+
+    def _call(self, closure: Closure) -> Tensor:
+        with torch.enable_grad(), self._no_sync():
             loss = closure()
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(
                 "the closure must return the loss as a scalar tensor (and call "
                 f"backward on it); got {type(loss).__name__}"
             )
+        return loss
+
+    def _share(self, samples: int | None) -> None:
+        """This rank's weight in the step's objective: ``n_r / N`` for a ``"mean"`` loss
+        (``N`` from one all-reduce of the ranks' ``samples``), 1 for ``"sum"``."""
+        if samples is not None and (
+            isinstance(samples, bool) or not isinstance(samples, int) or samples < 0
+        ):
+            raise ValueError(f"samples must be an integer >= 0; got {samples!r}")
+        if self._group is None or self._reduction == "sum":
+            self._weight = 1.0
+            return
+        if samples is None:
+            raise ValueError(
+                f"{type(self).__name__}.step under torch.distributed with a 'mean' loss "
+                "needs samples=: how many samples this rank's closure averages over (its "
+                "shard of the step's batch; 0 for none), so that the step's objective is "
+                "the mean over the samples of all ranks"
+            )
+        count = torch.tensor([float(samples)], dtype=torch.float64)
+        total = float(self._group.all_reduce(count, "sample count").item())
+        if total == 0:
+            raise ValueError("samples=0 on every rank: the step's batch is empty")
+        self._weight = samples / total
+
+    def _reduce(self, t: Tensor, what: str) -> Tensor:
+        """``sum_r w_r t_r`` over the ranks (``t`` itself on one process); a rank of
+        weight 0 adds exact zeros, whatever its closure returned on no samples."""
+        if self._group is None:
+            return t
+        t = t * self._weight if self._weight > 0 else torch.zeros_like(t)
+        return self._group.all_reduce(t, what)
+
+    def _start(self, closure: Closure, samples: int | None = None) -> tuple[Tensor, Tensor, bool]:
+        """Evaluate the closure: ``(objective, flat gradient, skipped)``, the L2 term
+        included, reduced over the ranks (``samples``: see `_share`). A non-finite loss or
+        gradient skips the step (the damping is raised and a warning says so); every
+        rank sees the same reduced values, so every rank decides alike."""
+        self._share(samples)
+        loss = self._call(closure)
         if all(p.grad is None for p in self.space.tensors):
             raise RuntimeError(
                 "the closure returned a loss but left every parameter's .grad None: call "
                 "loss.backward() inside it (after optimizer.zero_grad())"
             )
         loss0, g = loss.detach(), self.space.grad_vector()
+        if self._group is not None:  # one all-reduce of the loss and the gradient
+            both = self._reduce(torch.cat([loss0.reshape(1).to(g.dtype), g]), "closure's gradient")
+            loss0, g = both[0].to(loss0.dtype), both[1:]
         if not math.isfinite(float(loss0)):
             return self._skip(loss0, "loss"), g, True
         if not bool(torch.isfinite(g).all()):

@@ -100,11 +100,18 @@ class HessianFree(SecondOrderOptimizer):
         diag = empirical_fisher_diagonal(prob)
         return (diag + self.curvature_term(torch.ones_like(diag)) + lam) ** 0.75
 
-    def step(self, closure: Closure, curvature_batch: Any = None) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Closure, curvature_batch: Any = None, *, samples: int | None = None
+    ) -> Tensor:
         """One HF step; returns the objective before it (as ``torch.optim.LBFGS`` does;
-        with L2 weight decay, its term included)."""
+        with L2 weight decay, its term included).
+
+        Under ``torch.distributed`` (`SecondOrderOptimizer`'s ``process_group``): the
+        closure evaluates this rank's shard, ``curvature_batch`` is this rank's shard of
+        the curvature batch, and ``samples`` is how many samples the closure's loss
+        averages over (needed for a ``"mean"`` loss)."""
         group = self.param_groups[0]
-        loss0, g, skipped = self._start(closure)
+        loss0, g, skipped = self._start(closure, samples)
         if skipped:
             return loss0
         f0 = float(loss0)

@@ -134,10 +134,17 @@ class Newton(SecondOrderOptimizer):
         return lam1 + self._shift(), u
 
     def step(  # type: ignore[override]
-        self, closure: Closure, curvature_batch: Any = None, *, batch: Any = None
+        self,
+        closure: Closure,
+        curvature_batch: Any = None,
+        *,
+        samples: int | None = None,
+        batch: Any = None,
     ) -> Tensor:
         """One step; returns the objective before it. ``batch=`` is the former name of
-        ``curvature_batch=`` (kept; it warns)."""
+        ``curvature_batch=`` (kept; it warns). Under ``torch.distributed``, ``samples``
+        and the shards as in `HessianFree.step`: the exact factorisation gathers the
+        ranks' curvature shards and every rank takes the same step."""
         if batch is not None:
             if curvature_batch is not None:
                 raise TypeError("pass the curvature data once, as curvature_batch=")
@@ -148,7 +155,7 @@ class Newton(SecondOrderOptimizer):
             )
             curvature_batch = batch
         group = self.param_groups[0]
-        loss0, g, skipped = self._start(closure)
+        loss0, g, skipped = self._start(closure, samples)
         if skipped:
             return loss0
         f0 = float(loss0)
