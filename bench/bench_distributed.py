@@ -6,9 +6,11 @@ Usage:
 
 float64, the digits-size MLP 64-256-256-10 (P = 85,002), cross-entropy, ``N`` samples
 split evenly over the ranks (each rank one thread; the baseline one process with two).
-For an HVP, Lanczos top-5 (``hesse.eigs``, seeded) and a Hutch++ trace (60 products): the
-wall time (median of ``--repeats``), the part of it spent in all-reduces (timed inside
-the run), and the bytes each product all-reduces (``P k`` numbers).
+For an HVP, Lanczos top-5 (``hesse.eigs``, seeded), a Hutch++ trace (60 products) and a
+Hessian-free step (``hesse.optim.HessianFree``, 20 CG iterations on the GGN, the closure on
+each rank's shard): the wall time (median of ``--repeats``), its ratio to the one-process
+baseline, the part of it spent in all-reduces (timed inside the run), and the bytes each
+all-reduce carries (``P k`` numbers for a product).
 """
 
 from __future__ import annotations
@@ -63,6 +65,18 @@ def _measure(prob: hesse.Problem, repeats: int) -> dict:
         prob.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64
     )
     op = hesse.HessianOperator(prob)
+    X, y = prob.as_one_batch()
+    hf = hesse.optim.HessianFree(
+        prob.model, prob.loss_fn, cg_max_iter=20, cg_progress_tol=0.0,  # a fixed 20 products
+        backtrack=False, line_search=False, adapt_damping=False,
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        hf.zero_grad()
+        loss = prob.loss_fn(prob.model(X), y)
+        loss.backward()
+        return loss
+
     jobs = {
         "hvp": lambda: op @ v,
         "lanczos top-5": lambda: hesse.eigs(
@@ -71,6 +85,7 @@ def _measure(prob: hesse.Problem, repeats: int) -> dict:
         "hutch++ trace (60)": lambda: hesse.trace(
             op, num_products=60, generator=torch.Generator().manual_seed(4)
         ),
+        "HF step (20 CG)": lambda: hf.step(closure, curvature_batch=(X, y), samples=len(X)),
     }
     out = {}
     for name, job in jobs.items():
@@ -128,13 +143,16 @@ def main() -> None:
             rows[f"{world} rank{'s' if world > 1 else ''} (gloo), 1 thread each"] = json.load(f)
         os.remove(path)
     print(f"torch {torch.__version__}, float64, P = 85002, N = {args.samples}")
-    print("| run | job | time | all-reduce | all-reduces | bytes each |")
-    print("|---|---|---|---|---|---|")
+    print("| run | job | time | / 1 process | all-reduce | all-reduces | bytes each |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows["1 process, 2 threads"]
     for run, jobs in rows.items():
         for job, r in jobs.items():
+            r["ratio"] = r["seconds"] / base[job]["seconds"]
             print(
-                f"| {run} | {job} | {r['seconds']:.3f} s | {r['allreduce_seconds']:.3f} s | "
-                f"{r['allreduces']} | {r['bytes_per_call'] / 1e6:.2f} MB |"
+                f"| {run} | {job} | {r['seconds']:.3f} s | {r['ratio']:.2f} | "
+                f"{r['allreduce_seconds']:.3f} s | {r['allreduces']} | "
+                f"{r['bytes_per_call'] / 1e6:.2f} MB |"
             )
     if args.json:
         with open(args.json, "w") as f:

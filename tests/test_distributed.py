@@ -20,9 +20,12 @@ from torch import nn
 
 import hesse
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed"
+    ),
+    pytest.mark.distributed,  # the ranks run one thread each, whatever OMP_NUM_THREADS says
+]
 
 SHARDS = {2: [(0, 5), (5, 11)], 3: [(0, 3), (3, 3), (3, 11)]}  # rank 1 of 3 holds nothing
 
@@ -44,7 +47,7 @@ def _setup(seed: int = 0):
     return model, X, y
 
 
-def _quantities(prob: hesse.Problem) -> dict:
+def _quantities(prob: hesse.Problem, data: tuple) -> dict:
     g = torch.Generator().manual_seed(7)
     V = torch.randn(prob.num_params, 3, generator=g, dtype=torch.float64)
     loss, grad = hesse.loss_and_gradient(prob)
@@ -74,6 +77,14 @@ def _quantities(prob: hesse.Problem) -> dict:
         "solve": hesse.factorize(prob, 0.1, "ggn").solve(V[:, 0]),
         "logdet": torch.tensor([hesse.factorize(prob, 0.1, "hessian", method="dense").logdet()[1]]),
         "count": torch.tensor([float(hesse.count_eigenvalues(prob, below=0.0))]),
+        "chain_batch": hesse.Chain.from_problem(prob).inputs,  # gathered: the whole batch
+        "tracker": torch.tensor(
+            [
+                float(v)
+                for v in hesse.SpectrumTracker(prob.model, prob.loss_fn, data).step().values()
+            ],
+            dtype=torch.float64,
+        ),
     }
     return {k: v.detach().cpu() for k, v in out.items()}
 
@@ -104,7 +115,7 @@ def _case_products(rank: int, world: int) -> dict:
     a, b = SHARDS[world][rank]
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X[a:b], y[a:b]))
     assert prob.distributed and prob.num_samples == 11 and prob.local_samples == b - a
-    return _quantities(prob)
+    return _quantities(prob, (X[a:b], y[a:b]))
 
 
 def _case_bad_input(rank: int, world: int) -> dict:
@@ -117,6 +128,13 @@ def _case_bad_input(rank: int, world: int) -> dict:
         hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
     except ValueError as err:
         said["differ"] = str(err)
+    model, X, y = _setup()
+    if rank == 1:  # a rank whose model differs in dtype (its data converted alike)
+        model, X = model.float(), X.float()
+    try:
+        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    except ValueError as err:
+        said["dtype"] = str(err)
     model, X, y = _setup()
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -224,7 +242,46 @@ def _case_dead_rank(rank: int, world: int) -> dict:
     return {"error_message": ""}
 
 
+def _zoo_quantities(prob: hesse.Problem) -> dict:
+    """What the issue's bar names, on a zoo model: gradient, HVP, GGN and Fisher products,
+    the dense Hessian, the top-3 eigenvalues and a seeded Hutch++ trace."""
+    V = torch.randn(prob.num_params, 2, generator=torch.Generator().manual_seed(3))
+    V = V.to(torch.float64)
+    seeded = {"generator": torch.Generator().manual_seed(4)}
+    out = {
+        "gradient": hesse.gradient(prob),
+        "hvp": hesse.hvp(prob, V),
+        "ggn_vp": hesse.ggn_vp(prob, V),
+        "fisher_vp": hesse.fisher_vp(prob, V, kind="empirical"),
+        "hessian": hesse.hessian(prob),
+        "top3": hesse.eigs(hesse.HessianOperator(prob), 3, **seeded).eigenvalues,
+        "trace": torch.tensor(
+            [hesse.trace(hesse.GGNOperator(prob), num_products=24, **seeded).estimate],
+            dtype=torch.float64,
+        ),
+    }
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+ZOO_SHARDS = {2: [(0, 3), (3, 7)], 3: [(0, 2), (2, 2), (2, 7)]}  # 7 samples; one rank empty
+
+
+def _case_zoo(rank: int, world: int) -> dict:
+    from conftest import LOSSES, MODELS, make_case
+
+    torch.set_default_dtype(torch.float64)  # as conftest does for the tests
+    a, b = ZOO_SHARDS[world][rank]
+    out = {}
+    for name in MODELS:
+        for loss in LOSSES:
+            case = make_case(name, loss)
+            prob = hesse.Problem(case.model, case.loss_fn, (case.X[a:b], case.y[a:b]))
+            out |= {f"{case.name}/{k}": v for k, v in _zoo_quantities(prob).items()}
+    return out
+
+
 CASES = {
+    "zoo": _case_zoo,
     "products": _case_products,
     "bad": _case_bad_input,
     "dead": _case_dead_rank,
@@ -259,7 +316,7 @@ def test_every_quantity_equals_one_process_and_agrees_across_ranks(world, tmp_pa
     errors = [r.get("tb", r) for r in results if "error" in r or "missing" in r]
     assert not errors, "\n".join(map(str, errors))
     model, X, y = _setup()
-    ref = _quantities(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)))
+    ref = _quantities(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), (X, y))
     for key, want in ref.items():
         for rank, got in enumerate(results):
             assert torch.equal(got[key], results[0][key]), (key, rank)  # bit-identical
@@ -270,16 +327,45 @@ def test_every_quantity_equals_one_process_and_agrees_across_ranks(world, tmp_pa
         # (its QR, the Ritz values' conditioning) to a few 1e-8 at most; the gathered
         # factorisations see the batches in another order than one process (the bound
         # of their backward error, test_engines.py)
-        tol = {"top3": 1e-9, "top_unseeded": 1e-9, "trace": 1e-6}.get(key, 1e-12)
+        tol = {"top3": 1e-9, "top_unseeded": 1e-9, "trace": 1e-6, "tracker": 1e-6}.get(key, 1e-12)
         tol = 1e-7 if key in ("solve", "logdet") else tol
         assert err <= tol, (key, err)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_model_zoo_equals_one_process_and_agrees_across_ranks(world, tmp_path):
+    """The conftest zoo (MLPs of four activations, the CNN, the RNN; CE and MSE) sharded
+    unevenly over 2 and 3 ranks (one empty): every quantity bit-identical across ranks and
+    equal to one process to 1e-12 (products and the top-3 eigenvalues) and 1e-9 (Hutch++);
+    the dense Hessian is also the independent torch.func reference's."""
+    from conftest import LOSSES, MODELS, Reference, make_case
+
+    results = _spawn(world, "zoo", tmp_path)
+    errors = [r.get("tb", r) for r in results if "error" in r or "missing" in r]
+    assert not errors, "\n".join(map(str, errors))
+    for key in results[0]:
+        for rank, got in enumerate(results):
+            assert torch.equal(got[key], results[0][key]), (key, rank)
+    for name in MODELS:
+        for loss in LOSSES:
+            case = make_case(name, loss)
+            ref = _zoo_quantities(hesse.Problem(case.model, case.loss_fn, (case.X, case.y)))
+            for k, want in ref.items():
+                got = results[0][f"{case.name}/{k}"]
+                err = float((got - want).abs().max()) / float(want.abs().max())
+                # eigenvalues move by at most the products' error (Weyl); Hutch++'s QR of
+                # its sketch can amplify it (1e-6 on the MLP of the first test)
+                assert err <= (1e-9 if k == "trace" else 1e-12), (case.name, k, err)
+            dense = Reference(case).hessian()
+            err = float((results[0][f"{case.name}/hessian"] - dense).abs().max())
+            assert err <= 1e-12 * float(dense.abs().max()), (case.name, err)
 
 
 def test_bad_input_is_refused_on_every_rank(tmp_path):
     results = _spawn(2, "bad", tmp_path)
     for r in results:
         assert "error" not in r, r.get("tb", r)
-        assert "rank(s) [1]" in r["differ"]
+        assert "rank(s) [1]" in r["differ"] and "rank(s) [1]" in r["dtype"]
         assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
         assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
         assert "needs samples=" in r["samples"]
@@ -314,6 +400,15 @@ def test_a_process_group_needs_torch_distributed():
         hesse.Problem(model, nn.CrossEntropyLoss(), (X, y), process_group=object())
 
 
+def test_collectives_go_to_the_device_the_backend_needs():
+    """NCCL alone reduces CUDA tensors only: the small tensors hesse makes on the CPU
+    (sample counts, flags, probes) are moved there; gloo and mixed backends take any."""
+    from hesse._autodiff.distributed import backend_device
+
+    assert backend_device("nccl") == torch.device("cuda")
+    assert backend_device("gloo") is None and backend_device("cpu:gloo,cuda:nccl") is None
+
+
 def test_a_dead_rank_fails_the_others_clearly(tmp_path):
     results = _spawn(2, "dead", tmp_path, timeout=90)
     assert "across 2 ranks failed on rank 0" in results[0]["error_message"]
@@ -345,3 +440,58 @@ def test_hesse_analyze_under_torchrun_equals_one_process(tmp_path):
     assert a["exact"]["samples"] == b["exact"]["samples"] == 30
     assert a["exact"]["num_negative"] == b["exact"]["num_negative"]
     assert abs(a["exact"]["logdet"] - b["exact"]["logdet"]) <= 1e-8 * abs(a["exact"]["logdet"])
+
+
+def test_hesse_train_and_resume_under_torchrun_equal_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m hesse train``: each rank its shard of the data and
+    of each curvature batch; rank 0 alone writes. Stopped after 2 steps and resumed to 4
+    under torchrun, the losses are one uninterrupted process's (to rounding)."""
+    import subprocess
+
+    from hesse._cli.training import read_csv
+
+    kinds = ["hf", "chain-newton", "adam"]
+    args = ["train", "--optimizer", ",".join(kinds), "--curvature-batch", "33"]
+    args += ["--checkpoint-every", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(*extra: str, ranks: int = 2) -> str:
+        head = [sys.executable, "-m", "hesse"]
+        if ranks > 1:
+            head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
+            head += [f"--master_port={_free_port()}", "-m", "hesse"]
+        done = subprocess.run([*head, *args, *extra], capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    launch("--steps", "4", "--out", str(tmp_path / "one"), ranks=1)
+    two = tmp_path / "two"
+    launch("--steps", "2", "--out", str(two))
+    out = launch("--steps", "4", "--out", str(two), "--resume")
+    assert out.count("curves: ") == 1  # one rank prints
+    assert sorted(p.name for p in two.iterdir()) == sorted(
+        [f"checkpoint_{k}.pt" for k in kinds] + [f"losses_{k}.csv" for k in kinds] + ["curves.png"]
+    )
+    for kind in kinds:
+        want = read_csv(tmp_path / "one" / f"losses_{kind}.csv")
+        got = read_csv(two / f"losses_{kind}.csv")
+        assert [r["step"] for r in got] == [0, 1, 2, 3, 4]
+        for a, b in zip(got, want, strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-12 * abs(b["loss"]), (kind, a, b)
+
+
+def test_hesse_train_under_torchrun_stops_every_rank_when_rank_0_cannot_write(tmp_path):
+    """Rank 0 alone checks --out; the others learn its answer and stop too (no hang)."""
+    import subprocess
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    launch += [f"--master_port={_free_port()}", "-m", "hesse", "train", "--steps", "1"]
+    done = subprocess.run([*launch, "--out", str(blocker / "out"), "--no-progress"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.count("hesse train: cannot write to --out") == 2  # both ranks say so
+    assert blocker.read_text() == "not a directory"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["LOCAL", "Group", "resolve_group"]
+__all__ = ["LOCAL", "Group", "backend_device", "resolve_group"]
 
 LOCAL = "local"
 """``process_group=LOCAL``: this process's data only, even under torch.distributed."""
@@ -40,6 +40,14 @@ def resolve_group(process_group: Any) -> Any:
     return process_group
 
 
+def backend_device(backend: str) -> torch.device | None:
+    """The device a backend's collectives need their tensors on: CUDA for NCCL alone
+    (``"nccl"``; a mixed ``"cpu:gloo,cuda:nccl"`` takes both), ``None`` when any will do.
+    hesse's small tensors (sample counts, flags, probes drawn on the CPU) are moved there
+    for the collective and back."""
+    return torch.device("cuda") if backend.strip().lower() == "nccl" else None
+
+
 class Group:
     """The collectives a distributed problem needs, with clear errors."""
 
@@ -47,6 +55,14 @@ class Group:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.device = backend_device(str(dist.get_backend(group)))
+
+    def _placed(self, t: Tensor) -> Tensor:
+        """``t`` contiguous, on the backend's device. Collectives work on contiguous
+        memory: a strided view is copied first (reducing a view in place would leave the
+        caller's tensor unreduced)."""
+        t = t.contiguous()
+        return t if self.device is None or t.device.type == self.device.type else t.to(self.device)
 
     def _run(self, what: str, fn: Any) -> Any:
         try:
@@ -59,25 +75,29 @@ class Group:
             ) from err
 
     def all_reduce(self, t: Tensor, what: str = "product") -> Tensor:
-        """The sum over ranks (returned; in place when ``t`` is contiguous); identical on
-        every rank. Collectives work on contiguous memory: a strided view is copied first
-        (reducing a view in place would leave the caller's tensor unreduced)."""
-        t = t.contiguous()
-        self._run(f"all-reduce of the {what}", lambda: dist.all_reduce(t, group=self.group))
-        return t
+        """The sum over ranks, on ``t``'s device (use the result: ``t`` itself may be left
+        unreduced); identical on every rank."""
+        r = self._placed(t)
+        self._run(f"all-reduce of the {what}", lambda: dist.all_reduce(r, group=self.group))
+        return r.to(t.device)
 
-    def max(self, value: int) -> int:
-        """The largest ``value`` over the ranks (sizes that must agree: chunking)."""
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        self._run("agreement on a size", lambda: dist.all_reduce(t, dist.ReduceOp.MAX, self.group))
-        return int(t.item())
+    def total(self, value: float, what: str) -> float:
+        """The sum of a number over the ranks (sample counts)."""
+        return float(self.all_reduce(torch.tensor([float(value)], dtype=torch.float64), what))
+
+    def max(self, value: float, what: str = "agreement on a size") -> float:
+        """The largest ``value`` over the ranks (sizes that must agree, such as chunks;
+        the slowest rank's time)."""
+        t = self._placed(torch.tensor([float(value)], dtype=torch.float64))
+        self._run(what, lambda: dist.all_reduce(t, dist.ReduceOp.MAX, self.group))
+        return float(t.item())
 
     def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
-        """Rank ``src``'s tensor on every rank (returned; see `all_reduce` on views)."""
-        t = t.contiguous()
+        """Rank ``src``'s tensor on every rank, on ``t``'s device (use the result)."""
+        r = self._placed(t)
         root = dist.get_global_rank(self.group, src) if self.group is not None else src
-        self._run("broadcast", lambda: dist.broadcast(t, root, group=self.group))
-        return t
+        self._run("broadcast", lambda: dist.broadcast(r, root, group=self.group))
+        return r.to(t.device)
 
     def gather_objects(self, obj: Any, what: str) -> list[Any]:
         out: list[Any] = [None] * self.size

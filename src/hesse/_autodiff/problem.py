@@ -379,8 +379,7 @@ class Problem:
         self.num_samples = self.local_samples
         if self.group is not None:  # every rank: the samples of all ranks
             self.group.check_same_model(self.names, self.params)
-            count = torch.tensor([float(self.local_samples)], dtype=torch.float64)
-            self.num_samples = int(self.group.all_reduce(count, "sample count").item())
+            self.num_samples = int(self.group.total(self.local_samples, "sample count"))
             if self.num_samples == 0:
                 raise ValueError("data is empty on every rank: expected at least one sample")
         self._warn_about_modes(model)

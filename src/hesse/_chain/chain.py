@@ -81,6 +81,7 @@ class Chain:
         return self
 
     def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:
+        problem = problem.gathered()  # distributed: the whole batch on every rank
         self.problem = problem
         self._memory_estimate: int | None = None
         self._flops_estimate = 0

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["load_digits_data"]
+__all__ = ["load_digits_data", "shard_bounds"]
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s contiguous part ``[lo, hi)`` of ``n`` samples split over ``world``
+    ranks (sizes differ by at most one; no sampler, so nothing is padded)."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def load_digits_data(dtype: torch.dtype) -> tuple[Tensor, Tensor]:

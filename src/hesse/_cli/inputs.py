@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hesse._cli.data import load_digits_data
+from hesse._cli.data import load_digits_data, shard_bounds
 
 __all__ = ["Setup", "build_setup", "default_model", "load_factory", "load_npz"]
 
@@ -164,8 +164,8 @@ def build_setup(args: argparse.Namespace) -> Setup:
     model.eval()
     rank, world = getattr(args, "rank", 0), getattr(args, "world", 1)
     if world > 1:  # torchrun: each rank its contiguous shard (no sampler, no padding)
-        b = [len(setup.X) * r // world for r in range(world + 1)]
-        setup.X, setup.y = setup.X[b[rank] : b[rank + 1]], setup.y[b[rank] : b[rank + 1]]
-        setup.offset = b[rank]
+        lo, hi = shard_bounds(len(setup.X), rank, world)
+        setup.X, setup.y = setup.X[lo:hi], setup.y[lo:hi]
+        setup.offset = lo
         setup.description += f", sharded over {world} ranks"
     return setup

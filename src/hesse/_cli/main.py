@@ -192,11 +192,6 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(args, "json", None):
         check_output_file(args.json, "--json")
     if args.command == "train":
-        if args.world > 1:
-            raise SystemExit(
-                "hesse train: not under torchrun yet (the optimisers' steps are not reduced "
-                "across ranks); run it in one process"
-            )
         return train_command(args, progress)
     if args.command == "analyze":
         return analyze_command(args, progress)

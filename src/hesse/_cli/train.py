@@ -17,16 +17,21 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
         raise SystemExit(
             f"hesse train: unknown optimizer(s) {bad}; choose from {list(_train.OPTIMIZERS)}"
         )
+    ranks = _train.Ranks(getattr(args, "rank", 0), getattr(args, "world", 1))
     out = Path(args.out or f"hesse-train-{args.example}")
+    error = None
+    if ranks.rank == 0:  # one rank writes: checkpoints, CSV files, curves
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".hesse-write-check"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            error = f"cannot write to --out {str(out)!r}: {err.strerror or err}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".hesse-write-check"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise SystemExit(
-            f"hesse train: cannot write to --out {str(out)!r}: {err.strerror or err}"
-        ) from None
+        ranks.agree(error)  # every rank stops when rank 0 cannot write
+    except ValueError as err:
+        raise SystemExit(f"hesse train: {err}") from None
     print(f"{'optimizer':<14}{'steps':>7}{'seconds':>10}{'final loss':>14}{'best loss':>14}")
     for kind in kinds:
         try:
@@ -43,6 +48,7 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
                 curvature_batch=args.curvature_batch,
                 progress=progress,
                 damping=args.damping,
+                ranks=ranks,
             )
         except ValueError as err:
             raise SystemExit(f"hesse train: {err}") from None
@@ -52,6 +58,7 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
             f"{kind:<14}{int(last['step']):>7}{last['seconds']:>10.1f}{last['loss']:>14.6g}"
             f"{best:>14.6g}"
         )
-    png = _train.plot_curves(out, args.example)
-    print(f"curves: {png} (and losses_*.csv)")
+    if ranks.rank == 0:
+        png = _train.plot_curves(out, args.example)
+        print(f"curves: {png} (and losses_*.csv)")
     return 0

@@ -5,6 +5,13 @@ optimiser's ``state_dict`` (damping, trust radius, CG warm start, counters), eve
 random generator and the history so far, and are written atomically (temporary file,
 then rename), so a run killed between steps resumes from its last checkpoint and
 reproduces the uninterrupted run's losses exactly.
+
+Under ``torchrun`` each rank trains on its contiguous shard of the data and of each
+curvature batch: the second-order optimisers reduce the closure's loss and gradient with
+the ranks' shares (``samples=``), Adam and SGD get their gradient all-reduced the same
+way, so every rank holds the same model after every step (the same model as one process,
+to rounding). Rank 0 alone writes the checkpoints, CSV files and curves; every rank reads
+the checkpoint on ``--resume``; the stop decisions (time budget) are taken together.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from hesse import optim
-from hesse._cli.data import load_digits_data
+from hesse._autodiff.distributed import Group
+from hesse._cli.data import load_digits_data, shard_bounds
 from hesse._util.files import atomic_path, save_png
 from hesse._util.progress import progress_bar
 
@@ -112,9 +120,42 @@ def load_checkpoint(path: Path, example: str, optimizer: str) -> dict[str, Any]:
     return ck
 
 
+# ----------------------------------------------------------------------------- ranks
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a ``torchrun`` job (``world == 1``: one process)."""
+
+    rank: int = 0
+    world: int = 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of ``n`` samples."""
+        return slice(*shard_bounds(n, self.rank, self.world))
+
+    def group(self) -> Group | None:
+        """The default group's collectives (``None`` in one process)."""
+        import torch.distributed as dist
+
+        return Group(dist.group.WORLD) if self.world > 1 else None
+
+    def agree(self, error: str | None) -> None:
+        """Raise ``ValueError`` on every rank when any rank met ``error`` (a check that
+        only rank 0 makes, such as writing to ``--out``): no rank is left waiting."""
+        group = self.group()
+        if group is not None:
+            said = group.gather_objects(error, "agreement on the set-up")
+            error = next((e for e in said if e), None)
+        if error:
+            raise ValueError(error)
+
+
 # ----------------------------------------------------------------------------- one run
-def _curvature_batch(ex: Example, gen: torch.Generator, size: int) -> tuple[Tensor, Tensor]:
+def _curvature_batch(
+    ex: Example, gen: torch.Generator, size: int, ranks: Ranks
+) -> tuple[Tensor, Tensor]:
+    """``size`` random samples (the same on every rank), this rank's part of them."""
     idx = torch.randperm(len(ex.X), generator=gen)[:size]
+    idx = idx[ranks.shard(len(idx))]
     return ex.X[idx], ex.y[idx]
 
 
@@ -129,30 +170,56 @@ class _Run:
     gen: torch.Generator
     ck_path: Path
     settings: dict[str, Any]
+    ranks: Ranks = field(default_factory=Ranks)
     history: list[dict[str, float]] = field(default_factory=list)
     start: int = 0
     elapsed: float = 0.0
 
     def full_loss(self) -> float:
+        """The training loss on all the data (every rank: the same model, the same data)."""
         with torch.no_grad():
             return float(self.ex.loss_fn(self.ex.model(self.ex.X), self.ex.y))
 
+    @property
+    def samples(self) -> int:
+        """How many samples this rank's closure averages over."""
+        return len(range(len(self.ex.X))[self.ranks.shard(len(self.ex.X))])
+
     def closure(self) -> Tensor:
+        """The loss on this rank's shard (all the data in one process), backward."""
+        part = self.ranks.shard(len(self.ex.X))
         self.opt.zero_grad()
-        loss = self.ex.loss_fn(self.ex.model(self.ex.X), self.ex.y)
+        loss = self.ex.loss_fn(self.ex.model(self.ex.X[part]), self.ex.y[part])
         loss.backward()
         return loss
+
+    def reduced_closure(self) -> Tensor:
+        """`closure` with the loss and gradient reduced over the ranks by their shares of
+        the samples (what the second-order optimisers do themselves), for Adam and SGD."""
+        loss = self.closure()
+        if self.ranks.world == 1:
+            return loss
+        params = [p for p in self.ex.model.parameters() if p.grad is not None]
+        share = self.samples / len(self.ex.X)
+        flat = torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in params])
+        flat = self.ranks.group().all_reduce(flat * share, "gradient")  # type: ignore[union-attr]
+        offset = 1
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return flat[0]
 
 
 def _resume(run: _Run) -> None:
     """Restore ``run`` from its checkpoint, refusing one written with other settings or
     for another model; says so when there is none to resume."""
     if not run.ck_path.exists():
-        print(
-            f"hesse train: no checkpoint {str(run.ck_path)!r} to resume; {run.kind} starts "
-            "at step 0",
-            file=sys.stderr,
-        )
+        if run.ranks.rank == 0:
+            print(
+                f"hesse train: no checkpoint {str(run.ck_path)!r} to resume; {run.kind} "
+                "starts at step 0",
+                file=sys.stderr,
+            )
         return
     ck = load_checkpoint(run.ck_path, run.example, run.kind)
     stored = ck.get("settings", {})
@@ -176,6 +243,9 @@ def _resume(run: _Run) -> None:
 
 
 def _checkpoint(run: _Run, step: int) -> None:
+    """Rank 0 writes (atomically); the other ranks hold the same state."""
+    if run.ranks.rank != 0:
+        return
     save_checkpoint(
         run.ck_path,
         {
@@ -209,9 +279,12 @@ def train_one(
     curvature_batch: int,
     progress: bool | None,
     damping: float | None = None,
+    ranks: Ranks | None = None,
 ) -> list[dict[str, float]]:
     """Train one optimiser; returns the history ``[{step, seconds, loss}]`` (the full-data
-    training loss after each step; step 0 is the initial loss)."""
+    training loss after each step; step 0 is the initial loss). ``ranks``: this
+    process's place under ``torchrun`` (the module docstring)."""
+    ranks = ranks or Ranks()
     ex = make_example(example, seed)
     settings = {"seed": seed, "lr": lr, "damping": damping, "curvature_batch": curvature_batch}
     run = _Run(
@@ -222,6 +295,7 @@ def train_one(
         torch.Generator().manual_seed(seed + 1),
         out / f"checkpoint_{kind}.pt",
         settings,
+        ranks,
     )
     if resume:
         _resume(run)
@@ -231,14 +305,14 @@ def train_one(
         steps, f"{example} / {kind}", progress, unit="step", initial=run.start, leave=True
     )
     for step in range(run.start, steps):
-        if time_budget is not None and run.elapsed >= time_budget:
+        if time_budget is not None and _elapsed(run) >= time_budget:
             break
         t0 = time.perf_counter()
         if kind in ("hf", "chain-newton"):
-            batch = _curvature_batch(ex, run.gen, curvature_batch)
-            run.opt.step(run.closure, curvature_batch=batch)  # type: ignore[call-arg]
+            batch = _curvature_batch(ex, run.gen, curvature_batch, ranks)
+            run.opt.step(run.closure, curvature_batch=batch, samples=run.samples)  # type: ignore[call-arg]
         else:
-            run.opt.step(run.closure)
+            run.opt.step(run.reduced_closure)
         run.elapsed += time.perf_counter() - t0
         loss = run.full_loss()
         run.history.append({"step": step + 1, "seconds": run.elapsed, "loss": loss})
@@ -249,8 +323,16 @@ def train_one(
         if not math.isfinite(loss):
             break
     bar.close()
-    write_csv(out / f"losses_{kind}.csv", run.history)
+    if ranks.rank == 0:
+        write_csv(out / f"losses_{kind}.csv", run.history)
     return run.history
+
+
+def _elapsed(run: _Run) -> float:
+    """The run's time so far; under ``torchrun`` the slowest rank's, so that every rank
+    stops at the same step."""
+    group = run.ranks.group()
+    return run.elapsed if group is None else group.max(run.elapsed, "agreement on the time")
 
 
 def write_csv(path: Path, rows: list[dict[str, float]]) -> None:

@@ -139,7 +139,7 @@ class CurvatureOperator:
                 for h in handles:
                     h.remove()
             if self.problem.group is not None:  # the same chunks on every rank
-                numel = self.problem.group.max(numel)
+                numel = int(self.problem.group.max(numel))
             self._act_numel = numel
         return self._act_numel
 

@@ -264,8 +264,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "shard of the step's batch; 0 for none), so that the step's objective is "
                 "the mean over the samples of all ranks"
             )
-        count = torch.tensor([float(samples)], dtype=torch.float64)
-        total = float(self._group.all_reduce(count, "sample count").item())
+        total = self._group.total(samples, "sample count")
         if total == 0:
             raise ValueError("samples=0 on every rank: the step's batch is empty")
         self._weight = samples / total
