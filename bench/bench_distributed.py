@@ -7,10 +7,11 @@ Usage:
 float64, the digits-size MLP 64-256-256-10 (P = 85,002), cross-entropy, ``N`` samples
 split evenly over the ranks (each rank one thread; the baseline one process with two).
 For an HVP, Lanczos top-5 (``hesse.eigs``, seeded), a Hutch++ trace (60 products) and a
-Hessian-free step (``hesse.optim.HessianFree``, 20 CG iterations on the GGN, the closure on
-each rank's shard): the wall time (median of ``--repeats``), its ratio to the one-process
-baseline, the part of it spent in all-reduces (timed inside the run), and the bytes each
-all-reduce carries (``P k`` numbers for a product).
+Hessian-free step (``hesse.optim.HessianFree``: at most 20 CG iterations on the GGN, which
+at damping 1 stop near 10 at the residual tolerance; the closure on each rank's shard):
+the wall time (median of ``--repeats``), its ratio to the one-process baseline, the part
+of it spent in all-reduces (timed inside the run), and the bytes each all-reduce carries
+(``P k`` numbers for a product; the mean over an HF step's).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _measure(prob: hesse.Problem, repeats: int) -> dict:
     op = hesse.HessianOperator(prob)
     X, y = prob.as_one_batch()
     hf = hesse.optim.HessianFree(
-        prob.model, prob.loss_fn, cg_max_iter=20, cg_progress_tol=0.0,  # a fixed 20 products
+        prob.model, prob.loss_fn, cg_max_iter=20, cg_progress_tol=0.0,  # at most 20 products
         backtrack=False, line_search=False, adapt_damping=False,
     )  # fmt: skip
 
@@ -85,7 +86,7 @@ def _measure(prob: hesse.Problem, repeats: int) -> dict:
         "hutch++ trace (60)": lambda: hesse.trace(
             op, num_products=60, generator=torch.Generator().manual_seed(4)
         ),
-        "HF step (20 CG)": lambda: hf.step(closure, curvature_batch=(X, y), samples=len(X)),
+        "HF step (CG <= 20)": lambda: hf.step(closure, curvature_batch=(X, y), samples=len(X)),
     }
     out = {}
     for name, job in jobs.items():
