@@ -204,6 +204,21 @@ class Reference:
         return self._c() * F
 
 
+def closure_of(
+    opt: torch.optim.Optimizer, model: nn.Module, loss_fn: Callable, X: Tensor, y: Tensor
+) -> Callable[[], Tensor]:
+    """The usual ``torch.optim`` closure: zero the gradients, the loss on ``(X, y)``,
+    backward, return the loss."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def rel_err(a: Tensor, b: Tensor) -> float:
     """max |a - b| relative to max |b| (or 1 when b is tiny)."""
     a, b = a.detach().double(), b.detach().double()

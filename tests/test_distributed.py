@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from scipy.sparse.linalg import eigsh
 from torch import nn
 
 import hesse
@@ -78,6 +79,9 @@ def _quantities(prob: hesse.Problem, data: tuple) -> dict:
         "logdet": torch.tensor([hesse.factorize(prob, 0.1, "hessian", method="dense").logdet()[1]]),
         "count": torch.tensor([float(hesse.count_eigenvalues(prob, below=0.0))]),
         "chain_batch": hesse.Chain.from_problem(prob).inputs,  # gathered: the whole batch
+        "scipy_eigsh": torch.from_numpy(  # the same products on every rank: the same path
+            eigsh(hesse.GGNOperator(prob).to_scipy(), k=2, v0=V[:, 1].numpy())[0].copy()
+        ),
         "tracker": torch.tensor(
             [
                 float(v)
@@ -129,6 +133,13 @@ def _case_bad_input(rank: int, world: int) -> dict:
     except ValueError as err:
         said["differ"] = str(err)
     model, X, y = _setup()
+    if rank == 1:  # a rank whose model differs in structure (one more hidden unit)
+        model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    try:
+        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    except ValueError as err:
+        said["structure"] = str(err)
+    model, X, y = _setup()
     if rank == 1:  # a rank whose model differs in dtype (its data converted alike)
         model, X = model.float(), X.float()
     try:
@@ -171,17 +182,11 @@ def _case_bad_input(rank: int, world: int) -> dict:
     return said
 
 
-def _closure(opt, model, X, y, loss_fn=None):
+def _closure(opt, model, X, y):
     """The usual closure on this rank's shard (a 'mean' loss over its samples)."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    from conftest import closure_of
 
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
-
-    return closure
+    return closure_of(opt, model, nn.CrossEntropyLoss(), X, y)
 
 
 CURVATURE = 8  # the curvature batch: the first 8 samples (each rank its part of them)
@@ -328,6 +333,7 @@ def test_every_quantity_equals_one_process_and_agrees_across_ranks(world, tmp_pa
         # factorisations see the batches in another order than one process (the bound
         # of their backward error, test_engines.py)
         tol = {"top3": 1e-9, "top_unseeded": 1e-9, "trace": 1e-6, "tracker": 1e-6}.get(key, 1e-12)
+        tol = 1e-9 if key == "scipy_eigsh" else tol
         tol = 1e-7 if key in ("solve", "logdet") else tol
         assert err <= tol, (key, err)
 
@@ -365,7 +371,8 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
     results = _spawn(2, "bad", tmp_path)
     for r in results:
         assert "error" not in r, r.get("tb", r)
-        assert "rank(s) [1]" in r["differ"] and "rank(s) [1]" in r["dtype"]
+        for what in ("differ", "structure", "dtype"):
+            assert "rank(s) [1]" in r[what], (what, r[what])
         assert "pads 11 samples to 12" in r["padded"] and "drop_last=True" in r["padded"]
         assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
         assert "needs samples=" in r["samples"]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import closure_of
 from torch import nn
 
 import hesse
@@ -210,14 +211,7 @@ def chain_trust_region(prob, model, lf, g, radius):
 
 
 # ----------------------------------------------------------------------------- optimisers
-def _closure(opt, model, lf, X, y):
-    def closure():
-        opt.zero_grad()
-        loss = lf(model(X), y)
-        loss.backward()
-        return loss
-
-    return closure
+_closure = closure_of
 
 
 def _least_squares():
