@@ -123,29 +123,27 @@ def _case_products(rank: int, world: int) -> dict:
 
 
 def _case_bad_input(rank: int, world: int) -> dict:
-    model, X, y = _setup()
     said = {}
-    if rank == 1:  # a rank whose weights differ
+
+    def weights(model, X):  # a rank whose weights differ
         with torch.no_grad():
             model[0].bias.add_(1e-9)
-    try:
-        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
-    except ValueError as err:
-        said["differ"] = str(err)
-    model, X, y = _setup()
-    if rank == 1:  # a rank whose model differs in structure (one more hidden unit)
-        model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    try:
-        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
-    except ValueError as err:
-        said["structure"] = str(err)
-    model, X, y = _setup()
-    if rank == 1:  # a rank whose model differs in dtype (its data converted alike)
-        model, X = model.float(), X.float()
-    try:
-        hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
-    except ValueError as err:
-        said["dtype"] = str(err)
+        return model, X
+
+    def structure(model, X):  # one more hidden unit
+        return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)).double(), X
+
+    def dtype(model, X):  # float32, its data converted alike
+        return model.float(), X.float()
+
+    for what, change in (("differ", weights), ("structure", structure), ("dtype", dtype)):
+        model, X, y = _setup()
+        if rank == 1:
+            model, X = change(model, X)
+        try:
+            hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+        except ValueError as err:
+            said[what] = str(err)
     model, X, y = _setup()
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
