@@ -180,11 +180,11 @@ def _case_bad_input(rank: int, world: int) -> dict:
     return said
 
 
-def _closure(opt, model, X, y):
-    """The usual closure on this rank's shard (a 'mean' loss over its samples)."""
+def _closure(opt, model, X, y, loss_fn=None):
+    """The usual closure on this rank's shard (by default a 'mean' loss over its samples)."""
     from conftest import closure_of
 
-    return closure_of(opt, model, nn.CrossEntropyLoss(), X, y)
+    return closure_of(opt, model, loss_fn or nn.CrossEntropyLoss(), X, y)
 
 
 CURVATURE = 8  # the curvature batch: the first 8 samples (each rank its part of them)
@@ -197,19 +197,24 @@ def _train(kind: str, model, X, y, rank: int, world: int) -> dict:
     ca, cb = min(a, CURVATURE), min(b, CURVATURE)
     ddp = kind == "hf-ddp" and world > 1  # one process: the same steps without the wrapper
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    loss_fn = nn.CrossEntropyLoss(reduction="sum" if kind == "hf-sum" else "mean")
     opt = {
         "hf": lambda: hesse.optim.HessianFree(net, nn.CrossEntropyLoss(), preconditioner="martens"),
+        "hf-sum": lambda: hesse.optim.HessianFree(net, loss_fn),
         "hf-ddp": lambda: hesse.optim.HessianFree(net, nn.CrossEntropyLoss(), cg_max_iter=20),
         "chain-newton": lambda: hesse.optim.ChainNewton(net, nn.CrossEntropyLoss(), damping=1e-2),
         "newton-tr": lambda: hesse.optim.Newton(
             net, nn.CrossEntropyLoss(), curvature="hessian", trust_region=0.5, method="dense"
         ),
     }[kind]()
-    steps = {"hf": 5, "hf-ddp": 2, "chain-newton": 3, "newton-tr": 2}[kind]
+    steps = {"hf": 5, "hf-sum": 2, "hf-ddp": 2, "chain-newton": 3, "newton-tr": 2}[kind]
+    samples = None if kind == "hf-sum" else b - a  # a 'sum' needs no shares
     losses = []
     for _ in range(steps):
         loss = opt.step(
-            _closure(opt, net, X[a:b], y[a:b]), curvature_batch=(X[ca:cb], y[ca:cb]), samples=b - a
+            _closure(opt, net, X[a:b], y[a:b], loss_fn),
+            curvature_batch=(X[ca:cb], y[ca:cb]),
+            samples=samples,
         )
         losses.append(float(loss))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -222,7 +227,7 @@ def _train(kind: str, model, X, y, rank: int, world: int) -> dict:
     }
 
 
-TRAINED = ("hf", "hf-ddp", "chain-newton", "newton-tr")
+TRAINED = ("hf", "hf-sum", "hf-ddp", "chain-newton", "newton-tr")
 
 
 def _case_optim(rank: int, world: int) -> dict:
@@ -380,8 +385,9 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_optimiser_steps_equal_one_process_and_agree_across_ranks(world, tmp_path):
     """5 HF steps (Martens' preconditioner: the Fisher diagonal reduced too), 3
-    ChainNewton steps, 2 exact trust-region Newton steps on the Hessian and 2 HF steps
-    through a DDP-wrapped model (its closure under no_sync): each rank evaluates its
+    ChainNewton steps, 2 exact trust-region Newton steps on the Hessian, 2 HF steps on a
+    'sum' loss (no samples=) and 2 HF steps through a DDP-wrapped model (its closure
+    under no_sync): each rank evaluates its
     shard, with uneven shards and (3 ranks) an empty one; every rank takes the same
     step, and the trajectory is one process's."""
     results = _spawn(world, "optim", tmp_path)
