@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -100,14 +101,17 @@ def _measure(case: tuple) -> dict:
 
 @pytest.fixture(scope="module")
 def measured(request: pytest.FixtureRequest) -> dict:
-    """Every selected case measured in its own fresh process, two at a time (a process's
-    peak is its own; running them side by side halves the wall time)."""
+    """Every selected case measured in its own fresh process, as many at a time as the
+    cores allow at this run's thread count (a process's peak is its own: running them side
+    by side only saves wall time; oversubscribed cores would lose it)."""
     chosen = []
     for item in request.session.items:
         spec = getattr(item, "callspec", None)
         if getattr(item, "module", None) is request.module and spec and "case" in spec.params:
             chosen.append(spec.params["case"])
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    workers = max(1, min(4, cores // torch.get_num_threads()))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(zip(chosen, pool.map(_measure, chosen), strict=True))
 
 
