@@ -103,6 +103,7 @@ def _worker(rank: int, world: int, port: int, outdir: str, case: str) -> None:
             timeout=datetime.timedelta(seconds=20),
         )
         torch.set_num_threads(1)
+        os.environ["HESSE_TEST_DIR"] = outdir
         result = CASES[case](rank, world)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
     except BaseException as err:  # reported to the parent through the file
@@ -119,7 +120,12 @@ def _case_products(rank: int, world: int) -> dict:
     a, b = SHARDS[world][rank]
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X[a:b], y[a:b]))
     assert prob.distributed and prob.num_samples == 11 and prob.local_samples == b - a
-    return _quantities(prob, (X[a:b], y[a:b]))
+    out = _quantities(prob, (X[a:b], y[a:b]))
+    tracker = hesse.SpectrumTracker(model, nn.CrossEntropyLoss(), (X[a:b], y[a:b]))
+    tracker.step()
+    png = tracker.plot(os.path.join(os.environ["HESSE_TEST_DIR"], f"tracker-{rank}.png"))
+    out["plotted"] = torch.tensor([float(png.exists())])  # rank 0 alone writes
+    return out
 
 
 def _case_bad_input(rank: int, world: int) -> dict:
@@ -323,6 +329,7 @@ def test_every_quantity_equals_one_process_and_agrees_across_ranks(world, tmp_pa
     results = _spawn(world, "products", tmp_path)
     errors = [r.get("tb", r) for r in results if "error" in r or "missing" in r]
     assert not errors, "\n".join(map(str, errors))
+    assert [float(r.pop("plotted")) for r in results] == [1.0] + [0.0] * (world - 1)
     model, X, y = _setup()
     ref = _quantities(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), (X, y))
     for key, want in ref.items():

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hesse._autodiff.distributed import resolve_group
 from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import HessianOperator
 from hesse._spectral.lanczos import eigs
@@ -80,9 +81,13 @@ class SpectrumTracker:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """A PNG of the history (top eigenvalue and trace with its standard error),
-        written atomically."""
+        written atomically; under ``torch.distributed`` with several ranks, by rank 0
+        alone (every rank holds the same history and gets the same path back)."""
         if not self.history:
             raise ValueError("nothing recorded yet: call step() during training first")
+        group = resolve_group(None)
+        if group is not None and torch.distributed.get_rank(group) != 0:
+            return Path(path)  # every rank holds the same history; rank 0 writes it
         import matplotlib
 
         matplotlib.use("Agg")
