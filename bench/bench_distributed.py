@@ -53,9 +53,9 @@ def _measure(prob: hesse.Problem, repeats: int) -> dict:
     if prob.group is not None:
         real = _dist.Group.all_reduce
 
-        def timed(self, t, what="product"):  # type: ignore[no-untyped-def]
+        def timed(self, t, what="product", op=None):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
-            out = real(self, t, what)
+            out = real(self, t, what, op)
             comm["seconds"] += time.perf_counter() - t0
             comm["bytes"] += t.numel() * t.element_size()
             comm["calls"] += 1

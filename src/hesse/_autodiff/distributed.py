@@ -74,23 +74,23 @@ class Group:
                 f"{str(err).splitlines()[0]}"
             ) from err
 
-    def all_reduce(self, t: Tensor, what: str = "product") -> Tensor:
-        """The sum over ranks, on ``t``'s device (use the result: ``t`` itself may be left
-        unreduced); identical on every rank."""
+    def all_reduce(self, t: Tensor, what: str = "product", op: Any = None) -> Tensor:
+        """The sum (or ``op``, a ``ReduceOp``) over ranks, on ``t``'s device (use the
+        result: ``t`` itself may be left unreduced); identical on every rank."""
         r = self._placed(t)
-        self._run(f"all-reduce of the {what}", lambda: dist.all_reduce(r, group=self.group))
+        op = dist.ReduceOp.SUM if op is None else op
+        self._run(f"all-reduce of the {what}", lambda: dist.all_reduce(r, op, self.group))
         return r.to(t.device)
 
     def total(self, value: float, what: str) -> float:
-        """The sum of a number over the ranks (sample counts)."""
+        """The sum of a number over the ranks (sample counts, flags)."""
         return float(self.all_reduce(torch.tensor([float(value)], dtype=torch.float64), what))
 
     def max(self, value: float, what: str = "agreement on a size") -> float:
         """The largest ``value`` over the ranks (sizes that must agree, such as chunks;
         the slowest rank's time)."""
-        t = self._placed(torch.tensor([float(value)], dtype=torch.float64))
-        self._run(what, lambda: dist.all_reduce(t, dist.ReduceOp.MAX, self.group))
-        return float(t.item())
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        return float(self.all_reduce(t, what, dist.ReduceOp.MAX))
 
     def broadcast(self, t: Tensor, src: int = 0) -> Tensor:
         """Rank ``src``'s tensor on every rank, on ``t``'s device (use the result)."""

@@ -642,16 +642,7 @@ class Problem:
         everyone = self.group.gather_objects(
             [(_to_cpu(i), _to_cpu(t)) for i, t in mine], "gathering of the data"
         )
-        data = [b for rank in everyone for b in rank]
-        return Problem(
-            self.model,
-            self.loss_fn,
-            data,
-            params=self.names,
-            reduction=self.reduction,
-            output=self.output,
-            process_group=_LOCAL,
-        )
+        return self._like(self.model, [b for rank in everyone for b in rank], _LOCAL)
 
     def promoted(self, dtype: torch.dtype = torch.float64) -> Problem:
         """The same problem on a copy of the model in ``dtype`` (float64 by default: for
@@ -661,14 +652,20 @@ class Problem:
         if dtype == self.dtype:
             return self
         model = copy.deepcopy(self.model).to(dtype)
+        group = self.group.group if self.group is not None else _LOCAL
+        return self._like(model, _Converted(self._data, dtype), group)
+
+    def _like(self, model: nn.Module, data: Any, process_group: Any) -> Problem:
+        """This problem's loss, parameters, reduction and output on other data (or a
+        copy of the model)."""
         return Problem(
             model,
             self.loss_fn,
-            _Converted(self._data, dtype),
+            data,
             params=self.names,
             reduction=self.reduction,
             output=self.output,
-            process_group=self.group.group if self.group is not None else _LOCAL,
+            process_group=process_group,
         )
 
     def __repr__(self) -> str:

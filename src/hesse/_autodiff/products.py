@@ -389,6 +389,5 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     else:
         failed = 0.0
     if problem.group is not None:  # every rank takes the same path
-        flag = torch.tensor([failed], dtype=torch.float64)
-        failed = float(problem.reduce(flag, "empirical Fisher diagonal").item())
+        failed = problem.group.total(failed, "empirical Fisher diagonal's path")
     return None if failed else problem.reduce(out, "empirical Fisher diagonal")

@@ -17,6 +17,7 @@ the checkpoint on ``--resume``; the stop decisions (time budget) are taken toget
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import math
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from hesse import optim
 from hesse._autodiff.distributed import Group
+from hesse._autodiff.problem import Parameters
 from hesse._cli.data import load_digits_data, shard_bounds
 from hesse._util.files import atomic_path, save_png
 from hesse._util.progress import progress_bar
@@ -183,7 +185,13 @@ class _Run:
     @property
     def samples(self) -> int:
         """How many samples this rank's closure averages over."""
-        return len(range(len(self.ex.X))[self.ranks.shard(len(self.ex.X))])
+        part = self.ranks.shard(len(self.ex.X))
+        return part.stop - part.start
+
+    @functools.cached_property
+    def space(self) -> Parameters:
+        """The model's parameters as one flat vector (for the reduced gradient)."""
+        return Parameters(self.ex.model)
 
     def closure(self) -> Tensor:
         """The loss on this rank's shard (all the data in one process), backward."""
@@ -199,14 +207,12 @@ class _Run:
         loss = self.closure()
         if self.ranks.world == 1:
             return loss
-        params = [p for p in self.ex.model.parameters() if p.grad is not None]
         share = self.samples / len(self.ex.X)
-        flat = torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in params])
+        flat = torch.cat([loss.detach().reshape(1), self.space.grad_vector()])
         flat = self.ranks.group().all_reduce(flat * share, "gradient")  # type: ignore[union-attr]
-        offset = 1
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, g in zip(self.space.tensors, self.space.split(flat[1:]), strict=True):
+            if p.grad is not None:
+                p.grad.copy_(g)
         return flat[0]
 
 
