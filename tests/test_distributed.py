@@ -186,6 +186,38 @@ def _case_bad_input(rank: int, world: int) -> dict:
     return said
 
 
+def _case_differing_arguments(rank: int, world: int) -> dict:
+    """Each rank passes its own value of one argument: refused on every rank, naming the
+    argument, no abort and no hang; then a call that agrees still works."""
+    model, X, y = _setup()
+    a, b = SHARDS[world][rank]
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X[a:b], y[a:b]))
+    P = prob.num_params
+    v = torch.ones(P) * (1.0 + rank)
+    calls = {
+        "v": lambda: hesse.hvp(prob, v),
+        "v0": lambda: hesse.eigs(hesse.HessianOperator(prob), 1, v0=v),
+        "damping": lambda: hesse.factorize(prob, 0.1 + rank, "ggn"),
+        "damping-engine": lambda: hesse.engine(prob, "ggn", method="dense").factor(
+            0.1 * (1 + rank)
+        ),
+        "solve-damping": lambda: hesse.solve(prob, torch.ones(P), 0.1 + rank, "ggn"),
+        "num_products": lambda: hesse.trace(hesse.GGNOperator(prob), num_products=9 + 3 * rank),
+        "reduction": lambda: hesse.Problem(
+            model, nn.CrossEntropyLoss(reduction="sum" if rank else "mean"), (X[a:b], y[a:b])
+        ),
+    }
+    said = {}
+    for key, call in calls.items():
+        try:
+            call()
+            said[key] = "accepted"
+        except ValueError as err:
+            said[key] = str(err)
+    said["agreed"] = hesse.hvp(prob, torch.ones(P))
+    return said
+
+
 def _closure(opt, model, X, y, loss_fn=None):
     """The usual closure on this rank's shard (by default a 'mean' loss over its samples)."""
     from conftest import closure_of
@@ -300,6 +332,7 @@ CASES = {
     "bad": _case_bad_input,
     "dead": _case_dead_rank,
     "optim": _case_optim,
+    "differing": _case_differing_arguments,
 }
 
 
@@ -387,6 +420,27 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
         assert r["dropped"] == 10 and r["local"] == 11 and r["ddp"]
         assert "needs samples=" in r["samples"]
         assert "rank(s) [1]" in r["optim_differ"]
+
+
+def test_arguments_that_differ_between_ranks_are_refused_on_every_rank(tmp_path):
+    results = _spawn(2, "differing", tmp_path)
+    names = {
+        "v": "'v'",
+        "v0": "'v0'",
+        "damping": "'damping'",
+        "damping-engine": "'damping'",
+        "solve-damping": "'damping'",
+        "num_products": "'num_products'",
+        "reduction": "'reduction'",
+    }
+    for r in results:
+        assert "error" not in r, r.get("tb", r)
+        for key, arg in names.items():
+            assert f"the argument {arg} differs between the ranks: rank(s) [1]" in r[key], (
+                key,
+                r[key],
+            )
+    assert torch.equal(results[0]["agreed"], results[1]["agreed"])
 
 
 @pytest.mark.parametrize("world", [2, 3])

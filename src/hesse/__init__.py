@@ -10,7 +10,7 @@ from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Parameters, Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization
-from hesse._linalg.base import Factorization
+from hesse._linalg.base import Engine, Factorization, InverseOperator
 from hesse._linalg.eigen import count_eigenvalues, eigenvalue, eigenvalue_histogram
 from hesse._linalg.factorize import EngineCost, Plan, engine, factorize, plan
 from hesse._linalg.results import (
@@ -64,6 +64,7 @@ __all__ = [
     "CurvatureOperator",
     "Decomposition",
     "EigResult",
+    "Engine",
     "EngineCost",
     "Factorization",
     "FactorizationStatus",
@@ -72,6 +73,7 @@ __all__ = [
     "HessianOperator",
     "InaccurateSolveError",
     "Inertia",
+    "InverseOperator",
     "MemoryBudgetError",
     "NewtonStep",
     "Parameters",

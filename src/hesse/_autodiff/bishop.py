@@ -169,6 +169,9 @@ def bishop_hessian(problem: Problem) -> Tensor:
     terms. Memory: ``O(n u^2)`` per layer pair for ``u`` units per layer, plus the
     ``(P, P)`` result.
     """
+    problem.parameters.refuse_shared(
+        "Bishop's method", "Use hesse.hessian(problem): it differentiates through every use."
+    )
     pre_fn, layers = mlp_layers(problem.model)
     lay = _Layout(layers, problem.names)
     H = torch.zeros(lay.total, lay.total, dtype=problem.dtype, device=problem.device)

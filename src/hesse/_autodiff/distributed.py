@@ -48,6 +48,20 @@ def backend_device(backend: str) -> torch.device | None:
     return torch.device("cuda") if backend.strip().lower() == "nccl" else None
 
 
+def _digest(value: Any) -> str:
+    """A short fingerprint of an argument: a tensor's shape, dtype and values; the items
+    of a dict or sequence; the ``repr`` of anything else."""
+    if isinstance(value, Tensor):
+        h = hashlib.sha256(f"{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k!r}:{_digest(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_digest(v) for v in value) + "]"
+    return repr(value)
+
+
 class Group:
     """The collectives a distributed problem needs, with clear errors."""
 
@@ -103,6 +117,22 @@ class Group:
         out: list[Any] = [None] * self.size
         self._run(what, lambda: dist.all_gather_object(out, obj, group=self.group))
         return out
+
+    def check_same(self, call: str, args: dict[str, Any]) -> None:
+        """Refuse a call whose arguments differ between the ranks (a vector, a start
+        vector, a damping, a count: each rank would compute with its own, and the
+        collectives would mix them or hang), naming the argument and the ranks; one
+        gather of a digest per argument, raised on every rank alike."""
+        mine = {k: _digest(v) for k, v in args.items()}
+        everyone = self.gather_objects(mine, f"comparison of the arguments of {call}")
+        for key in mine:
+            bad = [r for r, d in enumerate(everyone) if d.get(key) != everyone[0].get(key)]
+            if bad:
+                raise ValueError(
+                    f"{call}: the argument {key!r} differs between the ranks: rank(s) {bad} "
+                    "passed another value than rank 0. Every rank must make the same call "
+                    "with the same arguments (only the data is sharded)"
+                )
 
     def check_same_model(self, names: list[str], params: list[Tensor]) -> None:
         """Refuse ranks whose selected parameters differ (in names, shapes, dtype or

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FISHER_LOSSES",
+    "ce_target_mass",
     "check_loss_shapes",
     "empirical_fisher_product",
     "fisher_loss",
@@ -55,19 +56,26 @@ FISHER_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 def check_loss_shapes(loss_fn: Any, outputs: Any, targets: Any) -> None:
     """Refuse the silent broadcast of element-wise losses: ``MSELoss`` of outputs
     ``(N, 1)`` against targets ``(N,)`` is the mean over an ``(N, N)`` grid, not the
-    loss anyone meant (torch only warns)."""
-    if (
-        isinstance(loss_fn, _ELEMENTWISE_LOSSES)
-        and isinstance(outputs, Tensor)
-        and isinstance(targets, Tensor)
-        and outputs.shape != targets.shape
-    ):
-        raise ValueError(
-            f"{type(loss_fn).__name__}: the model's outputs have shape "
-            f"{tuple(outputs.shape)} but the targets {tuple(targets.shape)}; torch would "
-            "broadcast them into a different loss. Reshape the targets to the outputs' "
-            f"shape (e.g. y.reshape({', '.join(str(d) for d in outputs.shape)}))"
-        )
+    loss anyone meant (torch only warns). For any other loss (a function such as
+    ``F.mse_loss``, a lambda), the shapes whose broadcast is larger than both."""
+    if not (isinstance(outputs, Tensor) and isinstance(targets, Tensor)):
+        return
+    if outputs.shape == targets.shape:
+        return
+    if not isinstance(loss_fn, _ELEMENTWISE_LOSSES):
+        try:
+            shape = torch.broadcast_shapes(outputs.shape, targets.shape)
+        except RuntimeError:
+            return
+        if shape in (outputs.shape, targets.shape):
+            return
+    name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else "loss_fn"
+    dims = ", ".join(str(d) for d in outputs.shape)
+    raise ValueError(
+        f"{name}: the model's outputs have shape {tuple(outputs.shape)} but the targets "
+        f"{tuple(targets.shape)}; torch would broadcast them into a different loss. Reshape "
+        f"the targets to the outputs' shape (e.g. y.reshape({dims}))"
+    )
 
 
 def weighted_loss(loss_fn: Any, outputs: Any, targets: Any, weight: float) -> Tensor:
@@ -182,6 +190,30 @@ def valid_samples(loss_fn: nn.Module, o: Tensor, targets: Any) -> Tensor | None:
     ):
         return targets != loss_fn.ignore_index
     return None
+
+
+def ce_target_mass(loss_fn: nn.Module, o: Tensor, targets: Any) -> Tensor:
+    """Cross-entropy's loss Hessian of sample ``n`` is ``s_n (diag(p) - p p^T)`` with
+    ``s_n`` the mass of its target: 1 for a class label (0 for ``ignore_index``), the
+    sum of the probabilities for soft targets (multi-hot or unnormalised ones too).
+    ``(n,)``; a negative mass (an indefinite loss Hessian) is refused."""
+    if isinstance(targets, Tensor) and targets.is_floating_point():
+        if targets.shape != o.shape:
+            raise ValueError(
+                f"CrossEntropyLoss: soft targets must have the outputs' shape "
+                f"{tuple(o.shape)}; got {tuple(targets.shape)}"
+            )
+        mass = targets.detach().reshape(o.shape[0], -1).sum(1).to(o.dtype)
+        if bool((mass < 0).any()):
+            raise ValueError(
+                "CrossEntropyLoss: a soft target sums to a negative mass (sample "
+                f"{int((mass < 0).nonzero()[0])}); the loss is then not convex in the outputs "
+                "and has no Gauss-Newton factor"
+            )
+        return mass
+    valid = valid_samples(loss_fn, o, targets)
+    ones = torch.ones(o.shape[0], dtype=o.dtype, device=o.device)
+    return ones if valid is None else valid.to(o.dtype)
 
 
 def reduction_factor(loss_fn: nn.Module, o: Tensor, targets: Any, weight: float) -> float:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -29,6 +31,7 @@ from hesse._autodiff.distributed import LOCAL as _LOCAL
 from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.kernels import find_module
 from hesse._autodiff.losses import weighted_loss
+from hesse._util.checks import check_shift
 
 __all__ = ["Batch", "Parameters", "Problem", "float64_problem", "map_tensors", "tensor_leaves"]
 
@@ -83,6 +86,37 @@ def _refuse_padded_sampler(data: Any, group: Any) -> None:
         )
 
 
+def _refuse_changing_sampler(data: Any) -> None:
+    """A ``DataLoader`` that yields other samples on each pass (a shuffling one that drops
+    its last, incomplete batch; a sampler that draws with replacement or a subset)
+    changes the objective between two products: every "exact" number would be of
+    another function."""
+    if not isinstance(data, torch.utils.data.DataLoader):
+        return
+    sampler = data.sampler
+    if isinstance(sampler, torch.utils.data.RandomSampler) and (
+        sampler.replacement or sampler.num_samples != len(sampler.data_source)
+    ):
+        raise ValueError(
+            "the DataLoader's RandomSampler draws with replacement or a subset: each pass "
+            "over the data sees other samples, so the objective changes between products. "
+            "Use a fixed set of samples (shuffle=True without replacement, or a Subset)"
+        )
+    bs = data.batch_size
+    try:
+        n = len(data.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    shuffles = isinstance(sampler, torch.utils.data.RandomSampler)
+    if shuffles and data.drop_last and bs and n % bs:
+        raise ValueError(
+            f"the DataLoader shuffles and drops its last incomplete batch ({n} samples, "
+            f"batch_size={bs}): each pass drops {n % bs} other samples, so the objective "
+            "changes between products. Pass drop_last=False (hesse weights each batch by "
+            "its own size) or shuffle=False"
+        )
+
+
 def _all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every entry is finite, by one fused norm over all tensors (a finite
     norm: all finite; a non-finite one may also be an overflow of huge entries, which
@@ -116,6 +150,9 @@ class Parameters:
         num_params: ``P``.
         slices: ``{name: slice}`` of each parameter in a flat vector.
         dtype, device: shared by all selected parameters (checked).
+        aliases: ``{name: [other names]}`` for each selected parameter that the model
+            uses under more than one name (tied weights, a module used twice):
+            ``named_parameters()`` lists it once, under ``name``.
     """
 
     def __init__(self, model: nn.Module, params: Sequence[str | Tensor] | None = None) -> None:
@@ -129,6 +166,14 @@ class Parameters:
         }
         self.dtype = self.tensors[0].dtype
         self.device = self.tensors[0].device
+        every: dict[int, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            every.setdefault(id(p), []).append(n)
+        self.aliases = {
+            n: [a for a in every[id(p)] if a != n]
+            for n, p in zip(self.names, self.tensors, strict=True)
+            if len(every[id(p)]) > 1
+        }
 
     def vector(self) -> Tensor:
         """Current values as one flat ``(P,)`` tensor (detached)."""
@@ -208,6 +253,81 @@ class Parameters:
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} has non-finite entries (nan or inf)")
         return v.to(device=self.device, dtype=self.dtype)
+
+    def as_diagonal(self, value: Any, what: str = "damping") -> float | Tensor:
+        """A diagonal ``D`` over the parameters from what users write: a number (``D =
+        eps I``, any sign: returned as a float), a ``(P,)`` tensor, a dict ``{name:
+        value}`` over the selected parameters, or a sequence of values in their order
+        (laplace-torch's "layerwise" prior precision), each value a number or a tensor of
+        its parameter's shape. A non-scalar ``D`` must be finite and positive; the
+        offending parameter is named. A ``D`` equal on every parameter comes back as a
+        float."""
+        if isinstance(value, Tensor) and value.ndim == 0:
+            value = float(value)
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+            return check_shift(what, value)
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in self.slices]
+            if unknown:
+                raise ValueError(
+                    f"{what}: {unknown} are not selected parameters; the selected ones are "
+                    f"{self.names}"
+                )
+            missing = [n for n in self.names if n not in value]
+            if missing:
+                raise ValueError(f"{what}: no value for the parameters {missing}")
+            parts = [value[n] for n in self.names]
+        elif isinstance(value, (list, tuple)):
+            if len(value) != len(self.names):
+                raise ValueError(
+                    f"{what}: a sequence needs one value per parameter tensor "
+                    f"({len(self.names)}: {self.names}); got {len(value)}"
+                )
+            parts = list(value)
+        elif isinstance(value, Tensor):
+            if value.shape != (self.num_params,):
+                raise ValueError(
+                    f"{what}: a tensor must have shape ({self.num_params},) (one entry per "
+                    f"parameter); got {tuple(value.shape)}"
+                )
+            parts = self.unflatten(value.detach().to(self.device))
+        else:
+            raise TypeError(
+                f"{what} must be a number, a ({self.num_params},) tensor, a dict "
+                f"{{parameter name: value}} or a sequence of per-tensor values; got "
+                f"{type(value).__name__}"
+            )
+        flat = []
+        for name, shape, size, v in zip(self.names, self.shapes, self.sizes, parts, strict=True):
+            t = torch.as_tensor(v, dtype=torch.float64).to(self.device)
+            if t.ndim == 0:
+                t = t.expand(size)
+            elif tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{what} for {name!r}: expected a number or a tensor of shape {shape}; "
+                    f"got shape {tuple(t.shape)}"
+                )
+            bad = ~torch.isfinite(t) | (t <= 0)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{what} for {name!r} must be finite and positive (a diagonal D of C + D); "
+                    f"got {float(t.reshape(-1)[bad.reshape(-1)][0])}"
+                )
+            flat.append(t.reshape(-1))
+        d = torch.cat(flat)
+        return float(d[0]) if bool((d == d[0]).all()) else d
+
+    def refuse_shared(self, what: str, way_out: str) -> None:
+        """Raise a `ValueError` naming the tied parameters, for a method (``what``) that
+        needs each parameter used once."""
+        if self.aliases:
+            ties = "; ".join(
+                f"{n!r} is also used as {', '.join(map(repr, a))}" for n, a in self.aliases.items()
+            )
+            raise ValueError(
+                f"{what} needs every parameter used once, but the model shares parameters "
+                f"(tied weights or a module used twice): {ties}. {way_out}"
+            )
 
     def within(self, prefix: str) -> list[str]:
         """The selected parameters of the submodule named ``prefix``, by their names in
@@ -371,14 +491,22 @@ class Problem:
         group = resolve_group(process_group)
         self.group = Group(group) if group is not None else None
         _refuse_padded_sampler(data, self.group)
+        _refuse_changing_sampler(data)
         self._data = [data] if _is_single_batch(data) else data
         if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
             self._data = list(self._data)
         self._sizes = self._scan_data()
+        self._checked_data = self._data_versions()
         self.local_samples = sum(self._sizes)
         self.num_samples = self.local_samples
         if self.group is not None:  # every rank: the samples of all ranks
             self.group.check_same_model(self.names, self.params)
+            self.agree(
+                "Problem",
+                reduction=self.reduction,
+                loss_fn=getattr(loss_fn, "__name__", type(loss_fn).__name__),
+                params=self.names,
+            )
             self.num_samples = int(self.group.total(self.local_samples, "sample count"))
             if self.num_samples == 0:
                 raise ValueError("data is empty on every rank: expected at least one sample")
@@ -398,13 +526,30 @@ class Problem:
             )
         return red
 
+    def _data_versions(self) -> tuple[int, ...] | None:
+        """The version counters of data held in memory (a list of batches; ``None`` for
+        an iterable that makes new tensors each pass): an in-place change shows."""
+        if not isinstance(self._data, (list, tuple)):
+            return None
+        return tuple(
+            t._version
+            for batch in self._data
+            if isinstance(batch, (list, tuple))
+            for t in tensor_leaves(tuple(batch))
+        )
+
+    @staticmethod
+    def _check_finite(inputs: Any, targets: Any, index: int, after: bool = False) -> None:
+        for t in list(tensor_leaves(inputs)) + list(tensor_leaves(targets)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                when = " (written after the Problem was built)" if after else ""
+                raise ValueError(f"batch {index} contains NaN or inf{when}")
+
     def _scan_data(self) -> list[int]:
         sizes = []
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
-            for t in list(tensor_leaves(inputs)) + list(tensor_leaves(targets)):
-                if t.is_floating_point() and not torch.isfinite(t).all():
-                    raise ValueError(f"batch {i} contains NaN or inf")
+            self._check_finite(inputs, targets, i)
             for t in tensor_leaves(inputs):
                 if t.is_floating_point() and t.dtype != self.dtype:
                     raise TypeError(
@@ -489,9 +634,13 @@ class Problem:
                         "built, e.g. by a diverged optimiser step); every result would be NaN"
                     )
         self._checked_versions = versions  # checked: again only after an in-place change
+        data_versions = self._data_versions()
+        recheck = data_versions != self._checked_data
         seen = 0
         for i, batch in enumerate(self._iter_raw()):
             inputs, targets = self._split_batch(batch, i)
+            if recheck:
+                self._check_finite(inputs, targets, i, after=True)
             n = self._batch_size(inputs, targets, i)
             seen += n
             if n == 0:  # an empty batch (a rank's empty shard) adds nothing
@@ -501,6 +650,7 @@ class Problem:
                 targets.to(dev) if isinstance(targets, Tensor) else targets,
                 n / self.num_samples if self.reduction == "mean" else 1.0,
             )
+        self._checked_data = data_versions
         if seen != self.local_samples:
             raise RuntimeError(
                 f"the data held {self.local_samples} samples when the Problem was built but "
@@ -597,6 +747,66 @@ class Problem:
             return out.get("logits", out)
         return getattr(out, "logits", out)
 
+    def coupling(self) -> str | None:
+        """Why sample ``n``'s outputs are not a function of its own inputs alone (``None``
+        when they are): the one test of sample independence (the observation-space
+        engine's kernel and per-sample quantities need it). On the first batch: the
+        outputs must be deterministic, and each sample's output must equal the batch's
+        row when the sample is evaluated alone (``vmap`` over the samples; if the model
+        cannot be vmapped, the batch reversed, each half alone and the first 8 samples
+        alone). Agreement to ``sqrt(u)`` of the outputs' scale."""
+        inputs, _t, _w = next(iter(self.batches()))
+        n = self._batch_size(inputs, _t, 0)
+        ps = [p.detach() for p in self.params]
+
+        def out(x: Any) -> Tensor:
+            o = self.outputs(ps, x)
+            if not isinstance(o, Tensor):
+                raise TypeError(f"the model's output is {type(o).__name__}, not one tensor")
+            return o
+
+        def rows(idx: Any) -> Any:
+            return map_tensors(inputs, lambda t: t[idx] if t.ndim and t.shape[0] == n else t)
+
+        try:
+            with torch.no_grad():
+                full = out(inputs)
+                if full.ndim == 0 or full.shape[0] != n:
+                    return f"the outputs {tuple(full.shape)} have no leading batch dimension {n}"
+                tol = math.sqrt(torch.finfo(full.dtype).eps) * (float(full.abs().max()) + 1e-30)
+
+                def same(a: Tensor, b: Tensor) -> bool:
+                    return a.shape == b.shape and float((a - b).abs().max()) <= tol
+
+                if not same(out(inputs), full):
+                    return "two evaluations differ (Dropout in training mode?)"
+                leaves = list(tensor_leaves(inputs))
+                try:
+                    if not all(t.ndim and t.shape[0] == n for t in leaves):
+                        raise ValueError("inputs without a batch dimension")
+                    single = torch.vmap(lambda x: out(map_tensors(x, lambda t: t[None]))[0])(
+                        rows(slice(None))
+                    )
+                except Exception:  # no batching rule: the structural probes
+                    single = None
+                if single is not None:
+                    if not same(single, full):
+                        return "a sample evaluated alone gives other outputs than in the batch"
+                    return None
+                rev = torch.arange(n - 1, -1, -1)
+                if not same(out(rows(rev)), full[rev]):
+                    return "reversing the batch changes the outputs of its samples"
+                h = n // 2
+                for part in (slice(0, h), slice(h, n)) if h else ():
+                    if not same(out(rows(part)), full[part]):
+                        return "half of the batch alone gives other outputs than in the batch"
+                for i in range(min(n, 8)):
+                    if not same(out(rows(slice(i, i + 1))), full[i : i + 1]):
+                        return f"sample {i} alone gives other outputs than in the batch"
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            return f"evaluating samples apart fails ({type(err).__name__}: {str(err)[:80]})"
+        return None
+
     def locate(self, op: str) -> str | None:
         """The module of the model that runs the operation ``op`` (for messages), from
         one forward pass over the first batch."""
@@ -627,6 +837,12 @@ class Problem:
         """The sum of ``t`` over the ranks (one all-reduce; identical on every rank), or
         ``t`` itself for a problem on one process."""
         return t if self.group is None else self.group.all_reduce(t, what)
+
+    def agree(self, call: str, **args: Any) -> None:
+        """Under ``torch.distributed``: refuse a call whose arguments differ between the
+        ranks, naming the argument (`Group.check_same`); nothing on one process."""
+        if self.group is not None:
+            self.group.check_same(call, args)
 
     def shared_random(self, t: Tensor) -> Tensor:
         """Rank 0's ``t`` on every rank (random probes and start vectors must agree)."""

@@ -87,6 +87,10 @@ class Chain:
         self._flops_estimate = 0
         self.generic = generic  # dense derivatives everywhere (the benchmark's baseline)
         sel = problem.parameters
+        sel.refuse_shared(
+            "the chain solver",
+            "Use method='dense' (or 'gram' for the GGN): they differentiate through every use.",
+        )
         self.stages: list[Stage] = [make_stage(n, m, sel.within(n), generic) for n, m in modules]
         order = [n for s in self.stages for n in s.param_names]
         if order != problem.names:

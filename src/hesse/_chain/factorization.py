@@ -69,14 +69,15 @@ class ChainFactorization(Factorization):
     def __init__(
         self,
         chain: Chain,
-        damping: float,
+        damping: float | Tensor,
         curvature: str,
         progress: bool | None = None,
         rank_rtol: float | None = None,
         *,
         linearisation: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> None:
-        self.chain, self.damping, self.curvature = chain, float(damping), curvature
+        self.chain, self.curvature = chain, curvature
+        self.damping = damping if isinstance(damping, Tensor) else float(damping)
         self.problem = chain.problem
         self.num_params = P = chain.num_params
         dtype = chain.inputs.dtype
@@ -105,11 +106,12 @@ class ChainFactorization(Factorization):
             # a stage with structure eliminates its own pivot variables (a wide Linear
             # stage: W1-W4); otherwise the sweep forms its blocks (R1-R3) and eliminates
             m_in = state.m  # delayed directions carried into this stage
-            elim = d.eliminate(StageContext(state, self.damping, gn, need_z, tol, stage.name))
+            eps = self._stage_damping(l_, dtype)
+            elim = d.eliminate(StageContext(state, eps, gn, need_z, tol, stage.name))
             if elim is not None:
                 state = elim.take_state()
             else:
-                elim, state = self._stage(d, state, gn, need_z, tol, stage.name)
+                elim, state = self._stage(d, state, gn, need_z, tol, stage.name, eps)
             if elim is not None:
                 scale = max(scale, elim.scale)
                 growth = max(growth, elim.growth / max(elim.ref, 1e-300))
@@ -119,6 +121,18 @@ class ChainFactorization(Factorization):
         self._factors = factors
         self.status = self._summarise(scale, growth, dtype)
 
+    def _stage_damping(self, l_: int, dtype: torch.dtype) -> float | Tensor:
+        """Stage ``l``'s part of ``D`` in its internal order: ``eps`` for ``C + eps I``
+        or a ``D`` constant on the stage, else a tensor."""
+        if not isinstance(self.damping, Tensor):
+            return self.damping
+        perm = self.chain.perm
+        d = self.damping if perm is None else self.damping[perm.to(self.damping.device)]
+        part = d[self.chain.blocks[l_]].to(dtype=dtype, device=self.chain.inputs.device)
+        if part.numel() == 0 or bool((part == part[0]).all()):
+            return float(part[0]) if part.numel() else 0.0
+        return part
+
     def _stage(
         self,
         d: StageDerivatives,
@@ -127,6 +141,7 @@ class ChainFactorization(Factorization):
         need_z: bool,
         tol: float,
         name: str,
+        eps: float | Tensor,
     ) -> tuple[Elimination | None, SweepState]:
         """One stage of the sweep over ``u = [x_l; d_l]`` (design note (S1)): the blocks
         of ``Q`` from the stage's products, the delayed directions' rows from
@@ -137,7 +152,7 @@ class ChainFactorization(Factorization):
         Q_zz, Q_xx, Q_xz = d.q_blocks(S, gn, need_z)
         p = d.p
         if p > 0:
-            Q_xx.diagonal().add_(self.damping)  # (R2): Q_xx = G_xx + eps I + B^T S B
+            Q_xx.diagonal().add_(eps)  # (R2): Q_xx = G_xx + D_l + B^T S B
         Q_dz = None
         if m:
             Q_dz = d.At(S_dz.T).T if need_z else None  # S_dz A
@@ -159,11 +174,12 @@ class ChainFactorization(Factorization):
         an orthogonal change of variables: design note (S6))."""
         elims = [f.elim for f in self._factors if f.elim is not None]
         piv = torch.cat([e.pivots.double().cpu() for e in elims]) if elims else torch.zeros(0)
-        extra = sum(e.eps_pivots for e in elims)  # pivots equal to eps (wide complements)
+        # pivots equal to the stage's eps (wide complements), never formed
+        extras = [(e.eps, e.eps_pivots) for e in elims if e.eps_pivots]
         zero_tol = self.rank_rtol * scale
         delayed = (0, *(f.m_in for f in self._factors[:-1]))
         return self._status(
-            PivotSummary(piv, extra, self.damping, zero_tol),
+            PivotSummary(piv, zero_tol, extras),
             kinds=tuple(f.kind for f in self._factors),
             delayed=delayed,
             max_delayed=max(delayed),

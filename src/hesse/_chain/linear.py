@@ -72,6 +72,17 @@ class _LinearDerivs(StageDerivatives):
         """More parameters than activations (``J > n``): the wide form (`_Wide`)."""
         if self.p <= self.a_out:
             return None
+        if isinstance(ctx.damping, Tensor):  # D not constant on the stage: no complement
+            dense = 4 * self.p * self.p * ctx.state.S_zz.element_size()
+            memory.check_memory(
+                dense,
+                f"stage {ctx.stage!r}: a damping that varies within a wide Linear stage "
+                f"({self.p} parameters, {self.a_out} activations) needs its dense pivot, which",
+                "give the layer's weight and bias one damping value (its wide form then "
+                "applies), or select fewer parameters",
+                ctx.state.S_zz.device,
+            )
+            return None
         return _Wide.build(self, ctx)
 
 

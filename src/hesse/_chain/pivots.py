@@ -71,7 +71,7 @@ class StageContext(NamedTuple):
     name for messages."""
 
     state: SweepState
-    damping: float
+    damping: float | Tensor  # the stage's part of D in its internal order, or eps
     gauss_newton: bool
     need_z: bool
     tol: float

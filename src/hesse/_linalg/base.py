@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,8 +28,17 @@ from hesse._linalg.results import (
     SingularPivotError,
     SolveResult,
 )
+from hesse._operators.base import CurvatureOperator
+from hesse._util.checks import check_rank_rtol
 
-__all__ = ["Factorization", "PivotSummary", "backward_floor"]
+__all__ = [
+    "Engine",
+    "Factorization",
+    "InverseOperator",
+    "PivotSummary",
+    "backward_floor",
+    "shift",
+]
 
 
 def backward_floor(P: int, dtype: torch.dtype) -> float:
@@ -40,16 +50,23 @@ def backward_floor(P: int, dtype: torch.dtype) -> float:
 
 class PivotSummary:
     """Inertia and log-determinant from pivots (Sylvester's law over a congruence, design
-    note (L1), (L2)): ``pivots`` a 1-D tensor, plus ``eps_count`` further pivots equal to
-    ``eps`` (directions on which ``C`` vanishes, never formed); pivots of magnitude at
-    most ``zero_tol`` count as zero."""
+    note (L1), (L2)): ``pivots`` a 1-D tensor, plus ``extras``, pairs ``(value, count)``
+    of further pivots never formed (a wide stage's complement, ``C``'s null directions
+    of the observation-space engine, both equal to ``eps``); a negative count removes
+    pivots (the observation-space kernel's ``M - P`` surplus eigenvalues ``eps``, (O2)).
+    Pivots of magnitude at most ``zero_tol`` count as zero."""
 
-    def __init__(self, pivots: Tensor, eps_count: int, eps: float, zero_tol: float) -> None:
-        piv = pivots.double().cpu()
+    def __init__(
+        self, pivots: Tensor, zero_tol: float, extras: Sequence[tuple[float, int]] = ()
+    ) -> None:
+        piv = pivots.double().cpu().reshape(-1)
         mult = torch.ones(len(piv), dtype=torch.float64)
-        if eps_count:
-            piv = torch.cat([piv, torch.full((1,), eps, dtype=torch.float64)])
-            mult = torch.cat([mult, torch.full((1,), float(eps_count), dtype=torch.float64)])
+        extras = [(v, c) for v, c in extras if c]
+        if extras:
+            piv = torch.cat([piv, torch.tensor([float(v) for v, _ in extras], dtype=torch.float64)])
+            mult = torch.cat(
+                [mult, torch.tensor([float(c) for _, c in extras], dtype=torch.float64)]
+            )
         neg = int(mult[piv < -zero_tol].sum())
         zero = int(mult[piv.abs() <= zero_tol].sum())
         pos = int(mult[piv > zero_tol].sum())
@@ -58,7 +75,54 @@ class PivotSummary:
             self.logdet = (0.0, -math.inf)
         else:
             self.logdet = ((-1.0) ** neg, float((mult * piv.abs().log()).sum()))
-        self.min_abs = float(piv.abs().min()) if len(piv) else math.inf
+        present = piv[mult > 0]
+        self.min_abs = float(present.abs().min()) if len(present) else math.inf
+
+
+class Engine(abc.ABC):
+    """An exact engine: ``C`` (the Hessian or the GGN of a `Problem`) prepared once, then
+    ``factor(damping)`` for each damping. The contract every engine follows (the
+    dense matrix, the observation-space kernel, the chain's linearisation):
+
+    - `factor` validates the damping and the rank tolerance here, for every engine:
+      ``damping`` is a number ``eps`` (``C + eps I``, either sign) or a positive
+      diagonal ``D`` (``C + D``: a ``(P,)`` tensor, a dict ``{name: value}`` or a
+      sequence of per-tensor values, `Parameters.as_diagonal`);
+    - the factorisation answers in ``out_dtype``, the model's dtype (an engine built on
+      a float64 copy of a float32 model answers in float32).
+
+    Subclasses set ``method``, ``problem``, ``curvature`` and implement `_factor`.
+    """
+
+    method: str
+    problem: Problem
+    curvature: str
+    out_dtype: torch.dtype | None = None
+    group: Any = None  # the process group of a distributed problem (the ranks agree)
+
+    def factor(self, damping: object = 0.0, rank_rtol: float | None = None) -> Factorization:
+        """``C + D`` factored (``D = eps I`` for a number ``eps``), with cheap `solve`,
+        `logdet` and `inertia` afterwards."""
+        d = self.problem.parameters.as_diagonal(damping)
+        if self.group is not None:
+            self.group.check_same("Engine.factor", {"damping": damping, "rank_rtol": rank_rtol})
+        f = self._factor(d, check_rank_rtol(rank_rtol))
+        f._out_dtype = self.out_dtype or self.problem.dtype
+        return f
+
+    @abc.abstractmethod
+    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> Factorization:
+        """The factorisation for a validated damping: a float ``eps`` or a positive
+        ``(P,)`` diagonal (float64, in the problem's parameter order)."""
+
+
+def shift(damping: float | Tensor, X: Tensor) -> Tensor:
+    """``D X`` for ``D = eps I`` (a float) or ``diag(d)`` (a ``(P,)`` tensor), ``X`` of
+    shape ``(P,)`` or ``(P, k)``."""
+    if isinstance(damping, Tensor):
+        d = damping.to(X)
+        return d * X if X.ndim == 1 else d[:, None] * X
+    return damping * X
 
 
 class Factorization(abc.ABC):
@@ -71,14 +135,15 @@ class Factorization(abc.ABC):
     ``status`` and ``_logdet``, and implement `_apply_inverse`.
 
     Attributes:
-        damping: ``eps`` of ``C + eps I``.
+        damping: ``eps`` of ``C + eps I`` (a float), or the diagonal ``d`` of ``C + D``
+            (a ``(P,)`` tensor).
         curvature: ``"hessian"`` or ``"ggn"``.
         num_params: ``P``.
         status: a `FactorizationStatus` (``status.method`` names the engine).
     """
 
     problem: Problem
-    damping: float
+    damping: float | Tensor
     curvature: str
     num_params: int
     rank_rtol: float
@@ -104,6 +169,14 @@ class Factorization(abc.ABC):
         at most ``status.zero_tol = rank_rtol * status.scale``: each is an eigenvalue of
         ``C + eps I`` within about ``zero_tol`` times the growth of zero."""
         return self.status.inertia
+
+    @property
+    def damping_text(self) -> str:
+        """``eps I`` or ``D`` in words, for messages."""
+        d = self.damping
+        if isinstance(d, Tensor):
+            return f"D (diagonal, {float(d.min()):.3g} to {float(d.max()):.3g})"
+        return f"eps I (eps = {d:g})"
 
     @property
     def near_singular(self) -> bool:
@@ -152,6 +225,19 @@ class Factorization(abc.ABC):
                 )
         return res.x
 
+    def inverse(self, max_refine: int = 10) -> InverseOperator:
+        """``(C + D)^-1`` as an operator like every other (`InverseOperator`): ``@`` on
+        ``(P,)``, ``(P, k)`` and per-parameter lists, ``.shape``, ``.dtype``,
+        ``.to_dense(max_memory=)``, ``.to_scipy()``; `hesse.trace`, `hesse.diagonal`,
+        `hesse.eigs` and ``scipy.sparse.linalg`` take it. Each product is a refined
+        solve (``max_refine`` steps at most); a singular ``C + D`` is refused here."""
+        if self.status.inertia.zero:
+            raise SingularPivotError(
+                f"C + {self.damping_text} is singular ({self.status.inertia.zero} zero "
+                "eigenvalues): it has no inverse; increase the damping"
+            )
+        return InverseOperator(self, max_refine)
+
     def solve_ex(
         self, v: Tensor | Sequence[Tensor], *, rtol: float | None = None, max_refine: int = 10
     ) -> SolveResult:
@@ -164,10 +250,10 @@ class Factorization(abc.ABC):
         zero = self.status.inertia.zero
         if zero:
             raise SingularPivotError(
-                f"C + eps I is singular (eps = {self.damping:g}): the {self.status.method} "
+                f"C + {self.damping_text} is singular: the {self.status.method} "
                 f"factorisation found a near-null space of dimension {zero} (pivots below "
                 f"{self.status.zero_tol:.1e} = rank_rtol {self.rank_rtol:.1e} x scale "
-                f"{self.status.scale:.2e}); increase the damping eps"
+                f"{self.status.scale:.2e}); increase the damping"
             )
         prob = self.problem
         as_list = isinstance(v, (list, tuple))
@@ -218,7 +304,7 @@ class Factorization(abc.ABC):
             CX = products.ggn_matmat(self.problem, X)
         else:
             CX = products.hessian_matmat(self.problem, X)
-        return CX + self.damping * X
+        return CX + shift(self.damping, X)
 
     def _status(self, summary: PivotSummary, **fields: object) -> FactorizationStatus:
         """The status from a `PivotSummary` and the engine's own fields (``kinds``,
@@ -233,4 +319,41 @@ class Factorization(abc.ABC):
             **(base | fields),  # type: ignore[arg-type]
             inertia=summary.inertia,
             min_pivot=min_pivot,
+        )
+
+
+class InverseOperator(CurvatureOperator):
+    """``(C + D)^-1`` of a `Factorization` as a symmetric operator: each product is one
+    application of the factors refined against the true operator (S7), so products are
+    exact to the arithmetic's floor. In the model's dtype (a float32 model's
+    factorisation runs in float64 and answers in float32).
+
+    Attributes:
+        factorization: the `Factorization` it inverts.
+        psd: whether ``(C + D)^-1`` is positive definite (``C + D`` has no negative
+            eigenvalue, by its inertia).
+    """
+
+    name = "inverse"
+
+    def __init__(self, factorization: Factorization, max_refine: int = 10) -> None:
+        super().__init__(factorization.problem)
+        self.factorization = factorization
+        self.max_refine = max_refine
+        self.psd = factorization.inertia().negative == 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.factorization._out_dtype
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        f = self.factorization
+        X, *_ = f._refine(V.to(f.status.dtype), None, self.max_refine)
+        return X.to(self.dtype)
+
+    def __repr__(self) -> str:
+        f = self.factorization
+        return (
+            f"InverseOperator(({self.shape[0]}, {self.shape[1]}), {f.status.method}, "
+            f"C + {f.damping_text}, dtype={self.dtype})"
         )

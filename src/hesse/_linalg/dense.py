@@ -12,13 +12,13 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._chain.pivots import Elimination, maxabs
-from hesse._linalg.base import Factorization, PivotSummary
+from hesse._linalg.base import Engine, Factorization, PivotSummary
 from hesse._operators.curvature import curvature_operator
 
 __all__ = ["DenseEngine", "DenseFactorization"]
 
 
-class DenseEngine:
+class DenseEngine(Engine):
     """``C`` of a `Problem` as a dense matrix, formed once (`factor` repeats only the
     factorisation).
 
@@ -44,8 +44,8 @@ class DenseEngine:
             max_memory=max_memory, progress=progress
         )
 
-    def factor(self, damping: float, rank_rtol: float | None = None) -> DenseFactorization:
-        """``C + eps I`` factored (``eps = damping``)."""
+    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> DenseFactorization:
+        """``C + D`` factored (``D = eps I`` or a positive diagonal: (D1))."""
         return DenseFactorization(self, damping, rank_rtol)
 
 
@@ -53,9 +53,11 @@ class DenseFactorization(Factorization):
     """``C + eps I`` of a `DenseEngine`, factored by one `Elimination` (no state to carry:
     everything is eliminated, zeros counted under the rank tolerance; design note (D1))."""
 
-    def __init__(self, engine: DenseEngine, damping: float, rank_rtol: float | None) -> None:
+    def __init__(
+        self, engine: DenseEngine, damping: float | Tensor, rank_rtol: float | None
+    ) -> None:
         self.problem, self.curvature = engine.problem, engine.curvature
-        self.damping = float(damping)
+        self.damping = damping
         self.num_params = P = engine.matrix.shape[0]
         dtype = engine.matrix.dtype
         self._out_dtype = dtype
@@ -63,13 +65,13 @@ class DenseFactorization(Factorization):
             10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
         )
         M = engine.matrix.clone()
-        M.diagonal().add_(self.damping)
+        M.diagonal().add_(damping.to(M) if isinstance(damping, Tensor) else damping)
         scale = maxabs(M)
         zero_tol = self.rank_rtol * scale
         self._elim = Elimination(M, None, None, zero_tol, "dense")
         del M
         self.status = self._status(
-            PivotSummary(self._elim.pivots, 0, self.damping, zero_tol),
+            PivotSummary(self._elim.pivots, zero_tol),
             kinds=(self._elim.kind,),
             growth=1.0,
             scale=scale,

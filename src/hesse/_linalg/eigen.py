@@ -42,17 +42,36 @@ def count_eigenvalues(
     its exact zeros out. Every other eigenvalue is counted exactly (up to the
     factorisation's backward error, about ``1e-13 ||C||`` in float64).
     """
-    sigma = float(below)
-    if not math.isfinite(sigma):
-        raise ValueError(f"below must be a finite number; got {below}")
+    sigma = _edge("below", below)
+    if math.isinf(sigma):  # nothing lies below -inf, everything below +inf
+        return 0 if sigma < 0 else _problem(problem).num_params
     f = factorize(problem, -sigma, curvature, method=method, rank_rtol=rank_rtol, progress=progress)
     return f.inertia().negative
 
 
+def _problem(obj: Problem | Chain) -> Problem:
+    return obj.problem if isinstance(obj, Chain) else obj
+
+
+def _edge(name: str, value: object) -> float:
+    """A count's threshold: a real number, ``-inf`` and ``inf`` included."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        x = math.nan
+    if math.isnan(x) or isinstance(value, (bool, str)):
+        raise ValueError(f"{name} must be a real number (inf allowed); got {value!r}")
+    return x
+
+
 def _counter(eng: Engine) -> Callable[[float], int]:
-    """``sigma -> #{lambda < sigma}`` from one engine (``C`` prepared once)."""
+    """``sigma -> #{lambda < sigma}`` from one engine (``C`` prepared once; ``-inf`` and
+    ``inf`` need no factorisation)."""
+    P = eng.problem.num_params
 
     def count(sigma: float) -> int:
+        if math.isinf(sigma):
+            return 0 if sigma < 0 else P
         return eng.factor(-float(sigma)).inertia().negative
 
     return count
@@ -68,11 +87,14 @@ def eigenvalue_histogram(
     """Exact numbers of eigenvalues in the bins ``[e_i, e_{i+1})`` from the counts of one
     engine (``C`` prepared once, one factorisation per edge).
 
-    Returns ``(len(edges) - 1,)`` integer counts.
+    Returns ``(len(edges) - 1,)`` integer counts; ``-inf`` / ``inf`` edges make open bins.
     """
-    e = [float(x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
+    e = [_edge("edges", x) for x in (edges.tolist() if isinstance(edges, Tensor) else edges)]
     if len(e) < 2 or any(not b > a for a, b in itertools.pairwise(e)):
-        raise ValueError(f"edges must be at least two strictly increasing numbers; got {e}")
+        raise ValueError(
+            f"edges must be at least two strictly increasing numbers (-inf and inf "
+            f"allowed); got {e}"
+        )
     count = _counter(engine(problem, curvature, method=method))
     below = [count(x) for x in e]
     return torch.tensor([b - a for a, b in itertools.pairwise(below)])

@@ -21,7 +21,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,30 +30,34 @@ from hesse._autodiff import products
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization, as_chain, promoted
-from hesse._linalg.base import Factorization
+from hesse._linalg.base import Engine, Factorization
 from hesse._linalg.dense import DenseEngine
-from hesse._linalg.gram import GramEngine, GramNotApplicableError, _linear_modules
+from hesse._linalg.gram import (
+    GramEngine,
+    GramNotApplicableError,
+    check_samples_independent,
+    linear_modules,
+)
 from hesse._operators.curvature import curvature_operator
 from hesse._util import memory
-from hesse._util.checks import check_curvature
+from hesse._util.checks import check_budget, check_curvature, check_rank_rtol
 from hesse._util.memory import MemoryBudgetError, check_memory, format_bytes
 
-__all__ = ["METHODS", "ChainEngine", "EngineCost", "Plan", "engine", "factorize", "plan"]
+__all__ = [
+    "METHODS",
+    "ChainEngine",
+    "Engine",
+    "EngineCost",
+    "Plan",
+    "engine",
+    "factorize",
+    "plan",
+]
 
 METHODS = ("dense", "gram", "chain")
 
 
-class Engine(Protocol):
-    """What every engine offers: ``C`` prepared once, ``factor(damping)`` for each
-    ``eps``."""
-
-    method: str
-    problem: Problem
-
-    def factor(self, damping: float, rank_rtol: float | None = None) -> Factorization: ...
-
-
-class ChainEngine:
+class ChainEngine(Engine):
     """The chain sweep as an engine: the chain and its linearisation (one forward and one
     backward pass: every stage's input and output adjoint) are kept, so each damping costs
     one sweep."""
@@ -69,7 +73,7 @@ class ChainEngine:
         )
         self._linearisation: tuple[list[Tensor], list[Tensor]] | None = None
 
-    def factor(self, damping: float, rank_rtol: float | None = None) -> ChainFactorization:
+    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> ChainFactorization:
         if self._linearisation is None:
             self._linearisation = self.chain.forward_backward()
         return ChainFactorization(
@@ -187,6 +191,19 @@ class Plan:
         return "\n".join(lines)
 
 
+def _problem(obj: Problem | Chain) -> Problem:
+    return obj.problem if isinstance(obj, Chain) else obj
+
+
+def gram_outputs(problem: Problem) -> int:
+    """``M``: samples times outputs a sample (0 when the output is not one tensor)."""
+    try:
+        N, m, _w, _r = _gram_sizes(problem)
+    except GramNotApplicableError:
+        return 0
+    return N * m
+
+
 def _activations(problem: Problem) -> int:
     """Numbers in the forward pass over all the data (the outputs of every module)."""
     return curvature_operator(problem, "hessian").activation_numel() * len(problem.batch_sizes)
@@ -219,7 +236,7 @@ def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
         raise GramNotApplicableError("the model's output is not one tensor")
     N, m = problem.num_samples, int(o[0].numel())
     M = N * m
-    linear = _linear_modules(problem)
+    linear = linear_modules(problem)
     covered, work = 0, 0
     for name, mod in linear.items():
         head = f"{name}." if name else ""
@@ -241,6 +258,7 @@ def _gram_cost(
         from hesse._autodiff import losses
 
         losses.fisher_loss(problem.loss_fn)
+        check_samples_independent(problem)  # decided exactly here, as the engine does
         N, m, work, rest = _gram_sizes(problem)
     except (GramNotApplicableError, NotImplementedError) as err:
         return EngineCost("gram", False, reason=str(err).split(";")[0])
@@ -313,11 +331,7 @@ def plan(
     out.costs["dense"] = _dense_cost(prob, curvature, rates, _product_seconds(prob, curvature))
     out.costs["gram"] = _gram_cost(prob, curvature, rates, grad)
     out.costs["chain"], _chain = _chain_cost(problem, curvature, rates, grad)
-    try:
-        N, m, _w, _r = _gram_sizes(prob)
-        out.num_outputs = N * m
-    except GramNotApplicableError:
-        out.num_outputs = 0
+    out.num_outputs = gram_outputs(prob)
     return out
 
 
@@ -336,10 +350,12 @@ def engine(
     the chain's linearisation. Arguments as `factorize`. The engine holds ``C`` at the
     parameters it was built at."""
     check_curvature(curvature)
+    _budget(_problem(problem), max_memory)  # a malformed budget, before any work
     if method not in ("auto", *METHODS):
         raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
     group = problem.group if isinstance(problem, Problem) else None
     if group is not None:
+        problem.agree("engine", curvature=curvature, method=method, promote=promote)
         # the exact engines' state is the whole curvature batch: gather it (it is small)
         # and factor identically on every rank
         problem = problem.gathered()
@@ -360,7 +376,8 @@ def engine(
         if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
             method = group.gather_objects(method, "choice of the engine")[0]
     eng = _build(problem, curvature, method, max_memory, progress)
-    eng.out_dtype = out_dtype  # type: ignore[attr-defined]
+    eng.out_dtype = out_dtype
+    eng.group = group  # the ranks' dampings are compared in Engine.factor
     return eng
 
 
@@ -405,13 +422,22 @@ def _build(
             "use method='gram' (GGN) or 'chain' (nn.Sequential), or fewer parameters",
         )
         return DenseEngine(prob, curvature, progress=progress)
+    gram = _gram_cost(prob, curvature, _rates(str(prob.device), prob.dtype), 0.0)
+    if gram.applies:
+        _refuse_over(
+            gram.memory,
+            budget,
+            f"the observation-space kernel (M = {gram_outputs(prob)} samples x outputs)",
+            "use fewer samples (a curvature batch), method='dense' or 'chain'",
+        )
     return GramEngine(prob, curvature)
 
 
-def _budget(prob: Problem, max_memory: float | None) -> float:
-    """``max_memory``, or the default share of the memory available now."""
-    if max_memory is not None:
-        return float(max_memory)
+def _budget(prob: Problem, max_memory: object) -> float:
+    """``max_memory`` (validated), or the default share of the memory available now."""
+    budget = check_budget("max_memory", max_memory)
+    if budget is not None:
+        return budget
     return memory.BUDGET_FRACTION * memory.available_memory(prob.device)
 
 
@@ -457,10 +483,11 @@ def factorize(
     For several dampings, `engine` builds ``C``'s representation once. Reference: design
     note ``docs/design/chain-curvature.md``.
     """
-    if not math.isfinite(float(damping)):
-        raise ValueError(f"damping must be a finite number; got {damping}")
-    if rank_rtol is not None and not (0 <= float(rank_rtol) < 1):
-        raise ValueError(f"rank_rtol must be in [0, 1); got {rank_rtol}")
+    # validated before any work (and again by Engine.factor, the one rule for every route)
+    prob = _problem(problem)
+    prob.parameters.as_diagonal(damping)
+    check_rank_rtol(rank_rtol)
+    prob.agree("factorize", damping=damping, curvature=curvature, method=method)
     eng = engine(
         problem,
         curvature,
@@ -469,6 +496,4 @@ def factorize(
         max_memory=max_memory,
         progress=progress,
     )
-    f = eng.factor(damping, rank_rtol)
-    f._out_dtype = eng.out_dtype  # type: ignore[attr-defined]
-    return f
+    return eng.factor(damping, rank_rtol)

@@ -32,9 +32,8 @@ from torch import Tensor, nn
 
 from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
-from hesse._autodiff.problem import Problem, map_tensors
-from hesse._linalg.base import Factorization
-from hesse._linalg.results import FactorizationStatus, Inertia
+from hesse._autodiff.problem import Problem
+from hesse._linalg.base import Engine, Factorization, PivotSummary
 
 __all__ = ["GramEngine", "GramFactorization", "GramNotApplicableError"]
 
@@ -60,8 +59,7 @@ def output_factor(loss_fn: nn.Module, o: Tensor, targets: Any, weight: float) ->
         q = torch.softmax(flat, dim=1).sqrt()
         eye = torch.eye(m, dtype=o.dtype, device=o.device)
         F = math.sqrt(c) * (eye - q[:, :, None] * q[:, None, :]) * q[:, None, :]
-        valid = losses.valid_samples(loss_fn, o, targets)
-        return F if valid is None else F * valid[:, None, None].to(F.dtype)
+        return F * losses.ce_target_mass(loss_fn, o, targets).sqrt()[:, None, None]
     if isinstance(loss_fn, nn.MSELoss):
         eye = torch.eye(m, dtype=o.dtype, device=o.device)
         return math.sqrt(2.0 * c) * eye.expand(n, m, m).clone()
@@ -80,16 +78,42 @@ class _LinearBlock:
     w: slice | None
     b: slice | None
 
-    def add_kernel(self, K: Tensor) -> None:
-        """``K += J_l J_l^T``: ``(D D^T) * (Z Z^T + [bias])``, one ``M x M`` temporary."""
+    def add_kernel(self, K: Tensor, dinv: Tensor | None = None) -> None:
+        """``K += J_l D_l^-1 J_l^T`` (``D = I`` for ``dinv=None``): ``(D D^T) * (Z Z^T /
+        d_w + 1 / d_b)`` while ``D`` is constant on the weight and on the bias (one ``M x
+        M`` temporary), else through the layer's explicit Jacobian rows."""
         N, m, o = self.D.shape
-        G = self.Z @ self.Z.T if self.w is not None else torch.zeros(N, N).to(self.D)
+        cw = cb = 1.0
+        if dinv is not None:
+            parts = [dinv[s] for s in (self.w, self.b) if s is not None]
+            if any(bool((t != t[0]).any()) for t in parts):
+                J = self.rows()
+                K.addmm_(J * dinv[self.index()].to(J), J.T)
+                return
+            cw = float(dinv[self.w][0]) if self.w is not None else 0.0
+            cb = float(dinv[self.b][0]) if self.b is not None else 0.0
+        G = cw * (self.Z @ self.Z.T) if self.w is not None else torch.zeros(N, N).to(self.D)
         if self.b is not None:
-            G = G + 1.0
+            G = G + cb
         Df = self.D.reshape(N * m, o)
         DD = (Df @ Df.T).view(N, m, N, m)
         DD.mul_(G[:, None, :, None])
         K.add_(DD.view(N * m, N * m))
+
+    def index(self) -> Tensor:
+        """The flat positions of this block's parameters (weight, then bias)."""
+        idx = [torch.arange(s.start, s.stop) for s in (self.w, self.b) if s is not None]
+        return torch.cat(idx).to(self.D.device)
+
+    def rows(self) -> Tensor:
+        """The explicit Jacobian rows ``(M, p_l)``: ``D[n, c, o] Z[n, i]`` and ``D[n, c, o]``."""
+        N, m, o = self.D.shape
+        out = []
+        if self.w is not None:
+            out.append(torch.einsum("nco,ni->ncoi", self.D, self.Z).reshape(N * m, -1))
+        if self.b is not None:
+            out.append(self.D.reshape(N * m, o))
+        return torch.cat(out, 1)
 
     def jv(self, V: Tensor) -> Tensor:
         N, m, o = self.D.shape
@@ -118,9 +142,9 @@ class _DenseBlock:
     J: Tensor
     index: Tensor
 
-    def add_kernel(self, K: Tensor) -> None:
-        """``K += J J^T``."""
-        K.addmm_(self.J, self.J.T)
+    def add_kernel(self, K: Tensor, dinv: Tensor | None = None) -> None:
+        """``K += J D^-1 J^T`` (``D = I`` for ``dinv=None``)."""
+        K.addmm_(self.J if dinv is None else self.J * dinv[self.index].to(self.J), self.J.T)
 
     def jv(self, V: Tensor) -> Tensor:
         return self.J @ V[self.index]
@@ -154,42 +178,38 @@ class _Capture:
             h.remove()
 
 
-def _linear_modules(problem: Problem) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules whose weight or bias is selected."""
+def linear_modules(problem: Problem) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose weight or bias is selected, under its own name and
+    used there alone (a tied parameter's Jacobian sums its uses: batched products)."""
     selected = set(problem.names)
+    tied = set(problem.parameters.aliases)
+    tied |= {a for names in problem.parameters.aliases.values() for a in names}
     out = {}
-    for name, mod in problem.model.named_modules():
+    for name, mod in problem.model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.Linear):
             own = {f"{name}.weight", f"{name}.bias"} if name else {"weight", "bias"}
+            if own & tied:
+                continue
             if own & selected:
                 out[name] = mod
     return out
 
 
-def _check_samples_independent(problem: Problem) -> None:
-    """The kernel is over samples: refuse a model whose outputs couple them (BatchNorm in
-    training mode), checked on the first batch's first sample."""
-    inputs, _t, _w = next(iter(problem.batches()))
-    ps = [p.detach() for p in problem.params]
-    try:
-        with torch.no_grad():
-            full = problem.outputs(ps, inputs)
-            one = problem.outputs(ps, map_tensors(inputs, lambda t: t[:1]))
-        independent = isinstance(full, Tensor) and torch.allclose(
-            full[:1], one, rtol=1e-8, atol=1e-12
-        )
-    except (RuntimeError, ValueError):  # e.g. train-mode BatchNorm refuses one sample
-        independent = False
-    if not independent:
+def check_samples_independent(problem: Problem) -> None:
+    """The kernel is over samples: refuse a model whose outputs couple them
+    (`Problem.coupling`: BatchNorm in training mode, a sum over the batch, causal
+    coupling)."""
+    why = problem.coupling()
+    if why is not None:
         raise GramNotApplicableError(
             "the observation-space engine needs samples that do not interact (sample n's "
-            "outputs from its inputs alone); this model couples them (BatchNorm in "
-            "training mode?): call model.eval(), or use method='dense' or 'chain'"
+            f"outputs from its inputs alone), but {why}: call model.eval() if the model has "
+            "BatchNorm or Dropout, or use method='dense' or 'chain'"
         )
 
 
 # ----------------------------------------------------------------------------- the engine
-class GramEngine:
+class GramEngine(Engine):
     """``B = Lambda^{1/2} J`` of a `Problem`'s Gauss-Newton matrix in factored form and
     its kernel ``K = B B^T``, built once (`factor` repeats only the ``M x M``
     factorisation).
@@ -216,7 +236,7 @@ class GramEngine:
                 f"one of {[c.__name__ for c in losses.FISHER_LOSSES]} (no class weights); "
                 f"got {type(problem.loss_fn).__name__}: use method='dense' or 'chain'"
             ) from None
-        _check_samples_independent(problem)
+        check_samples_independent(problem)
         self.problem, self.curvature = problem, curvature
         self.blocks, self.factors = with_fallback(
             problem, "the observation-space kernel", self._build
@@ -228,7 +248,7 @@ class GramEngine:
     # ------------------------------------------------------------------ building
     def _build(self) -> tuple[list[Any], Tensor]:
         prob = self.problem
-        linear = _linear_modules(prob)
+        linear = linear_modules(prob)
         cap = _Capture(linear)
         per_batch: list[tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]] = []
         factors = []
@@ -300,16 +320,16 @@ class GramEngine:
         block.names = names  # type: ignore[attr-defined]
         return block
 
-    def _kernel(self) -> Tensor:
-        """``K = F (J J^T) F^T`` (O5 per Linear layer), ``F`` block diagonal over
-        samples (symmetric up to rounding; the factorisations read its lower triangle):
-        three ``M x M`` arrays at the peak."""
+    def _kernel(self, dinv: Tensor | None = None) -> Tensor:
+        """``K = F (J D^-1 J^T) F^T = B D^-1 B^T`` (``D = I`` for ``dinv=None``; O5 per
+        Linear layer), ``F`` block diagonal over samples (symmetric up to rounding; the
+        factorisations read its lower triangle): three ``M x M`` arrays at the peak."""
         M = self.num_outputs
         F = self.factors
         N, m, _ = F.shape
         KJ = torch.zeros(M, M, dtype=F.dtype, device=F.device)
         for b in self.blocks:
-            b.add_kernel(KJ)
+            b.add_kernel(KJ, dinv)
         left = torch.bmm(F, KJ.view(N, m, M)).view(M, N, m)  # F_n (J J^T)[n, :]
         del KJ
         return (
@@ -341,20 +361,27 @@ class GramEngine:
             self._eigh = torch.linalg.eigh(self.kernel)
         return self._eigh
 
-    def factor(self, damping: float, rank_rtol: float | None = None) -> GramFactorization:
-        """``C + eps I`` factored in observation space (``eps = damping``)."""
+    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> GramFactorization:
+        """``C + D`` factored in observation space ((O1)-(O3); a diagonal ``D``: (O6))."""
         return GramFactorization(self, damping, rank_rtol)
 
 
 class GramFactorization(Factorization):
-    """``C + eps I`` of a `GramEngine`: Cholesky of ``eps I + K`` for ``eps > 0`` (every
-    eigenvalue of ``C + eps I`` is positive), else the eigendecomposition of ``K``, which
-    gives the whole spectrum of ``C`` (its eigenvalues and ``P - M`` zeros): exact counts
-    at any shift."""
+    """``C + D`` of a `GramEngine`.
 
-    def __init__(self, engine: GramEngine, damping: float, rank_rtol: float | None) -> None:
+    - ``D = eps I``, ``eps > 0``: Cholesky of ``eps I + K`` (O1, O2; every eigenvalue
+      of ``C + eps I`` is positive).
+    - ``D = eps I``, ``eps <= 0`` (or ``eps I + K`` numerically singular): the
+      eigendecomposition of ``K``, which gives the whole spectrum of ``C`` (its
+      eigenvalues and ``P - M`` zeros, O3): exact counts at any shift.
+    - ``D`` a positive diagonal: Cholesky of ``I + K_D``, ``K_D = B D^-1 B^T`` (O6).
+    """
+
+    def __init__(
+        self, engine: GramEngine, damping: float | Tensor, rank_rtol: float | None
+    ) -> None:
         self.engine, self.problem, self.curvature = engine, engine.problem, "ggn"
-        self.damping = eps = float(damping)
+        self.damping = damping
         self.num_params = P = engine.problem.num_params
         K = engine.kernel
         dtype = K.dtype
@@ -363,60 +390,68 @@ class GramFactorization(Factorization):
         self.rank_rtol = (
             10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
         )
+        self._chol: Tensor | None = None
+        self._eig: tuple[Tensor, Tensor] | None = None
+        self._dinv: Tensor | None = None
+        if isinstance(damping, Tensor):  # (O6): det(C + D) = det D det(I + K_D)
+            self._dinv = (1.0 / damping).to(dtype=dtype, device=K.device)
+            KD = engine._kernel(self._dinv)
+            KD.diagonal().add_(1.0)
+            self._chol = torch.linalg.cholesky(KD)
+            del KD
+            scale = (float(K.diagonal().max()) if M else 0.0) + float(damping.max())
+            # congruent to D (I + D^-1/2 C D^-1/2): D's pivots give the inertia
+            self._finish(damping.to(dtype), [], scale, "cholesky", dtype)
+            sign, logabs = self._logdet
+            self._logdet = (sign, logabs + 2.0 * float(self._chol.diagonal().log().sum()))
+            return
+        eps = float(damping)
         kmax = float(K.diagonal().max()) if M else 0.0
         scale = kmax + abs(eps)
         zero_tol = self.rank_rtol * scale
-        self._chol: Tensor | None = None
-        self._eig: tuple[Tensor, Tensor] | None = None
         if eps > 0:
-            L, info = torch.linalg.cholesky_ex(K + eps * torch.eye(M, dtype=dtype, device=K.device))
+            A = K.clone()  # no identity beside it: three M x M arrays at the peak
+            A.diagonal().add_(eps)
+            L, info = torch.linalg.cholesky_ex(A)
+            del A
             if int(info) == 0 and float(L.diagonal().min()) ** 2 > zero_tol:
                 self._chol = L
         if self._chol is not None:
-            piv = self._chol.diagonal() ** 2
-            kind = "cholesky"
-        else:
-            mu, U = engine.eigh()
-            keep = min(M, P)  # M > P: K has M - P further zeros that C does not
-            mu, U = mu[M - keep :], U[:, M - keep :]
-            self._eig = (mu, U)
-            piv = mu + eps
-            kind = "eigen"
-        self._set_status(piv, P - min(M, P), zero_tol, scale, kind, dtype)
+            # eps I + K has M eigenvalues; for M > P, M - P of them are eps (K's null
+            # space, which C does not have): (O2) removes them, a count P - M < 0
+            self._finish(self._chol.diagonal() ** 2, [(eps, P - M)], scale, "cholesky", dtype)
+            return
+        mu, U = engine.eigh()
+        keep = min(M, P)  # M > P: K has M - P further zeros that C does not
+        mu, U = mu[M - keep :], U[:, M - keep :]
+        self._eig = (mu, U)
+        self._finish(mu + eps, [(eps, P - keep)], scale, "eigen", dtype)
 
-    def _set_status(
-        self, piv: Tensor, n_eps: int, zero_tol: float, scale: float, kind: str, dtype: Any
+    def _finish(
+        self,
+        piv: Tensor,
+        extras: list[tuple[float, int]],
+        scale: float,
+        kind: str,
+        dtype: torch.dtype,
     ) -> None:
-        """Inertia and log-determinant: from ``eps I + K``'s pivots and ``P - M`` further
-        eigenvalues ``eps`` (O2, O3)."""
-        eps = self.damping
-        p = piv.double().cpu()
-        neg = int((p < -zero_tol).sum()) + (n_eps if eps < -zero_tol else 0)
-        zero = int((p.abs() <= zero_tol).sum()) + (n_eps if abs(eps) <= zero_tol else 0)
-        pos = self.num_params - neg - zero
-        self.inertia_ = Inertia(neg, zero, pos)
-        if zero:
-            self._logdet = (0.0, -math.inf)
-        else:
-            logabs = float(p.abs().log().sum()) + (n_eps * math.log(abs(eps)) if n_eps else 0.0)
-            self._logdet = ((-1.0) ** neg, logabs)
-        mins = [float(p.abs().min())] if len(p) else []
-        mins += [abs(eps)] if n_eps else []
-        self.status = FactorizationStatus(
+        zero_tol = self.rank_rtol * scale
+        self.status = self._status(
+            PivotSummary(piv, zero_tol, extras),
             kinds=(kind,),
-            delayed=(),
-            max_delayed=0,
-            growth=1.0,
             scale=scale,
             zero_tol=zero_tol,
-            inertia=self.inertia_,
-            min_pivot=(min(mins) / scale) if mins and scale > 0 else math.inf,
             dtype=dtype,
             method="gram",
         )
 
     def _apply_inverse(self, V: Tensor) -> Tensor:
-        e, eps = self.engine, self.damping
+        e = self.engine
+        if self._dinv is not None:  # (O6): D^-1 v - D^-1 B^T (I + K_D)^-1 B D^-1 v
+            DV = self._dinv[:, None] * V
+            Z = torch.cholesky_solve(e.B(DV), self._chol)  # type: ignore[arg-type]
+            return DV - self._dinv[:, None] * e.Bt(Z)
+        eps = float(self.damping)
         BV = e.B(V)
         if self._chol is not None:  # (O1)
             Z = torch.cholesky_solve(BV, self._chol)

@@ -16,6 +16,7 @@ from torch import Tensor
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
+from hesse._linalg.base import shift
 from hesse._linalg.factorize import METHODS, factorize
 from hesse._linalg.results import Inertia
 from hesse._operators.curvature import curvature_operator
@@ -61,6 +62,9 @@ def solve(
             conventions); a warning reports the residual when they do not converge.
     """
     check_curvature(curvature)
+    prob = _problem_of(problem)
+    d = prob.parameters.as_diagonal(damping)  # before any work, on every route
+    prob.agree("solve", v=prob.as_flat(v, "v"), damping=damping, method=method, rtol=rtol)
     if method == "auto":
         try:
             return factorize(problem, damping, curvature, method="auto").solve(v)
@@ -70,19 +74,24 @@ def solve(
         return factorize(problem, damping, curvature, method=method).solve(v)
     if method != "cg":
         raise ValueError(f"method must be 'auto', 'dense', 'gram', 'chain' or 'cg'; got {method!r}")
-    prob = _problem_of(problem)
     as_list = isinstance(v, (list, tuple))
-    x = _krylov(prob, prob.as_flat(v, "v"), damping, curvature, rtol, maxiter)
+    x = _krylov(prob, prob.as_flat(v, "v"), d, curvature, rtol, maxiter)
     return prob.unflatten(x) if as_list else x
 
 
 def _krylov(
-    prob: Problem, V: Tensor, damping: float, curvature: str, rtol: float, maxiter: int | None
+    prob: Problem,
+    V: Tensor,
+    damping: float | Tensor,
+    curvature: str,
+    rtol: float,
+    maxiter: int | None,
 ) -> Tensor:
     op = curvature_operator(prob, curvature).to_scipy()
     P = prob.num_params
-    shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + damping * x, dtype=op.dtype)
-    use_cg = curvature == "ggn" and damping > 0
+    d = damping.cpu().numpy() if isinstance(damping, Tensor) else damping
+    shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + d * x, dtype=op.dtype)
+    use_cg = curvature == "ggn" and (isinstance(damping, Tensor) or damping > 0)
     cols = V.unsqueeze(1) if V.ndim == 1 else V
     out = []
     for j in range(cols.shape[1]):
@@ -91,11 +100,15 @@ def _krylov(
             x, info = sla.cg(shifted, b, rtol=rtol, maxiter=maxiter)
         else:
             x, info = sla.minres(shifted, b, rtol=rtol, maxiter=maxiter)
-        if info != 0:
-            res = np.linalg.norm(shifted @ x - b) / max(np.linalg.norm(b), 1e-300)
+        # the residual reached, measured (MINRES stops on an estimate, which can be far
+        # below the true one on an indefinite matrix)
+        res = np.linalg.norm(shifted @ x - b) / max(np.linalg.norm(b), 1e-300)
+        if info != 0 or not res <= rtol:
+            why = f"stopped after maxiter (info={info})" if info > 0 else "stopped early"
             warnings.warn(
-                f"{'CG' if use_cg else 'MINRES'} did not converge (info={info}); relative "
-                f"residual {res:.2e}. Raise maxiter or the damping, or use method='chain'.",
+                f"{'CG' if use_cg else 'MINRES'} {why} at a relative residual of {res:.2e}, "
+                f"not the requested rtol={rtol:.1e}. Raise maxiter or the damping, or use an "
+                "exact engine (method='auto').",
                 stacklevel=3,
             )
         out.append(torch.as_tensor(x, dtype=prob.dtype, device=prob.device))
@@ -145,10 +158,11 @@ def newton_step(
     ``dx^T (C + eps I) dx = -g . dx``: ``m = 1/2 g . dx - 1/2 eps |dx|^2``.
     """
     prob = _problem_of(problem)
+    d = prob.parameters.as_diagonal(damping)
     g = _products.gradient(prob)
-    dx = solve(problem, -g, damping, curvature, method=method)
+    dx = solve(problem, -g, d, curvature, method=method)
     assert isinstance(dx, Tensor)
-    pred = 0.5 * float(g @ dx) - 0.5 * damping * float(dx @ dx)
+    pred = 0.5 * float(g @ dx) - 0.5 * float(dx @ shift(d, dx))
     if not math.isfinite(pred):
         raise FloatingPointError("the Newton step is not finite; increase the damping")
     return NewtonStep(dx, pred, g)

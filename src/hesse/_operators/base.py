@@ -92,6 +92,7 @@ class CurvatureOperator:
     def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         as_list = isinstance(v, (list, tuple))
         flat = self.problem.as_flat(v)
+        self.problem.agree(f"{type(self).__name__} @ v", v=flat)
         out = self._matmat(flat.unsqueeze(1) if flat.ndim == 1 else flat)
         out = out.squeeze(1) if flat.ndim == 1 else out
         return self.problem.unflatten(out) if as_list else out

@@ -37,6 +37,7 @@ class Counted:
             self._mm: Callable[[Tensor], Tensor] = op.matmat
             self.random = op.random
             self.share = op.problem.shared_random
+            self.agree = op.problem.agree  # type: ignore[method-assign]
             if self.random:
                 warnings.warn(
                     f"{type(op).__name__} is random: the model has Dropout in training mode, "
@@ -64,6 +65,11 @@ class Counted:
         self.count = 0
 
     random: bool = False
+
+    @staticmethod
+    def agree(call: str, **args: object) -> None:
+        """Refuse arguments that differ between the ranks of a distributed problem's
+        operator (`Problem.agree`); nothing else."""
 
     @staticmethod
     def share(t: Tensor) -> Tensor:
@@ -273,6 +279,7 @@ def eigs(
     """
     A = Counted(op)
     steps, v0 = _eigs_arguments(A, k, which, tol, max_steps, generator, v0)
+    A.agree("eigs", k=k, which=which, tol=tol, max_steps=steps, v0=v0)
 
     def stop(T: Tensor, Q: Tensor, b: float) -> bool:
         if T.shape[0] < k:

@@ -71,6 +71,7 @@ def trace(
     """
     A = Counted(op)
     P = A.P
+    A.agree("trace", method=method, num_products=num_products)  # before any collective
     check_int("num_products", num_products, 2 if method == "hutchinson" else 3)
     if method == "exact":
         return TraceEstimate(float(diagonal(op, method="exact").sum()), 0.0, P, "exact")
@@ -110,6 +111,7 @@ def diagonal(
     memory-bounded chunks) or ``"hutchinson"`` (Bekas, Kokiopoulou, Saad 2007:
     ``mean(v * A v)`` over Rademacher ``v``, unbiased)."""
     A = Counted(op)
+    A.agree("diagonal", method=method, num_products=num_products)
     if method == "exact":
         if isinstance(op, Tensor):
             return torch.diagonal(op).clone()
@@ -166,6 +168,7 @@ def spectral_density(
     check_int("num_probes", num_probes, 1)
     check_int("lanczos_steps", lanczos_steps, 1)
     A = Counted(op)
+    A.agree("spectral_density", num_probes=num_probes, lanczos_steps=lanczos_steps)
     P = A.P
     m = min(lanczos_steps, P)
     nodes = torch.zeros(num_probes, m, dtype=A.dtype)

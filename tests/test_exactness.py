@@ -1,0 +1,466 @@
+"""Every exact engine is right on every input it accepts, and refuses the others.
+
+For the conftest zoo and the inputs that broke engines before (tied weights, a module
+used twice, samples coupled by the model, soft and unnormalised cross-entropy targets,
+more observations than parameters): the plan's ``applies`` must say exactly whether the
+engine builds, and every engine that builds must give the log-determinant, inertia and
+solves of an independent dense float64 reference (``torch.func`` + ``torch.linalg``).
+Damping per parameter (``C + D``), the one validation of dampings and budgets, and the
+model's dtype on every route are checked here too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import LOSSES, MODELS, Case, Reference, make_case, mlp, rel_err
+from torch import Tensor, nn
+
+import hesse
+
+METHODS = ("dense", "gram", "chain")
+
+
+# ----------------------------------------------------------------------------- variants
+class _Tied(nn.Module):
+    """Two Linear modules sharing one weight by attribute (``c.weight = a.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.c.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+class _Coupled(nn.Module):
+    """Samples coupled so that sample 0 is spared: a cumulative sum or a causal
+    difference over the batch."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.l1(x))
+        if self.kind == "cumsum":
+            h = torch.cumsum(h, 0)
+        else:
+            h = torch.cat([h[:1], h[1:] + 0.5 * h[:-1]])
+        return self.l2(h)
+
+
+def _variant(name: str, seed: int = 0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n = 7
+    X = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    ce = nn.CrossEntropyLoss()
+    if name == "tied":
+        model: nn.Module = _Tied()
+    elif name == "shared":  # the same Linear twice in one Sequential
+        lin = nn.Linear(4, 4)
+        model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3))
+    elif name == "tied-seq":  # a Sequential whose layers 0 and 2 share a weight
+        model = mlp([4, 4, 4, 3])
+        model[2].weight = model[0].weight
+    elif name in ("cumsum", "causal"):
+        model = _Coupled(name)
+    elif name in ("soft", "multihot"):
+        model = mlp([4, 5, 3])
+        if name == "soft":  # unnormalised soft targets
+            y = 2.0 * torch.rand(n, 3, generator=g)
+        else:
+            y = (torch.rand(n, 3, generator=g) < 0.5).double()
+            y[0] = 1.0
+    elif name == "m>p":  # M = 15 samples x outputs against P = 12
+        model = nn.Linear(3, 3)
+        X = torch.randn(5, 3, generator=g)
+        y = torch.randint(0, 3, (5,), generator=g)
+    elif name == "m>p-mse":
+        model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2))
+        X = torch.randn(9, 2, generator=g)
+        y = torch.randn(9, 2, generator=g)
+        ce = nn.MSELoss()
+    else:
+        raise ValueError(name)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return Case(name, model, X.double(), y, ce)
+
+
+VARIANTS = ["tied", "shared", "tied-seq", "cumsum", "causal", "soft", "multihot", "m>p", "m>p-mse"]
+ZOO = [f"{m}/{lo}" for m in MODELS for lo in LOSSES]
+
+
+def _case(key: str) -> Case:
+    if "/" in key:
+        name, loss = key.split("/")
+        return make_case(name, loss, seed=3)
+    return _variant(key)
+
+
+def _dense(case: Case, curvature: str) -> Tensor:
+    ref = Reference(case)
+    C = ref.hessian() if curvature == "hessian" else ref.ggn()
+    return 0.5 * (C + C.T)
+
+
+def _problem(case: Case) -> hesse.Problem:
+    return hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+
+
+def _expected_inertia(evals: Tensor, shift: float) -> tuple[int, int, int]:
+    lam = evals + shift
+    return int((lam < 0).sum()), 0, int((lam > 0).sum())
+
+
+def _gap_shift(evals: Tensor) -> float:
+    """A negative shift midway across the widest gap between two eigenvalues away from
+    zero (no eigenvalue near it: its count is not a matter of rounding)."""
+    big = 1e-6 * float(evals.abs().max())
+    e = torch.sort(evals[evals.abs() > big]).values
+    i = int(torch.argmax(e[1:] - e[:-1]))
+    return -float(0.5 * (e[i] + e[i + 1]))
+
+
+@pytest.mark.parametrize("key", ZOO + VARIANTS)
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_plan_applies_exactly_and_every_engine_that_builds_is_exact(key, curvature):
+    case = _case(key)
+    prob = _problem(case)
+    C = _dense(case, curvature)
+    evals = torch.linalg.eigvalsh(C)
+    P = C.shape[0]
+    plan = hesse.plan(prob, curvature)
+    rhs = torch.randn(P, 2, generator=torch.Generator().manual_seed(1))
+    for method in METHODS:
+        applies = plan.costs[method].applies
+        try:
+            eng = hesse.engine(prob, curvature, method=method)
+        except ValueError as err:  # GramNotApplicableError and the chain's refusals
+            assert not applies, f"{method}: the plan says it applies, the engine refused: {err}"
+            continue
+        assert applies, f"{method}: the plan says {plan.costs[method].reason!r}, it built"
+        for eps in (0.1, 1e-3 * float(evals.abs().max())):
+            f = eng.factor(eps)
+            sign, logabs = f.logdet()
+            ref_sign, ref_log = torch.linalg.slogdet(C + eps * torch.eye(P))
+            assert sign == float(ref_sign), (method, eps)
+            assert abs(logabs - float(ref_log)) <= 1e-9 * max(1.0, abs(float(ref_log))), (
+                method,
+                eps,
+                logabs,
+                float(ref_log),
+            )
+            assert tuple(f.inertia()) == _expected_inertia(evals, eps), (method, eps)
+            x = f.solve(rhs)
+            ref_x = torch.linalg.solve(C + eps * torch.eye(P), rhs)
+            assert float((x - ref_x).norm() / ref_x.norm()) <= 1e-8, (method, eps)
+        sigma = _gap_shift(evals)
+        assert tuple(eng.factor(sigma).inertia()) == _expected_inertia(evals, sigma), method
+
+
+@pytest.mark.parametrize("key", ["tied", "shared", "tied-seq"])
+def test_tied_weights_get_every_use_or_a_clear_refusal(key):
+    case = _variant(key)
+    prob = _problem(case)
+    C = _dense(case, "hessian")
+    assert torch.allclose(hesse.hessian(prob), C, rtol=1e-10, atol=1e-12)
+    if isinstance(case.model, nn.Sequential):
+        with pytest.raises(ValueError, match="shares parameters .* is also used as"):
+            hesse.Chain.from_problem(prob)
+        from hesse._autodiff.bishop import bishop_hessian
+
+        with pytest.raises(ValueError, match="Bishop's method needs every parameter used once"):
+            bishop_hessian(prob)
+
+
+@pytest.mark.parametrize("key", ["cumsum", "causal"])
+def test_coupled_samples_are_refused_by_the_observation_space_engine(key):
+    prob = _problem(_variant(key))
+    assert not hesse.plan(prob, "ggn").costs["gram"].applies
+    with pytest.raises(ValueError, match="samples that do not interact"):
+        hesse.factorize(prob, 0.1, "ggn", method="gram")
+
+
+def test_train_mode_batchnorm_and_dropout_decided_the_same_way_every_time():
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    drop = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.Linear(5, 3)).double()
+    X, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for model in (bn, drop):
+        with pytest.warns(UserWarning):
+            prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+        verdicts = {hesse.plan(prob, "ggn").costs["gram"].applies for _ in range(4)}
+        assert verdicts == {False}
+        assert prob.coupling() is not None
+
+
+# ----------------------------------------------------------------------------- C + D
+def _diagonal(prob: hesse.Problem, seed: int) -> tuple[dict[str, float], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    per_tensor = {n: float(0.05 + torch.rand((), generator=g)) for n in prob.names}
+    vec = torch.cat(
+        [
+            torch.full((prob.slices[n].stop - prob.slices[n].start,), v)
+            for n, v in per_tensor.items()
+        ]
+    )
+    return per_tensor, vec
+
+
+@pytest.mark.filterwarnings("ignore:MINRES stopped early")  # measured, and checked below
+@pytest.mark.parametrize("key", ["mlp-tanh/ce", "mlp-softplus/mse", "cnn/ce", "rnn/mse", "m>p"])
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_damping_per_parameter_on_every_engine(key, curvature):
+    case = _case(key)
+    prob = _problem(case)
+    C = _dense(case, curvature)
+    P = C.shape[0]
+    per_tensor, vec = _diagonal(prob, 5)
+    g = torch.Generator().manual_seed(6)
+    per_param = 0.05 + torch.rand(P, generator=g)
+    rhs = torch.randn(P, 3, generator=g)
+    plan = hesse.plan(prob, curvature)
+    built = 0
+    for method in METHODS:
+        if not plan.costs[method].applies:
+            continue
+        eng = hesse.engine(prob, curvature, method=method)
+        for damping, d in (
+            (per_tensor, vec),
+            (vec, vec),
+            (per_param, per_param),
+            (list(per_tensor.values()), vec),
+        ):
+            A = C + torch.diag(d)
+            f = eng.factor(damping)
+            ref_sign, ref_log = torch.linalg.slogdet(A)
+            sign, logabs = f.logdet()
+            assert sign == float(ref_sign)
+            assert abs(logabs - float(ref_log)) <= 1e-10 * max(1.0, abs(float(ref_log))), method
+            evals = torch.linalg.eigvalsh(A)
+            assert tuple(f.inertia()) == (int((evals < 0).sum()), 0, int((evals > 0).sum()))
+            x = f.solve(rhs)
+            ref_x = torch.linalg.solve(A, rhs)
+            assert float((x - ref_x).norm() / ref_x.norm()) <= 1e-10 * max(
+                1.0, float(torch.linalg.cond(A)) * 1e-6
+            ), method
+        built += 1
+    assert built >= 1 + (curvature == "ggn")
+    # the functional routes take the same forms
+    x = hesse.solve(prob, rhs[:, 0], per_tensor, curvature)
+    assert torch.allclose(x, torch.linalg.solve(C + torch.diag(vec), rhs[:, 0]), rtol=1e-8)
+    xc = hesse.solve(prob, rhs[:, 0], per_tensor, curvature, method="cg", rtol=1e-9, maxiter=50 * P)
+    assert float((xc - x).norm() / x.norm()) <= 1e-6
+    step = hesse.newton_step(prob, per_tensor, curvature)
+    gr = hesse.gradient(prob)
+    dx = -torch.linalg.solve(C + torch.diag(vec), gr)
+    assert torch.allclose(step.step, dx, rtol=1e-8, atol=1e-12)
+    assert math.isclose(step.predicted_change, float(gr @ dx + 0.5 * dx @ C @ dx), rel_tol=1e-8)
+
+
+_NAMES = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+
+
+def _all(value: float = 1.0, **change: float) -> dict[str, float]:
+    out = dict.fromkeys(_NAMES, value)
+    out.update({k.replace("_", "."): v for k, v in change.items()})
+    return out
+
+
+@pytest.mark.parametrize(
+    "damping, match",
+    [
+        ({"0.weight": 1.0}, "no value for the parameters"),
+        (_all() | {"x": 1.0}, r"\['x'\] are not selected parameters"),
+        (_all(**{"0_bias": -1.0}), "damping for '0.bias' must be finite and positive"),
+        (_all(**{"4_weight": math.nan}), "damping for '4.weight' must be finite and positive"),
+        (_all(**{"2_weight": 0.0}), "damping for '2.weight' must be finite and positive"),
+        ([1.0, 2.0], "one value per parameter tensor"),
+        ("1", "must be a number"),
+        (math.inf, "damping must be a finite number"),
+        (math.nan, "damping must be a finite number"),
+        (True, "must be a number"),
+    ],
+)
+def test_bad_dampings_are_refused_on_every_route_naming_the_parameter(damping, match):
+    case = make_case("mlp-tanh", "ce")
+    prob = _problem(case)
+    assert prob.names == _NAMES
+    P = prob.num_params
+    routes = [
+        lambda: hesse.factorize(prob, damping, "ggn"),
+        lambda: hesse.engine(prob, "ggn", method="dense").factor(damping),
+        lambda: hesse.engine(prob, "ggn", method="gram").factor(damping),
+        lambda: hesse.engine(prob, "ggn", method="chain").factor(damping),
+        lambda: hesse.solve(prob, torch.ones(P), damping, "ggn"),
+        lambda: hesse.solve(prob, torch.ones(P), damping, "ggn", method="cg"),
+        lambda: hesse.logdet(prob, damping, "ggn"),
+        lambda: hesse.inertia(prob, damping, "ggn"),
+        lambda: hesse.newton_step(prob, damping),
+    ]
+    for route in routes:
+        with pytest.raises((ValueError, TypeError), match=match):
+            route()
+
+
+def test_a_vector_damping_with_a_bad_entry_names_its_parameter():
+    prob = _problem(make_case("mlp-tanh", "ce"))
+    d = torch.ones(prob.num_params)
+    d[prob.slices["2.weight"].start + 1] = 0.0
+    with pytest.raises(ValueError, match="'2.weight' must be finite and positive"):
+        hesse.factorize(prob, d, "ggn")
+    with pytest.raises(ValueError, match=rf"shape \({prob.num_params},\)"):
+        hesse.factorize(prob, torch.ones(3), "ggn")
+
+
+@pytest.mark.parametrize("budget", ["1GB-ish", math.nan, -1, 0, True])
+def test_bad_budgets_are_refused_before_work(budget):
+    prob = _problem(make_case("mlp-tanh", "ce"))
+    for fn in (
+        lambda: hesse.factorize(prob, 0.1, "ggn", max_memory=budget),
+        lambda: hesse.plan(prob, "ggn", max_memory=budget),
+        lambda: hesse.engine(prob, "ggn", method="gram", max_memory=budget),
+    ):
+        with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
+            fn()
+
+
+def test_budgets_in_words_and_every_engine_refuses_over_budget():
+    prob = _problem(make_case("mlp-tanh", "ce"))
+    assert hesse.plan(prob, "ggn", max_memory="2 GiB").budget == 2 * 2**30
+    assert hesse.plan(prob, "ggn", max_memory="1.5GB").budget == 1.5e9
+    for method in METHODS:
+        with pytest.raises(hesse.MemoryBudgetError, match="would need about"):
+            hesse.factorize(prob, 0.1, "ggn", method=method, max_memory=1)
+
+
+def test_open_histogram_bins_and_infinite_count_thresholds():
+    case = make_case("mlp-tanh", "mse")
+    prob = _problem(case)
+    evals = torch.linalg.eigvalsh(_dense(case, "hessian"))
+    P = len(evals)
+    counts = hesse.eigenvalue_histogram(prob, [-math.inf, 0.0, math.inf])
+    neg = int((evals < -1e-10 * float(evals.abs().max())).sum())
+    assert counts.tolist() == [neg, P - neg]
+    assert hesse.count_eigenvalues(prob, math.inf) == P
+    assert hesse.count_eigenvalues(prob, -math.inf) == 0
+
+
+# ----------------------------------------------------------------------------- dtypes
+@pytest.mark.filterwarnings(
+    "ignore:CG stopped early"
+)  # float32 products: rtol=1e-10 is out of reach
+def test_a_float32_model_gets_float32_answers_on_every_route():
+    case = make_case("mlp-tanh", "ce", dtype=torch.float32)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    P = prob.num_params
+    v = torch.ones(P)
+    answers = [
+        hesse.factorize(prob, 0.1, "ggn").solve(v),
+        hesse.solve(prob, v, 0.1, "ggn"),
+        hesse.solve(prob, v, 0.1, "ggn", method="cg"),
+        hesse.newton_step(prob, 0.1).step,
+    ]
+    for method in METHODS:
+        eng = hesse.engine(prob, "ggn", method=method)
+        answers += [eng.factor(0.1).solve(v), eng.factor(0.1).solve_ex(v.double()).x]
+        answers += eng.factor({n: 0.2 for n in prob.names}).solve(prob.unflatten(v))
+    for x in answers:
+        assert x.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- data
+def test_data_changed_under_a_problem_is_refused():
+    case = make_case("mlp-tanh", "ce")
+    X = case.X.clone()
+    prob = hesse.Problem(case.model, case.loss_fn, (X, case.y))
+    hesse.gradient(prob)
+    X[2, 1] = math.nan
+    with pytest.raises(ValueError, match="batch 0 contains NaN or inf .written after"):
+        hesse.gradient(prob)
+    with pytest.raises(ValueError, match="batch 0 contains NaN or inf"):
+        hesse.logdet(prob, 0.1, "ggn")
+
+
+def test_a_dataloader_that_changes_its_samples_is_refused():
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    case = make_case("mlp-tanh", "ce")
+    ds = TensorDataset(case.X, case.y)
+    with pytest.raises(ValueError, match="drops its last incomplete batch"):
+        hesse.Problem(case.model, case.loss_fn, DataLoader(ds, 3, shuffle=True, drop_last=True))
+    with pytest.raises(ValueError, match="with replacement or a subset"):
+        hesse.Problem(
+            case.model,
+            case.loss_fn,
+            DataLoader(ds, 3, sampler=RandomSampler(ds, replacement=True)),
+        )
+    # shuffling a fixed set is fine: the same objective on every pass
+    prob = hesse.Problem(case.model, case.loss_fn, DataLoader(ds, 3, shuffle=True))
+    ref = hesse.gradient(_problem(case))
+    assert torch.allclose(hesse.gradient(prob), ref, rtol=1e-10, atol=1e-13)
+
+
+def test_a_functional_loss_that_would_broadcast_is_refused():
+    model = nn.Linear(4, 1).double()
+    X, y = torch.randn(7, 4), torch.randn(7)
+    prob = hesse.Problem(model, lambda o, t: nn.functional.mse_loss(o, t), (X, y))
+    with pytest.raises(ValueError, match=r"outputs have shape \(7, 1\) but the targets \(7,\)"):
+        hesse.gradient(prob)
+    ok = hesse.Problem(model, lambda o, t: nn.functional.mse_loss(o, t), (X, y[:, None]))
+    assert hesse.gradient(ok).shape == (5,)
+
+
+# ----------------------------------------------------------------------------- the inverse
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_the_inverse_is_an_operator_on_every_engine(curvature):
+    import scipy.sparse.linalg as sla
+
+    case = make_case("mlp-tanh", "mse", seed=2)
+    prob = _problem(case)
+    C = _dense(case, curvature)
+    P = C.shape[0]
+    per_tensor, vec = _diagonal(prob, 9)
+    g = torch.Generator().manual_seed(4)
+    V = torch.randn(P, 3, generator=g)
+    for damping, d in ((0.3, torch.full((P,), 0.3)), (per_tensor, vec)):
+        ref = torch.linalg.inv(C + torch.diag(d))
+        for method in METHODS:
+            if method == "gram" and curvature == "hessian":
+                continue
+            inv = hesse.factorize(prob, damping, curvature, method=method).inverse()
+            assert inv.shape == (P, P) and inv.dtype == torch.float64
+            assert inv.psd == bool(torch.linalg.eigvalsh(C + torch.diag(d)).min() > 0)
+            assert rel_err(inv @ V, ref @ V) <= 1e-10
+            assert rel_err(inv @ V[:, 0], ref @ V[:, 0]) <= 1e-10
+            parts = inv @ prob.unflatten(V[:, 1])
+            assert rel_err(prob.flatten(parts), ref @ V[:, 1]) <= 1e-10
+            assert rel_err(inv.to_dense(), ref) <= 1e-10
+            tr = hesse.trace(inv, method="exact")
+            assert math.isclose(tr.estimate, float(ref.trace()), rel_tol=1e-10)
+            sp = inv.to_scipy()
+            top = sla.eigsh(sp, k=2, which="LA", return_eigenvectors=False)
+            ref_top = torch.linalg.eigvalsh(ref)[-2:].numpy()
+            assert abs(sorted(top) - ref_top).max() <= 1e-8 * abs(ref_top).max()
+            if inv.psd:
+                x, info = sla.cg(sp, V[:, 2].numpy(), rtol=1e-12, maxiter=10 * P)
+                assert info == 0
+                ref_x = (C + torch.diag(d)) @ V[:, 2]
+                assert rel_err(torch.as_tensor(x), ref_x) <= 1e-8
+
+
+def test_the_inverse_of_a_singular_matrix_is_refused():
+    sing = hesse.factorize(_problem(make_case("mlp-tanh", "ce")), 0.0, "ggn", method="dense")
+    assert sing.inertia().zero > 0
+    with pytest.raises(hesse.SingularPivotError, match="has no inverse"):
+        sing.inverse()
