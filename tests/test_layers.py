@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "hesse._spectral": 0,
     "hesse._chain": 0,
     "hesse._linalg": 0,
+    "hesse._apps": 0,
     "hesse._report": 0,
     "hesse._cli": 0,
     "hesse._autodiff.losses": 0,
@@ -56,6 +57,10 @@ LAYERS: dict[str, int] = {
     "hesse._linalg.factorize": 6,
     "hesse._linalg.eigen": 7,
     "hesse._linalg.solve": 7,
+    # 8: the applications (per-sample gradients, the Laplace approximation, influence)
+    "hesse._apps.per_sample": 2,
+    "hesse._apps.laplace": 8,
+    "hesse._apps.influence": 8,
     # 8-10: optimisers
     "hesse.optim._parts": 8,
     "hesse.optim._base": 8,

@@ -6,6 +6,9 @@ quantities as functions of it, and curvature operators that behave like
 """
 
 from hesse import optim
+from hesse._apps.influence import InfluenceScores, influence, self_influence, top_influences
+from hesse._apps.laplace import Laplace, NotPositiveDefiniteError
+from hesse._apps.per_sample import per_sample_gradient_chunks, per_sample_gradients
 from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Parameters, Problem
 from hesse._chain.chain import Chain
@@ -73,9 +76,12 @@ __all__ = [
     "HessianOperator",
     "InaccurateSolveError",
     "Inertia",
+    "InfluenceScores",
     "InverseOperator",
+    "Laplace",
     "MemoryBudgetError",
     "NewtonStep",
+    "NotPositiveDefiniteError",
     "Parameters",
     "Plan",
     "Problem",
@@ -103,13 +109,18 @@ __all__ = [
     "hessian_blocks",
     "hvp",
     "inertia",
+    "influence",
     "jacobian",
     "logdet",
     "loss_and_gradient",
     "newton_step",
     "optim",
+    "per_sample_gradient_chunks",
+    "per_sample_gradients",
     "plan",
+    "self_influence",
     "solve",
     "spectral_density",
+    "top_influences",
     "trace",
 ]

@@ -1,0 +1,2 @@
+"""What exact curvature is for: the Laplace approximation and influence functions, built
+on the exact engines (`hesse._linalg`)."""
