@@ -251,20 +251,27 @@ class Laplace:
                 self._spectrum = torch.linalg.eigvalsh(eng.matrix).double()
         return self._spectrum
 
+    def _same_key(self, key: tuple[Any, float]) -> bool:
+        if self._factor_cache is None:
+            return False
+        (d0, s0), (d1, s1) = self._factor_cache[0], key
+        if s0 != s1 or isinstance(d0, Tensor) != isinstance(d1, Tensor):
+            return False
+        return bool(torch.equal(d0, d1)) if isinstance(d0, Tensor) else d0 == d1
+
     def _factorization(self) -> Factorization:
         """``C + P0 / s`` factored (kept while the prior and ``s`` do not change)."""
-        key = (self._digest(), self.scale)
-        if self._factor_cache is None or self._factor_cache[0] != key:
+        d = self._prior_d
+        key = (d.clone() if isinstance(d, Tensor) else float(d), self.scale)
+        if not self._same_key(key):
             d = self._prior_d
             damping = d / self.scale if isinstance(d, Tensor) else float(d) / self.scale
-            f = self.engine.factor(damping)
+            # the GGN's C + D is positive definite by construction: no pivot is a zero
+            # (a tolerance relative to the largest prior would call tiny ones zero)
+            f = self.engine.factor(damping, 0.0 if self.curvature == "ggn" else None)
             self._check_definite(f)
             self._factor_cache = (key, f)
         return self._factor_cache[1]
-
-    def _digest(self) -> Any:
-        d = self._prior_d
-        return float(d) if not isinstance(d, Tensor) else (d.sum().item(), d.norm().item())
 
     def _check_definite(self, f: Factorization) -> None:
         neg, zero, _pos = f.inertia()
@@ -451,7 +458,19 @@ class Laplace:
         """The diagonal of ``Sigma = P^-1`` ``(P,)``, exact (``P`` solves in chunks, or
         the dense inverse's diagonal)."""
         f = self._factorization()
-        return f.inverse().diagonal() / self.scale
+        if isinstance(self.engine, DenseEngine):  # the dense matrix: one Cholesky inverse
+            d = self._prior_d
+            A = self.engine.matrix.clone()
+            A.diagonal().add_(d.to(A) / self.scale if isinstance(d, Tensor) else d / self.scale)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                diag = torch.cholesky_inverse(L).diagonal()
+                return (diag / self.scale).to(self.mean)
+        fast = getattr(f, "inverse_diagonal", None)
+        diag = fast() if fast is not None else None
+        if diag is None:
+            diag = f.inverse().diagonal()
+        return (diag / self.scale).to(self.mean)
 
     def posterior_precision_product(self, V: Tensor) -> Tensor:
         """``P V = s C V + P0 V`` (products; ``V`` ``(P,)`` or ``(P, k)``)."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._chain.pivots import Elimination, maxabs
-from hesse._linalg.base import Engine, Factorization, PivotSummary
+from hesse._linalg.base import Engine, Factorization, PivotSummary, shift
 from hesse._operators.curvature import curvature_operator
 
 __all__ = ["DenseEngine", "DenseFactorization"]
@@ -64,6 +64,7 @@ class DenseFactorization(Factorization):
         self.rank_rtol = (
             10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
         )
+        self._matrix = engine.matrix
         M = engine.matrix.clone()
         M.diagonal().add_(damping.to(M) if isinstance(damping, Tensor) else damping)
         scale = maxabs(M)
@@ -79,6 +80,11 @@ class DenseFactorization(Factorization):
             dtype=dtype,
             method="dense",
         )
+
+    def operator(self, X: Tensor) -> Tensor:
+        """``(C + D) X`` with the formed matrix (``C`` from the true operator's products
+        once, in the engine): refinement (S7) without a pass over the data."""
+        return self._matrix @ X + shift(self.damping, X)
 
     def _apply_inverse(self, V: Tensor) -> Tensor:
         k, _, _ = self._elim.backward(-V)  # k = -Q^-1 q with q = -v

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
 from hesse._autodiff.problem import Problem
-from hesse._linalg.base import Engine, Factorization, PivotSummary
+from hesse._linalg.base import Engine, Factorization, PivotSummary, shift
 
 __all__ = ["GramEngine", "GramFactorization", "GramNotApplicableError"]
 
@@ -444,6 +444,33 @@ class GramFactorization(Factorization):
             dtype=dtype,
             method="gram",
         )
+
+    def operator(self, X: Tensor) -> Tensor:
+        """``(C + D) X = B^T (B X) + D X`` from the engine's factored ``C`` (its blocks:
+        refinement (S7) without a pass over the data)."""
+        e = self.engine
+        return e.Bt(e.B(X)) + shift(self.damping, X)
+
+    def inverse_diagonal(self, chunk: int = 256) -> Tensor | None:
+        """The diagonal of ``(C + D)^-1`` ``(P,)`` from the Woodbury form, without ``P``
+        solves: ``d^-1 - d^-2 colsum(B_c * (W B_c))`` (``W = (I + K_D)^-1``; for ``eps
+        I``: ``(1 - colsum(B_c * (W B_c))) / eps``, ``W = (eps I + K)^-1``), ``B``'s
+        columns in chunks. ``None`` for the eigen route (``eps <= 0``)."""
+        if self._chol is None:
+            return None
+        e, P = self.engine, self.num_params
+        dt, dev = self._chol.dtype, self._chol.device
+        out = torch.empty(P, dtype=dt, device=dev)
+        for a in range(0, P, chunk):
+            b = min(P, a + chunk)
+            E = torch.zeros(P, b - a, dtype=dt, device=dev)
+            E[torch.arange(a, b), torch.arange(b - a)] = 1.0
+            Bc = e.B(E)
+            out[a:b] = (Bc * torch.cholesky_solve(Bc, self._chol)).sum(0)
+        if self._dinv is not None:
+            return self._dinv - self._dinv**2 * out
+        eps = float(self.damping)
+        return (1.0 - out) / eps
 
     def _apply_inverse(self, V: Tensor) -> Tensor:
         e = self.engine
