@@ -66,15 +66,15 @@ if plt is not None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(1, 7, figsize=(13, 2.6))
-    ax[0].imshow(Xte[j].reshape(8, 8), cmap="gray_r")
+    ax[0].imshow(Xte[j].reshape(8, 8).numpy(), cmap="gray_r")
     ax[0].set_title(f"test digit\nlabel {int(yte[j])}")
     for k, i in enumerate(helpful[j]):
-        ax[1 + k].imshow(Xtr[i].reshape(8, 8), cmap="gray_r")
+        ax[1 + k].imshow(Xtr[i].reshape(8, 8).numpy(), cmap="gray_r")
         ax[1 + k].set_title(
             f"helpful #{k + 1}\nlabel {int(ytr[i])}, {float(res.scores[j, i]):+.1e}"
         )
     for k, i in enumerate(harmful[j]):
-        ax[4 + k].imshow(Xtr[i].reshape(8, 8), cmap="gray_r")
+        ax[4 + k].imshow(Xtr[i].reshape(8, 8).numpy(), cmap="gray_r")
         ax[4 + k].set_title(
             f"harmful #{k + 1}\nlabel {int(ytr[i])}, {float(res.scores[j, i]):+.1e}"
         )
