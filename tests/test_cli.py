@@ -225,3 +225,44 @@ def test_chain_section_is_float64_for_a_float32_model(tmp_path):
     c = s["exact"]
     assert c["num_negative"] == c["dense_check"]["num_negative"]
     assert c["logdet"] == pytest.approx(c["dense_check"]["logdet"], rel=1e-9)
+
+
+def test_influence_command_equals_the_library(tmp_path, capsys):
+    import argparse
+
+    import hesse
+    from hesse._cli.inputs import DEFAULT_HIDDEN, build_setup
+    from hesse._cli.main import main
+
+    out = tmp_path / "inf.json"
+    argv = ["influence", "--samples", "80", "--test", "0,3", "--top-k", "2"]
+    rc = main([*argv, "--train-steps", "50", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "test #0 (label 0)" in text and "most helpful" in text and "most harmful" in text
+    got = json.loads(out.read_text())
+    assert got["test"] == [0, 3] and len(got["train"]) == 78
+    scores = torch.tensor(got["scores"])
+    assert scores.shape == (2, 78)
+    # the same scores from the library on the same trained model
+    args = argparse.Namespace(
+        model=None,
+        data=None,
+        weights=None,
+        loss="auto",
+        samples=80,
+        hidden=DEFAULT_HIDDEN,
+        train_steps=50,
+        seed=0,
+        dtype="float64",
+    )
+    setup = build_setup(args)
+    train = got["train"]
+    prob = hesse.Problem(setup.model, setup.loss_fn, (setup.X[train], setup.y[train]))
+    ref = hesse.influence(prob, (setup.X[[0, 3]], setup.y[[0, 3]]), damping=1e-3).scores
+    assert torch.allclose(scores, ref, rtol=1e-9, atol=1e-15)
+    for j, row in enumerate(got["top"]):
+        assert row["helpful"][0] == train[int(scores[j].argmax())]
+        assert row["harmful"][0] == train[int(scores[j].argmin())]
+    with pytest.raises(SystemExit, match="outside the 80 samples"):
+        main(["influence", "--samples", "80", "--test", "99", "--train-steps", "1"])

@@ -77,6 +77,7 @@ LAYERS: dict[str, int] = {
     "hesse._cli.inputs": 13,
     "hesse._cli.analysis": 14,
     "hesse._cli.train": 14,
+    "hesse._cli.influence": 14,
     "hesse._cli.main": 15,
     "hesse._cli.__main__": 16,
     "hesse.__main__": 16,

@@ -178,6 +178,7 @@ class Analysis:
             )
             out[f"{curvature}_step_norm"] = float(step.norm())
         out["ggn_method"] = ggn.status.method
+        out["laplace"] = self.laplace_summary()
         out["seconds"] = time.perf_counter() - t0
         if prob.num_params <= self.max_dense:
             ev = torch.linalg.eigvalsh(hesse.hessian(prob, progress=False))
@@ -188,6 +189,34 @@ class Analysis:
                 "inertia": [int((shifted < 0).sum()), 0, int((shifted > 0).sum())],
             }
         return out
+
+    def laplace_summary(self) -> dict[str, Any] | None:
+        """The exact Laplace evidence (GGN posterior, laplace-torch's conventions) of the
+        section's samples at prior precision 1 and at the scalar prior that maximises it;
+        ``None`` for a loss that is not a likelihood hesse knows (cross-entropy: class
+        labels; MSE: regression with sigma_noise 1)."""
+        prob = self.exact_problem
+        lf = prob.loss_fn
+        if isinstance(lf, torch.nn.CrossEntropyLoss):
+            likelihood = "classification"
+        elif isinstance(lf, torch.nn.MSELoss):
+            likelihood = "regression"
+        else:
+            return None
+        X, y = prob.as_one_batch()
+        try:
+            la = hesse.Laplace(prob.model, likelihood, (X, y), method=self.method)
+        except (ValueError, MemoryError) as err:
+            return {"skipped": str(err).split(";")[0]}
+        at_one = la.log_marginal_likelihood(1.0)
+        best = la.optimize_prior_precision("marglik")
+        return {
+            "likelihood": likelihood,
+            "method": la.engine.method,
+            "log_evidence_prior_1": at_one,
+            "best_prior_precision": best,
+            "log_evidence_best": la.log_marginal_likelihood(),
+        }
 
     # ------------------------------------------------------------------ the summary
     def summary(self) -> dict[str, Any]:

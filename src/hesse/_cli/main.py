@@ -152,6 +152,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _analyze_parser(sub)
     _train_parser(sub)
+    pi = sub.add_parser(
+        "influence",
+        help="which training points help or harm given test points (influence functions)",
+    )
+    _common(pi)
+    pi.add_argument(
+        "--test",
+        default="-5:",
+        help="the test points among the samples: indices '0,5,7' or a slice '-5:' (default; "
+        "the others are the training points)",
+    )
+    pi.add_argument("--top-k", dest="k", type=_POS_INT, default=3, help="points shown a kind")
+    pi.add_argument(
+        "--damping",
+        type=_FLOAT,
+        default=1e-3,
+        help="eps of C + eps I: the L2 regulariser the model was trained with",
+    )
+    pi.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
     pc = sub.add_parser("check", help="derivatives against finite differences")
     _common(pc)
     pc.add_argument("--hessian", action="store_true", help="also check the dense Hessian")
@@ -195,6 +214,10 @@ def _run(args: argparse.Namespace) -> int:
         return train_command(args, progress)
     if args.command == "analyze":
         return analyze_command(args, progress)
+    if args.command == "influence":
+        from hesse._cli.influence import influence_command
+
+        return influence_command(args, progress)
     return check_command(args)
 
 

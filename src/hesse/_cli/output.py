@@ -99,6 +99,17 @@ def _format_exact(c: dict[str, Any]) -> list[str]:
                 f"{d['num_negative']} below, log|det| {d['logdet']:.6g}",
             )
         )
+    lap = c.get("laplace")
+    if lap and "skipped" not in lap:
+        lines.append(
+            _row(
+                "Laplace log evidence (GGN)",
+                f"{lap['log_evidence_prior_1']:.6g} at prior precision 1; "
+                f"{lap['log_evidence_best']:.6g} at its optimum {lap['best_prior_precision']:.4g}",
+            )
+        )
+    elif lap:
+        lines.append(_row("Laplace log evidence", f"skipped: {lap['skipped']}"))
     lines.append(f"  ({c['seconds']:.1f} s)")
     return lines
 
