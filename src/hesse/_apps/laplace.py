@@ -167,12 +167,19 @@ class Laplace:
                 )
 
     def _check_outputs(self) -> None:
-        inputs, targets, _w = next(iter(self.problem.batches()))
+        first = next(iter(self.problem.batches()), None)
+        if first is None:  # a rank without samples (torch.distributed): the others check
+            group = self.problem.group
+            self.n_outputs = int(group.max(0.0, "outputs a sample")) if group else 0
+            return
+        inputs, targets, _w = first
         with torch.no_grad():
             o = self.problem.outputs([p.detach() for p in self.problem.params], inputs)
         if not isinstance(o, Tensor):
             raise ValueError(f"the model's output must be one tensor; got {type(o).__name__}")
         self.n_outputs = int(o[0].numel()) if o.ndim else 1
+        if self.problem.group is not None:  # the same on every rank (an empty one too)
+            self.n_outputs = int(self.problem.group.max(self.n_outputs, "outputs a sample"))
         if self.likelihood == "classification":
             if o.ndim != 2 or not isinstance(targets, Tensor) or targets.is_floating_point():
                 raise ValueError(
@@ -507,6 +514,7 @@ class Laplace:
         if self.curvature == "ggn":
             V = math.sqrt(self.scale) * self._bt_noise(n_samples, gen)
             z2 = torch.randn(P, n_samples, generator=gen, dtype=torch.float64).to(dev, dt)
+            z2 = self.problem.shared_random(z2)  # every rank the same samples
             V = V + self.prior_precision_diag.sqrt()[:, None] * z2
             X = self.solve(V)
         else:
@@ -528,7 +536,7 @@ class Laplace:
             z = torch.randn(k, *F.shape[:2], generator=gen, dtype=torch.float64).to(F)
             U = torch.einsum("nac,kna->knc", F, z).reshape(k, *o.shape)  # F^T z
             out += products.apply_batched(o, ps, U).T
-        return out
+        return prob.reduce(out, "posterior sample")  # each rank its samples' noise
 
     # ------------------------------------------------------------------ the predictive
     def functional_variance(self, X: Any, joint: bool = False) -> tuple[Tensor, Tensor]:

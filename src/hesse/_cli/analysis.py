@@ -203,9 +203,10 @@ class Analysis:
             likelihood = "regression"
         else:
             return None
-        X, y = prob.as_one_batch()
+        # this rank's samples of the section (under torchrun a rank may hold none)
+        batches = [(x, t) for x, t, _w in prob.batches()]
         try:
-            la = hesse.Laplace(prob.model, likelihood, (X, y), method=self.method)
+            la = hesse.Laplace(prob.model, likelihood, batches, method=self.method)
         except (ValueError, MemoryError) as err:
             return {"skipped": str(err).split(";")[0]}
         at_one = la.log_marginal_likelihood(1.0)
