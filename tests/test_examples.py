@@ -15,6 +15,8 @@ def _torch_default_dtype():
     yield
 
 
+pytestmark = pytest.mark.once  # the first pass only (scripts/test.sh)
+
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
 

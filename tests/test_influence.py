@@ -165,3 +165,33 @@ def test_influence_refuses_bad_input():
         hesse.influence(prob, (torch.randn(3, 9), case.y[:3]), damping=0.1)
     with pytest.raises(ValueError, match="k = 9 is more than"):
         hesse.top_influences(torch.zeros(2, 4), k=9)
+
+
+def test_no_engine_fits_then_krylov_with_the_residual_said(monkeypatch):
+    import hesse._apps.influence as inf
+
+    case = make_case("mlp-tanh", "mse", seed=2)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    exact = hesse.influence(prob, (case.X[:2], case.y[:2]), damping=0.5, curvature="ggn")
+
+    def refuse(*_a, **_k):
+        raise hesse.MemoryBudgetError("no exact engine fits the memory budget (test)")
+
+    monkeypatch.setattr(inf, "factorize", refuse)
+    res = hesse.influence(prob, (case.X[:2], case.y[:2]), damping=0.5, curvature="ggn")
+    assert res.method == "cg" and res.residual <= 1e-9
+    assert rel_err(res.scores, exact.scores) <= 1e-7
+    with pytest.raises(hesse.MemoryBudgetError):  # a named engine is not replaced
+        hesse.influence(prob, (case.X[:2], case.y[:2]), damping=0.5, method="dense")
+
+
+def test_more_pairs_than_fit_are_refused_up_front(monkeypatch):
+    from hesse._util import memory
+
+    case = make_case("mlp-tanh", "ce")
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": 1000)
+    with pytest.raises(hesse.MemoryBudgetError, match="influence of 7 training points"):
+        hesse.influence(prob, (case.X, case.y), damping=0.1)
+    with pytest.raises(hesse.MemoryBudgetError, match="per-sample gradients"):
+        hesse.per_sample_gradients(prob)

@@ -139,22 +139,27 @@ def test_layerwise_marglik_increases_the_evidence_to_a_stationary_point():
         assert abs(gi) <= 1e-4 or v in (1e-8, 1e8) or abs(math.log(v)) >= math.log(1e8) - 1e-6
 
 
-def _dense_evidence(la: hesse.Laplace, log_prior: Tensor, log_sigma: Tensor) -> Tensor:
-    """The evidence (A2) through autograd: a dense GGN and slogdet (independent of hesse's
-    engines: torch.func Jacobians)."""
-    model = la.problem.model
-    names = la.problem.names
-    theta = la.mean
-    X, y = la.problem.as_one_batch()
+def _outputs_of(la: hesse.Laplace, X: Tensor):
+    """``flat parameters -> model(X)`` by torch.func (its own flattening)."""
+    model, names, shapes = la.problem.model, la.problem.names, la.problem.shapes
 
     def f(flat: Tensor) -> Tensor:
         params, i = {}, 0
-        for n, s in zip(names, la.problem.shapes, strict=True):
+        for n, s in zip(names, shapes, strict=True):
             k = math.prod(s)
             params[n] = flat[i : i + k].reshape(s)
             i += k
         return functional_call(model, params, (X,))
 
+    return f
+
+
+def _dense_evidence(la: hesse.Laplace, log_prior: Tensor, log_sigma: Tensor) -> Tensor:
+    """The evidence (A2) through autograd: a dense GGN and slogdet (independent of hesse's
+    engines: torch.func Jacobians)."""
+    theta = la.mean
+    X, y = la.problem.as_one_batch()
+    f = _outputs_of(la, X)
     J = jacrev(f)(theta).reshape(-1, la.n_params)
     out = f(theta)
     sigma2 = torch.exp(2 * log_sigma)
@@ -243,16 +248,7 @@ def test_a_model_too_large_for_a_dense_posterior_against_the_determinant_lemma()
     X, y = torch.randn(30, 100), torch.randint(0, 2, (30,))
     la = hesse.Laplace(model, "classification", (X, y), prior_precision=2.0)
     assert la.n_params == 40502
-    names = la.problem.names
-
-    def f(flat: Tensor) -> Tensor:
-        params, i = {}, 0
-        for nm, s in zip(names, la.problem.shapes, strict=True):
-            k = math.prod(s)
-            params[nm] = flat[i : i + k].reshape(s)
-            i += k
-        return functional_call(model, params, (X,))
-
+    f = _outputs_of(la, X)
     J = jacrev(f)(la.mean).reshape(-1, la.n_params)  # (60, P)
     p = torch.softmax(f(la.mean), -1).detach()
     L = torch.block_diag(*[torch.diag(q) - torch.outer(q, q) for q in p])

@@ -59,15 +59,7 @@ def _test_problem(problem: Problem, test: Any) -> Problem:
                 f"the test problem selects {test.names}; the training problem {problem.names}"
             )
         return test
-    return Problem(
-        problem.model,
-        problem.loss_fn,
-        test,
-        params=problem.names,
-        reduction=problem.reduction,
-        output=problem.output,
-        process_group="local",
-    )
+    return problem.with_data(test)
 
 
 def _test_gradients(test: Problem) -> Tensor:

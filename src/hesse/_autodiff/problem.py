@@ -871,6 +871,11 @@ class Problem:
         group = self.group.group if self.group is not None else _LOCAL
         return self._like(model, _Converted(self._data, dtype), group)
 
+    def with_data(self, data: Any, process_group: Any = "local") -> Problem:
+        """This problem's model, loss, parameters, reduction and output on other data
+        (test points, a curvature batch); on this process only by default."""
+        return self._like(self.model, data, process_group)
+
     def _like(self, model: nn.Module, data: Any, process_group: Any) -> Problem:
         """This problem's loss, parameters, reduction and output on other data (or a
         copy of the model)."""
