@@ -464,3 +464,35 @@ def test_the_inverse_of_a_singular_matrix_is_refused():
     assert sing.inertia().zero > 0
     with pytest.raises(hesse.SingularPivotError, match="has no inverse"):
         sing.inverse()
+
+
+def test_the_functional_calls_reuse_one_preparation_until_the_problem_changes(monkeypatch):
+    from hesse._linalg import dense
+
+    builds = []
+    original = dense.DenseEngine.__init__
+
+    def counted(self, *a, **k):
+        builds.append(1)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(dense.DenseEngine, "__init__", counted)
+    case = make_case("mlp-tanh", "mse", seed=6)
+    X = case.X.clone()
+    prob = hesse.Problem(case.model, case.loss_fn, (X, case.y))
+    P = prob.num_params
+    ld = hesse.logdet(prob, 0.1, method="dense")
+    hesse.inertia(prob, 0.1, method="dense")
+    hesse.solve(prob, torch.ones(P), 0.1, method="dense")
+    hesse.count_eigenvalues(prob, 0.0, method="dense")
+    assert len(builds) == 1
+    # a write through .data (no version bump), an in-place step, new data: rebuilt, right
+    with torch.no_grad():
+        case.model[0].weight.data[0, 0] += 0.5
+    ref = torch.linalg.slogdet(_dense(case, "hessian") + 0.1 * torch.eye(P))
+    ld2 = hesse.logdet(prob, 0.1, method="dense")
+    assert len(builds) == 2 and ld2 != ld
+    assert abs(ld2[1] - float(ref[1])) <= 1e-9 * abs(float(ref[1]))
+    X[0, 0] += 1.0
+    hesse.logdet(prob, 0.1, method="dense")
+    assert len(builds) == 3

@@ -48,7 +48,7 @@ def backend_device(backend: str) -> torch.device | None:
     return torch.device("cuda") if backend.strip().lower() == "nccl" else None
 
 
-def _digest(value: Any) -> str:
+def digest(value: Any) -> str:
     """A short fingerprint of an argument: a tensor's shape, dtype and values; the items
     of a dict or sequence; the ``repr`` of anything else."""
     if isinstance(value, Tensor):
@@ -56,9 +56,9 @@ def _digest(value: Any) -> str:
         h.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k!r}:{_digest(v)}" for k, v in sorted(value.items())) + "}"
+        return "{" + ",".join(f"{k!r}:{digest(v)}" for k, v in sorted(value.items())) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_digest(v) for v in value) + "]"
+        return "[" + ",".join(digest(v) for v in value) + "]"
     return repr(value)
 
 
@@ -123,7 +123,7 @@ class Group:
         vector, a damping, a count: each rank would compute with its own, and the
         collectives would mix them or hang), naming the argument and the ranks; one
         gather of a digest per argument, raised on every rank alike."""
-        mine = {k: _digest(v) for k, v in args.items()}
+        mine = {k: digest(v) for k, v in args.items()}
         everyone = self.gather_objects(mine, f"comparison of the arguments of {call}")
         for key in mine:
             bad = [r for r, d in enumerate(everyone) if d.get(key) != everyone[0].get(key)]

@@ -16,6 +16,7 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import math
 import warnings
@@ -870,6 +871,21 @@ class Problem:
         model = copy.deepcopy(self.model).to(dtype)
         group = self.group.group if self.group is not None else _LOCAL
         return self._like(model, _Converted(self._data, dtype), group)
+
+    def state(self) -> tuple[Any, ...] | None:
+        """A token that changes whenever the objective may have changed: the identity and
+        version counter of every selected parameter and buffer and of the data held in
+        memory; ``None`` when that cannot be told (an iterable that makes new tensors on
+        each pass, a distributed problem): nothing is cached then."""
+        data = self._data_versions()
+        if data is None or self.group is not None:
+            return None
+        # the values themselves for parameters and buffers (a write through .data leaves
+        # the version counter alone): one hash of their bytes, O(P)
+        h = hashlib.sha256()
+        for t in [*self.parameters.tensors, *self.model.buffers()]:
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return (h.hexdigest(), data)
 
     def with_data(self, data: Any, process_group: Any = "local") -> Problem:
         """This problem's model, loss, parameters, reduction and output on other data

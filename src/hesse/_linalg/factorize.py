@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff import products
+from hesse._autodiff.distributed import digest as _digest
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization, as_chain, promoted
@@ -480,7 +481,12 @@ def factorize(
         ``.solve(v)``, ``.solve_ex(v)``, ``.logdet()``, ``.inertia()`` and ``.status``
         (``status.method`` names the engine).
 
-    For several dampings, `engine` builds ``C``'s representation once. Reference: design
+    The engine is kept on the problem and reused by the next call with the same
+    curvature, method and budget while the problem's parameters, buffers and in-memory
+    data are unchanged (their version counters; `Problem.state`), and so is the
+    factorisation of the last few dampings: `hesse.logdet`, `hesse.inertia`,
+    `hesse.solve` and `hesse.count_eigenvalues` on one problem prepare ``C`` once. For
+    several dampings, `engine` builds ``C``'s representation once. Reference: design
     note ``docs/design/chain-curvature.md``.
     """
     # validated before any work (and again by Engine.factor, the one rule for every route)
@@ -488,12 +494,39 @@ def factorize(
     prob.parameters.as_diagonal(damping)
     check_rank_rtol(rank_rtol)
     prob.agree("factorize", damping=damping, curvature=curvature, method=method)
-    eng = engine(
-        problem,
-        curvature,
-        method=method,
-        promote=promote,
-        max_memory=max_memory,
-        progress=progress,
-    )
-    return eng.factor(damping, rank_rtol)
+    cache = isinstance(problem, Problem)
+    eng = _cached(prob, (curvature, method, promote, repr(max_memory))) if cache else None
+    if eng is None:
+        eng = engine(
+            problem,
+            curvature,
+            method=method,
+            promote=promote,
+            max_memory=max_memory,
+            progress=progress,
+        )
+        if cache:
+            _store(prob, (curvature, method, promote, repr(max_memory)), eng)
+    key = (_digest(damping), rank_rtol)
+    factors = eng.__dict__.setdefault("_recent", {})
+    if key not in factors:
+        if len(factors) >= 4:  # the last few dampings (a bisection moves on)
+            factors.pop(next(iter(factors)))
+        factors[key] = eng.factor(damping, rank_rtol)
+    return factors[key]
+
+
+def _cached(problem: Problem, key: tuple[Any, ...]) -> Engine | None:
+    """The engine `factorize` built for this problem and key, while the problem's state
+    (`Problem.state`: parameters, buffers, data) is what it was built at."""
+    state = problem.state()
+    entry = problem.__dict__.get("_engines", {}).get(key)
+    if state is None or entry is None or entry[0] != state:
+        return None
+    return entry[1]
+
+
+def _store(problem: Problem, key: tuple[Any, ...], eng: Engine) -> None:
+    state = problem.state()
+    if state is not None:  # one engine per key: a new state replaces the old one
+        problem.__dict__.setdefault("_engines", {})[key] = (state, eng)
