@@ -267,9 +267,10 @@ def _gram_cost(
     item = torch.empty((), dtype=problem.dtype).element_size()
     kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
     flops = kernel_flops + M**3 / 3
-    # the kernel (three M x M arrays at the peak) or, before it, the forward graph of
-    # all the data with m cotangents through it; the Jacobian rows outside Linear layers
-    memory = item * (max(3 * M * M, (m + 3) * _activations(problem)) + M * rest)
+    # the kernel (three M x M arrays and the factorisation's workspace: 3.4 measured,
+    # tests/test_memory.py) or, before it, the forward graph of all the data with m
+    # cotangents through it; the Jacobian rows outside Linear layers
+    memory = item * (max(3.4 * M * M, (m + 3) * _activations(problem)) + M * rest)
     # the forward graph and m batched cotangents through it (vectorised: a fraction of m
     # backward passes), Jacobian rows outside Linear layers one backward each, the kernel,
     # its Cholesky factor, and the refinement's product
