@@ -90,7 +90,7 @@ def setup(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     y = torch.tensor(d.target).repeat(reps)[:n]
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for a, b in zip([64, *widths], widths, strict=True):
+    for a, b in zip([64, *widths[:-1]], widths, strict=True):
         layers += [nn.Linear(a, b), nn.Tanh()]
     model = nn.Sequential(*layers, nn.Linear(widths[-1], 10)).double()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -195,7 +195,11 @@ def influence_table() -> dict:
             h = v + (1 - damp) * h - (op @ h + eps * h) / scale
         return h / scale
 
-    A = sla.LinearOperator((P, P), matvec=lambda x: (op @ torch.as_tensor(x)).numpy() + eps * x)
+    A = sla.LinearOperator(
+        (P, P),
+        matvec=lambda x: (op @ torch.as_tensor(x, dtype=torch.float64)).numpy() + eps * x,
+        dtype=np.float64,
+    )
 
     def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
         ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
