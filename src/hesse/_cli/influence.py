@@ -95,4 +95,3 @@ def influence_command(args: argparse.Namespace, progress: bool | None) -> int:
             },
         )
     return 0
-
