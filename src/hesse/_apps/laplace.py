@@ -469,14 +469,8 @@ class Laplace:
         """The diagonal of ``Sigma = P^-1`` ``(P,)``, exact (``P`` solves in chunks, or
         the dense inverse's diagonal)."""
         f = self._factorization()
-        if isinstance(self.engine, DenseEngine):  # the dense matrix: one Cholesky inverse
-            d = self._prior_d
-            A = self.engine.matrix.clone()
-            A.diagonal().add_(d.to(A) / self.scale if isinstance(d, Tensor) else d / self.scale)
-            L, info = torch.linalg.cholesky_ex(A)
-            if int(info) == 0:
-                diag = torch.cholesky_inverse(L).diagonal()
-                return (diag / self.scale).to(self.mean)
+        # the engines that have a closed form (dense: a Cholesky inverse; observation
+        # space: Woodbury), else P refined solves
         fast = getattr(f, "inverse_diagonal", None)
         diag = fast() if fast is not None else None
         if diag is None:

@@ -81,6 +81,15 @@ class DenseFactorization(Factorization):
             method="dense",
         )
 
+    def inverse_diagonal(self) -> Tensor | None:
+        """The diagonal of ``(C + D)^-1`` ``(P,)`` from one Cholesky inverse of the formed
+        matrix (``None`` when ``C + D`` is not positive definite)."""
+        A = self._matrix.clone()
+        d = self.damping
+        A.diagonal().add_(d.to(A) if isinstance(d, Tensor) else d)
+        L, info = torch.linalg.cholesky_ex(A)
+        return torch.cholesky_inverse(L).diagonal() if int(info) == 0 else None
+
     def operator(self, X: Tensor) -> Tensor:
         """``(C + D) X`` with the formed matrix (``C`` from the true operator's products
         once, in the engine): refinement (S7) without a pass over the data."""

@@ -251,7 +251,11 @@ def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
 
 
 def _gram_cost(
-    problem: Problem, curvature: str, rates: tuple[float, float], grad: float
+    problem: Problem,
+    curvature: str,
+    rates: tuple[float, float],
+    grad: float,
+    check_samples: bool = True,
 ) -> EngineCost:
     try:
         if curvature != "ggn":
@@ -259,7 +263,8 @@ def _gram_cost(
         from hesse._autodiff import losses
 
         losses.fisher_loss(problem.loss_fn)
-        check_samples_independent(problem)  # decided exactly here, as the engine does
+        if check_samples:  # decided exactly here, as the engine does
+            check_samples_independent(problem)
         N, m, work, rest = _gram_sizes(problem)
     except (GramNotApplicableError, NotImplementedError) as err:
         return EngineCost("gram", False, reason=str(err).split(";")[0])
@@ -424,7 +429,8 @@ def _build(
             "use method='gram' (GGN) or 'chain' (nn.Sequential), or fewer parameters",
         )
         return DenseEngine(prob, curvature, progress=progress)
-    gram = _gram_cost(prob, curvature, _rates(str(prob.device), prob.dtype), 0.0)
+    # the memory estimate only: the engine tests sample independence itself
+    gram = _gram_cost(prob, curvature, _rates(str(prob.device), prob.dtype), 0.0, False)
     if gram.applies:
         _refuse_over(
             gram.memory,
