@@ -2,14 +2,19 @@
 DiagLaplace, and influence scores against LiSSA and CG at equal products.
 
 Usage:
-    python bench/bench_laplace.py [--rows a b ...] [--json out.json] [--no-influence]
+    python bench/bench_laplace.py [--rows a b ...] [--json out.json] [--plot out.png]
+        [--no-influence]
+    python bench/bench_laplace.py --from-json out.json --plot out.png
 
 Table 1 (the evidence): tanh MLPs on the digits (classification, the sum of the
 cross-entropy over N points, a scalar prior precision 1), P from 1e3 to 1e5. Each
 library runs in a fresh process: its fit plus one evidence (wall time, peak growth of
 the resident set), then a grid of 21 prior precisions (logspace(-2, 2)) and the prior it
-selects. The values of Kron and Diag are printed as their distance from the exact one
-(hesse's); FullLaplace is not run where its P x P matrix would not fit (the table says
+selects (hesse: `optimize_prior_precision("gridsearch")`, one spectrum for every
+value), and for hesse a layerwise `optimize_prior_precision("marglik", "layerwise")`
+("layerwise": its time; the exact per-tensor traces (O7)). The values of Kron and Diag
+are printed as their distance from the exact one (hesse's); FullLaplace is not run where
+its P x P matrix would not fit (the table says
 so). Ratios are to hesse's own evidence in the same row.
 
 Table 2 (influence): a 64-16-10 MLP on 400 digits, the Hessian + 1e-2 I; hesse's exact
@@ -62,7 +67,10 @@ if which == "hesse":
     la = hesse.Laplace(model, "classification", (X, y), prior_precision=1.0)
     ev = la.log_marginal_likelihood(1.0)
     t1 = time.perf_counter()
-    values = [la.log_marginal_likelihood(float(g)) for g in grid]
+    best = la.optimize_prior_precision("gridsearch", grid=grid)  # one spectrum, every value
+    t2 = time.perf_counter()
+    la.optimize_prior_precision("marglik", "layerwise")
+    t3 = time.perf_counter()
 else:
     from laplace import Laplace
     from torch.utils.data import DataLoader, TensorDataset
@@ -72,9 +80,11 @@ else:
     ev = float(la.log_marginal_likelihood(torch.tensor(1.0)))
     t1 = time.perf_counter()
     values = [float(la.log_marginal_likelihood(torch.tensor(float(g)))) for g in grid]
-t2 = time.perf_counter()
-best = float(grid[int(torch.tensor(values).argmax())])
+    t2 = time.perf_counter()
+    best = float(grid[int(torch.tensor(values).argmax())])
+    t3 = float("nan")
 print(json.dumps({{"evidence": ev, "seconds": t1 - t0, "grid_seconds": t2 - t1,
+                  "layerwise_seconds": t3 - t2,
                   "peak_mb": (hwm() - before) / 2**20, "best_prior": best}}))
 """
 
@@ -136,7 +146,9 @@ def evidence_table(rows: list[str], timeout: float) -> list[dict]:
 def _print_evidence(table: list[dict]) -> None:
     print("\nTable 1: the Laplace evidence (classification, prior precision 1; grid of 21)")
     head = f"{'row':<7}{'P':>8}{'M':>7}  {'library':<6}{'time':>9}{'x hesse':>9}{'grid':>8}"
-    print(head + f"{'peak MB':>9}{'evidence':>13}{'- exact':>10}{'best prior':>11}")
+    print(
+        head + f"{'peak MB':>9}{'evidence':>13}{'- exact':>10}{'best prior':>11}{'layerwise':>10}"
+    )
     for r in table:
         base = r["hesse"]
         for which in ("hesse", "full", "kron", "diag"):
@@ -150,6 +162,11 @@ def _print_evidence(table: list[dict]) -> None:
                 f"{r['row']:<7}{r['P']:>8}{r['M']:>7}  {which:<6}{c['seconds']:>8.2f}s"
                 f"{ratio:>9.2f}{c['grid_seconds']:>7.2f}s{c['peak_mb']:>9.0f}"
                 f"{c['evidence']:>13.6g}{diff:>10.3g}{c['best_prior']:>11.3g}"
+                + (
+                    f"{c['layerwise_seconds']:>9.2f}s"
+                    if c["layerwise_seconds"] == c["layerwise_seconds"]
+                    else f"{'-':>10}"
+                )
             )
 
 
@@ -231,16 +248,91 @@ def influence_table() -> dict:
     return {"P": P, "products": budget, "rows": rows}
 
 
+def plot(table: list[dict], path: str) -> None:
+    """Two panels from the evidence table: each library's time (fit plus one evidence)
+    against ``P``, and how far its evidence is below the exact one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(9, 3.6), constrained_layout=True)
+    marks = {"hesse": "o-", "full": "s--", "kron": "^-.", "diag": "v:"}
+    names = {
+        "hesse": "hesse (exact)",
+        "full": "FullLaplace",
+        "kron": "KronLaplace",
+        "diag": "DiagLaplace",
+    }
+    for which, mark in marks.items():
+        rows = [r for r in table if "seconds" in r[which]]
+        if not rows:
+            continue
+        P = [r["P"] for r in rows]
+        ax_t.plot(P, [r[which]["seconds"] for r in rows], mark, label=names[which])
+        if which == "hesse":  # each row's M: what the observation-space engine costs
+            for r in rows:
+                ax_t.annotate(
+                    f"M={r['M']}",
+                    (r["P"], r["hesse"]["seconds"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                )
+        if which in ("kron", "diag"):
+            gap = [r["hesse"]["evidence"] - r[which]["evidence"] for r in rows]
+            ax_e.plot(P, gap, mark, label=names[which])
+    for r in table:
+        if "error" in r["full"]:
+            ax_t.annotate(
+                "FullLaplace: P x P does not fit",
+                (r["P"], r["hesse"].get("seconds", 1.0)),
+                textcoords="offset points",
+                xytext=(-150, 16),
+                fontsize=7,
+            )
+    ax_t.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters P",
+        ylabel="fit + one evidence (s)",
+        title="Time (2-core CPU, float64)",
+    )
+    ax_e.set(
+        xscale="log",
+        yscale="log",
+        xlabel="parameters P",
+        ylabel="exact evidence - approximate (nats)",
+        title="How far below the exact evidence",
+    )
+    for ax in (ax_t, ax_e):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--no-influence", action="store_true")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", metavar="PNG", help="the evidence table as a figure")
+    parser.add_argument("--from-json", metavar="PATH", help="plot a saved run, run nothing")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        _print_evidence(saved["evidence"])
+        if args.plot:
+            plot(saved["evidence"], args.plot)
+        return
     result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     result["evidence"] = evidence_table(args.rows, args.timeout)
     _print_evidence(result["evidence"])
+    if args.plot:
+        plot(result["evidence"], args.plot)
     if not args.no_influence:
         result["influence"] = influence_table()
     if args.json:

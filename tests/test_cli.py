@@ -14,6 +14,10 @@ from torch.func import functional_call, hessian
 
 from hesse._cli import main as _cli
 
+# the first pass only (scripts/test.sh): the command line's parsing, files and output; its numbers
+# are the library's, run under both thread counts by the library's tests
+pytestmark = pytest.mark.once
+
 SMALL = ["--samples", "150", "--hidden", "5", "--train-steps", "25", "--no-progress"]
 
 
@@ -266,3 +270,17 @@ def test_influence_command_equals_the_library(tmp_path, capsys):
         assert row["harmful"][0] == train[int(scores[j].argmin())]
     with pytest.raises(SystemExit, match="outside the 80 samples"):
         main(["influence", "--samples", "80", "--test", "99", "--train-steps", "1"])
+
+
+def test_threads_option_sets_torchs_threads_and_refuses_zero(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert (
+            _cli.main(["check", *SMALL, "--threads", "1", "--json", str(tmp_path / "c.json")]) == 0
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        _cli.main(["check", *SMALL, "--threads", "0"])
+    assert "positive integer" in capsys.readouterr().err

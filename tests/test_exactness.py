@@ -496,3 +496,42 @@ def test_the_functional_calls_reuse_one_preparation_until_the_problem_changes(mo
     X[0, 0] += 1.0
     hesse.logdet(prob, 0.1, method="dense")
     assert len(builds) == 3
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+def test_layernorm_curvature_follows_autograd_not_torch_func():
+    # torch 2.13's torch.func second derivatives are wrong on Linear -> LayerNorm (the
+    # cross block of the LayerNorm weight and the Linear below, ~50% off; the README's
+    # caution): hesse's dense Hessian, products and chain sweep are held to autograd's
+    # double backward and to central differences of the gradient instead
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[1].weight.add_(0.3 * torch.randn(6, dtype=torch.float64))
+        m[1].bias.add_(0.3 * torch.randn(6, dtype=torch.float64))
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    prob = hesse.Problem(m, nn.CrossEntropyLoss(), (X, y))
+    names = [n for n, _ in m.named_parameters()]
+    shapes = [p.shape for p in m.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    def loss(v: Tensor) -> Tensor:
+        parts = v.split([s.numel() for s in shapes])
+        ps = [t.reshape(s) for t, s in zip(parts, shapes, strict=True)]
+        out = torch.func.functional_call(m, dict(zip(names, ps, strict=True)), (X,))
+        return nn.functional.cross_entropy(out, y)
+
+    H = torch.autograd.functional.hessian(loss, theta)
+    P = len(theta)
+    # central differences of autograd's gradient: an independent check of the reference
+    h, E = 1e-5, torch.eye(P, dtype=torch.float64)
+    grad = lambda v: torch.autograd.functional.jacobian(loss, v)  # noqa: E731
+    fd = torch.stack([(grad(theta + h * e) - grad(theta - h * e)) / (2 * h) for e in E])
+    assert rel_err(fd, H) <= 1e-7
+    assert rel_err(hesse.hessian(prob), H) <= 1e-12
+    V = torch.randn(P, 3, dtype=torch.float64)
+    assert rel_err(hesse.HessianOperator(prob) @ V, H @ V) <= 1e-12
+    A = H + 0.5 * torch.eye(P, dtype=torch.float64)
+    f = hesse.factorize(prob, 0.5, "hessian", method="chain")
+    assert abs(f.logdet()[1] - float(torch.linalg.slogdet(A)[1])) <= 1e-10
+    assert rel_err(f.solve(V), torch.linalg.solve(A, V)) <= 1e-10

@@ -4,6 +4,9 @@ import pytest
 
 from hesse._util.files import atomic_path
 
+# the first pass only (scripts/test.sh): atomic writes: no arithmetic
+pytestmark = pytest.mark.once
+
 
 def test_atomic_path_success_and_failure(tmp_path):
     target = tmp_path / "out.txt"

@@ -180,12 +180,14 @@ def _dense_evidence(la: hesse.Laplace, log_prior: Tensor, log_sigma: Tensor) -> 
     return ll - 0.5 * (torch.linalg.slogdet(Pm)[1] - p0.log().sum() + (delta * p0) @ delta)
 
 
+@pytest.mark.parametrize("method", ["dense", "gram"])
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 @pytest.mark.parametrize("form", ["scalar", "layerwise", "diagonal"])
-def test_evidence_gradients_equal_autograd_and_finite_differences(likelihood, form):
+def test_evidence_gradients_equal_autograd_and_finite_differences(likelihood, form, method):
+    # the layerwise gradient on the observation-space engine: per-tensor traces (O7)
     model, X, y = _toy(likelihood, seed=5)
     sigma = 1.0 if likelihood == "classification" else 0.4
-    la = hesse.Laplace(model, likelihood, (X, y), sigma_noise=sigma, prior_mean=0.05)
+    la = hesse.Laplace(model, likelihood, (X, y), sigma_noise=sigma, prior_mean=0.05, method=method)
     if form == "scalar":
         prior: object = 0.8
         lp = torch.tensor(math.log(0.8), requires_grad=True)
@@ -317,3 +319,26 @@ def test_bad_input_is_refused_before_the_work():
         la.optimize_prior_precision(prior_structure="blockwise")
     with pytest.raises(hesse.MemoryBudgetError, match="would need about"):
         hesse.Laplace(model, "classification", (X, y), method="dense", max_memory=1000)
+
+
+@pytest.mark.parametrize("damping", ["scalar", "diagonal"])
+def test_observation_space_inverse_diagonal_and_traces_equal_the_dense_inverse(damping):
+    # (O7): the Woodbury diagonal and weighted traces of (C + D)^-1 without P solves,
+    # on a model with more parameters than outputs (M < P) and a tanh hidden layer
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(reduction="sum"), (X, y))
+    P = prob.num_params
+    gen = torch.Generator().manual_seed(4)
+    d: object = 0.3 if damping == "scalar" else 0.1 + torch.rand(P, generator=gen).double()
+    f = hesse.engine(prob, "ggn", method="gram").factor(d)
+    D = torch.full((P,), 0.3).double() if damping == "scalar" else d
+    ref = torch.linalg.inv(hesse.GGNOperator(prob).to_dense() + torch.diag(D))
+    assert rel_err(f.inverse_diagonal(), ref.diagonal()) <= 1e-10
+    weights = [torch.rand(P, generator=gen).double() for _ in range(2)]
+    weights.append(torch.zeros(P, dtype=torch.float64))
+    weights[-1][prob.slices["2.weight"]] = 1.0  # one layer's indicator: the others skipped
+    got = torch.tensor(f.inverse_traces(weights))
+    want = torch.stack([(w * ref.diagonal()).sum() for w in weights])
+    assert rel_err(got, want) <= 1e-10

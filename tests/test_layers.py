@@ -7,6 +7,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+# the first pass only (scripts/test.sh): the import layers: no arithmetic
+pytestmark = pytest.mark.once
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "hesse"
 
 LAYERS: dict[str, int] = {

@@ -20,6 +20,10 @@ from torch import nn
 import hesse
 from hesse._util import memory as _memory
 
+# the first pass only (scripts/test.sh): peak memory in fresh processes: the allocation pattern,
+# not the thread count
+pytestmark = pytest.mark.once
+
 _MEASURE = textwrap.dedent(
     """
     import json, resource, sys

@@ -510,3 +510,24 @@ def test_optimiser_conventions_refused_clearly():
     opt = hesse.optim.ChainNewton(model, lf)
     with pytest.warns(DeprecationWarning, match="curvature_batch"):
         opt.step(_closure(opt, model, lf, X, y), batch=(X, y))
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "chain"])
+def test_one_trust_region_step_prepares_the_curvature_once(method, monkeypatch):
+    # the trust-region solve factors H + lam I for many lam and finds the smallest
+    # eigenpair by counts: all on one engine (and "auto" builds the chain once)
+    from hesse._chain.chain import Chain
+    from hesse._linalg import factorize as fz
+
+    model, lf, X, y = _mlp_problem(3, n=8)
+    builds, chains = [], []
+    real_build, real_from = fz._build, Chain.from_problem
+    monkeypatch.setattr(fz, "_build", lambda *a, **k: builds.append(a[2]) or real_build(*a, **k))
+    monkeypatch.setattr(
+        Chain, "from_problem", lambda *a, **k: chains.append(1) or real_from(*a, **k)
+    )
+    opt = hesse.optim.ChainNewton(model, lf, curvature="hessian", trust_region=0.05, method=method)
+    opt.step(_closure(opt, model, lf, X, y), curvature_batch=(X, y))
+    assert opt.last["rho"] == opt.last["rho"]  # a step was taken
+    assert len(builds) == 1, builds
+    assert len(chains) <= 1

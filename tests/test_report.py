@@ -15,6 +15,10 @@ from torch import nn
 import hesse
 from hesse._cli import main as _cli
 
+# the first pass only (scripts/test.sh): the report's files and figures; its numbers are the
+# library's, run under both thread counts by the library's tests
+pytestmark = pytest.mark.once
+
 SMALL = [
     "--samples",
     "120",

@@ -10,6 +10,10 @@ import torch
 from hesse._cli import main as _cli
 from hesse._cli import training as _train
 
+# the first pass only (scripts/test.sh): checkpoints, resume and curves; the steps' arithmetic is
+# the optimisers', run under both thread counts by tests/test_optim.py
+pytestmark = pytest.mark.once
+
 FAST = ["--no-progress", "--curvature-batch", "16"]
 
 

@@ -250,7 +250,7 @@ class Laplace:
         if self._spectrum is None:
             eng = self.engine
             if isinstance(eng, GramEngine):
-                mu = eng.eigh()[0].double()
+                mu = eng.eigvalsh().double()
                 M, P = len(mu), self.n_params
                 mu = mu[max(M - P, 0) :].clamp_min(0.0)  # PSD: rounding below 0 is 0
                 self._spectrum = torch.cat([mu, mu.new_zeros(max(P - M, 0))])
@@ -364,14 +364,33 @@ class Laplace:
             )
             tr_prior = float(d) * tr_inv
         else:
-            diag_inv = self.posterior_variance()  # diag P^-1, exact
             p0 = self.prior_precision_diag
-            per = -0.5 * (p0 * diag_inv - 1.0 + p0 * delta * delta)  # per parameter
-            tr_prior = float((p0 * diag_inv).sum())
+            slices = self.problem.slices
+            per_tensor = isinstance(prior, (dict, list, tuple))
+            traces = None  # tr(P0 P^-1) per tensor without P's whole diagonal (O7)
+            fast = getattr(self._factorization(), "inverse_traces", None)
+            if per_tensor and fast is not None:
+                masks = []
+                for sl in slices.values():
+                    u = torch.zeros_like(p0)
+                    u[sl] = p0[sl]
+                    masks.append(u)
+                traces = fast(masks)
+            if traces is not None:
+                tr = {n: t / self.scale for n, t in zip(slices, traces, strict=True)}
+                sums = {
+                    n: -0.5 * (tr[n] - (sl.stop - sl.start) + float((p0 * delta * delta)[sl].sum()))
+                    for n, sl in slices.items()
+                }
+                tr_prior = sum(tr.values())
+            else:
+                diag_inv = self.posterior_variance()  # diag P^-1, exact
+                per = -0.5 * (p0 * diag_inv - 1.0 + p0 * delta * delta)  # per parameter
+                tr_prior = float((p0 * diag_inv).sum())
+                sums = {n: float(per[sl].sum()) for n, sl in slices.items()}
             if scalar_form:
-                out["log_prior_precision"] = float(per.sum())
-            elif isinstance(prior, (dict, list, tuple)):
-                sums = {n: float(per[sl].sum()) for n, sl in self.problem.slices.items()}
+                out["log_prior_precision"] = sum(sums.values())
+            elif per_tensor:
                 out["log_prior_precision"] = (
                     sums if isinstance(prior, dict) else [sums[n] for n in self.problem.names]
                 )

@@ -70,6 +70,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="never show progress bars")
+    _threads(p)
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=_POS_INT,
+        default=None,
+        help="torch's intra-op threads (default: torch's, one a core); on a shared machine "
+        "fewer threads than cores keep timings from collapsing",
+    )
 
 
 def _analyze_parser(sub: Any) -> None:
@@ -142,6 +153,7 @@ def _train_parser(sub: Any) -> None:
     pt.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--no-progress", action="store_true")
+    _threads(pt)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,6 +216,10 @@ def _distributed() -> tuple[int, int]:
 
 def _run(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.rank, args.world = _distributed()
     if args.rank > 0:  # one rank prints and writes; every rank computes
         progress = False

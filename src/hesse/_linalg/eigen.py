@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._linalg.factorize import Engine, engine, factorize
+from hesse._linalg.factorize import Engine, factorize, prepared
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.lanczos import eigs
 from hesse._util.progress import progress_bar
@@ -95,7 +95,7 @@ def eigenvalue_histogram(
             f"edges must be at least two strictly increasing numbers (-inf and inf "
             f"allowed); got {e}"
         )
-    count = _counter(engine(problem, curvature, method=method))
+    count = _counter(prepared(problem, curvature, method=method))
     below = [count(x) for x in e]
     return torch.tensor([b - a for a, b in itertools.pairwise(below)])
 
@@ -168,7 +168,7 @@ def eigenvalue(
 
     Cost: two Lanczos runs and ``O(log2(width / tol))`` sweeps, at most 200.
     """
-    eng = engine(problem, curvature, method=method)  # C prepared once, not once a count
+    eng = prepared(problem, curvature, method=method)  # C prepared once, not once a count
     P = eng.problem.num_params
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= P:
         raise ValueError(f"k must be in [1, {P}], an integer; got {k!r}")

@@ -162,6 +162,9 @@ class Plan:
     num_outputs: int
     budget: float
     costs: dict[str, EngineCost] = field(default_factory=dict)
+    # what the plan built on the way (the chain's linearisation): `engine` hands it to
+    # the engine it picks, so ``method="auto"`` builds it once
+    built: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def feasible(self) -> list[str]:
@@ -337,7 +340,9 @@ def plan(
     out = Plan(curvature, prob.num_params, 0, budget)
     out.costs["dense"] = _dense_cost(prob, curvature, rates, _product_seconds(prob, curvature))
     out.costs["gram"] = _gram_cost(prob, curvature, rates, grad)
-    out.costs["chain"], _chain = _chain_cost(problem, curvature, rates, grad)
+    out.costs["chain"], chain = _chain_cost(problem, curvature, rates, grad)
+    if chain is not None:
+        out.built["chain"] = chain
     out.num_outputs = gram_outputs(prob)
     return out
 
@@ -378,17 +383,23 @@ def engine(
         )
     if promote and out_dtype != torch.float64:
         problem = promoted(problem) if isinstance(problem, Chain) else problem.promoted()
+    built: dict[str, Any] = {}
     if method == "auto":
-        method = "chain" if isinstance(problem, Chain) else _auto(problem, curvature, max_memory)
+        if isinstance(problem, Chain):
+            method = "chain"
+        else:
+            p = _auto(problem, curvature, max_memory)
+            method, built = p.choice, p.built  # type: ignore[assignment]
         if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
             method = group.gather_objects(method, "choice of the engine")[0]
-    eng = _build(problem, curvature, method, max_memory, progress)
+    target = built["chain"] if method == "chain" and "chain" in built else problem
+    eng = _build(target, curvature, method, max_memory, progress)
     eng.out_dtype = out_dtype
     eng.group = group  # the ranks' dampings are compared in Engine.factor
     return eng
 
 
-def _auto(problem: Problem, curvature: str, max_memory: float | None) -> str:
+def _auto(problem: Problem, curvature: str, max_memory: float | None) -> Plan:
     p = plan(problem, curvature, max_memory=max_memory, promote=False)
     if p.choice is None:
         raise MemoryBudgetError(
@@ -396,7 +407,7 @@ def _auto(problem: Problem, curvature: str, max_memory: float | None) -> str:
             f"{p}\nuse fewer samples (a curvature batch), hesse.solve(..., method='cg') for "
             "solves without a factorisation, or a larger max_memory"
         )
-    return p.choice
+    return p
 
 
 def _build(
@@ -501,8 +512,40 @@ def factorize(
     prob.parameters.as_diagonal(damping)
     check_rank_rtol(rank_rtol)
     prob.agree("factorize", damping=damping, curvature=curvature, method=method)
-    cache = isinstance(problem, Problem)
-    eng = _cached(prob, (curvature, method, promote, repr(max_memory))) if cache else None
+    eng = prepared(
+        problem, curvature, method=method, promote=promote, max_memory=max_memory, progress=progress
+    )
+    key = (_digest(damping), rank_rtol)
+    factors = eng.__dict__.setdefault("_recent", {})
+    if key not in factors:
+        if len(factors) >= 4:  # the last few dampings (a bisection moves on)
+            factors.pop(next(iter(factors)))
+        factors[key] = eng.factor(damping, rank_rtol)
+    return factors[key]
+
+
+def prepared(
+    problem: Problem | Chain,
+    curvature: str = "hessian",
+    *,
+    method: str = "auto",
+    promote: bool = True,
+    max_memory: float | None = None,
+    progress: bool | None = None,
+) -> Engine:
+    """`engine`, kept on a `Problem` and reused while its state is unchanged (the one
+    preparation that `factorize`, the counts, `eigenvalue` and the optimisers share)."""
+    if not isinstance(problem, Problem):
+        return engine(
+            problem,
+            curvature,
+            method=method,
+            promote=promote,
+            max_memory=max_memory,
+            progress=progress,
+        )
+    key = (curvature, method, promote, repr(max_memory))
+    eng = _cached(problem, key)
     if eng is None:
         eng = engine(
             problem,
@@ -512,15 +555,8 @@ def factorize(
             max_memory=max_memory,
             progress=progress,
         )
-        if cache:
-            _store(prob, (curvature, method, promote, repr(max_memory)), eng)
-    key = (_digest(damping), rank_rtol)
-    factors = eng.__dict__.setdefault("_recent", {})
-    if key not in factors:
-        if len(factors) >= 4:  # the last few dampings (a bisection moves on)
-            factors.pop(next(iter(factors)))
-        factors[key] = eng.factor(damping, rank_rtol)
-    return factors[key]
+        _store(problem, key, eng)
+    return eng
 
 
 def _cached(problem: Problem, key: tuple[Any, ...]) -> Engine | None:

@@ -34,6 +34,7 @@ from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
 from hesse._autodiff.problem import Problem
 from hesse._linalg.base import Engine, Factorization, PivotSummary, shift
+from hesse._util.memory import available_memory
 
 __all__ = ["GramEngine", "GramFactorization", "GramNotApplicableError"]
 
@@ -100,6 +101,9 @@ class _LinearBlock:
         DD.mul_(G[:, None, :, None])
         K.add_(DD.view(N * m, N * m))
 
+    def index_tensor(self) -> Tensor:
+        return self.index()
+
     def index(self) -> Tensor:
         """The flat positions of this block's parameters (weight, then bias)."""
         idx = [torch.arange(s.start, s.stop) for s in (self.w, self.b) if s is not None]
@@ -141,6 +145,9 @@ class _DenseBlock:
 
     J: Tensor
     index: Tensor
+
+    def index_tensor(self) -> Tensor:
+        return self.index
 
     def add_kernel(self, K: Tensor, dinv: Tensor | None = None) -> None:
         """``K += J D^-1 J^T`` (``D = I`` for ``dinv=None``)."""
@@ -244,6 +251,8 @@ class GramEngine(Engine):
         self.num_outputs = int(self.factors.shape[0] * self.factors.shape[1])
         self.kernel = self._kernel()
         self._eigh: tuple[Tensor, Tensor] | None = None
+        self._eigvals: Tensor | None = None
+        self._tensor_kernels: dict[str, Tensor] | None = None
 
     # ------------------------------------------------------------------ building
     def _build(self) -> tuple[list[Any], Tensor]:
@@ -320,7 +329,53 @@ class GramEngine(Engine):
         block.names = names  # type: ignore[attr-defined]
         return block
 
-    def _kernel(self, dinv: Tensor | None = None) -> Tensor:
+    def tensor_kernels(self) -> dict[str, Tensor] | None:
+        """``K_t = B E_t E_t^T B^T`` ``(M, M)`` for each parameter tensor ``t`` (``E_t`` its
+        columns of the identity), built once where they fit (a quarter of the available
+        memory), else ``None``: a diagonal ``D`` constant on each tensor then gives ``K_D =
+        sum_t K_t / d_t`` and the traces (O7) without a pass over the layers (the
+        layerwise prior's many factorisations)."""
+        if self._tensor_kernels is None:
+            prob = self.problem
+            M = self.num_outputs
+            need = len(prob.names) * M * M * self.factors.element_size()
+            if need > 0.25 * available_memory(self.factors.device):
+                return None
+            out = {}
+            for name, sl in prob.slices.items():
+                ind = torch.zeros(prob.num_params, dtype=self.factors.dtype, device=prob.device)
+                ind[sl] = 1.0
+                out[name] = self._kernel(ind, skip_zero=True)
+            self._tensor_kernels = out
+        return self._tensor_kernels
+
+    def weighted_kernel(self, w: Tensor) -> Tensor:
+        """``B diag(w) B^T`` ``(M, M)`` for ``w`` ``(P,)`` (O5/O6): a sum of the tensor
+        kernels when ``w`` is constant on each tensor and they fit, else built over the
+        layers ``w`` touches."""
+        const = self.per_tensor(w)
+        if const is not None and len(const) > 1:
+            kernels = self.tensor_kernels()
+            if kernels is not None:
+                out = torch.zeros_like(self.kernel)
+                for name, c in const.items():
+                    if c != 0.0:
+                        out.add_(kernels[name], alpha=c)
+                return out
+        return self._kernel(w, skip_zero=True)
+
+    def per_tensor(self, d: Tensor) -> dict[str, float] | None:
+        """``{name: d_t}`` when ``d`` ``(P,)`` is constant on every parameter tensor, else
+        ``None``."""
+        out = {}
+        for name, sl in self.problem.slices.items():
+            part = d[sl]
+            if part.numel() and bool((part != part[0]).any()):
+                return None
+            out[name] = float(part[0]) if part.numel() else 0.0
+        return out
+
+    def _kernel(self, dinv: Tensor | None = None, skip_zero: bool = False) -> Tensor:
         """``K = F (J D^-1 J^T) F^T = B D^-1 B^T`` (``D = I`` for ``dinv=None``; O5 per
         Linear layer), ``F`` block diagonal over samples (symmetric up to rounding; the
         factorisations read its lower triangle): three ``M x M`` arrays at the peak."""
@@ -329,6 +384,8 @@ class GramEngine(Engine):
         N, m, _ = F.shape
         KJ = torch.zeros(M, M, dtype=F.dtype, device=F.device)
         for b in self.blocks:
+            if skip_zero and dinv is not None and not bool(dinv[b.index_tensor()].any()):
+                continue  # a weighted kernel that this layer's parameters do not enter
             b.add_kernel(KJ, dinv)
         left = torch.bmm(F, KJ.view(N, m, M)).view(M, N, m)  # F_n (J J^T)[n, :]
         del KJ
@@ -355,11 +412,21 @@ class GramEngine(Engine):
         return out
 
     def eigh(self) -> tuple[Tensor, Tensor]:
-        """``K``'s eigenvalues (ascending) and eigenvectors, computed once: the whole
-        spectrum of ``C`` for counts at any shift."""
+        """``K``'s eigenvalues (ascending) and eigenvectors, computed once (the
+        solves of the eigen route, O3)."""
         if self._eigh is None:
             self._eigh = torch.linalg.eigh(self.kernel)
         return self._eigh
+
+    def eigvalsh(self) -> Tensor:
+        """``K``'s eigenvalues (ascending) ``(M,)``, computed once: the whole spectrum
+        of ``C`` for counts, log-determinants and evidences at any shift (values only:
+        about a quarter of `eigh`'s time)."""
+        if self._eigh is not None:
+            return self._eigh[0]
+        if self._eigvals is None:
+            self._eigvals = torch.linalg.eigvalsh(self.kernel)
+        return self._eigvals
 
     def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> GramFactorization:
         """``C + D`` factored in observation space ((O1)-(O3); a diagonal ``D``: (O6))."""
@@ -391,11 +458,11 @@ class GramFactorization(Factorization):
             10.0 * max(P, 1) * torch.finfo(dtype).eps if rank_rtol is None else float(rank_rtol)
         )
         self._chol: Tensor | None = None
-        self._eig: tuple[Tensor, Tensor] | None = None
+        self._keep = 0  # the eigen route's number of K's eigenpairs that C has
         self._dinv: Tensor | None = None
         if isinstance(damping, Tensor):  # (O6): det(C + D) = det D det(I + K_D)
             self._dinv = (1.0 / damping).to(dtype=dtype, device=K.device)
-            KD = engine._kernel(self._dinv)
+            KD = engine.weighted_kernel(self._dinv)
             KD.diagonal().add_(1.0)
             self._chol = torch.linalg.cholesky(KD)
             del KD
@@ -421,10 +488,8 @@ class GramFactorization(Factorization):
             # space, which C does not have): (O2) removes them, a count P - M < 0
             self._finish(self._chol.diagonal() ** 2, [(eps, P - M)], scale, "cholesky", dtype)
             return
-        mu, U = engine.eigh()
-        keep = min(M, P)  # M > P: K has M - P further zeros that C does not
-        mu, U = mu[M - keep :], U[:, M - keep :]
-        self._eig = (mu, U)
+        keep = self._keep = min(M, P)  # M > P: K has M - P further zeros that C does not
+        mu = engine.eigvalsh()[M - keep :]  # the eigenvectors only once a solve needs them
         self._finish(mu + eps, [(eps, P - keep)], scale, "eigen", dtype)
 
     def _finish(
@@ -450,6 +515,38 @@ class GramFactorization(Factorization):
         refinement (S7) without a pass over the data)."""
         e = self.engine
         return e.Bt(e.B(X)) + shift(self.damping, X)
+
+    def inverse_traces(self, weights: list[Tensor]) -> list[float] | None:
+        """``sum_i u_i [(C + D)^-1]_ii`` for each ``(P,)`` weight vector ``u`` (say, a
+        parameter tensor's indicator times its prior): ``sum u / d - tr(W B diag(u / d^2)
+        B^T)`` ((O7); ``W = (I + K_D)^-1``, for ``eps I``: ``(sum u - tr(W B diag(u) B^T))
+        / eps``, ``W = (eps I + K)^-1``), one weighted kernel a vector (O5: only the
+        layers ``u`` touches) and one ``M x M`` inverse, without ``P`` solves. ``None``
+        for the eigen route (``eps <= 0``)."""
+        if self._chol is None:
+            return None
+        e = self.engine
+        W = torch.cholesky_inverse(self._chol)
+        out = []
+        for u in weights:
+            u = u.to(W)
+            if self._dinv is not None:
+                d = self._dinv.to(W)
+                w, base, div = u * d * d, float((u * d).sum()), 1.0
+            else:
+                w, base, div = u, float(u.sum()), float(self.damping)
+            const = e.per_tensor(w)
+            kernels = e.tensor_kernels() if const is not None and len(const) > 1 else None
+            if kernels is not None:  # tr(W sum_t c_t K_t) without forming the sum
+                tr = sum(
+                    c * float(torch.vdot(W.reshape(-1), kernels[n].reshape(-1)))
+                    for n, c in const.items()  # type: ignore[union-attr]
+                    if c != 0.0
+                )
+            else:
+                tr = float(torch.vdot(W.reshape(-1), e.weighted_kernel(w).reshape(-1)))
+            out.append((base - tr) / div)
+        return out
 
     def inverse_diagonal(self, chunk: int = 256) -> Tensor | None:
         """The diagonal of ``(C + D)^-1`` ``(P,)`` from the Woodbury form, without ``P``
@@ -483,7 +580,9 @@ class GramFactorization(Factorization):
         if self._chol is not None:  # (O1)
             Z = torch.cholesky_solve(BV, self._chol)
             return (V - e.Bt(Z)) / eps
-        mu, U = self._eig  # type: ignore[misc]
+        mu, U = e.eigh()
+        M = mu.shape[0]
+        mu, U = mu[M - self._keep :], U[:, M - self._keep :]
         W = U.T @ BV
         if eps != 0.0:
             return (V - e.Bt(U @ (W / (mu + eps)[:, None]))) / eps
