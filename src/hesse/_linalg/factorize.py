@@ -535,17 +535,9 @@ def prepared(
 ) -> Engine:
     """`engine`, kept on a `Problem` and reused while its state is unchanged (the one
     preparation that `factorize`, the counts, `eigenvalue` and the optimisers share)."""
-    if not isinstance(problem, Problem):
-        return engine(
-            problem,
-            curvature,
-            method=method,
-            promote=promote,
-            max_memory=max_memory,
-            progress=progress,
-        )
     key = (curvature, method, promote, repr(max_memory))
-    eng = _cached(problem, key)
+    cache = isinstance(problem, Problem)
+    eng = _cached(problem, key) if cache else None  # type: ignore[arg-type]
     if eng is None:
         eng = engine(
             problem,
@@ -555,7 +547,8 @@ def prepared(
             max_memory=max_memory,
             progress=progress,
         )
-        _store(problem, key, eng)
+        if cache:
+            _store(problem, key, eng)  # type: ignore[arg-type]
     return eng
 
 
