@@ -349,20 +349,26 @@ class GramEngine(Engine):
             self._tensor_kernels = out
         return self._tensor_kernels
 
+    def tensor_terms(self, w: Tensor) -> list[tuple[float, Tensor]] | None:
+        """``[(w_t, K_t)]`` with ``B diag(w) B^T = sum_t w_t K_t`` when ``w`` ``(P,)`` is
+        constant on each of several tensors and their kernels fit, else ``None``."""
+        const = self.per_tensor(w)
+        kernels = self.tensor_kernels() if const is not None and len(const) > 1 else None
+        if kernels is None:
+            return None
+        return [(c, kernels[n]) for n, c in const.items() if c != 0.0]  # type: ignore[union-attr]
+
     def weighted_kernel(self, w: Tensor) -> Tensor:
         """``B diag(w) B^T`` ``(M, M)`` for ``w`` ``(P,)`` (O5/O6): a sum of the tensor
-        kernels when ``w`` is constant on each tensor and they fit, else built over the
-        layers ``w`` touches."""
-        const = self.per_tensor(w)
-        if const is not None and len(const) > 1:
-            kernels = self.tensor_kernels()
-            if kernels is not None:
-                out = torch.zeros_like(self.kernel)
-                for name, c in const.items():
-                    if c != 0.0:
-                        out.add_(kernels[name], alpha=c)
-                return out
-        return self._kernel(w, skip_zero=True)
+        kernels where `tensor_terms` gives them, else built over the layers ``w``
+        touches."""
+        terms = self.tensor_terms(w)
+        if terms is None:
+            return self._kernel(w, skip_zero=True)
+        out = torch.zeros_like(self.kernel)
+        for c, K_t in terms:
+            out.add_(K_t, alpha=c)
+        return out
 
     def per_tensor(self, d: Tensor) -> dict[str, float] | None:
         """``{name: d_t}`` when ``d`` ``(P,)`` is constant on every parameter tensor, else
@@ -535,14 +541,9 @@ class GramFactorization(Factorization):
                 w, base, div = u * d * d, float((u * d).sum()), 1.0
             else:
                 w, base, div = u, float(u.sum()), float(self.damping)
-            const = e.per_tensor(w)
-            kernels = e.tensor_kernels() if const is not None and len(const) > 1 else None
-            if kernels is not None:  # tr(W sum_t c_t K_t) without forming the sum
-                tr = sum(
-                    c * float(torch.vdot(W.reshape(-1), kernels[n].reshape(-1)))
-                    for n, c in const.items()  # type: ignore[union-attr]
-                    if c != 0.0
-                )
+            terms = e.tensor_terms(w)
+            if terms is not None:  # tr(W sum_t c_t K_t) without forming the sum
+                tr = sum(c * float(torch.vdot(W.reshape(-1), K_t.reshape(-1))) for c, K_t in terms)
             else:
                 tr = float(torch.vdot(W.reshape(-1), e.weighted_kernel(w).reshape(-1)))
             out.append((base - tr) / div)
