@@ -58,10 +58,10 @@ def _rss_mb() -> float:
 def _time_pivot_work() -> dict[str, float]:
     """Wrap the sweep's dense pivot work (factor each pivot, the Schur updates), which
     the structured and the naive sweeps share, to time it inside a run."""
-    from hesse._chain import pivots as _chain_pivots
+    from hesse._factor import elimination as _elimination
 
     spent = {"pivot_s": 0.0}
-    fn = _chain_pivots.Elimination.__init__  # factor the pivot, test, Schur update
+    fn = _elimination.Elimination.__init__  # factor the pivot, test, Schur update
 
     def timed(*a, _fn=fn, **k):
         t = time.perf_counter()
@@ -70,7 +70,7 @@ def _time_pivot_work() -> dict[str, float]:
         finally:
             spent["pivot_s"] += time.perf_counter() - t
 
-    _chain_pivots.Elimination.__init__ = timed
+    _elimination.Elimination.__init__ = timed
     return spent
 
 

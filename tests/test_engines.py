@@ -165,8 +165,8 @@ def _wide_mlp() -> hesse.Problem:
 
 def _cnn_many_samples() -> hesse.Problem:
     case = make_case("cnn", "ce", seed=1)
-    X = torch.randn(200, *case.X.shape[1:])
-    y = torch.randint(0, 3, (200,))
+    X = torch.randn(1000, *case.X.shape[1:])
+    y = torch.randint(0, 3, (1000,))
     return hesse.Problem(case.model, case.loss_fn, (X, y))
 
 
@@ -180,7 +180,7 @@ def _deep_narrow() -> hesse.Problem:
 PLANS = [
     # the problem, its curvature, the engine auto must pick (clear by orders of magnitude)
     (_wide_mlp, "ggn", "gram"),  # P = 6803 against M = 24
-    (_cnn_many_samples, "ggn", "dense"),  # not a chain, M = 600 > P = 111
+    (_cnn_many_samples, "ggn", "dense"),  # not a chain, M = 3000 >> P = 141: ~12x apart
     (_deep_narrow, "hessian", "chain"),  # 64 layers, P = 4443: the Hessian, linear in depth
 ]
 

@@ -1,6 +1,8 @@
 """The package's layers: every import, deferred ones inside functions included, goes to
-a strictly lower layer, so no import cycle can come back. A new module must be given a
-layer here (and in the README's layout section)."""
+a strictly lower layer, module by module and private package by private package, so no
+import cycle can come back, between modules or between packages. Imports are absolute
+(a relative one is an error here, not skipped). A new module must be given a layer here
+(and in the README's layout section); a new private package a rank in PACKAGES."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ LAYERS: dict[str, int] = {
     "hesse._autodiff": 0,
     "hesse._operators": 0,
     "hesse._spectral": 0,
+    "hesse._factor": 0,
     "hesse._chain": 0,
     "hesse._linalg": 0,
     "hesse._apps": 0,
@@ -33,12 +36,12 @@ LAYERS: dict[str, int] = {
     "hesse._autodiff.kernels": 0,
     "hesse._autodiff.distributed": 0,
     "hesse._autodiff.layers": 0,
-    "hesse._linalg.results": 0,
+    "hesse._factor.results": 0,
     "hesse._report.schema": 0,
     "hesse._cli.data": 0,
     # 1-3: the problem, its products, Bishop, checks; the chain's stages
     "hesse._autodiff.problem": 1,
-    "hesse._chain.pivots": 1,
+    "hesse._factor.elimination": 1,
     "hesse._autodiff.products": 2,
     "hesse._autodiff.bishop": 2,
     "hesse._autodiff.check": 3,
@@ -54,7 +57,7 @@ LAYERS: dict[str, int] = {
     "hesse._spectral.tracker": 6,
     # 3-7: exact factorisations: the shared base, the three engines, the choice among
     # them, and what is built on it (solves, counts, certified eigenvalues)
-    "hesse._linalg.base": 3,
+    "hesse._factor.base": 3,
     "hesse._chain.chain": 4,
     "hesse._chain.factorization": 5,
     "hesse._linalg.dense": 5,
@@ -79,7 +82,7 @@ LAYERS: dict[str, int] = {
     "hesse._cli.output": 1,
     "hesse._cli.training": 11,
     "hesse": 12,
-    "hesse._cli.inputs": 13,
+    "hesse._cli.inputs": 10,
     "hesse._cli.analysis": 14,
     "hesse._cli.train": 14,
     "hesse._cli.influence": 14,
@@ -87,6 +90,32 @@ LAYERS: dict[str, int] = {
     "hesse._cli.__main__": 16,
     "hesse.__main__": 16,
 }
+
+
+PACKAGES: dict[str, int] = {
+    # the private packages (and the public one): an import from one package to another
+    # goes to a strictly lower rank. _factor (results, the engine contract, the stable
+    # elimination) sits below both _chain and _linalg, which is what breaks their cycle.
+    "hesse._util": 0,
+    "hesse._autodiff": 1,
+    "hesse._operators": 2,
+    "hesse._spectral": 3,
+    "hesse._factor": 3,
+    "hesse._chain": 4,
+    "hesse._report": 4,
+    "hesse._linalg": 5,
+    "hesse._apps": 6,
+    "hesse.optim": 6,
+    "hesse": 7,
+    "hesse._cli": 8,
+    "hesse.__main__": 9,
+}
+
+
+def _package(module: str) -> str:
+    """The package a module belongs to for PACKAGES: ``hesse._x.y`` -> ``hesse._x``."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
 
 
 def _module_name(path: Path) -> str:
@@ -98,6 +127,10 @@ def _module_name(path: Path) -> str:
 
 
 def _targets(node: ast.AST) -> list[str]:
+    """The hesse modules an import statement names (``"<relative>"`` for a relative
+    import, which this test refuses rather than skips)."""
+    if isinstance(node, ast.ImportFrom) and node.level > 0:
+        return ["<relative>"]
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name.split(".")[0] == "hesse"]
     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -114,23 +147,55 @@ def _targets(node: ast.AST) -> list[str]:
     return []
 
 
-def test_every_import_goes_down_the_layers():
-    bad, unknown = [], []
+def _imports() -> list[tuple[str, str]]:
+    """Every (importing module, imported hesse module) pair of the package's source."""
+    pairs = []
     for path in sorted(SRC.rglob("*.py")):
         src = _module_name(path)
-        if src not in LAYERS:
-            unknown.append(src)
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
-            for target in _targets(node):
-                if target not in LAYERS:
-                    unknown.append(target)
-                elif LAYERS[target] >= LAYERS[src]:
-                    bad.append(
-                        f"{src} (layer {LAYERS[src]}) imports {target} (layer {LAYERS[target]})"
-                    )
-    assert not unknown, f"modules without a layer: {sorted(set(unknown))}"
-    assert not bad, "imports against the layers:\n" + "\n".join(bad)
+            pairs += [(src, target) for target in _targets(node)]
+    return pairs
+
+
+def _against(pairs: list[tuple[str, str]], ranks: dict[str, int], key) -> list[str]:
+    """The pairs whose imported side is not strictly lower than the importer under
+    ``ranks`` (of ``key(module)``); an unranked side is reported too."""
+    bad = []
+    for src, target in pairs:
+        a, b = key(src), key(target)
+        if a == b and key is _package:
+            continue  # inside one package the module layers rule
+        if a not in ranks or b not in ranks:
+            bad.append(f"{src} -> {target}: no rank for {a if a not in ranks else b}")
+        elif ranks[b] >= ranks[a]:
+            bad.append(f"{src} ({a}, {ranks[a]}) imports {target} ({b}, {ranks[b]})")
+    return bad
+
+
+def test_every_import_goes_down_the_layers():
+    pairs = _imports()
+    relative = sorted({src for src, target in pairs if target == "<relative>"})
+    assert not relative, f"relative imports (write them absolute): {relative}"
+    unknown = {_module_name(p) for p in SRC.rglob("*.py")} - set(LAYERS)
+    assert not unknown, f"modules without a layer: {sorted(unknown)}"
+    bad = _against(pairs, LAYERS, lambda m: m)
+    assert not bad, "imports against the module layers:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle_between_packages():
+    bad = _against(_imports(), PACKAGES, _package)
+    assert not bad, "imports against the package ranks:\n" + "\n".join(bad)
+
+
+def test_the_layering_test_catches_a_package_cycle_and_a_relative_import():
+    # _chain importing _linalg (the cycle this package split removed) is refused, though
+    # each module on its own could be given a consistent module layer
+    pairs = [("hesse._chain.factorization", "hesse._linalg.base")]
+    assert _against(pairs, PACKAGES, _package)
+    assert not _against([("hesse._linalg.dense", "hesse._factor.elimination")], PACKAGES, _package)
+    assert _against([("hesse._linalg.x", "hesse._newpkg.y")], PACKAGES, _package)  # unranked
+    node = ast.parse("def f():\n    from .results import Inertia\n")
+    assert _targets(node.body[0].body[0]) == ["<relative>"]
 
 
 def test_the_layering_test_catches_a_deferred_upward_import(tmp_path):

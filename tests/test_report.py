@@ -41,30 +41,58 @@ def _png_size(path: Path) -> tuple[int, int]:
 def _check_report(folder: Path) -> dict:
     rep = json.loads((folder / "report.json").read_text())
     jsonschema.validate(rep, hesse.REPORT_SCHEMA)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*rep["figures"], "report.json"])
-    for name in rep["figures"]:
-        w, h = _png_size(folder / name)
-        assert 400 <= w <= 2000 and 250 <= h <= 1200, (name, w, h)
+    files = [f["file"] for f in rep["figures"]]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "report.json"])
+    for fig in rep["figures"]:
+        w, h = _png_size(folder / fig["file"])
+        assert 400 <= w <= 2000 and 250 <= h <= 1200, (fig["file"], w, h)
+        # every figure says what it shows: a title, both axes, one sentence of caption
+        assert all(fig[k].strip() for k in ("title", "x_label", "y_label")), fig
+        assert fig["caption"].endswith(".") and "\n" not in fig["caption"], fig
     return rep
 
 
 def test_report_dense(tmp_path, capsys):
     out = tmp_path / "rep"
-    assert _cli.main(["analyze", *SMALL, "--report", str(out)]) == 0
+    js = ["--json", str(tmp_path / "s.json")]
+    assert _cli.main(["analyze", *SMALL, *js, "--report", str(out)]) == 0
     assert "report:" in capsys.readouterr().out
     rep = _check_report(out)
-    assert set(rep["figures"]) == {
+    assert [f["file"] for f in rep["figures"]] == [
         "density.png",
         "top_eigenvalues.png",
         "blocks.png",
+        "hessian.png",
         "landscape.png",
-    }
+    ]
+    # the blocks are between parameter tensors, by their named_parameters() names; the
+    # residual is exactly zero on the output layer (the output is linear in it), and the
+    # Hessian's blocks there equal the GGN's
+    b = rep["blocks"]
+    assert b["tensors"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert b["sizes"] == [64 * 5, 5, 5 * 10, 10]
+    z = b["exact_zero"]["residual"]
+    assert z[2][2] and z[2][3] and z[3][3] and not z[0][0]
+    assert not any(v for row in b["exact_zero"]["hessian"] for v in row[:2])
+    assert "2.weight x 2.weight" in rep["figures"][2]["caption"]
+    # the density is exact (no products) and integrates to 1; the symmetric-log counts
+    # account for every eigenvalue, with the summary's zero tolerance
+    d = rep["density"]
+    assert d["method"] == "exact" and d["num_probes"] == 0
     top = torch.tensor(rep["top_eigenvalues"]["values"])
     dense = torch.tensor(rep["top_eigenvalues"]["dense"])
     assert torch.allclose(top, dense, rtol=1e-6, atol=1e-10)
     assert rep["trace"]["method"] == "exact" and rep["histogram"]["source"] == "dense"
     assert sum(rep["histogram"]["counts"]) == rep["num_params"]
-    d = rep["density"]
+    sl = rep["histogram"]["symlog"]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (sl["num_negative"], sl["num_zero"]) == (summary["num_negative"], summary["num_zero"])
+    assert sl["num_negative"] + sl["num_zero"] + sl["num_positive"] == rep["num_params"]
+    assert sum(sl["negative"]["counts"]) == sl["num_negative"] > 0
+    assert sum(sl["positive"]["counts"]) == sl["num_positive"]
+    assert sl["linthresh"] == pytest.approx(summary["zero_tol"], rel=1e-12)
+    img = rep["hessian_image"]
+    assert len(img["cells"]) == min(160, rep["num_params"]) and img["boundaries"][0] == 0
     assert float(
         torch.trapezoid(torch.tensor(d["density"]), torch.tensor(d["grid"]))
     ) == pytest.approx(1.0, abs=1e-3)
@@ -74,7 +102,7 @@ def test_report_dense(tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
-    assert [p.name for p in tmp_path.iterdir()] == ["rep"]  # no temporary folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "s.json"]  # no temporaries
 
 
 def test_report_large_model_path(tmp_path):
@@ -84,7 +112,13 @@ def test_report_large_model_path(tmp_path):
     assert _cli.main(args) == 0
     rep = _check_report(out)
     assert rep["trace"]["method"] == "hutch++" and rep["trace"]["std_error"] > 0
-    assert rep["blocks"] is None and "blocks.png" not in rep["figures"]
+    assert rep["blocks"] is None and rep["hessian_image"] is None
+    assert {f["file"] for f in rep["figures"]} == {
+        "density.png",
+        "top_eigenvalues.png",
+        "landscape.png",
+    }
+    assert rep["density"]["method"] == "slq" and rep["histogram"]["symlog"] is None
     assert rep["histogram"]["source"] == "chain"
     assert sum(rep["histogram"]["counts"]) == rep["num_params"]
 

@@ -107,3 +107,121 @@ def test_checkpoint_for_another_model_shape(tmp_path):
     torch.save(ck, ck_path)
     with pytest.raises(SystemExit, match="does not fit this model"):
         _run(tmp_path, "hf", 4, resume=True)
+
+
+# ----------------------------------------------------------------------------- a user's model
+USER_MODELS = """
+from torch import nn
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)
+    )
+
+class Two(nn.Module):  # not an nn.Sequential: no chain
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x).tanh())
+
+def two():
+    return Two()
+"""
+
+
+def _user_files(tmp_path):
+    import numpy as np
+
+    (tmp_path / "models.py").write_text(USER_MODELS)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5))
+    np.savez(tmp_path / "reg.npz", X=X, y=np.sin(X @ rng.standard_normal(5)))  # y: (N,)
+    np.savez(tmp_path / "img.npz", X=rng.standard_normal((30, 1, 8, 8)), y=rng.integers(0, 3, 30))
+    return tmp_path / "models.py"
+
+
+def _train_user(out, spec, data, opt, steps, *extra):
+    args = ["train", "--model", spec, "--data", str(data), "--optimizer", opt]
+    args += ["--steps", str(steps), "--checkpoint-every", "2", "--out", str(out), *FAST, *extra]
+    return _cli.main(args)
+
+
+def _analyzed_loss(tmp_path, spec, data, weights) -> float:
+    import json
+
+    js = tmp_path / f"{weights.stem}.json"
+    args = ["analyze", "--model", spec, "--data", str(data), "--weights", str(weights)]
+    args += ["--json", str(js), "--no-progress", "--chain-samples", "0"]
+    assert _cli.main(args) == 0
+    return json.loads(js.read_text())["loss"]
+
+
+def test_train_a_users_mlp_with_mse_resume_and_analyze_its_weights(tmp_path, capsys):
+    """``hesse train --model FILE.py:FACTORY --data FILE.npz``: MSE on float targets, HF
+    and ChainNewton; stopped after 2 steps and resumed to 4, the losses are the
+    uninterrupted run's bit for bit; the written weights load in ``hesse analyze
+    --weights``, whose loss is the run's last."""
+    spec = f"{_user_files(tmp_path)}:mlp"
+    data = tmp_path / "reg.npz"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _train_user(full, spec, data, "hf,chain-newton", 4) == 0
+    assert "weights_*.pt" in capsys.readouterr().out
+    assert _train_user(cut, spec, data, "hf,chain-newton", 2) == 0
+    assert _train_user(cut, spec, data, "hf,chain-newton", 4, "--resume") == 0
+    for kind in ("hf", "chain-newton"):
+        a = _train.read_csv(full / f"losses_{kind}.csv")
+        b = _train.read_csv(cut / f"losses_{kind}.csv")
+        assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 5
+        assert a[-1]["loss"] < a[0]["loss"], kind
+        loss = _analyzed_loss(tmp_path, spec, data, full / f"weights_{kind}.pt")
+        assert loss == pytest.approx(a[-1]["loss"], rel=1e-12), kind
+    assert "MSELoss" in capsys.readouterr().out
+    # a resume with other data is refused, nothing written
+    import numpy as np
+
+    other = tmp_path / "other.npz"
+    np.savez(other, X=np.ones((40, 5)), y=np.ones(40))
+    before = (cut / "losses_hf.csv").read_bytes()
+    with pytest.raises(SystemExit, match=r"written with data="):
+        _train_user(cut, spec, other, "hf", 6, "--resume")
+    assert (cut / "losses_hf.csv").read_bytes() == before
+
+
+def test_train_a_users_cnn_with_cross_entropy(tmp_path, capsys):
+    spec = f"{_user_files(tmp_path)}:cnn"
+    data = tmp_path / "img.npz"
+    out = tmp_path / "out"
+    assert _train_user(out, spec, data, "hf,adam", 3) == 0
+    assert sorted(p.name for p in out.glob("weights_*.pt")) == ["weights_adam.pt", "weights_hf.pt"]
+    rows = _train.read_csv(out / "losses_hf.csv")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert _analyzed_loss(tmp_path, spec, data, out / "weights_hf.pt") == pytest.approx(
+        rows[-1]["loss"], rel=1e-12
+    )
+    assert "CrossEntropyLoss" in capsys.readouterr().out
+
+
+def test_train_refuses_bad_user_inputs_before_any_work(tmp_path):
+    models = _user_files(tmp_path)
+    out = tmp_path / "out"
+    reg, img = tmp_path / "reg.npz", tmp_path / "img.npz"
+    cases = [
+        (["--example", "classifier", "--model", f"{models}:mlp"], "not both"),
+        (["--data", str(reg)], "go with --model"),
+        (
+            ["--model", f"{models}:two", "--data", str(reg), "--optimizer", "chain-newton"],
+            "ChainNewton needs an nn.Sequential",
+        ),
+        (["--model", f"{models}:mlp", "--data", str(img)], "does not accept the data's inputs"),
+        (["--model", f"{models}:mlp", "--data", str(reg), "--loss", "ce"], "integer class labels"),
+        (["--model", f"{models}:nothing", "--data", str(reg)], "no callable 'nothing'"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            _cli.main(["train", "--steps", "1", "--out", str(out), *FAST, *extra])
+        assert not out.exists()  # refused before --out was made

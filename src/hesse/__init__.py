@@ -13,16 +13,16 @@ from hesse._autodiff.check import CheckReport, CheckRow, check
 from hesse._autodiff.problem import Parameters, Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization
-from hesse._linalg.base import Engine, Factorization, InverseOperator
-from hesse._linalg.eigen import count_eigenvalues, eigenvalue, eigenvalue_histogram
-from hesse._linalg.factorize import EngineCost, Plan, engine, factorize, plan
-from hesse._linalg.results import (
+from hesse._factor.base import Engine, Factorization, InverseOperator
+from hesse._factor.results import (
     FactorizationStatus,
     InaccurateSolveError,
     Inertia,
     SingularPivotError,
     SolveResult,
 )
+from hesse._linalg.eigen import count_eigenvalues, eigenvalue, eigenvalue_histogram
+from hesse._linalg.factorize import EngineCost, Plan, engine, factorize, plan
 from hesse._linalg.solve import NewtonStep, inertia, logdet, newton_step, solve
 from hesse._operators.base import CurvatureOperator
 from hesse._operators.curvature import (

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hesse._apps.per_sample import per_sample_gradient_chunks, per_sample_gradients
 from hesse._autodiff.problem import Problem
-from hesse._linalg.base import Factorization, shift
+from hesse._factor.base import Factorization, shift
 from hesse._linalg.factorize import factorize
 from hesse._linalg.solve import solve as krylov_solve
 from hesse._operators.curvature import curvature_operator

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff import products
 from hesse._autodiff.problem import Problem, map_tensors
-from hesse._linalg.base import Factorization, shift
+from hesse._factor.base import Factorization, shift
 from hesse._linalg.dense import DenseEngine
 from hesse._linalg.factorize import engine as make_engine
 from hesse._linalg.gram import GramEngine, output_factor

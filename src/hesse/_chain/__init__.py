@@ -1,2 +1,3 @@
-"""The chain solver: stages, their stable elimination, the sweep and its factorisation
-(design note: docs/design/chain-curvature.md)."""
+"""The chain solver: stages, the sweep and its factorisation (design note:
+docs/design/chain-curvature.md). The stable elimination it runs at every stage lives in
+`hesse._factor.elimination`."""

@@ -4,7 +4,7 @@ time linear in the number of stages, for ``C`` the Hessian or the Gauss-Newton m
 Math and names: docs/design/chain-curvature.md, whose equation numbers the comments
 cite. The backward (Riccati) sweep (R1)-(R7) is block Gaussian elimination of
 ``C + eps I`` in the order ``x_L, ..., x_1`` with threshold pivoting and delayed pivots
-(S1)-(S6, `hesse._chain.pivots`); the log-determinant and (Sylvester) the inertia come
+(S1)-(S6, `hesse._factor.elimination`); the log-determinant and (Sylvester) the inertia come
 from the pivots (L1, L2), and solves are refined against the true operator (S7). The
 sweep knows no layer type: it sees stages only through `StageDerivatives` (their A, B
 and G products, the blocks of Q, and a stage's own structured elimination where it has
@@ -20,10 +20,10 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem, float64_problem
 from hesse._chain.chain import Chain
-from hesse._chain.pivots import Elimination, StageContext, StageElimination, SweepState
 from hesse._chain.stages import Stage, StageDerivatives
-from hesse._linalg.base import Factorization, PivotSummary
-from hesse._linalg.results import FactorizationStatus
+from hesse._factor.base import Factorization, PivotSummary
+from hesse._factor.elimination import Elimination, StageContext, StageElimination, SweepState
+from hesse._factor.results import FactorizationStatus
 from hesse._util.progress import progress_bar
 
 __all__ = ["ChainFactorization", "as_chain", "promoted"]

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hesse._chain import pivots
-from hesse._chain.pivots import TAU, Elimination, StageContext, StageElimination, SweepState
 from hesse._chain.stages import Stage, StageDerivatives
+from hesse._factor.elimination import TAU, Elimination, StageContext, StageElimination, SweepState
 from hesse._util import memory
 
 __all__ = ["LinearStage"]
@@ -192,7 +191,7 @@ class _Wide:
             torch.linalg.vector_norm(d.lam, dim=0).max()
         )
         damping, tol, stage = ctx.damping, ctx.tol, ctx.stage
-        if not abs(damping) >= TAU * c and c > tol and not pivots.UNPIVOTED:
+        if not abs(damping) >= TAU * c and c > tol:
             S = ctx.state.S_zz
             dense = 4 * d.p * d.p * S.element_size()  # the pivot, its eigenvectors, work
             if dense <= memory.BUDGET_FRACTION * memory.available_memory(S.device):

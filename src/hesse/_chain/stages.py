@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff import losses
 from hesse._autodiff.layers import activation_derivatives
-from hesse._chain.pivots import StageContext, StageElimination
+from hesse._factor.elimination import StageContext, StageElimination
 
 __all__ = [
     "ElementwiseStage",

@@ -15,7 +15,17 @@ from torch import Tensor, nn
 
 from hesse._cli.data import load_digits_data, shard_bounds
 
-__all__ = ["Setup", "build_setup", "default_model", "load_factory", "load_npz"]
+__all__ = [
+    "Setup",
+    "build_setup",
+    "check_accepts",
+    "check_loss",
+    "default_model",
+    "load_factory",
+    "load_npz",
+    "load_weights",
+    "make_loss",
+]
 
 DEFAULT_HIDDEN = 32
 DEFAULT_TRAIN_STEPS = 300
@@ -115,14 +125,8 @@ def _load_data(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Tensor, Te
     return X, y, desc
 
 
-def _load_model(args: argparse.Namespace, X: Tensor, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """The model (``--model`` or the built-in one) in ``dtype``, checked against one
-    sample, with ``--weights`` loaded; and its description."""
-    if args.model:
-        model, desc = load_factory(args.model), f"{args.model}"
-    else:
-        model, desc = default_model(args.hidden, args.seed), f"tanh MLP 64-{args.hidden}-10"
-    model = model.to(dtype)
+def check_accepts(model: nn.Module, X: Tensor) -> None:
+    """Refuse (``SystemExit``) a model that cannot take one sample of the data."""
     try:
         with torch.no_grad():
             model(X[:1])
@@ -131,16 +135,60 @@ def _load_model(args: argparse.Namespace, X: Tensor, dtype: torch.dtype) -> tupl
             f"the model does not accept the data's inputs (one sample of shape "
             f"{tuple(X.shape[1:])}): {_first_line(err)}"
         ) from None
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """``--weights``: a ``state_dict`` saved with ``torch.save`` (read ``weights_only``)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--weights: no such file {path!r}")
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # torch raises several types for foreign or bad files
+        raise SystemExit(
+            f"--weights: {path!r} is not a state_dict of this model ({_first_line(err)})"
+        ) from None
+
+
+def make_loss(kind: str, y: Tensor, dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
+    """``--loss`` (``auto``: cross-entropy for integer ``y``, MSE otherwise) and the
+    targets in the loss's shape (one regression target a sample: ``(N, 1)``)."""
+    if kind == "auto":
+        kind = "ce" if not y.is_floating_point() else "mse"
+    if kind == "ce" and y.is_floating_point():
+        raise SystemExit("--loss ce needs integer class labels y; the data's y are floating-point")
+    loss_fn = nn.CrossEntropyLoss() if kind == "ce" else nn.MSELoss()
+    if kind == "mse" and y.ndim == 1:
+        y = y.reshape(-1, 1)
+    return loss_fn, y.to(dtype) if kind == "mse" else y
+
+
+def check_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> None:
+    """Refuse (``SystemExit``) outputs the loss cannot take (two samples tried)."""
+    try:
+        with torch.no_grad():
+            value = loss_fn(model(X[:2]), y[:2])
+    except Exception as err:
+        raise SystemExit(
+            f"{type(loss_fn).__name__} does not accept the model's outputs with the data's "
+            f"targets (y of shape {tuple(y.shape[1:])} a sample): {_first_line(err)}"
+        ) from None
+    if value.ndim != 0:
+        raise SystemExit(
+            f"{type(loss_fn).__name__} returned shape {tuple(value.shape)}, not a scalar"
+        )
+
+
+def _load_model(args: argparse.Namespace, X: Tensor, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """The model (``--model`` or the built-in one) in ``dtype``, checked against one
+    sample, with ``--weights`` loaded; and its description."""
+    if args.model:
+        model, desc = load_factory(args.model), f"{args.model}"
+    else:
+        model, desc = default_model(args.hidden, args.seed), f"tanh MLP 64-{args.hidden}-10"
+    model = model.to(dtype)
+    check_accepts(model, X)
     if args.weights:
-        if not Path(args.weights).is_file():
-            raise SystemExit(f"--weights: no such file {args.weights!r}")
-        try:
-            model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-        except Exception as err:  # torch raises several types for foreign or bad files
-            raise SystemExit(
-                f"--weights: {args.weights!r} is not a state_dict of this model "
-                f"({_first_line(err)})"
-            ) from None
+        load_weights(model, args.weights)
         desc += f", weights {args.weights}"
     return model, desc
 
@@ -151,12 +199,8 @@ def build_setup(args: argparse.Namespace) -> Setup:
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     X, y, data_desc = _load_data(args, dtype)
     model, desc = _load_model(args, X, dtype)
-    loss_kind = args.loss
-    if loss_kind == "auto":
-        loss_kind = "ce" if not y.is_floating_point() else "mse"
-    loss_fn = nn.CrossEntropyLoss() if loss_kind == "ce" else nn.MSELoss()
-    if loss_kind == "mse" and y.ndim == 1:  # one regression target a sample: (N, 1)
-        y = y.reshape(-1, 1)
+    loss_fn, y = make_loss(args.loss, y, dtype)
+    check_loss(model, loss_fn, X, y)
     setup = Setup(model, loss_fn, X, y, f"{desc} on {data_desc}, {type(loss_fn).__name__}")
     if not args.model and not args.weights and args.train_steps > 0:
         secs = train_default(setup, args.train_steps, args.seed)  # every rank: all the data

@@ -119,8 +119,31 @@ def _analyze_parser(sub: Any) -> None:
 
 
 def _train_parser(sub: Any) -> None:
-    pt = sub.add_parser("train", help="train a built-in example with second-order optimisers")
-    pt.add_argument("--example", choices=["autoencoder", "classifier"], default="classifier")
+    pt = sub.add_parser(
+        "train", help="train a built-in example or your model with second-order optimisers"
+    )
+    pt.add_argument(
+        "--example",
+        choices=["autoencoder", "classifier"],
+        default=None,
+        help="a built-in example (default classifier, when no --model is given)",
+    )
+    pt.add_argument(
+        "--model",
+        help="FILE.py:FACTORY returning an nn.Module (built after torch.manual_seed(--seed))",
+    )
+    pt.add_argument(
+        "--data", help="with --model: .npz with arrays X and y (default: scikit-learn digits)"
+    )
+    pt.add_argument(
+        "--weights", help="with --model: initial state_dict (torch.save; loaded weights_only)"
+    )
+    pt.add_argument(
+        "--loss",
+        choices=["auto", "ce", "mse"],
+        default="auto",
+        help="with --model: auto is cross-entropy for integer y, MSE otherwise",
+    )
     pt.add_argument(
         "--optimizer",
         default="hf,chain-newton,adam,sgd",
@@ -148,7 +171,12 @@ def _train_parser(sub: Any) -> None:
         default=64,
         help="samples for HF's and ChainNewton's curvature per step",
     )
-    pt.add_argument("--out", default=None, help="output folder (default hesse-train-EXAMPLE)")
+    pt.add_argument(
+        "--out",
+        default=None,
+        help="output folder: checkpoints, losses_*.csv, curves.png, weights_*.pt "
+        "(default hesse-train-EXAMPLE or hesse-train-FACTORY)",
+    )
     pt.add_argument("--checkpoint-every", type=_NONNEG_INT, default=10, help="0: no checkpoints")
     pt.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     pt.add_argument("--seed", type=int, default=0)

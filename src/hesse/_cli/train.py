@@ -17,8 +17,23 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
         raise SystemExit(
             f"hesse train: unknown optimizer(s) {bad}; choose from {list(_train.OPTIMIZERS)}"
         )
+    if args.model and args.example:
+        raise SystemExit("hesse train: give --example or --model FILE.py:FACTORY, not both")
+    if not args.model and (args.data or args.weights or args.loss != "auto"):
+        raise SystemExit(
+            "hesse train: --data, --weights and --loss go with --model FILE.py:FACTORY"
+        )
+    source = _train.Source(
+        args.example or "classifier", args.model, args.data, args.loss, args.weights
+    )
+    try:  # every optimiser on the model, before any heavy work
+        ex = source.build(args.seed)
+        for kind in kinds:
+            _train.make_optimizer(kind, ex, args.lr, args.damping)
+    except ValueError as err:
+        raise SystemExit(f"hesse train: {err}") from None
     ranks = _train.Ranks(getattr(args, "rank", 0), getattr(args, "world", 1))
-    out = Path(args.out or f"hesse-train-{args.example}")
+    out = Path(args.out or source.folder)
     error = None
     if ranks.rank == 0:  # one rank writes: checkpoints, CSV files, curves
         try:
@@ -37,7 +52,7 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
         try:
             hist = _train.train_one(
                 kind,
-                args.example,
+                source,
                 out,
                 steps=args.steps,
                 seed=args.seed,
@@ -59,6 +74,6 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
             f"{best:>14.6g}"
         )
     if ranks.rank == 0:
-        png = _train.plot_curves(out, args.example)
-        print(f"curves: {png} (and losses_*.csv)")
+        png = _train.plot_curves(out, source.label)
+        print(f"curves: {png} (and losses_*.csv); trained weights: {out}/weights_*.pt")
     return 0

@@ -1,10 +1,13 @@
-"""``hesse train``: the built-in training examples, checkpoints and loss curves.
+"""``hesse train``: the built-in training examples or a user's model and data,
+checkpoints, loss curves and the trained weights.
 
 A CLI-side module (it prints and writes files). Checkpoints hold the model, the
 optimiser's ``state_dict`` (damping, trust radius, CG warm start, counters), every
 random generator and the history so far, and are written atomically (temporary file,
 then rename), so a run killed between steps resumes from its last checkpoint and
-reproduces the uninterrupted run's losses exactly.
+reproduces the uninterrupted run's losses exactly. After each optimiser's run its model's
+``state_dict`` is written to ``weights_OPTIMIZER.pt``, which ``hesse analyze --model ...
+--weights`` reads.
 
 Under ``torchrun`` each rank trains on its contiguous shard of the data and of each
 curvature batch: the second-order optimisers reduce the closure's loss and gradient with
@@ -46,10 +49,60 @@ CHECKPOINT_FORMAT = "hesse-train-checkpoint"
 @dataclass
 class Example:
     name: str
-    model: nn.Sequential
+    model: nn.Module
     loss_fn: nn.Module
     X: Tensor
     y: Tensor
+
+
+@dataclass(frozen=True)
+class Source:
+    """What ``hesse train`` trains: a built-in ``example``, or a user's ``model``
+    (``FILE.py:FACTORY``, built after ``torch.manual_seed(seed)``) on ``data`` (an
+    ``.npz`` with ``X`` and ``y``; default the digits, ``y`` their labels) with ``loss``
+    (``auto``, ``ce``, ``mse``), from ``weights`` (a ``state_dict``) when given."""
+
+    example: str = "classifier"
+    model: str | None = None
+    data: str | None = None
+    loss: str = "auto"
+    weights: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The run's name in checkpoints, titles and messages."""
+        return self.example if self.model is None else self.model
+
+    @property
+    def folder(self) -> str:
+        """The default ``--out``: ``hesse-train-EXAMPLE`` or ``hesse-train-FACTORY``."""
+        name = self.example if self.model is None else self.model.rsplit(":", 1)[1]
+        return f"hesse-train-{name}"
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint, beyond the optimiser's."""
+        if self.model is None:
+            return {}
+        return {"data": self.data, "loss": self.loss, "weights": self.weights}
+
+    def build(self, seed: int, dtype: torch.dtype = torch.float64) -> Example:
+        """The example, or the user's model, loss and data, checked against each other."""
+        if self.model is None:
+            return make_example(self.example, seed, dtype)
+        from hesse._cli import inputs
+
+        if self.data:
+            X, y = inputs.load_npz(self.data, dtype)
+        else:
+            X, y = load_digits_data(dtype)
+        torch.manual_seed(seed)
+        model = inputs.load_factory(self.model).to(dtype)
+        inputs.check_accepts(model, X)
+        if self.weights:
+            inputs.load_weights(model, self.weights)
+        loss_fn, y = inputs.make_loss(self.loss, y, dtype)
+        inputs.check_loss(model, loss_fn, X, y)
+        return Example(self.label, model, loss_fn, X, y)
 
 
 def make_example(name: str, seed: int, dtype: torch.dtype = torch.float64) -> Example:
@@ -273,7 +326,7 @@ def _checkpoint(run: _Run, step: int) -> None:
 
 def train_one(
     kind: str,
-    example: str,
+    source: Source | str,
     out: Path,
     *,
     steps: int,
@@ -291,11 +344,13 @@ def train_one(
     training loss after each step; step 0 is the initial loss). ``ranks``: this
     process's place under ``torchrun`` (the module docstring)."""
     ranks = ranks or Ranks()
-    ex = make_example(example, seed)
+    source = Source(source) if isinstance(source, str) else source
+    ex = source.build(seed)
     settings = {"seed": seed, "lr": lr, "damping": damping, "curvature_batch": curvature_batch}
+    settings |= source.settings()
     run = _Run(
         kind,
-        example,
+        source.label,
         ex,
         make_optimizer(kind, ex, lr, damping),
         torch.Generator().manual_seed(seed + 1),
@@ -308,7 +363,7 @@ def train_one(
     if not run.history:
         run.history.append({"step": 0, "seconds": 0.0, "loss": run.full_loss()})
     bar = progress_bar(
-        steps, f"{example} / {kind}", progress, unit="step", initial=run.start, leave=True
+        steps, f"{ex.name} / {kind}", progress, unit="step", initial=run.start, leave=True
     )
     for step in range(run.start, steps):
         if time_budget is not None and _elapsed(run) >= time_budget:
@@ -331,7 +386,14 @@ def train_one(
     bar.close()
     if ranks.rank == 0:
         write_csv(out / f"losses_{kind}.csv", run.history)
+        save_weights(out / f"weights_{kind}.pt", ex.model)
     return run.history
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    """The trained ``state_dict``, atomically: what ``hesse analyze --weights`` reads."""
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def _elapsed(run: _Run) -> float:

@@ -1,1 +1,2 @@
-"""Solves, log-determinants, eigenvalue counts and Newton steps for curvature matrices."""
+"""The exact engines (dense, observation space) and the choice among them with the chain
+(`factorize`, `plan`), and what is built on them: solves, counts, certified eigenvalues."""

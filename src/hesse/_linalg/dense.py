@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff.problem import Problem
-from hesse._chain.pivots import Elimination, maxabs
-from hesse._linalg.base import Engine, Factorization, PivotSummary, shift
+from hesse._factor.base import Engine, Factorization, PivotSummary, shift
+from hesse._factor.elimination import Elimination, maxabs
 from hesse._operators.curvature import curvature_operator
 
 __all__ = ["DenseEngine", "DenseFactorization"]

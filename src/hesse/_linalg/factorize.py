@@ -31,7 +31,7 @@ from hesse._autodiff.distributed import digest as _digest
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization, as_chain, promoted
-from hesse._linalg.base import Engine, Factorization
+from hesse._factor.base import Engine, Factorization
 from hesse._linalg.dense import DenseEngine
 from hesse._linalg.gram import (
     GramEngine,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
 from hesse._autodiff.problem import Problem
-from hesse._linalg.base import Engine, Factorization, PivotSummary, shift
+from hesse._factor.base import Engine, Factorization, PivotSummary, shift
 from hesse._util.memory import available_memory
 
 __all__ = ["GramEngine", "GramFactorization", "GramNotApplicableError"]

@@ -16,9 +16,9 @@ from torch import Tensor
 from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._linalg.base import shift
+from hesse._factor.base import shift
+from hesse._factor.results import Inertia
 from hesse._linalg.factorize import METHODS, factorize
-from hesse._linalg.results import Inertia
 from hesse._operators.curvature import curvature_operator
 from hesse._util.checks import check_curvature
 from hesse._util.memory import MemoryBudgetError

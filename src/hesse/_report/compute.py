@@ -1,9 +1,11 @@
 """What ``hesse analyze --report`` shows, computed as a JSON-ready dict (`REPORT_SCHEMA`),
 one section a function: top and bottom eigenvalues (Lanczos), the trace (exact or
-Hutch++), the spectral density (SLQ), the exact histogram (dense eigenvalues or an
-exact engine's counts), the per-layer blocks of the Hessian / GGN / residual, and the loss along the
-top eigenvector. Whatever an analysis already computed (loss and gradient, the dense
-decomposition and eigenvalues, the exact engine) is passed in and reused."""
+Hutch++), the spectral density (exact from the dense eigenvalues, else SLQ), the exact
+histogram (dense eigenvalues, with symmetric-log counts, or an exact engine's counts), the
+blocks of the Hessian / GGN / residual between parameter tensors, the Hessian as an image,
+and the loss along the top eigenvector. Whatever an analysis already computed (loss and
+gradient, the dense decomposition and eigenvalues, the exact engine) is passed in and
+reused."""
 
 from __future__ import annotations
 
@@ -26,14 +28,104 @@ from hesse._util.progress import progress_bar
 __all__ = ["build_report"]
 
 
-def _exact_trace_and_blocks(
-    problem: Problem, dec: Decomposition, evals: Tensor
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    layers, _counts, norms = dec.layer_blocks(problem)
+def _exact_trace(problem: Problem, evals: Tensor) -> dict[str, Any]:
     tr = {"estimate": float(evals.sum()), "std_error": 0.0, "method": "exact"}
-    return tr | {"num_products": problem.num_params}, {
-        "layers": layers,
-        **{k: m.tolist() for k, m in norms.items()},
+    return tr | {"num_products": problem.num_params}
+
+
+def _tensor_blocks(problem: Problem, dec: Decomposition) -> dict[str, Any]:
+    """Frobenius norms of the blocks of the Hessian, GGN and residual between parameter
+    tensors (addressed by their ``named_parameters()`` names), and which blocks are
+    exactly zero (a structural zero, e.g. the residual of a layer the output is linear
+    in, against a block that is merely small)."""
+    slices = list(problem.slices.values())
+    out: dict[str, Any] = {
+        "tensors": list(problem.slices),
+        "sizes": [sl.stop - sl.start for sl in slices],
+        "exact_zero": {},
+    }
+    for key in ("hessian", "ggn", "residual"):
+        M = getattr(dec, key)
+        norms = [[float(M[a, b].norm()) for b in slices] for a in slices]
+        out[key] = norms
+        out["exact_zero"][key] = [[v == 0.0 for v in row] for row in norms]
+    return out
+
+
+HESSIAN_IMAGE_PIXELS = 160
+
+
+def _hessian_image(problem: Problem, H: Tensor, pixels: int = HESSIAN_IMAGE_PIXELS) -> dict:
+    """The Hessian as an image of at most ``pixels`` squared cells, each the largest
+    ``|H_ij|`` of the entries it covers (max pooling: no entry is averaged away), with
+    the parameter tensors' boundaries in cell coordinates."""
+    P = H.shape[0]
+    n = min(pixels, P)
+    bins = torch.tensor_split(torch.arange(P, device=H.device), n)
+    A = H.abs()
+    rows = torch.stack([A[b].amax(0) for b in bins])  # (n, P)
+    cells = torch.stack([rows[:, b].amax(1) for b in bins], 1)  # (n, n)
+    starts = [sl.start for sl in problem.slices.values()]
+    return {
+        "cells": cells.cpu().tolist(),
+        "tensors": list(problem.slices),
+        "boundaries": [s * n / P for s in starts] + [float(n)],
+        "num_params": P,
+    }
+
+
+def _exact_density(evals: Tensor, points: int = 500) -> dict[str, Any]:
+    """The eigenvalue density ``(1/P) sum_i N(t; lambda_i, sigma^2)`` from the dense
+    eigenvalues, with the SLQ default's kernel (``sigma`` 1% of the spectrum's range)
+    and grid: the curve SLQ estimates, computed exactly and without products."""
+    ev = evals.double().cpu()
+    lo, hi = float(ev[0]), float(ev[-1])
+    sig = 0.01 * max(hi - lo, 1e-12 * max(1.0, abs(hi)))
+    grid = torch.linspace(lo - 5 * sig, hi + 5 * sig, points, dtype=torch.float64)
+    dens = torch.zeros_like(grid)
+    for part in torch.split(ev, 1024):  # (points, 1024) at a time
+        diff = (grid[:, None] - part[None]) / sig
+        dens += torch.exp(-0.5 * diff**2).sum(1)
+    dens /= len(ev) * sig * math.sqrt(2 * math.pi)
+    return {
+        "grid": grid.tolist(),
+        "density": dens.tolist(),
+        "sigma": sig,
+        "method": "exact",
+        "num_probes": 0,
+        "lanczos_steps": 0,
+    }
+
+
+def _symlog_counts(evals: Tensor) -> dict[str, Any]:
+    """Exact counts on a symmetric logarithmic axis, so that a few small negative
+    eigenvalues are not lost in the first bin of a linear histogram: ``|lambda|`` at
+    most ``linthresh`` (the summary's zero tolerance ``P u max|lambda|``, ``u`` the unit
+    roundoff of the eigenvalues' dtype) counts as zero, and each side has log-spaced bins
+    from ``linthresh`` to its largest magnitude."""
+    u = torch.finfo(evals.dtype).eps
+    ev = evals.double().cpu()
+    top = float(ev.abs().max()) if len(ev) else 0.0
+    lin = max(len(ev) * u * top, 1e-300)
+
+    def side(values: Tensor) -> tuple[list[float], list[int]]:
+        if not len(values):
+            return [], []
+        hi = float(values.max()) * (1 + 1e-9)
+        edges = torch.logspace(
+            math.log10(lin), math.log10(max(hi, lin * 1.01)), 21, dtype=torch.float64
+        )
+        return edges.tolist(), torch.histogram(values, edges).hist.long().tolist()
+
+    neg_edges, neg = side(-ev[ev < -lin])
+    pos_edges, pos = side(ev[ev > lin])
+    return {
+        "linthresh": lin,
+        "negative": {"edges": neg_edges, "counts": neg},  # edges of |lambda|
+        "positive": {"edges": pos_edges, "counts": pos},
+        "num_negative": int((ev < -lin).sum()),
+        "num_zero": int((ev.abs() <= lin).sum()),
+        "num_positive": int((ev > lin).sum()),
     }
 
 
@@ -51,22 +143,30 @@ def _estimated_trace(op: HessianOperator, gen: torch.Generator) -> dict[str, Any
     }
 
 
-def _histogram(evals: Tensor | None, sd: SpectralDensity, engine: Any) -> dict[str, Any] | None:
-    """Exact counts per bin: from the dense eigenvalues (60 bins over the spectrum), or
-    from an exact engine's counts (30 bins over the SLQ nodes' range); ``None`` when
-    neither is at hand."""
+def _histogram(
+    evals: Tensor | None, sd: SpectralDensity | None, engine: Any
+) -> dict[str, Any] | None:
+    """Exact counts per bin: from the dense eigenvalues (60 bins over the spectrum, and
+    the symmetric-log counts), or from an exact engine's counts (30 bins over the SLQ
+    nodes' range); ``None`` when neither is at hand."""
     if evals is not None:
-        edges = torch.linspace(float(evals[0]), float(evals[-1]), 61, dtype=evals.dtype)
+        ev = evals.double().cpu()
+        edges = torch.linspace(float(ev[0]), float(ev[-1]), 61, dtype=torch.float64)
         edges[-1] = torch.nextafter(edges[-1], edges[-1] + 1)  # include the largest
-        counts = torch.histogram(evals.cpu(), edges.cpu()).hist.long()
-        return {"edges": edges.tolist(), "counts": counts.tolist(), "source": "dense"}
-    if engine is None:
+        counts = torch.histogram(ev, edges).hist.long()
+        return {
+            "edges": edges.tolist(),
+            "counts": counts.tolist(),
+            "source": "dense",
+            "symlog": _symlog_counts(evals),
+        }
+    if engine is None or sd is None:
         return None
     lo, hi = float(sd.nodes.min()), float(sd.nodes.max())
     edges = torch.linspace(lo - 1e-9, hi + 1e-9, 31, dtype=torch.float64)
     below = [engine.factor(-float(x)).inertia().negative for x in edges]
     counts = [b - a for a, b in itertools.pairwise(below)]
-    return {"edges": edges.tolist(), "counts": counts, "source": engine.method}
+    return {"edges": edges.tolist(), "counts": counts, "source": engine.method, "symlog": None}
 
 
 def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict[str, Any]:
@@ -85,7 +185,7 @@ def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict
 
 def _head(problem: Problem, description: str, loss: float, g: Tensor) -> dict[str, Any]:
     return {
-        "version": 1,
+        "version": 2,
         "model": description or type(problem.model).__name__,
         "num_params": problem.num_params,
         "num_samples": problem.num_samples,
@@ -109,6 +209,7 @@ def _density(sd: SpectralDensity, probes: int, steps: int) -> dict[str, Any]:
         "grid": sd.grid.tolist(),
         "density": sd.density.tolist(),
         "sigma": sd.sigma,
+        "method": "slq",
         "num_probes": probes,
         "lanczos_steps": steps,
     }
@@ -148,16 +249,21 @@ def build_report(
     top = eigs(op, k, "largest", tol=1e-8, generator=gen)
     bottom = eigs(op, 1, "smallest", tol=1e-8, generator=gen)
     bar.update(1)
-    evals, blocks = None, None
+    evals, blocks, image = None, None, None
     if P <= max_dense:
         dec = decomposition if decomposition is not None else decompose(problem, progress=False)
         evals = hessian_eigenvalues if hessian_eigenvalues is not None else _eigvalsh(dec)
-        tr, blocks = _exact_trace_and_blocks(problem, dec, evals)
+        tr, blocks = _exact_trace(problem, evals), _tensor_blocks(problem, dec)
+        image = _hessian_image(problem, dec.hessian)
     else:
         tr = _estimated_trace(op, gen)
     bar.update(1)
-    probes, steps = 8, min(80, P)
-    sd = spectral_density(op, num_probes=probes, lanczos_steps=steps, generator=gen)
+    if evals is not None:  # the exact density: no products
+        sd, density = None, _exact_density(evals)
+    else:
+        probes, steps = 8, min(80, P)
+        sd = spectral_density(op, num_probes=probes, lanczos_steps=steps, generator=gen)
+        density = _density(sd, probes, steps)
     histogram = _histogram(evals, sd, engine)
     bar.update(2)
     landscape = _landscape(problem, top, float(loss), g)
@@ -167,9 +273,10 @@ def build_report(
         "top_eigenvalues": _top(top, evals, k),
         "smallest_eigenvalue": float(bottom.eigenvalues[0]),
         "trace": tr,
-        "density": _density(sd, probes, steps),
+        "density": density,
         "histogram": histogram,
         "blocks": blocks,
+        "hessian_image": image,
         "landscape": landscape,
         "figures": [],
     }

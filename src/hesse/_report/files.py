@@ -57,7 +57,12 @@ def _not_a_report(folder: Path) -> list[str]:
     try:
         with open(folder / "report.json") as f:
             earlier = json.load(f)
-        figures = set(earlier["figures"]) if isinstance(earlier, dict) else None
+        # version 1 listed file names, version 2 a dict a figure
+        figures = (
+            {f["file"] if isinstance(f, dict) else f for f in earlier["figures"]}
+            if isinstance(earlier, dict)
+            else None
+        )
     except (OSError, ValueError, KeyError, TypeError):
         figures = None
     if figures is None:

@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from hesse._linalg.results import SingularPivotError
+from hesse._factor.results import SingularPivotError
 
 _SINGULAR = (SingularPivotError, torch.linalg.LinAlgError)
 

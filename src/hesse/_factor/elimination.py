@@ -1,4 +1,5 @@
-"""One stage's elimination in the chain sweep, with threshold pivoting and delayed pivots.
+"""One block's stable elimination, with threshold pivoting and delayed pivots: a stage of
+the chain sweep, or the whole matrix in the dense engine.
 
 Design note: docs/design/chain-curvature.md, section "Stable elimination" (equations
 (S1)-(S6)). At stage ``l`` the sweep holds the quadratic
@@ -34,7 +35,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from hesse._linalg.results import SingularPivotError
+from hesse._factor.results import SingularPivotError
 
 __all__ = [
     "TAU",
@@ -122,12 +123,6 @@ over stages); 0.1 passes them, at the price of delaying directions on some nets 
 would not have needed it (bench/bench_chain_accuracy.py)."""
 
 
-UNPIVOTED = False
-"""Benchmarks only (``bench/bench_chain_accuracy.py``): accept the first factorisation
-that succeeds, with no growth or rank test and no eigen tier, as the sweep did before it
-pivoted. Never set it in library code."""
-
-
 def maxabs(T: Tensor | None) -> float:
     """The largest magnitude of an entry (0 for none), without a temporary copy."""
     if T is None or not T.numel():
@@ -191,9 +186,14 @@ class Elimination:
         if self.n == 0:
             self.kind, self.pivots = "none", Q_uu.new_zeros(0)
             return
-        limit = ref / TAU  # the largest Schur update a block tier may make (S2), (S3)
-        if UNPIVOTED:
-            limit, tol = math.inf, -math.inf
+        self._eliminate(Q_uu, Q_uz, Q_zz, tol, ref / TAU)
+
+    def _eliminate(
+        self, Q_uu: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
+    ) -> None:
+        """The tiers in turn: Cholesky, then Bunch-Kaufman, each accepted when its Schur
+        update stays below ``limit`` (S2), (S3) and no pivot is within ``tol`` of 0; else
+        the eigen tier, which delays what it cannot eliminate stably."""
         diag = torch.diagonal(Q_uu)
         if float(diag.min()) > 10 * tol and self._cholesky(Q_uu, Q_uz, Q_zz, tol, limit):
             return

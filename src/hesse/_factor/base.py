@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hesse._autodiff import products
 from hesse._autodiff.problem import Problem
-from hesse._linalg.results import (
+from hesse._factor.results import (
     FactorizationStatus,
     InaccurateSolveError,
     Inertia,
