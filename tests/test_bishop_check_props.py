@@ -42,6 +42,46 @@ def test_bishop_equals_autodiff(act, loss, widths, bias):
         [torch.arange(prob.slices[n].start, prob.slices[n].stop) for n in prob_sub.names]
     )
     assert rel_err(hesse.hessian(prob_sub, method="bishop"), Ha[idx][:, idx]) < 1e-10
+    # (B1): the same propagation with dE/dz = 0 is the GGN, against torch.func's
+    # J^T H_z J (an independent reference), whole and on the subset
+    from conftest import Case
+
+    G = Reference(Case("mlp", model, X, y, lf)).ggn()
+    assert rel_err(hesse.ggn(prob, method="bishop"), G) < 1e-10
+    assert rel_err(hesse.ggn(prob_sub, method="bishop"), G[idx][:, idx]) < 1e-10
+
+
+def test_decompose_takes_bishop_where_it_applies_and_products_elsewhere():
+    """``decompose``'s default: Bishop's propagation for an MLP (equal to the independent
+    product route), the products for a CNN and for tied weights, which Bishop refuses;
+    ``method="bishop"`` on those says why."""
+    from conftest import Case
+
+    torch.manual_seed(3)
+    model = mlp([5, 7, 4, 3], nn.Tanh).double()
+    X, y = torch.randn(9, 5), torch.randint(0, 3, (9,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    fast, slow = hesse.decompose(prob), hesse.decompose(prob, method="autodiff")
+    ref = Reference(Case("mlp", model, X, y, nn.CrossEntropyLoss()))
+    for got, want, exact in zip(fast, slow, (ref.hessian(), ref.ggn(), None), strict=True):
+        assert rel_err(got, want) < 1e-12
+        if exact is not None:
+            assert rel_err(got, exact) < 1e-10
+    out = prob.slices["4.weight"]  # the output layer: the residual is exactly zero there
+    assert float(fast.residual[out, out].abs().max()) == 0.0
+    case = make_case("cnn", "ce", seed=1)
+    cnn = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    assert rel_err(hesse.decompose(cnn).hessian, Reference(case).hessian()) < 1e-10
+    with pytest.raises(ValueError, match=r"decompose\(method='bishop'\).*nn.Sequential MLP"):
+        hesse.decompose(cnn, method="bishop")
+    tied = mlp([4, 4, 4, 3], nn.Tanh).double()
+    tied[2].weight = tied[0].weight  # one weight used twice: Bishop would see it once
+    tp = hesse.Problem(tied, nn.CrossEntropyLoss(), (torch.randn(6, 4), torch.randint(0, 3, (6,))))
+    assert rel_err(hesse.decompose(tp).hessian, hesse.hessian(tp)) < 1e-12
+    with pytest.raises(ValueError, match="shares parameters"):
+        hesse.decompose(tp, method="bishop")
+    with pytest.raises(ValueError, match="method must be"):
+        hesse.decompose(prob, method="fast")
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from hesse._autodiff import losses
 from hesse._autodiff.layers import ELEMENTWISE, activation_derivatives, flatten_sequential
 from hesse._autodiff.problem import Problem
 
-__all__ = ["bishop_hessian", "mlp_layers"]
+__all__ = ["bishop_applies", "bishop_hessian", "mlp_layers"]
 
 
 def mlp_layers(
@@ -161,13 +161,35 @@ def _add_batch(
                 H[c0 : c0 + cs, r0 : r0 + rs] += blk.T
 
 
-def bishop_hessian(problem: Problem) -> Tensor:
-    """Dense Hessian ``(P, P)`` of an MLP by Bishop's forward/backward propagation.
+def bishop_applies(problem: Problem) -> str | None:
+    """``None`` when `bishop_hessian` takes ``problem`` (an ``nn.Sequential`` MLP, every
+    parameter used once, tensor inputs), else why not. The inputs' and outputs' shapes
+    are checked by `bishop_hessian` itself, on its first batch."""
+    try:
+        mlp_layers(problem.model)
+    except ValueError as err:
+        return str(err)
+    if problem.parameters.aliases:
+        return "the model shares parameters (tied weights or a module used twice)"
+    inputs = next(iter(problem.batches()), (None,))[0]
+    if inputs is not None and not isinstance(inputs, Tensor):
+        return f"the inputs are a {type(inputs).__name__}, not one tensor"
+    return None
+
+
+def bishop_hessian(problem: Problem, gauss_newton: bool = False) -> Tensor:
+    """Dense Hessian ``(P, P)`` of an MLP by Bishop's forward/backward propagation, or
+    with ``gauss_newton=True`` its generalised Gauss-Newton matrix ``J^T H_z J``.
 
     The model must be an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise
     activations with one 2-D output ``(n, C)``, and the loss a sum of per-sample
     terms. Memory: ``O(n u^2)`` per layer pair for ``u`` units per layer, plus the
     ``(P, P)`` result.
+
+    Every term of Bishop's propagation that is not ``J^T H_z J`` carries the output
+    gradient ``dE/dz`` (through the back-propagated ``sigma`` and the ``h'' dE/dz``
+    diagonals); the Gauss-Newton matrix is the same propagation with ``dE/dz = 0``
+    (design note (B1)).
     """
     problem.parameters.refuse_shared(
         "Bishop's method", "Use hesse.hessian(problem): it differentiates through every use."
@@ -187,7 +209,9 @@ def bishop_hessian(problem: Problem) -> Tensor:
         fwd = _forward(layers, x)
         z = fwd[3]
         dEdz = losses.output_gradient(problem.loss_fn, z, targets, w)
+        if gauss_newton:
+            dEdz = torch.zeros_like(dEdz)
         Hz = losses.output_hessian_blocks(problem.loss_fn, z, targets, w)
         _add_batch(H, lay, Ws, x, fwd, dEdz, Hz)
     idx = lay.order.to(problem.device)
-    return H[idx][:, idx]
+    return problem.reduce(H[idx][:, idx], "Bishop's Hessian")  # the ranks' samples summed

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff import products as _products
-from hesse._autodiff.bishop import bishop_hessian
+from hesse._autodiff.bishop import bishop_applies, bishop_hessian
 from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import (
     FisherOperator,
@@ -17,6 +17,7 @@ from hesse._operators.curvature import (
     HessianOperator,
     ResidualOperator,
 )
+from hesse._util.memory import check_memory
 
 __all__ = [
     "Decomposition",
@@ -104,9 +105,26 @@ def hessian(
     raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
-def ggn(problem: Problem, *, max_memory: int | None = None, progress: bool | None = None) -> Tensor:
-    """Dense generalised Gauss-Newton matrix ``(P, P)``."""
-    return GGNOperator(problem).to_dense(max_memory=max_memory, progress=progress)
+def ggn(
+    problem: Problem,
+    *,
+    method: str = "autodiff",
+    max_memory: int | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """Dense generalised Gauss-Newton matrix ``J^T H_z J`` ``(P, P)``.
+
+    Args:
+        method: ``"autodiff"`` (default: ``P`` Gauss-Newton-vector products in chunks of
+            columns) or ``"bishop"`` (Bishop's propagation with the output gradient set
+            to zero, design note (B1), for the MLPs ``hessian(method="bishop")`` takes).
+        max_memory, progress: as for `hessian`.
+    """
+    if method == "autodiff":
+        return GGNOperator(problem).to_dense(max_memory=max_memory, progress=progress)
+    if method == "bishop":
+        return bishop_hessian(problem, gauss_newton=True)
+    raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
 def hessian_blocks(
@@ -195,11 +213,47 @@ class Decomposition(NamedTuple):
 
 
 def decompose(
-    problem: Problem, *, max_memory: int | None = None, progress: bool | None = None
+    problem: Problem,
+    *,
+    method: str = "auto",
+    max_memory: int | None = None,
+    progress: bool | None = None,
 ) -> Decomposition:
-    """Dense Hessian, GGN and residual, each computed on its own (the residual as the
-    Hessian of ``<dL/df, f(theta)>`` with the adjoint held fixed), so that
-    ``hessian == ggn + residual`` is a check, not an identity of the code."""
+    """Dense Hessian, Gauss-Newton matrix and residual, ``hessian = ggn + residual``.
+
+    Args:
+        method: ``"autodiff"``: each of the three from ``P`` products on its own (the
+            residual as the Hessian of ``<dL/df, f(theta)>`` with the adjoint held
+            fixed), so that ``hessian == ggn + residual`` is a check, not an identity of
+            the code. ``"bishop"``: the Hessian and the Gauss-Newton matrix by Bishop's
+            propagation (design note (B1)), the residual their difference: for
+            ``nn.Sequential`` MLPs of ``Linear`` layers and element-wise activations,
+            about 10x faster (one pass over the data a matrix instead of ``P``
+            products). ``"auto"`` (default): ``"bishop"`` where it applies, else
+            ``"autodiff"``.
+        max_memory, progress: as for `hessian` (the ``"autodiff"`` route).
+
+    Memory: the three ``(P, P)`` results, refused up front when they do not fit.
+    """
+    if method not in ("auto", "autodiff", "bishop"):
+        raise ValueError(f"method must be 'auto', 'autodiff' or 'bishop'; got {method!r}")
+    P = problem.num_params
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    check_memory(
+        3 * P * P * itemsize,
+        f"the dense {P} x {P} Hessian, Gauss-Newton matrix and residual",
+        "use the operators (HessianOperator, GGNOperator, ResidualOperator) and their "
+        "products, eigs or hessian_blocks instead",
+        problem.device,
+    )
+    if method != "autodiff":
+        reason = bishop_applies(problem)
+        if reason is None:
+            H = bishop_hessian(problem)
+            G = bishop_hessian(problem, gauss_newton=True)
+            return Decomposition(hessian=H, ggn=G, residual=H - G)
+        if method == "bishop":
+            raise ValueError(f"decompose(method='bishop'): {reason}")
     kw = {"max_memory": max_memory, "progress": progress}
     return Decomposition(
         hessian=HessianOperator(problem).to_dense(**kw),
