@@ -302,8 +302,6 @@ def _zoo_quantities(prob: hesse.Problem) -> dict:
         "ggn_vp": hesse.ggn_vp(prob, V),
         "fisher_vp": hesse.fisher_vp(prob, V, kind="empirical"),
         "hessian": hesse.hessian(prob),
-        "hessian_bishop": hesse.hessian(prob, method="bishop"),  # the ranks' parts summed
-        "ggn_bishop": hesse.ggn(prob, method="bishop"),
         "top3": hesse.eigs(hesse.HessianOperator(prob), 3, **seeded).eigenvalues,
         "trace": torch.tensor(
             [hesse.trace(hesse.GGNOperator(prob), num_products=24, **seeded).estimate],

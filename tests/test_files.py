@@ -19,3 +19,104 @@ def test_atomic_path_success_and_failure(tmp_path):
         raise RuntimeError("boom")
     assert target.read_text() == "first"  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- users' files
+SMALL = ["--samples", "60", "--hidden", "4", "--train-steps", "5", "--no-progress"]
+
+
+def test_json_over_an_input_file_is_refused_and_the_input_kept(tmp_path):
+    import numpy as np
+
+    from hesse._cli import main as _cli
+
+    data = tmp_path / "d.npz"
+    np.savez(data, X=np.random.default_rng(0).standard_normal((20, 64)), y=np.arange(20) % 10)
+    before = data.read_bytes()
+    for argv in (
+        ["analyze", "--data", str(data), "--json", str(data), "--chain-samples", "0"],
+        ["check", "--data", str(data), "--json", str(tmp_path / "." / "d.npz")],
+    ):
+        with pytest.raises(SystemExit, match=r"--json .* is the --data file"):
+            _cli.main([*argv, *SMALL])
+        assert data.read_bytes() == before
+
+
+def test_train_keeps_an_earlier_run_unless_told(tmp_path, capsys):
+    """Without --resume or --overwrite a second ``hesse train`` into the same --out is
+    refused, every file kept; --overwrite replaces that run."""
+    from hesse._cli import main as _cli
+
+    out = tmp_path / "run"
+    argv = ["train", "--optimizer", "adam", "--steps", "2", "--checkpoint-every", "1"]
+    argv += ["--out", str(out), "--no-progress"]
+    assert _cli.main(argv) == 0
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(files) == {"checkpoint_adam.pt", "losses_adam.csv", "weights_adam.pt", "curves.png"}
+    with pytest.raises(SystemExit, match=r"already holds checkpoint_adam.pt.*--overwrite"):
+        _cli.main(argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    mine = tmp_path / "mine"  # a user's folder with a figure of their own
+    mine.mkdir()
+    (mine / "curves.png").write_bytes(b"my figure")
+    with pytest.raises(SystemExit, match="already holds curves.png"):
+        _cli.main([*argv[:-3], "--out", str(mine), "--no-progress"])
+    assert (mine / "curves.png").read_bytes() == b"my figure"
+    assert _cli.main([*argv, "--overwrite", "--steps", "3"]) == 0
+    from hesse._cli.training import read_csv
+
+    assert [r["step"] for r in read_csv(out / "losses_adam.csv")] == [0, 1, 2, 3]
+
+
+def test_overwrite_trusts_only_the_files_hesse_writes(tmp_path):
+    """A crafted or edited report.json listing a user's file does not make --overwrite
+    delete it: only hesse's own figure names count as the report's."""
+    import json
+
+    from hesse._cli import main as _cli
+
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "thesis.tex").write_text("my thesis")
+    (rep / "report.json").write_text(json.dumps({"version": 2, "figures": ["thesis.tex"]}))
+    with pytest.raises(SystemExit, match=r"not a hesse report \(thesis.tex\)"):
+        _cli.main(["analyze", *SMALL, "--chain-samples", "0", "--report", str(rep), "--overwrite"])
+    assert (rep / "thesis.tex").read_text() == "my thesis"
+    (rep / "report.json").write_text(json.dumps({"figures": ["density.png"]}))  # no version
+    (rep / "thesis.tex").unlink()
+    (rep / "density.png").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="not a hesse report"):
+        _cli.main(["analyze", *SMALL, "--chain-samples", "0", "--report", str(rep), "--overwrite"])
+    assert (rep / "density.png").read_bytes() == b"x"
+
+
+def test_sigterm_during_a_report_leaves_nothing_half_written(tmp_path):
+    """SIGTERM while the report is being drawn: the process stops with one line and
+    removes its temporary folder; the target does not exist."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, signal, sys\n"
+        "import hesse._report.figures as F\n"
+        "orig = F._top_figure\n"
+        "def slow(*a):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"  # the signal arrives mid-report
+        "    return orig(*a)\n"
+        "F._top_figure = slow\n"
+        "from hesse._cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    rep = tmp_path / "rep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t = time.time()
+    argv = ["analyze", *SMALL, "--chain-samples", "0", "--report", str(rep)]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and time.time() - t < 300
+    assert "stopped by signal 15" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .rep.tmp.* left
+    assert signal.getsignal(signal.SIGTERM) is not None

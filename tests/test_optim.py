@@ -531,3 +531,32 @@ def test_one_trust_region_step_prepares_the_curvature_once(method, monkeypatch):
     assert opt.last["rho"] == opt.last["rho"]  # a step was taken
     assert len(builds) == 1, builds
     assert len(chains) <= 1
+
+
+@pytest.mark.parametrize("kind", ["hf", "newton"])
+def test_a_layer_replaced_between_steps_is_refused(kind):
+    """After ``model[0] = nn.Linear(...)`` the optimiser holds the old tensors: a step
+    would move them while the curvature came from the new layer (which would never
+    move). The step refuses, naming the parameters, and leaves the model as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    opt = (
+        hesse.optim.HessianFree(model, loss_fn)
+        if kind == "hf"
+        else hesse.optim.Newton(model, loss_fn, damping=1.0)
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, curvature_batch=(X, y))  # a step on the original model works
+    model[0] = nn.Linear(3, 4).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not the tensors"):
+        opt.step(closure, curvature_batch=(X, y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

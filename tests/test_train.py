@@ -104,9 +104,43 @@ def test_checkpoint_for_another_model_shape(tmp_path):
     ck_path = tmp_path / "checkpoint_hf.pt"
     ck = torch.load(ck_path, weights_only=True)
     ck["model"]["0.weight"] = torch.zeros(3, 3, dtype=torch.float64)
+    ck["checksum"] = _train.weights_checksum(ck["model"])  # a consistent, foreign file
     torch.save(ck, ck_path)
     with pytest.raises(SystemExit, match="does not fit this model"):
         _run(tmp_path, "hf", 4, resume=True)
+
+
+def test_damaged_checkpoints_are_refused_not_resumed(tmp_path):
+    """A flipped bit in a stored weight, NaN weights, a checkpoint without its settings
+    or with another format version: each refused with what is wrong, nothing written."""
+    assert _run(tmp_path, "adam", 2) == 0
+    ck_path = tmp_path / "checkpoint_adam.pt"
+    good = torch.load(ck_path, weights_only=True)
+
+    def damaged(edit, match):
+        ck = {**good, "model": {k: v.clone() for k, v in good["model"].items()}}
+        edit(ck)
+        torch.save(ck, ck_path)
+        before = (tmp_path / "losses_adam.csv").read_bytes()
+        with pytest.raises(SystemExit, match=match):
+            _run(tmp_path, "adam", 4, resume=True)
+        assert (tmp_path / "losses_adam.csv").read_bytes() == before
+
+    def flip(ck):
+        w = ck["model"]["0.weight"]
+        w.view(torch.int64)[0, 0] ^= 1 << 40  # one bit of one weight
+
+    def nan(ck):
+        ck["model"]["2.bias"][0] = float("nan")
+        ck["checksum"] = _train.weights_checksum(ck["model"])
+
+    damaged(flip, "do not match their checksum")
+    damaged(nan, r"non-finite weights in \['2.bias'\]")
+    damaged(lambda ck: ck.pop("settings"), r"lacks \['settings'\]")
+    damaged(lambda ck: ck.update(version=7), "format version 7")
+    damaged(lambda ck: ck.update(version=1), "format version 1")
+    torch.save(good, ck_path)  # the intact checkpoint resumes
+    assert _run(tmp_path, "adam", 4, resume=True) == 0
 
 
 # ----------------------------------------------------------------------------- a user's model

@@ -7,7 +7,9 @@ import argparse
 import importlib.util
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import hesse
@@ -179,6 +181,11 @@ def _train_parser(sub: Any) -> None:
     )
     pt.add_argument("--checkpoint-every", type=_NONNEG_INT, default=10, help="0: no checkpoints")
     pt.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    pt.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's files in --out (without it, or --resume, they are kept)",
+    )
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--no-progress", action="store_true")
     _threads(pt)
@@ -217,15 +224,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, _frame: Any) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) as an exception, so that what is being
+    written is removed by its own clean-up (the report's temporary folder, a checkpoint's
+    temporary file) instead of being left half-written on disk."""
+    raise SystemExit(f"hesse: stopped by signal {signum}; nothing half-written was kept")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``hesse`` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return _run(args)
     except SystemExit as err:  # one line, "hesse: ...", for every refusal
         if isinstance(err.code, str) and not err.code.startswith("hesse"):
             raise SystemExit(f"hesse: {err.code}") from None
         raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _distributed() -> tuple[int, int]:
@@ -253,7 +272,13 @@ def _run(args: argparse.Namespace) -> int:
         progress = False
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     if getattr(args, "json", None):
-        check_output_file(args.json, "--json")
+        model = getattr(args, "model", None)
+        inputs = {
+            "--data": getattr(args, "data", None),
+            "--weights": getattr(args, "weights", None),
+            "--model": model.rsplit(":", 1)[0] if model else None,
+        }
+        check_output_file(args.json, "--json", inputs)
     if args.command == "train":
         return train_command(args, progress)
     if args.command == "analyze":

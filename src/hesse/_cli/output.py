@@ -13,12 +13,28 @@ from hesse._util.files import atomic_path
 __all__ = ["check_output_file", "format_summary", "write_json_atomic"]
 
 
-def check_output_file(path: str, flag: str) -> None:
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (
+            Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+        )
+    except OSError:
+        return False
+
+
+def check_output_file(path: str, flag: str, inputs: dict[str, str | None] | None = None) -> None:
     """Refuse, before any work, an output file that cannot be written: its folder must
-    exist (no folders are created: a typo would make a tree) and be writable, and the
-    path must not be a folder."""
+    exist (no folders are created: a typo would make a tree) and be writable, the path
+    must not be a folder, and it must not be one of the run's ``inputs`` (``{flag:
+    path}``: writing the JSON over ``--data`` would destroy the user's data)."""
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
+    for other, given in (inputs or {}).items():
+        if given and _same_file(path, given):
+            raise SystemExit(
+                f"hesse: {flag} {path!r} is the {other} file; writing it would replace "
+                f"your input: choose another {flag} path"
+            )
     if target.is_dir():
         raise SystemExit(f"hesse: {flag} {path!r} is a folder; expected a file path")
     if not parent.is_dir():

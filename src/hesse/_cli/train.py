@@ -36,11 +36,20 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
     out = Path(args.out or source.folder)
     error = None
     if ranks.rank == 0:  # one rank writes: checkpoints, CSV files, curves
+        ours = [f"{f}_{k}.{e}" for k in kinds for f, e in _train.RUN_FILES] + ["curves.png"]
+        there = [n for n in ours if (out / n).exists()]
+        if there and not (args.resume or args.overwrite):
+            error = (
+                f"--out {str(out)!r} already holds {', '.join(there[:4])}"
+                f"{', ...' if len(there) > 4 else ''}; pass --resume to continue that run, "
+                "--overwrite to replace it, or choose another --out"
+            )
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".hesse-write-check"
-            probe.touch()
-            probe.unlink()
+            if error is None:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".hesse-write-check"
+                probe.touch()
+                probe.unlink()
         except OSError as err:
             error = f"cannot write to --out {str(out)!r}: {err.strerror or err}"
     try:

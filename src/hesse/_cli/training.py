@@ -44,6 +44,9 @@ EXAMPLES = ("autoencoder", "classifier")
 OPTIMIZERS = ("hf", "chain-newton", "adam", "sgd")
 DEFAULT_LR = {"adam": 3e-3, "sgd": 0.1, "hf": 1.0, "chain-newton": 1.0}
 CHECKPOINT_FORMAT = "hesse-train-checkpoint"
+RUN_FILES = (("checkpoint", "pt"), ("losses", "csv"), ("weights", "pt"))
+"""What a run of optimiser ``k`` writes into ``--out``: ``checkpoint_k.pt``,
+``losses_k.csv``, ``weights_k.pt`` (and ``curves.png`` for all)."""
 
 
 @dataclass
@@ -156,9 +159,26 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
 
 
+CHECKPOINT_VERSION = 2  # 2: the weights' checksum (version 1 had none)
+
+
+def weights_checksum(state: dict[str, Tensor]) -> str:
+    """SHA-256 over a ``state_dict``'s names, dtypes, shapes and bytes: a flipped bit in
+    a stored weight changes it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_checkpoint(path: Path, example: str, optimizer: str) -> dict[str, Any]:
-    """Load and validate a checkpoint; clear errors for a corrupt file or one from
-    another example or optimiser (nothing is modified)."""
+    """Load and validate a checkpoint; clear errors for a corrupt file, one from another
+    example or optimiser, an unknown format version, missing settings, weights that do
+    not match their checksum or are not finite (nothing is modified)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
@@ -167,6 +187,25 @@ def load_checkpoint(path: Path, example: str, optimizer: str) -> dict[str, Any]:
         ) from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a hesse training checkpoint")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format version {ck.get('version')!r}; this hesse "
+            f"reads version {CHECKPOINT_VERSION}: train into a new --out"
+        )
+    missing = [k for k in ("settings", "checksum", "model", "optim", "history") if k not in ck]
+    if missing or not isinstance(ck.get("model"), dict):
+        raise ValueError(f"checkpoint {str(path)!r} lacks {missing or ['model']}: it is damaged")
+    if weights_checksum(ck["model"]) != ck["checksum"]:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: its weights do not match their checksum (the file was "
+            "damaged or edited); resume from a copy, or train into a new --out"
+        )
+    bad = [n for n, t in ck["model"].items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds non-finite weights in {bad[:3]}: the run had "
+            "diverged; train into a new --out (a lower --lr or higher --damping)"
+        )
     if ck.get("example") != example or ck.get("optimizer") != optimizer:
         raise ValueError(
             f"checkpoint {str(path)!r} is from example {ck.get('example')!r} with optimizer "
@@ -281,7 +320,7 @@ def _resume(run: _Run) -> None:
             )
         return
     ck = load_checkpoint(run.ck_path, run.example, run.kind)
-    stored = ck.get("settings", {})
+    stored = ck["settings"]
     changed = {k: (stored[k], v) for k, v in run.settings.items() if k in stored and stored[k] != v}
     if changed:
         what = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
@@ -309,7 +348,8 @@ def _checkpoint(run: _Run, step: int) -> None:
         run.ck_path,
         {
             "format": CHECKPOINT_FORMAT,
-            "version": 1,
+            "version": CHECKPOINT_VERSION,
+            "checksum": weights_checksum(run.ex.model.state_dict()),
             "example": run.example,
             "optimizer": run.kind,
             "step": step,

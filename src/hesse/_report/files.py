@@ -50,24 +50,34 @@ def prepare_report_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
+FIGURE_FILES = frozenset(
+    {"density.png", "top_eigenvalues.png", "blocks.png", "hessian.png", "landscape.png"}
+)
+"""Every file name a hesse report has held (versions 1 and 2): ``--overwrite`` replaces
+only these and ``report.json``, whatever an earlier ``report.json`` lists."""
+
+
 def _not_a_report(folder: Path) -> list[str]:
     """The entries of ``folder`` that an earlier hesse report does not account for (all
-    of them when it has no readable ``report.json`` listing its figures)."""
+    of them when it has no readable hesse ``report.json``). Its list of figures is
+    trusted only as far as hesse writes such files: a name outside `FIGURE_FILES` (a
+    crafted or edited ``report.json``) is the user's, and so is every sub-folder."""
     names = sorted(p.name for p in folder.iterdir())
     try:
         with open(folder / "report.json") as f:
             earlier = json.load(f)
+        if not isinstance(earlier, dict) or earlier.get("version") not in (1, 2):
+            raise ValueError("not a hesse report")
         # version 1 listed file names, version 2 a dict a figure
-        figures = (
-            {f["file"] if isinstance(f, dict) else f for f in earlier["figures"]}
-            if isinstance(earlier, dict)
-            else None
-        )
+        figures = {f["file"] if isinstance(f, dict) else f for f in earlier["figures"]}
     except (OSError, ValueError, KeyError, TypeError):
-        figures = None
-    if figures is None:
         return names
-    return [n for n in names if n != "report.json" and n not in figures]
+    return [
+        n
+        for n in names
+        if n != "report.json"
+        and not (n in figures and n in FIGURE_FILES and (folder / n).is_file())
+    ]
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -217,11 +217,27 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         loss = self._call(closure).detach().reshape(1)
         return float(self._reduce(loss, "closure's loss")) + self.penalty(flat)
 
+    def _check_model_unchanged(self) -> None:
+        """Refuse a step after the model's parameters were replaced (a new layer, or a
+        parameter re-created): the step would move the tensors this optimiser holds
+        while the curvature came from the new ones, and the new layer would never move."""
+        named = dict(self._model.named_parameters())
+        gone = [
+            n for n, p in zip(self._names, self.space.tensors, strict=True) if named.get(n) is not p
+        ]
+        if gone:
+            raise ValueError(
+                f"{type(self).__name__}: the model's parameter(s) {gone[:3]} are not the "
+                "tensors this optimiser was built on (a layer was replaced or a parameter "
+                "re-created since); build a new optimiser for the changed model"
+            )
+
     def _problem(self, batch: Any, name: str = "curvature_batch") -> Problem:
         if batch is None:
             raise ValueError(
                 f"{type(self).__name__}.step needs {name}=(inputs, targets) for the curvature"
             )
+        self._check_model_unchanged()
         return Problem(
             self._model,
             self._loss_fn,
