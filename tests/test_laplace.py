@@ -336,6 +336,10 @@ def test_observation_space_inverse_diagonal_and_traces_equal_the_dense_inverse(d
     D = torch.full((P,), 0.3).double() if damping == "scalar" else d
     ref = torch.linalg.inv(hesse.GGNOperator(prob).to_dense() + torch.diag(D))
     assert rel_err(f.inverse_diagonal(), ref.diagonal()) <= 1e-10
+    # the dense engine's: from its own Cholesky factor (one triangular inverse)
+    dense = hesse.engine(prob, "ggn", method="dense").factor(d)
+    assert dense.status.kinds == ("cholesky",)
+    assert rel_err(dense.inverse_diagonal(), ref.diagonal()) <= 1e-10
     weights = [torch.rand(P, generator=gen).double() for _ in range(2)]
     weights.append(torch.zeros(P, dtype=torch.float64))
     weights[-1][prob.slices["2.weight"]] = 1.0  # one layer's indicator: the others skipped

@@ -161,6 +161,24 @@ def _add_batch(
                 H[c0 : c0 + cs, r0 : r0 + rs] += blk.T
 
 
+def bishop_memory(problem: Problem) -> int:
+    """Bytes of working memory `bishop_hessian` needs beyond its ``(P, P)`` result, for
+    the largest batch: per layer ``k`` the derivatives ``g`` and ``b`` ``(n, u_l, u_k)``
+    over the later layers, and the largest block contraction's intermediate ``(n,
+    inputs_k, u_m, u_k)`` (an upper bound; measured peaks are below it)."""
+    _pre, layers = mlp_layers(problem.model)
+    n = max(problem.batch_sizes, default=0)
+    outs = [lin.out_features for _, lin, _ in layers]
+    ins = [lin.in_features + (lin.bias is not None) for _, lin, _ in layers]
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    worst = 0
+    for k in range(len(layers)):
+        later = sum(outs[k:])
+        blocks = max(ins[k] * outs[m] for m in range(k, len(layers)))
+        worst = max(worst, n * outs[k] * (2 * later + blocks))
+    return worst * itemsize
+
+
 def bishop_applies(problem: Problem) -> str | None:
     """``None`` when `bishop_hessian` takes ``problem`` (an ``nn.Sequential`` MLP, every
     parameter used once, tensor inputs), else why not. The inputs' and outputs' shapes

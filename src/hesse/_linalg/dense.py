@@ -10,17 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hesse._autodiff.bishop import bishop_applies, bishop_hessian, bishop_memory
 from hesse._autodiff.problem import Problem
 from hesse._factor.base import Engine, Factorization, PivotSummary, shift
 from hesse._factor.elimination import Elimination, maxabs
 from hesse._operators.curvature import curvature_operator
+from hesse._util.memory import check_memory
 
 __all__ = ["DenseEngine", "DenseFactorization"]
 
 
 class DenseEngine(Engine):
     """``C`` of a `Problem` as a dense matrix, formed once (`factor` repeats only the
-    factorisation).
+    factorisation): by Bishop's propagation for an MLP (design note (B1); ``formed_by ==
+    "bishop"``) when its working memory fits, else from ``P`` products in chunks.
 
     Args:
         problem: the problem (in the dtype to factor in).
@@ -40,9 +43,24 @@ class DenseEngine(Engine):
         progress: bool | None = None,
     ) -> None:
         self.problem, self.curvature = problem, curvature
-        self.matrix = curvature_operator(problem, curvature).to_dense(
-            max_memory=max_memory, progress=progress
-        )
+        op = curvature_operator(problem, curvature)
+        # an MLP's matrix by Bishop's propagation (B1): one pass over the data instead of
+        # P products, when its working memory fits in max_memory (default 1 GiB), the
+        # bound the products' column chunks keep to
+        self.formed_by = "products"
+        work = max_memory if max_memory is not None else 2**30
+        if bishop_applies(problem) is None and bishop_memory(problem) <= work:
+            P = problem.num_params
+            check_memory(
+                P * P * op.dtype.itemsize + bishop_memory(problem),
+                f"the dense {P} x {P} {op.name} matrix",
+                "use the chain or observation-space engine (hesse.plan lists them)",
+                problem.device,
+            )
+            self.matrix = bishop_hessian(problem, gauss_newton=curvature == "ggn")
+            self.formed_by = "bishop"
+        else:
+            self.matrix = op.to_dense(max_memory=max_memory, progress=progress)
 
     def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> DenseFactorization:
         """``C + D`` factored (``D = eps I`` or a positive diagonal: (D1))."""
@@ -82,13 +100,15 @@ class DenseFactorization(Factorization):
         )
 
     def inverse_diagonal(self) -> Tensor | None:
-        """The diagonal of ``(C + D)^-1`` ``(P,)`` from one Cholesky inverse of the formed
-        matrix (``None`` when ``C + D`` is not positive definite)."""
-        A = self._matrix.clone()
-        d = self.damping
-        A.diagonal().add_(d.to(A) if isinstance(d, Tensor) else d)
-        L, info = torch.linalg.cholesky_ex(A)
-        return torch.cholesky_inverse(L).diagonal() if int(info) == 0 else None
+        """The diagonal of ``(C + D)^-1`` ``(P,)``: with ``C + D = L L^T`` (the
+        factorisation's own Cholesky factor), ``diag((C + D)^-1)_i = sum_j (L^-1)_ji^2``,
+        one triangular inverse (``P^3 / 3`` flops; ``None`` when ``C + D`` is not positive
+        definite)."""
+        if self._elim.kind != "cholesky":
+            return None
+        eye = torch.eye(self.num_params, dtype=self._elim.L.dtype, device=self._elim.L.device)
+        Linv = torch.linalg.solve_triangular(self._elim.L, eye, upper=False)
+        return (Linv * Linv).sum(0)
 
     def operator(self, X: Tensor) -> Tensor:
         """``(C + D) X`` with the formed matrix (``C`` from the true operator's products
