@@ -15,25 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from bench_chain_accuracy import _best  # best-of-n wall time and the last result
 from torch import nn
 from torch.func import functional_call
 from torch.func import hessian as func_hessian
 
 import hesse
 from hesse._cli.data import load_digits_data
-
-
-def _best(fn, repeats: int = 2) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def _func_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -98,10 +98,18 @@ def hessian(
 
     Cost: about ``P`` gradient evaluations (autodiff); memory ``P^2`` for the result.
     """
+    return _formed(problem, "hessian", method, max_memory, progress)
+
+
+def _formed(
+    problem: Problem, curvature: str, method: str, max_memory: int | None, progress: bool | None
+) -> Tensor:
+    """The dense Hessian or GGN by ``method`` (``"autodiff"`` or ``"bishop"``)."""
     if method == "autodiff":
-        return HessianOperator(problem).to_dense(max_memory=max_memory, progress=progress)
+        op = HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)
+        return op.to_dense(max_memory=max_memory, progress=progress)
     if method == "bishop":
-        return bishop_hessian(problem)
+        return bishop_hessian(problem, gauss_newton=curvature == "ggn")
     raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
@@ -120,11 +128,7 @@ def ggn(
             to zero, design note (B1), for the MLPs ``hessian(method="bishop")`` takes).
         max_memory, progress: as for `hessian`.
     """
-    if method == "autodiff":
-        return GGNOperator(problem).to_dense(max_memory=max_memory, progress=progress)
-    if method == "bishop":
-        return bishop_hessian(problem, gauss_newton=True)
-    raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
+    return _formed(problem, "ggn", method, max_memory, progress)
 
 
 def hessian_blocks(
