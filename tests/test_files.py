@@ -120,3 +120,29 @@ def test_sigterm_during_a_report_leaves_nothing_half_written(tmp_path):
     assert "stopped by signal 15" in done.stderr, done.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .rep.tmp.* left
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_report_into_the_current_folder_and_a_full_disk_get_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from hesse._cli import main as _cli
+    from hesse._cli import output
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(SystemExit, match="is the current folder or holds it"):
+            _cli.main(["analyze", *SMALL, "--chain-samples", "0", "--report", target])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(output, "write_json_atomic", full)
+    monkeypatch.setattr(_cli, "write_json_atomic", full)
+    with pytest.raises(SystemExit) as ex:
+        _cli.main(["analyze", *SMALL, "--chain-samples", "0", "--json", "s.json"])
+    msg = str(ex.value.code)
+    assert msg.startswith("hesse: analyze: could not write") and "No space left" in msg
+    assert "s.json" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err.code, str) and not err.code.startswith("hesse"):
             raise SystemExit(f"hesse: {err.code}") from None
         raise
+    except OSError as err:  # a disk full, a file system that refuses a rename: one line
+        where = f" ({err.filename})" if err.filename else ""
+        raise SystemExit(
+            f"hesse: {args.command}: could not write or read a file{where}: "
+            f"{err.strerror or err}; nothing half-written was kept"
+        ) from None
     finally:
         if in_main and previous is not None:
             signal.signal(signal.SIGTERM, previous)

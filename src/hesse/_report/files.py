@@ -20,6 +20,12 @@ def prepare_report_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Check, before any heavy work, that ``path`` can receive a report: it is absent
     or an empty directory (or ``overwrite``), and its parent folder is writable."""
     target = Path(path)
+    here = Path.cwd().resolve()
+    if target.resolve() == here or target.resolve() in here.parents:
+        raise ValueError(
+            f"report directory {str(target)!r} is the current folder or holds it; the report "
+            "replaces its directory as a whole: name a new sub-folder, e.g. --report report"
+        )
     if target.exists():
         if not target.is_dir():
             raise ValueError(f"report path {str(target)!r} exists and is not a directory")
