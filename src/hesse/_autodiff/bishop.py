@@ -33,7 +33,14 @@ from hesse._autodiff import losses
 from hesse._autodiff.layers import ELEMENTWISE, activation_derivatives, flatten_sequential
 from hesse._autodiff.problem import Problem
 
-__all__ = ["bishop_applies", "bishop_hessian", "mlp_layers"]
+__all__ = [
+    "BISHOP_WORK",
+    "bishop_applies",
+    "bishop_hessian",
+    "bishop_memory",
+    "bishop_route",
+    "mlp_layers",
+]
 
 
 def mlp_layers(
@@ -193,6 +200,22 @@ def bishop_applies(problem: Problem) -> str | None:
     if inputs is not None and not isinstance(inputs, Tensor):
         return f"the inputs are a {type(inputs).__name__}, not one tensor"
     return None
+
+
+BISHOP_WORK = 2**30
+"""The working memory (bytes) Bishop's propagation may take when a caller chooses it
+over ``P`` products by itself: the bound the products' column chunks keep to."""
+
+
+def bishop_route(problem: Problem, work: float | None = None) -> int | None:
+    """Bishop's working memory (bytes) when `bishop_hessian` takes ``problem`` and that
+    memory fits in ``work`` (default `BISHOP_WORK`), else ``None``: the one rule by which
+    the dense engine, the plan's prediction of it and `decompose` choose Bishop's
+    propagation over ``P`` products."""
+    if bishop_applies(problem) is not None:
+        return None
+    need = bishop_memory(problem)
+    return need if need <= (BISHOP_WORK if work is None else work) else None
 
 
 def bishop_hessian(problem: Problem, gauss_newton: bool = False) -> Tensor:

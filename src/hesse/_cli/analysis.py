@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import hesse
-from hesse._autodiff.bishop import bishop_applies
+from hesse._autodiff.bishop import bishop_route
 from hesse._autodiff.problem import float64_problem
 from hesse._cli.inputs import Setup
 from hesse._util.memory import MemoryBudgetError
@@ -184,7 +184,7 @@ class Analysis:
         if prob.num_params <= self.max_dense:
             # Bishop's propagation where it applies (one pass, not P products): either
             # is independent of the engine checked
-            how = "bishop" if bishop_applies(prob) is None else "autodiff"
+            how = "bishop" if bishop_route(prob) is not None else "autodiff"
             ev = torch.linalg.eigvalsh(hesse.hessian(prob, method=how, progress=False))
             shifted = ev + eps
             out["dense_check"] = {

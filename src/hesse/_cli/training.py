@@ -154,7 +154,8 @@ def make_optimizer(
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place (a
+    checkpoint, or the trained weights)."""
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -432,8 +433,7 @@ def train_one(
 
 def save_weights(path: Path, model: nn.Module) -> None:
     """The trained ``state_dict``, atomically: what ``hesse analyze --weights`` reads."""
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
+    save_checkpoint(path, model.state_dict())
 
 
 def _elapsed(run: _Run) -> float:

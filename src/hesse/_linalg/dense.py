@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hesse._autodiff.bishop import bishop_applies, bishop_hessian, bishop_memory
+from hesse._autodiff.bishop import bishop_hessian, bishop_route
 from hesse._autodiff.problem import Problem
 from hesse._factor.base import Engine, Factorization, PivotSummary, shift
 from hesse._factor.elimination import Elimination, maxabs
@@ -48,11 +48,11 @@ class DenseEngine(Engine):
         # P products, when its working memory fits in max_memory (default 1 GiB), the
         # bound the products' column chunks keep to
         self.formed_by = "products"
-        work = max_memory if max_memory is not None else 2**30
-        if bishop_applies(problem) is None and bishop_memory(problem) <= work:
+        work = bishop_route(problem, max_memory)
+        if work is not None:
             P = problem.num_params
             check_memory(
-                P * P * op.dtype.itemsize + bishop_memory(problem),
+                P * P * op.dtype.itemsize + work,
                 f"the dense {P} x {P} {op.name} matrix",
                 "use the chain or observation-space engine (hesse.plan lists them)",
                 problem.device,

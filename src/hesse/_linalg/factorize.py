@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff import products
-from hesse._autodiff.bishop import bishop_applies, bishop_memory
+from hesse._autodiff.bishop import bishop_route
 from hesse._autodiff.distributed import digest as _digest
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
@@ -223,11 +223,12 @@ def _dense_cost(
     P = problem.num_params
     item = torch.empty((), dtype=problem.dtype).element_size()
     factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
-    if bishop_applies(problem) is None and bishop_memory(problem) <= 2**30:
+    work = bishop_route(problem)  # DenseEngine's own rule (it is built without max_memory)
+    if work is not None:
         # an MLP: C by Bishop's propagation (B1), as DenseEngine forms it: about
         # 2 n p_k p_m flops a sample and layer pair, N P^2 in all (measured on the
         # digits MLP: 0.9 s predicted 0.8 s)
-        build = P * P * item + bishop_memory(problem)
+        build = P * P * item + work
         form = problem.local_samples * P * P / rates[1]
     else:
         build = curvature_operator(problem, curvature).dense_memory()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff import products as _products
-from hesse._autodiff.bishop import bishop_applies, bishop_hessian
+from hesse._autodiff.bishop import bishop_applies, bishop_hessian, bishop_route
 from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import (
     FisherOperator,
@@ -233,8 +233,8 @@ def decompose(
             propagation (design note (B1)), the residual their difference: for
             ``nn.Sequential`` MLPs of ``Linear`` layers and element-wise activations,
             about 10x faster (one pass over the data a matrix instead of ``P``
-            products). ``"auto"`` (default): ``"bishop"`` where it applies, else
-            ``"autodiff"``.
+            products). ``"auto"`` (default): ``"bishop"`` where it applies and its
+            working memory fits in ``max_memory`` (default 1 GiB), else ``"autodiff"``.
         max_memory, progress: as for `hessian` (the ``"autodiff"`` route).
 
     Memory: the three ``(P, P)`` results, refused up front when they do not fit.
@@ -250,14 +250,13 @@ def decompose(
         "products, eigs or hessian_blocks instead",
         problem.device,
     )
-    if method != "autodiff":
-        reason = bishop_applies(problem)
-        if reason is None:
-            H = bishop_hessian(problem)
-            G = bishop_hessian(problem, gauss_newton=True)
-            return Decomposition(hessian=H, ggn=G, residual=H - G)
-        if method == "bishop":
-            raise ValueError(f"decompose(method='bishop'): {reason}")
+    reason = bishop_applies(problem) if method == "bishop" else None
+    if reason is not None:
+        raise ValueError(f"decompose(method='bishop'): {reason}")
+    if method == "bishop" or (method == "auto" and bishop_route(problem, max_memory) is not None):
+        H = bishop_hessian(problem)
+        G = bishop_hessian(problem, gauss_newton=True)
+        return Decomposition(hessian=H, ggn=G, residual=H - G)
     kw = {"max_memory": max_memory, "progress": progress}
     return Decomposition(
         hessian=HessianOperator(problem).to_dense(**kw),
