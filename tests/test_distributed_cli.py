@@ -10,7 +10,10 @@ import socket
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
+
+from hesse._cli import main as _cli
 
 pytestmark = [
     pytest.mark.skipif(
@@ -18,6 +21,19 @@ pytestmark = [
     ),
     pytest.mark.distributed,  # torchrun's ranks run one thread each (OMP_NUM_THREADS=1)
 ]
+
+
+def _fresh_main(argv: list[str]) -> int:
+    """``hesse`` in this process as a fresh one runs it: torch's default dtype (the other
+    tests set float64) and the launches' one thread."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    try:
+        return _cli.main(argv)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
@@ -37,8 +53,7 @@ def test_hesse_analyze_under_torchrun_equals_one_process(tmp_path):
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "hesse", *args, "--json", str(one)], check=True,
-                   capture_output=True, env=env, timeout=300)  # fmt: skip
+    assert _fresh_main([*args, "--json", str(one)]) == 0  # one process: this one
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     launch += [f"--master_port={_free_port()}", "-m", "hesse"]
     out = subprocess.run([*launch, *args, "--json", str(two)], check=True, capture_output=True,
@@ -67,17 +82,15 @@ def test_hesse_train_and_resume_under_torchrun_equal_one_process(tmp_path):
     args += ["--checkpoint-every", "2", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def launch(*extra: str, ranks: int = 2) -> str:
-        head = [sys.executable, "-m", "hesse"]
-        if ranks > 1:
-            head = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-            head += [f"--master_port={_free_port()}", "-m", "hesse"]
+    def launch(*extra: str) -> str:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        head += [f"--master_port={_free_port()}", "-m", "hesse"]
         done = subprocess.run([*head, *args, *extra], capture_output=True, text=True, env=env,
                               timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
 
-    launch("--steps", "4", "--out", str(tmp_path / "one"), ranks=1)
+    assert _fresh_main([*args, "--steps", "4", "--out", str(tmp_path / "one")]) == 0
     two = tmp_path / "two"
     launch("--steps", "2", "--out", str(two))
     out = launch("--steps", "4", "--out", str(two), "--resume")

@@ -77,15 +77,15 @@ CASES = [
     # memory (batch 400), the chain (GGN sweeps dominated by stored factors, by a wide
     # stage, by the loss Hessian; its estimate is the plan's chain memory), and the plan's
     # memory for the dense engine (factoring the GGN and the Hessian, P = 4650) and the
-    # observation-space engine (a kernel of M = 6000 outputs; P = 54,403, M = 3000)
+    # observation-space engine (a kernel of M = 4500 outputs; P = 54,403, M = 3000)
     ("dense", 3, 40, 50, 64, 10),
     ("dense", 3, 30, 400, 64, 10),
     ("chain", 8, 64, 32, 16, 10),
-    ("chain", 6, 128, 24, 64, 10),
-    ("chain", 3, 16, 400, 10, 10),
+    ("chain", 6, 96, 24, 64, 10),
+    ("chain", 3, 16, 300, 10, 10),
     ("plan-dense-ggn", 3, 40, 50, 64, 10),
     ("plan-dense-hessian", 3, 40, 50, 64, 10),
-    ("plan-gram-ggn", 4, 64, 600, 32, 10),
+    ("plan-gram-ggn", 4, 64, 450, 32, 10),
     ("plan-gram-ggn", 2, 800, 1000, 64, 3),
 ]
 

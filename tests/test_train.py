@@ -259,3 +259,20 @@ def test_train_refuses_bad_user_inputs_before_any_work(tmp_path):
         with pytest.raises(SystemExit, match=message):
             _cli.main(["train", "--steps", "1", "--out", str(out), *FAST, *extra])
         assert not out.exists()  # refused before --out was made
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """What needs no folder made (a file in the way, an earlier run's files) is checked
+    before the model, the data and torch's optimisers load (seconds a refusal need not
+    wait); nothing of the user's changes."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    monkeypatch.setattr(_train.Source, "build", lambda *a, **k: pytest.fail("built first"))
+    with pytest.raises(SystemExit, match=r"cannot write to --out .*Not a directory"):
+        _cli.main(["train", "--steps", "1", "--out", str(blocker / "out"), "--no-progress"])
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "losses_hf.csv").write_text("mine")
+    with pytest.raises(SystemExit, match="already holds losses_hf.csv"):
+        _cli.main(["train", "--optimizer", "hf", "--steps", "1", "--out", str(earlier)])
+    assert blocker.read_text() == (earlier / "losses_hf.csv").read_text() == "mine"

@@ -53,6 +53,19 @@ FISHER_LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 """The losses that are negative log-likelihoods with a closed-form Fisher matrix."""
 
 
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """NumPy's broadcast of two shapes, ``None`` where they do not broadcast (as
+    ``torch.broadcast_shapes``, whose first call imports half a second of ``torch._refs``)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def check_loss_shapes(loss_fn: Any, outputs: Any, targets: Any) -> None:
     """Refuse the silent broadcast of element-wise losses: ``MSELoss`` of outputs
     ``(N, 1)`` against targets ``(N,)`` is the mean over an ``(N, N)`` grid, not the
@@ -63,11 +76,8 @@ def check_loss_shapes(loss_fn: Any, outputs: Any, targets: Any) -> None:
     if outputs.shape == targets.shape:
         return
     if not isinstance(loss_fn, _ELEMENTWISE_LOSSES):
-        try:
-            shape = torch.broadcast_shapes(outputs.shape, targets.shape)
-        except RuntimeError:
-            return
-        if shape in (outputs.shape, targets.shape):
+        shape = _broadcast(tuple(outputs.shape), tuple(targets.shape))
+        if shape is None or shape in (tuple(outputs.shape), tuple(targets.shape)):
             return
     name = type(loss_fn).__name__ if isinstance(loss_fn, nn.Module) else "loss_fn"
     dims = ", ".join(str(d) for d in outputs.shape)

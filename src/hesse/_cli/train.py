@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 __all__ = ["train_command"]
+
+
+def _out_error(out: Path, ours: list[str], replace: bool) -> str | None:
+    """Why ``--out`` cannot take this run, from what is on disk (``None``: it can, as far
+    as can be told without making it): an earlier run's files, or a nearest existing
+    folder that is a file or not writable."""
+    there = [n for n in ours if (out / n).exists()]
+    if there and not replace:
+        return (
+            f"--out {str(out)!r} already holds {', '.join(there[:4])}"
+            f"{', ...' if len(there) > 4 else ''}; pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    home = out.absolute()
+    while not home.exists() and home.parent != home:
+        home = home.parent
+    if not home.is_dir():
+        return f"cannot write to --out {str(out)!r}: Not a directory ({home})"
+    if not os.access(home, os.W_OK | os.X_OK):
+        return f"cannot write to --out {str(out)!r}: Permission denied ({home})"
+    return None
 
 
 def train_command(args: argparse.Namespace, progress: bool | None) -> int:
@@ -26,30 +48,28 @@ def train_command(args: argparse.Namespace, progress: bool | None) -> int:
     source = _train.Source(
         args.example or "classifier", args.model, args.data, args.loss, args.weights
     )
+    ranks = _train.Ranks(getattr(args, "rank", 0), getattr(args, "world", 1))
+    out = Path(args.out or source.folder)
+    ours = [f"{f}_{k}.{e}" for k in kinds for f, e in _train.RUN_FILES] + ["curves.png"]
+    # one rank writes (checkpoints, CSV files, curves) and checks --out: first what needs
+    # no folder made (in a second, before the model, the data and torch's optimisers load)
+    error = _out_error(out, ours, args.resume or args.overwrite) if ranks.rank == 0 else None
+    try:
+        ranks.agree(error)  # every rank stops when rank 0 cannot write
+    except ValueError as err:
+        raise SystemExit(f"hesse train: {err}") from None
     try:  # every optimiser on the model, before any heavy work
         ex = source.build(args.seed)
         for kind in kinds:
             _train.make_optimizer(kind, ex, args.lr, args.damping)
     except ValueError as err:
         raise SystemExit(f"hesse train: {err}") from None
-    ranks = _train.Ranks(getattr(args, "rank", 0), getattr(args, "world", 1))
-    out = Path(args.out or source.folder)
-    error = None
-    if ranks.rank == 0:  # one rank writes: checkpoints, CSV files, curves
-        ours = [f"{f}_{k}.{e}" for k in kinds for f, e in _train.RUN_FILES] + ["curves.png"]
-        there = [n for n in ours if (out / n).exists()]
-        if there and not (args.resume or args.overwrite):
-            error = (
-                f"--out {str(out)!r} already holds {', '.join(there[:4])}"
-                f"{', ...' if len(there) > 4 else ''}; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose another --out"
-            )
+    if ranks.rank == 0:  # then the folder itself, made only once the inputs are good
         try:
-            if error is None:
-                out.mkdir(parents=True, exist_ok=True)
-                probe = out / ".hesse-write-check"
-                probe.touch()
-                probe.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".hesse-write-check"
+            probe.touch()
+            probe.unlink()
         except OSError as err:
             error = f"cannot write to --out {str(out)!r}: {err.strerror or err}"
     try:

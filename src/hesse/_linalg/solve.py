@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse.linalg as sla
 import torch
 from torch import Tensor
 
@@ -87,6 +86,8 @@ def _krylov(
     rtol: float,
     maxiter: int | None,
 ) -> Tensor:
+    import scipy.sparse.linalg as sla  # half a second to import: only when a Krylov solve runs
+
     op = curvature_operator(prob, curvature).to_scipy()
     P = prob.num_params
     d = damping.cpu().numpy() if isinstance(damping, Tensor) else damping

@@ -11,16 +11,18 @@ chooses its product (``_matmat``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._util.memory import check_memory
 from hesse._util.progress import progress_bar
+
+if TYPE_CHECKING:  # scipy.sparse.linalg costs half a second to import: only when used
+    from scipy.sparse.linalg import LinearOperator
 
 __all__ = ["CurvatureOperator"]
 
@@ -227,6 +229,8 @@ class CurvatureOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 NumPy in and out) whose
         products run in PyTorch on the problem's device; works with ``eigsh``,
         ``cg``, ``minres``, ``lobpcg``."""
+        from scipy.sparse.linalg import LinearOperator
+
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
 
         def matmat(X: np.ndarray) -> np.ndarray:
