@@ -7,11 +7,11 @@ allocator moves that peak."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
+import multiprocessing as mp
 import os
-import subprocess
 import sys
-import textwrap
+import traceback
+from typing import Any
 
 import pytest
 import torch
@@ -24,17 +24,17 @@ from hesse._util import memory as _memory
 # not the thread count
 pytestmark = pytest.mark.once
 
-_MEASURE = textwrap.dedent(
-    """
-    import json, resource, sys
-    import torch
-    from torch import nn
-    import hesse
+
+def _measure_here(case: tuple) -> dict:
+    """The estimate and the peak of one case, in this (fresh, forked) process: the growth
+    of the resident set's high-water mark over the call, the mark first reset to the
+    resident set (``/proc/self/clear_refs``)."""
+    import resource
 
     torch.set_default_dtype(torch.float64)
-    kind, L, w, n, din, C = sys.argv[1], *(int(x) for x in sys.argv[2:7])
+    kind, L, w, n, din, C = case
     torch.manual_seed(0)
-    layers = [nn.Linear(din, w), nn.Tanh()]
+    layers: list[nn.Module] = [nn.Linear(din, w), nn.Tanh()]
     for _ in range(L - 2):
         layers += [nn.Linear(w, w), nn.Tanh()]
     layers.append(nn.Linear(w, C))
@@ -48,27 +48,35 @@ _MEASURE = textwrap.dedent(
         method, curvature = kind.split("-")[1:]
         est = hesse.plan(prob, curvature).costs[method].memory
         v = torch.ones(prob.num_params)
-        run = lambda: hesse.factorize(prob, 1e-2, curvature, method=method).solve(v)
+        run = lambda: hesse.factorize(prob, 1e-2, curvature, method=method).solve(v)  # noqa: E731
     else:
         chain = hesse.Chain.from_problem(prob)
         est, run = chain.memory_estimate(), lambda: hesse.factorize(chain, 1e-2, "ggn")
 
-    def rss():
+    def rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
 
-    def high_water():  # this process's own peak (ru_maxrss can carry the parent's over exec)
+    def high_water() -> int:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
 
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark := the resident set now
     before = rss()
     run()
-    peak = high_water() - before
-    print(json.dumps({"estimate": est, "peak": peak}))
-    """
-)
+    return {"estimate": est, "peak": high_water() - before}
+
+
+def _child(case: tuple, conn: Any) -> None:
+    try:
+        conn.send(_measure_here(case))
+    except BaseException:  # reported to the parent
+        conn.send({"error": traceback.format_exc()[-3000:]})
+
 
 CASES = [
     # kind, depth, width, batch, inputs, classes: one case a class, no repeats (the
@@ -91,20 +99,29 @@ CASES = [
 
 
 def _measure(case: tuple) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *map(str, case)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if out.returncode != 0:
-        return {"error": out.stderr[-3000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One case in its own process, forked from a server that has imported torch and
+    hesse once (a fresh interpreter would spend about 4 s of CPU importing them again;
+    a fork of this process would carry its memory and thread pools)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "hesse", __name__])
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(case, send))
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(300):
+            proc.kill()
+            return {"error": "the measurement ran past 300 s"}
+        return recv.recv()
+    except EOFError:
+        return {"error": f"the measuring process died (exit code {proc.exitcode})"}
+    finally:
+        proc.join(10)
 
 
 @pytest.fixture(scope="module")
 def measured(request: pytest.FixtureRequest) -> dict:
-    """Every selected case measured in its own fresh process, as many at a time as the
+    """Every selected case measured in its own fresh (forked) process, as many at a time as the
     cores allow at this run's thread count (a process's peak is its own: running them side
     by side only saves wall time; oversubscribed cores would lose it)."""
     chosen = []
