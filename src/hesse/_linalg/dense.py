@@ -100,15 +100,14 @@ class DenseFactorization(Factorization):
         )
 
     def inverse_diagonal(self) -> Tensor | None:
-        """The diagonal of ``(C + D)^-1`` ``(P,)``: with ``C + D = L L^T`` (the
-        factorisation's own Cholesky factor), ``diag((C + D)^-1)_i = sum_j (L^-1)_ji^2``,
-        one triangular inverse (``P^3 / 3`` flops; ``None`` when ``C + D`` is not positive
-        definite)."""
+        """The diagonal of ``(C + D)^-1`` ``(P,)`` from the factorisation's own Cholesky
+        factor ``C + D = L L^T``: ``torch.cholesky_inverse`` (LAPACK's ``potri``, a
+        triangular inverse and the product ``L^-T L^-1``, ``2 P^3 / 3`` flops, three
+        quarters of the time a triangular solve against the identity takes; ``None`` when
+        ``C + D`` is not positive definite)."""
         if self._elim.kind != "cholesky":
             return None
-        eye = torch.eye(self.num_params, dtype=self._elim.L.dtype, device=self._elim.L.device)
-        Linv = torch.linalg.solve_triangular(self._elim.L, eye, upper=False)
-        return (Linv * Linv).sum(0)
+        return torch.cholesky_inverse(self._elim.L).diagonal().clone()
 
     def operator(self, X: Tensor) -> Tensor:
         """``(C + D) X`` with the formed matrix (``C`` from the true operator's products
