@@ -8,6 +8,7 @@ loss on all data as one concatenated batch, and use only ``torch.func`` and
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
+
+# ----------------------------------------------------------------------------- processes
+FORK_SERVER_PRELOAD = ["torch", "hesse", "scipy.sparse.linalg"]
+
+
+def fork_server() -> mp.context.BaseContext:
+    """The start method of the tests' own processes (distributed ranks, memory probes): a
+    fork server, one a test process, which imports `FORK_SERVER_PRELOAD` once and forks
+    a fresh single-threaded process for each (a spawned interpreter spends about 4 s of
+    CPU importing them again; a plain fork would copy this process's memory and thread
+    pools). One list for every caller: it is read once, when the server starts."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
 
 
 # ----------------------------------------------------------------------------- models

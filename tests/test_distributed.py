@@ -1,5 +1,5 @@
-"""Data parallelism with torch.distributed (gloo on loopback, 2 and 3 ranks spawned by
-torch.multiprocessing, uneven shards, float64): every quantity equals one process holding
+"""Data parallelism with torch.distributed (gloo on loopback, 2 and 3 ranks forked from
+the tests' fork server, uneven shards, float64): every quantity equals one process holding
 all the data to 1e-12 relative and is bit-identical across ranks; bad input is refused;
 a rank that dies makes the others fail with a clear error, not hang."""
 
@@ -16,7 +16,6 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy.sparse.linalg import eigsh
 from torch import nn
 
@@ -339,18 +338,10 @@ CASES = {
 }
 
 
-def _context() -> mp.context.BaseContext:
-    """The ranks' start method: a fork server, which imports torch, hesse and this module
-    once and forks a fresh single-threaded process for every rank (a spawned rank spends
-    about 4 s of CPU importing them again; a plain fork would copy this process's thread
-    pools)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "hesse", "scipy.sparse.linalg", __name__])
-    return ctx
-
-
 def _spawn(world: int, case: str, tmp_path, timeout: float = 120) -> list[dict]:
-    ctx = _context()
+    from conftest import fork_server
+
+    ctx = fork_server()
     port = _free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world, port, str(tmp_path), case))

@@ -7,7 +7,6 @@ allocator moves that peak."""
 from __future__ import annotations
 
 import concurrent.futures
-import multiprocessing as mp
 import os
 import sys
 import traceback
@@ -99,11 +98,10 @@ CASES = [
 
 
 def _measure(case: tuple) -> dict:
-    """One case in its own process, forked from a server that has imported torch and
-    hesse once (a fresh interpreter would spend about 4 s of CPU importing them again;
-    a fork of this process would carry its memory and thread pools)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "hesse", __name__])
+    """One case in its own fresh process (`conftest.fork_server`)."""
+    from conftest import fork_server
+
+    ctx = fork_server()
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(case, send))
     proc.start()

@@ -107,7 +107,7 @@ class DenseFactorization(Factorization):
         ``C + D`` is not positive definite)."""
         if self._elim.kind != "cholesky":
             return None
-        return torch.cholesky_inverse(self._elim.L).diagonal().clone()
+        return torch.cholesky_inverse(self._elim.L).diagonal().clone()  # not the P x P
 
     def operator(self, X: Tensor) -> Tensor:
         """``(C + D) X`` with the formed matrix (``C`` from the true operator's products
