@@ -245,3 +245,47 @@ def test_no_engine_within_max_memory_is_refused_with_the_plan():
     with pytest.raises(hesse.MemoryBudgetError, match=r"dense .* factorisation would need"):
         hesse.factorize(prob, 0.1, "ggn", method="dense", max_memory=1e6)
     assert math.isfinite(hesse.plan(prob, "ggn").costs["gram"].seconds)
+
+
+def test_a_new_engine_is_one_registry_entry(monkeypatch):
+    """The registry is the one place that names the engines: an entry (here a twin of the
+    dense engine) is planned, picked by auto when predicted fastest, handed what its cost
+    built, built by name, and accepted by every ``method=`` check."""
+    from hesse._factor.cost import EngineCost, EngineSpec, problem_of
+    from hesse._linalg import factorize as fz
+    from hesse._linalg.dense import DenseEngine
+
+    class Twin(DenseEngine):
+        method = "twin"
+
+    handed: list[object] = []
+
+    def cost(problem, curvature, timing):
+        return EngineCost("twin", True, 1.0, 1.0, 1e-12), "built by the cost"
+
+    def build(problem, curvature, budget, built, progress):
+        handed.append(built)
+        return Twin(problem_of(problem), curvature)
+
+    monkeypatch.setitem(fz.ENGINES, "twin", EngineSpec("twin", cost, build, "a twin"))
+    torch.manual_seed(3)
+    model = mlp([3, 5, 2]).double()
+    X, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    p = hesse.plan(prob, "ggn")
+    assert list(p.costs) == ["dense", "gram", "chain", "twin"] and p.choice == "twin"
+    assert isinstance(hesse.engine(prob, "ggn"), Twin)
+    assert isinstance(hesse.engine(prob, "ggn", method="twin"), Twin)
+    assert handed == ["built by the cost", None]
+    G = Reference(Case("twin", model, X, y, nn.CrossEntropyLoss())).ggn()
+    A = G + 0.3 * torch.eye(prob.num_params, dtype=G.dtype)
+    v = torch.randn(prob.num_params, dtype=G.dtype)
+    x = hesse.solve(prob, v, 0.3, "ggn", method="twin")
+    assert torch.linalg.norm(A @ x - v) <= 1e-10 * torch.linalg.norm(v)
+    _s, ref = torch.linalg.slogdet(A)
+    assert (
+        abs(hesse.factorize(prob, 0.3, "ggn", method="twin").logdet()[1] - float(ref))
+        <= 1e-10 * abs(float(ref)) + 1e-12
+    )
+    with pytest.raises(ValueError, match=r"'auto', 'dense', 'gram', 'chain', 'twin' or 'cg'"):
+        hesse.solve(prob, v, 0.3, "ggn", method="nope")

@@ -54,41 +54,44 @@ LAYERS: dict[str, int] = {
     "hesse._operators.functions": 4,
     "hesse._spectral.lanczos": 4,
     "hesse._spectral.stochastic": 5,
-    "hesse._spectral.tracker": 6,
-    # 3-7: exact factorisations: the shared base, the three engines, the choice among
-    # them, and what is built on it (solves, counts, certified eigenvalues)
+    "hesse._spectral.tracker": 7,
+    # 3-8: exact factorisations: the shared base and the registry's entry type, the three
+    # engines, the registry and the choice among them, and what is built on it (solves,
+    # counts, certified eigenvalues)
     "hesse._factor.base": 3,
+    "hesse._factor.cost": 4,
     "hesse._chain.chain": 4,
     "hesse._chain.factorization": 5,
     "hesse._linalg.dense": 5,
     "hesse._linalg.gram": 5,
-    "hesse._linalg.factorize": 6,
-    "hesse._linalg.eigen": 7,
-    "hesse._linalg.solve": 7,
-    # 8: the applications (per-sample gradients, the Laplace approximation, influence)
+    "hesse._chain.engine": 6,
+    "hesse._linalg.factorize": 7,
+    "hesse._linalg.eigen": 8,
+    "hesse._linalg.solve": 8,
+    # 9: the applications (per-sample gradients, the Laplace approximation, influence)
     "hesse._apps.per_sample": 2,
-    "hesse._apps.laplace": 8,
-    "hesse._apps.influence": 8,
-    # 8-10: optimisers
-    "hesse.optim._parts": 8,
-    "hesse.optim._base": 8,
-    "hesse.optim._hessian_free": 9,
-    "hesse.optim._newton": 9,
-    "hesse.optim": 10,
-    # 11-16: the outer ring (files, figures, printing) and the public package
+    "hesse._apps.laplace": 9,
+    "hesse._apps.influence": 9,
+    # 9-11: optimisers
+    "hesse.optim._parts": 9,
+    "hesse.optim._base": 9,
+    "hesse.optim._hessian_free": 10,
+    "hesse.optim._newton": 10,
+    "hesse.optim": 11,
+    # 12-17: the outer ring (files, figures, printing) and the public package
     "hesse._report.figures": 1,
     "hesse._report.files": 2,
-    "hesse._report.compute": 11,
+    "hesse._report.compute": 12,
     "hesse._cli.output": 1,
-    "hesse._cli.training": 11,
-    "hesse": 12,
-    "hesse._cli.inputs": 10,
-    "hesse._cli.analysis": 14,
-    "hesse._cli.train": 14,
-    "hesse._cli.influence": 14,
-    "hesse._cli.main": 15,
-    "hesse._cli.__main__": 16,
-    "hesse.__main__": 16,
+    "hesse._cli.training": 12,
+    "hesse": 13,
+    "hesse._cli.inputs": 11,
+    "hesse._cli.analysis": 15,
+    "hesse._cli.train": 15,
+    "hesse._cli.influence": 15,
+    "hesse._cli.main": 16,
+    "hesse._cli.__main__": 17,
+    "hesse.__main__": 17,
 }
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from hesse._autodiff.bishop import bishop_hessian, bishop_route
 from hesse._autodiff.problem import Problem
 from hesse._factor.base import Engine, Factorization, PivotSummary, shift
+from hesse._factor.cost import EngineCost, EngineSpec, Timing, problem_of
 from hesse._factor.elimination import Elimination, maxabs
 from hesse._operators.curvature import curvature_operator
 from hesse._util.memory import check_memory
@@ -139,3 +140,58 @@ class DenseFactorization(Factorization):
     def _apply_inverse(self, V: Tensor) -> Tensor:
         k, _, _ = self._elim.backward(-V)  # k = -Q^-1 q with q = -v
         return self._elim.forward(k, None, None)
+
+
+def dense_memory(problem: Problem, curvature: str) -> float:
+    """Peak memory of the dense engine: forming ``C`` (the matrix and Bishop's or the
+    products' working memory) or factoring it (measured, tests/test_memory.py: Cholesky
+    about 3.5, LU and LDL^T about 4.5 ``P x P`` arrays: ``C``, the shifted copy, the
+    factors and LAPACK's copies)."""
+    P = problem.num_params
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    work = bishop_route(problem)  # DenseEngine's own rule (it is built without max_memory)
+    if work is not None:
+        build = P * P * item + work
+    else:
+        build = curvature_operator(problem, curvature).dense_memory()
+    return max(build, (3.5 if curvature == "ggn" else 4.5) * P * P * item)
+
+
+def dense_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[EngineCost, None]:
+    """``P`` products for ``C`` (Bishop's one pass for an MLP, about ``2 n p_k p_m`` flops
+    a sample and layer pair, ``N P^2`` in all: measured on the digits MLP 0.9 s,
+    predicted 0.8 s), then Cholesky (``P^3 / 3``; the GGN) or LU and Bunch-Kaufman
+    (``P^3``; the Hessian)."""
+    problem = problem_of(problem)
+    P = problem.num_params
+    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
+    if bishop_route(problem) is not None:
+        form = problem.local_samples * P * P / timing.chol
+    else:
+        form = P * timing.column
+    seconds = form + factor_flops / timing.chol
+    memory = dense_memory(problem, curvature)
+    return EngineCost("dense", True, factor_flops, memory, seconds), None
+
+
+def build_dense(
+    problem: Problem, curvature: str, budget: float, built: None, progress: bool | None
+) -> DenseEngine:
+    problem = problem_of(problem)
+    P = problem.num_params
+    check_memory(
+        dense_memory(problem, curvature),
+        f"the dense {P} x {P} {curvature} factorisation",
+        "use method='gram' (GGN) or 'chain' (nn.Sequential), or fewer parameters",
+        budget=budget,
+    )
+    return DenseEngine(problem, curvature, progress=progress)
+
+
+DENSE = EngineSpec(
+    "dense",
+    dense_cost,
+    build_dense,
+    "C formed in column chunks (Bishop's propagation for an MLP), factored by Cholesky / "
+    "Bunch-Kaufman / eigen tiers: O(P^3), O(P^2) memory",
+)

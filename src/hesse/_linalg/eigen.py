@@ -15,6 +15,7 @@ from torch import Tensor
 
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
+from hesse._factor.cost import problem_of
 from hesse._linalg.factorize import Engine, factorize, prepared
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.lanczos import eigs
@@ -44,13 +45,9 @@ def count_eigenvalues(
     """
     sigma = _edge("below", below)
     if math.isinf(sigma):  # nothing lies below -inf, everything below +inf
-        return 0 if sigma < 0 else _problem(problem).num_params
+        return 0 if sigma < 0 else problem_of(problem).num_params
     f = factorize(problem, -sigma, curvature, method=method, rank_rtol=rank_rtol, progress=progress)
     return f.inertia().negative
-
-
-def _problem(obj: Problem | Chain) -> Problem:
-    return obj.problem if isinstance(obj, Chain) else obj
 
 
 def _edge(name: str, value: object) -> float:

@@ -1,157 +1,75 @@
-"""One exact factorisation of ``C + eps I``, three engines, chosen by cost.
+"""One exact factorisation of ``C + D``, by the engines of one registry, chosen by cost.
 
-- ``"dense"`` (`hesse._linalg.dense`): ``C`` formed in column chunks, factored by
-  Cholesky / Bunch-Kaufman / eigen tiers: ``O(P^3)``, ``O(P^2)`` memory.
-- ``"gram"`` (`hesse._linalg.gram`, GGN only): Woodbury in observation space,
+`ENGINES` maps each ``method=`` name to its `EngineSpec` (its cost and its build), each
+defined in the engine's own module:
+
+- ``"dense"`` (`hesse._linalg.dense.DENSE`): ``C`` formed (Bishop's one pass for an MLP,
+  else column chunks), factored by Cholesky / Bunch-Kaufman / eigen tiers: ``O(P^3)``,
+  ``O(P^2)`` memory.
+- ``"gram"`` (`hesse._linalg.gram.GRAM`, GGN only): Woodbury in observation space,
   ``O(M^3 + M P)`` for ``M`` samples times outputs.
-- ``"chain"`` (`hesse._chain.factorization`): the stable Riccati sweep, linear in depth,
+- ``"chain"`` (`hesse._chain.engine.CHAIN`): the stable Riccati sweep, linear in depth,
   for ``nn.Sequential`` models.
 
-`plan` predicts, before any heavy work, each applicable engine's flops, peak memory and
-time on this machine (from a one-off calibration of matrix-product and factorisation
-speed and one timed product of the problem), and which one ``"auto"`` picks: the fastest
-that fits the memory budget. `engine` builds the chosen engine once (the dense matrix,
-the kernel or the chain's linearisation), and `Engine.factor` factors ``C + eps I`` for
-any number of dampings; `factorize` does both for one damping.
+`plan` asks each registered engine for its prediction before any heavy work (flops, peak
+memory and time on this machine, from one shared `Timing`: a one-off calibration of
+matrix-product and factorisation speed, one gradient and one product column of the
+problem), and ``"auto"`` picks the fastest that fits the memory budget. `engine` builds
+the chosen engine once (the dense matrix, the kernel or the chain's linearisation; what
+the plan built on the way is handed over), and `Engine.factor` factors ``C + D`` for any
+number of dampings; `factorize` does both for one damping.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from hesse._autodiff import products
-from hesse._autodiff.bishop import bishop_route
 from hesse._autodiff.distributed import digest as _digest
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import ChainFactorization, as_chain, promoted
+from hesse._chain.engine import CHAIN, ChainEngine
+from hesse._chain.factorization import promoted
 from hesse._factor.base import Engine, Factorization
-from hesse._linalg.dense import DenseEngine
-from hesse._linalg.gram import (
-    GramEngine,
-    GramNotApplicableError,
-    check_samples_independent,
-    linear_modules,
-)
-from hesse._operators.curvature import curvature_operator
+from hesse._factor.cost import EngineCost, EngineSpec, Timing, problem_of
+from hesse._linalg.dense import DENSE
+from hesse._linalg.gram import GRAM, gram_outputs
 from hesse._util import memory
 from hesse._util.checks import check_budget, check_curvature, check_rank_rtol
-from hesse._util.memory import MemoryBudgetError, check_memory, format_bytes
+from hesse._util.memory import MemoryBudgetError, format_bytes
 
 __all__ = [
-    "METHODS",
+    "ENGINES",
     "ChainEngine",
     "Engine",
     "EngineCost",
     "Plan",
+    "check_method",
     "engine",
     "factorize",
     "plan",
 ]
 
-METHODS = ("dense", "gram", "chain")
+ENGINES: dict[str, EngineSpec] = {spec.name: spec for spec in (DENSE, GRAM, CHAIN)}
+"""The exact engines by ``method=`` name, in the plan's order. A new engine is one module
+with its `Engine`, `Factorization` and `EngineSpec`, and one entry here (design note,
+"Adding an engine")."""
 
 
-class ChainEngine(Engine):
-    """The chain sweep as an engine: the chain and its linearisation (one forward and one
-    backward pass: every stage's input and output adjoint) are kept, so each damping costs
-    one sweep."""
-
-    method = "chain"
-
-    def __init__(self, chain: Chain, curvature: str, progress: bool | None = None) -> None:
-        self.chain, self.problem, self.curvature, self.progress = (
-            chain,
-            chain.problem,
-            curvature,
-            progress,
-        )
-        self._linearisation: tuple[list[Tensor], list[Tensor]] | None = None
-
-    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> ChainFactorization:
-        if self._linearisation is None:
-            self._linearisation = self.chain.forward_backward()
-        return ChainFactorization(
-            self.chain,
-            damping,
-            self.curvature,
-            self.progress,
-            rank_rtol,
-            linearisation=self._linearisation,
-        )
-
-
-# ----------------------------------------------------------------------------- calibration
-@functools.cache
-def _rates(device: str, dtype: torch.dtype) -> tuple[float, float]:
-    """Flops per second of a matrix product and of a Cholesky factorisation on this
-    device and dtype, measured once a process (best of three, ``n = 384``)."""
-    n = 384
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    S = A @ A.T + n * torch.eye(n, dtype=dtype, device=device)
-
-    def best(fn: Any) -> float:
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return max(min(ts), 1e-9)
-
-    gemm = 2 * n**3 / best(lambda: A @ A)
-    chol = (n**3 / 3) / best(lambda: torch.linalg.cholesky(S))
-    return gemm, chol
-
-
-def _product_seconds(problem: Problem, curvature: str) -> float:
-    """Seconds per column of the curvature's product, measured on 8 columns at once
-    (one warm-up): the unit of the dense engine's ``P`` products."""
-    op = curvature_operator(problem, curvature)
-    V = torch.zeros(problem.num_params, 8, dtype=problem.dtype, device=problem.device)
-    V[0] = 1.0
-    op.matmat(V[:, :1])
-    t0 = time.perf_counter()
-    op.matmat(V)
-    return (time.perf_counter() - t0) / 8
-
-
-def _gradient_seconds(problem: Problem) -> float:
-    """Seconds of one gradient of the problem (the second of two: the first pays the
-    kernels' start-up)."""
-    products.gradient(problem)
-    t0 = time.perf_counter()
-    products.gradient(problem)
-    return time.perf_counter() - t0
-
-
-_STAGE_SECONDS = 2.5e-3
-"""The chain sweep's fixed cost a stage (measured on a 2-core CPU: many small kernels)."""
+def check_method(method: object, *extra: str) -> str:
+    """``method`` if it is ``"auto"``, a registered engine or one of ``extra`` (say,
+    ``"cg"``), else a `ValueError` naming every choice."""
+    names = ("auto", *ENGINES, *extra)
+    if not isinstance(method, str) or method not in names:
+        choices = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+        raise ValueError(f"method must be {choices}; got {method!r}")
+    return method
 
 
 # ----------------------------------------------------------------------------- the plan
-@dataclass
-class EngineCost:
-    """One engine's predicted cost: ``flops``, peak ``memory`` (bytes) and ``seconds``;
-    ``reason`` says why it does not apply (``applies`` is then ``False``)."""
-
-    method: str
-    applies: bool
-    flops: float = math.nan
-    memory: float = math.nan
-    seconds: float = math.nan
-    reason: str = ""
-
-
 @dataclass
 class Plan:
     """`plan`'s answer: each engine's `EngineCost`, the memory budget and ``choice`` (the
@@ -196,123 +114,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _problem(obj: Problem | Chain) -> Problem:
-    return obj.problem if isinstance(obj, Chain) else obj
-
-
-def gram_outputs(problem: Problem) -> int:
-    """``M``: samples times outputs a sample (0 when the output is not one tensor)."""
-    try:
-        N, m, _w, _r = _gram_sizes(problem)
-    except GramNotApplicableError:
-        return 0
-    return N * m
-
-
-def _activations(problem: Problem) -> int:
-    """Numbers in the forward pass over all the data (the outputs of every module)."""
-    return curvature_operator(problem, "hessian").activation_numel() * len(problem.batch_sizes)
-
-
-def _dense_cost(
-    problem: Problem, curvature: str, rates: tuple[float, float], col: float
-) -> EngineCost:
-    """``P`` products for ``C`` (Bishop's one pass for an MLP), then Cholesky
-    (``P^3 / 3``; the GGN) or LU and Bunch-Kaufman (``P^3``; the Hessian). Peak memory:
-    forming ``C`` (the matrix and the working memory) or factoring it."""
-    P = problem.num_params
-    item = torch.empty((), dtype=problem.dtype).element_size()
-    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
-    work = bishop_route(problem)  # DenseEngine's own rule (it is built without max_memory)
-    if work is not None:
-        # an MLP: C by Bishop's propagation (B1), as DenseEngine forms it: about
-        # 2 n p_k p_m flops a sample and layer pair, N P^2 in all (measured on the
-        # digits MLP: 0.9 s predicted 0.8 s)
-        build = P * P * item + work
-        form = problem.local_samples * P * P / rates[1]
-    else:
-        build = curvature_operator(problem, curvature).dense_memory()
-        form = P * col
-    # measured (tests/test_memory.py): Cholesky about 3.5, LU and LDL^T about 4.5 P x P
-    # arrays (C, the shifted copy, the factors and LAPACK's copies)
-    memory = max(build, (3.5 if curvature == "ggn" else 4.5) * P * P * item)
-    seconds = form + factor_flops / rates[1]
-    return EngineCost("dense", True, factor_flops, memory, seconds)
-
-
-def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
-    """``(N, m, linear work, other parameters)``: samples, outputs a sample, the flops of
-    the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers."""
-    inputs, _t, _w = next(iter(problem.batches()))
-    with torch.no_grad():
-        o = problem.outputs([p.detach() for p in problem.params], inputs)
-    if not isinstance(o, Tensor):
-        raise GramNotApplicableError("the model's output is not one tensor")
-    N, m = problem.num_samples, int(o[0].numel())
-    M = N * m
-    linear = linear_modules(problem)
-    covered, work = 0, 0
-    for name, mod in linear.items():
-        head = f"{name}." if name else ""
-        for suffix in ("weight", "bias"):
-            if f"{head}{suffix}" in problem.slices:
-                covered += (
-                    problem.slices[f"{head}{suffix}"].stop - problem.slices[f"{head}{suffix}"].start
-                )
-        work += 2 * (N * N * mod.in_features + M * M * mod.out_features)
-    return N, m, work, problem.num_params - covered
-
-
-def _gram_cost(
-    problem: Problem,
-    curvature: str,
-    rates: tuple[float, float],
-    grad: float,
-    check_samples: bool = True,
-) -> EngineCost:
-    try:
-        if curvature != "ggn":
-            raise GramNotApplicableError("the observation-space engine factors the GGN only")
-        from hesse._autodiff import losses
-
-        losses.fisher_loss(problem.loss_fn)
-        if check_samples:  # decided exactly here, as the engine does
-            check_samples_independent(problem)
-        N, m, work, rest = _gram_sizes(problem)
-    except (GramNotApplicableError, NotImplementedError) as err:
-        return EngineCost("gram", False, reason=str(err).split(";")[0])
-    M, P = N * m, problem.num_params
-    item = torch.empty((), dtype=problem.dtype).element_size()
-    kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
-    flops = kernel_flops + M**3 / 3
-    # the kernel (three M x M arrays and the factorisation's workspace: 3.4 measured,
-    # tests/test_memory.py) or, before it, the forward graph of all the data with m
-    # cotangents through it; the Jacobian rows outside Linear layers
-    memory = item * (max(3.4 * M * M, (m + 3) * _activations(problem)) + M * rest)
-    # the forward graph and m batched cotangents through it (vectorised: a fraction of m
-    # backward passes), Jacobian rows outside Linear layers one backward each, the kernel,
-    # its Cholesky factor, and the refinement's product
-    seconds = (3 + 0.3 * m) * grad + M * grad * (rest > 0)
-    seconds += kernel_flops / rates[0] + (M**3 / 3) / rates[1]
-    if M >= P:
-        seconds += P**3 / rates[1]  # no smaller than the dense problem: never preferred
-    return EngineCost("gram", True, flops, memory, seconds)
-
-
-def _chain_cost(
-    problem: Problem | Chain, curvature: str, rates: tuple[float, float], grad: float
-) -> tuple[EngineCost, Chain | None]:
-    try:
-        chain = as_chain(problem)
-    except (ValueError, TypeError) as err:
-        return EngineCost("chain", False, reason=str(err).split(";")[0].split(". ")[0]), None
-    flops = chain.flops_estimate()
-    # a forward and a backward pass, the sweep's flops, the refinement's product, and
-    # each stage's fixed cost (small matrices: the work of calling the kernels)
-    seconds = 3 * grad + flops / rates[0] + 0.3 * flops / rates[1] + _STAGE_SECONDS * len(chain)
-    return EngineCost("chain", True, flops, chain.memory_estimate(), seconds), chain
-
-
 def plan(
     problem: Problem | Chain,
     curvature: str = "hessian",
@@ -340,19 +141,17 @@ def plan(
     check_curvature(curvature)
     if isinstance(problem, Problem) and problem.distributed:
         problem = problem.gathered()  # what engine() factors
-    prob = problem.problem if isinstance(problem, Chain) else problem
+    prob = problem_of(problem)
     if promote and prob.dtype != torch.float64:
         prob = prob.promoted()
         problem = prob if not isinstance(problem, Chain) else promoted(problem)
     budget = _budget(prob, max_memory)
-    rates = _rates(str(prob.device), prob.dtype)
-    grad = _gradient_seconds(prob)
+    timing = Timing(prob, curvature)
     out = Plan(curvature, prob.num_params, 0, budget)
-    out.costs["dense"] = _dense_cost(prob, curvature, rates, _product_seconds(prob, curvature))
-    out.costs["gram"] = _gram_cost(prob, curvature, rates, grad)
-    out.costs["chain"], chain = _chain_cost(problem, curvature, rates, grad)
-    if chain is not None:
-        out.built["chain"] = chain
+    for name, spec in ENGINES.items():
+        out.costs[name], built = spec.cost(problem, curvature, timing)
+        if built is not None:  # handed to the engine `auto` builds (the chain)
+            out.built[name] = built
     out.num_outputs = gram_outputs(prob)
     return out
 
@@ -372,19 +171,16 @@ def engine(
     the chain's linearisation. Arguments as `factorize`. The engine holds ``C`` at the
     parameters it was built at."""
     check_curvature(curvature)
-    _budget(_problem(problem), max_memory)  # a malformed budget, before any work
-    if method not in ("auto", *METHODS):
-        raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
+    _budget(problem_of(problem), max_memory)  # a malformed budget, before any work
+    check_method(method)
     group = problem.group if isinstance(problem, Problem) else None
     if group is not None:
         problem.agree("engine", curvature=curvature, method=method, promote=promote)
         # the exact engines' state is the whole curvature batch: gather it (it is small)
         # and factor identically on every rank
         problem = problem.gathered()
-    out_dtype = (problem.problem if isinstance(problem, Chain) else problem).dtype
+    out_dtype = (problem_of(problem)).dtype
     if out_dtype != torch.float64 and not promote:
-        import warnings
-
         warnings.warn(
             f"the factorisation runs in {out_dtype}; float64 is recommended for "
             "solves and log-determinants (promote=True, the default, computes in "
@@ -402,8 +198,7 @@ def engine(
             method, built = p.choice, p.built  # type: ignore[assignment]
         if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
             method = group.gather_objects(method, "choice of the engine")[0]
-    target = built["chain"] if method == "chain" and "chain" in built else problem
-    eng = _build(target, curvature, method, max_memory, progress)
+    eng = _build(problem, curvature, method, max_memory, progress, built.get(method))
     eng.out_dtype = out_dtype
     eng.group = group  # the ranks' dampings are compared in Engine.factor
     return eng
@@ -426,40 +221,10 @@ def _build(
     method: str,
     max_memory: float | None,
     progress: bool | None,
-) -> Any:
-    prob = problem.problem if isinstance(problem, Chain) else problem
-    budget = _budget(prob, max_memory)
-    if method == "chain":
-        chain = as_chain(problem)
-        _refuse_over(
-            chain.memory_estimate(),
-            budget,
-            f"the chain sweep ({chain.inputs.shape[0]} samples, P = {chain.num_params})",
-            "its state is (samples x width)^2 a stage: use fewer samples (a curvature "
-            "batch), or hesse.solve(..., method='cg') for solves without the exact "
-            "factorisation",
-        )
-        return ChainEngine(chain, curvature, progress)
-    if method == "dense":
-        rates = _rates(str(prob.device), prob.dtype)
-        cost = _dense_cost(prob, curvature, rates, 0.0)
-        _refuse_over(
-            cost.memory,
-            budget,
-            f"the dense {prob.num_params} x {prob.num_params} {curvature} factorisation",
-            "use method='gram' (GGN) or 'chain' (nn.Sequential), or fewer parameters",
-        )
-        return DenseEngine(prob, curvature, progress=progress)
-    # the memory estimate only: the engine tests sample independence itself
-    gram = _gram_cost(prob, curvature, _rates(str(prob.device), prob.dtype), 0.0, False)
-    if gram.applies:
-        _refuse_over(
-            gram.memory,
-            budget,
-            f"the observation-space kernel (M = {gram_outputs(prob)} samples x outputs)",
-            "use fewer samples (a curvature batch), method='dense' or 'chain'",
-        )
-    return GramEngine(prob, curvature)
+    built: Any = None,
+) -> Engine:
+    budget = _budget(problem_of(problem), max_memory)
+    return ENGINES[method].build(problem, curvature, budget, built, progress)
 
 
 def _budget(prob: Problem, max_memory: object) -> float:
@@ -468,10 +233,6 @@ def _budget(prob: Problem, max_memory: object) -> float:
     if budget is not None:
         return budget
     return memory.BUDGET_FRACTION * memory.available_memory(prob.device)
-
-
-def _refuse_over(estimate: float, budget: float, what: str, way_out: str) -> None:
-    check_memory(estimate, what, way_out, budget=budget)
 
 
 def factorize(
@@ -518,7 +279,7 @@ def factorize(
     note ``docs/design/chain-curvature.md``.
     """
     # validated before any work (and again by Engine.factor, the one rule for every route)
-    prob = _problem(problem)
+    prob = problem_of(problem)
     prob.parameters.as_diagonal(damping)
     check_rank_rtol(rank_rtol)
     prob.agree("factorize", damping=damping, curvature=curvature, method=method)

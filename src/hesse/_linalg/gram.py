@@ -34,7 +34,9 @@ from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
 from hesse._autodiff.problem import Problem
 from hesse._factor.base import Engine, Factorization, PivotSummary, shift
-from hesse._util.memory import available_memory
+from hesse._factor.cost import EngineCost, EngineSpec, Timing, problem_of
+from hesse._operators.curvature import curvature_operator
+from hesse._util.memory import available_memory, check_memory
 
 __all__ = ["GramEngine", "GramFactorization", "GramNotApplicableError"]
 
@@ -589,3 +591,104 @@ class GramFactorization(Factorization):
             return (V - e.Bt(U @ (W / (mu + eps)[:, None]))) / eps
         # eps = 0 with C non-singular (M >= P, full rank): C^-1 = B^T U mu^-2 U^T B (O3)
         return e.Bt(U @ (W / (mu * mu)[:, None]))
+
+
+# ----------------------------------------------------------------------------- its cost
+def gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
+    """``(N, m, linear work, other parameters)``: samples, outputs a sample, the flops of
+    the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers."""
+    inputs, _t, _w = next(iter(problem.batches()))
+    with torch.no_grad():
+        o = problem.outputs([p.detach() for p in problem.params], inputs)
+    if not isinstance(o, Tensor):
+        raise GramNotApplicableError("the model's output is not one tensor")
+    N, m = problem.num_samples, int(o[0].numel())
+    M = N * m
+    covered, work = 0, 0
+    for name, mod in linear_modules(problem).items():
+        head = f"{name}." if name else ""
+        for suffix in ("weight", "bias"):
+            sl = problem.slices.get(f"{head}{suffix}")
+            if sl is not None:
+                covered += sl.stop - sl.start
+        work += 2 * (N * N * mod.in_features + M * M * mod.out_features)
+    return N, m, work, problem.num_params - covered
+
+
+def gram_outputs(problem: Problem) -> int:
+    """``M``: samples times outputs a sample (0 when the output is not one tensor)."""
+    try:
+        N, m, _w, _r = gram_sizes(problem)
+    except GramNotApplicableError:
+        return 0
+    return N * m
+
+
+def _applicable_sizes(
+    problem: Problem, curvature: str, check_samples: bool
+) -> tuple[int, int, int, int]:
+    """`gram_sizes`, or `GramNotApplicableError` / `NotImplementedError` saying why the
+    engine does not apply (sample independence decided exactly, as the engine does)."""
+    if curvature != "ggn":
+        raise GramNotApplicableError("the observation-space engine factors the GGN only")
+    losses.fisher_loss(problem.loss_fn)
+    if check_samples:
+        check_samples_independent(problem)
+    return gram_sizes(problem)
+
+
+def gram_memory(problem: Problem, N: int, m: int, rest: int) -> float:
+    """The kernel (three ``M x M`` arrays and the factorisation's workspace: 3.4
+    measured, tests/test_memory.py) or, before it, the forward graph of all the data with
+    ``m`` cotangents through it; the Jacobian rows outside Linear layers."""
+    M = N * m
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    acts = curvature_operator(problem, "hessian").activation_numel() * len(problem.batch_sizes)
+    return item * (max(3.4 * M * M, (m + 3) * acts) + M * rest)
+
+
+def gram_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[EngineCost, None]:
+    """The forward graph and ``m`` batched cotangents through it (vectorised: a fraction
+    of ``m`` backward passes), Jacobian rows outside Linear layers one backward each, the
+    kernel, its Cholesky factor, and the refinement's product."""
+    problem = problem_of(problem)
+    try:
+        N, m, work, rest = _applicable_sizes(problem, curvature, True)
+    except (GramNotApplicableError, NotImplementedError) as err:
+        return EngineCost("gram", False, reason=str(err).split(";")[0]), None
+    M, P = N * m, problem.num_params
+    kernel_flops = work + 2 * M * M * rest + 2 * M * m * m * N
+    flops = kernel_flops + M**3 / 3
+    grad = timing.gradient
+    seconds = (3 + 0.3 * m) * grad + M * grad * (rest > 0)
+    seconds += kernel_flops / timing.gemm + (M**3 / 3) / timing.chol
+    if M >= P:
+        seconds += P**3 / timing.chol  # no smaller than the dense problem: never preferred
+    memory = gram_memory(problem, N, m, rest)
+    return EngineCost("gram", True, flops, memory, seconds), None
+
+
+def build_gram(
+    problem: Problem, curvature: str, budget: float, built: None, progress: bool | None
+) -> GramEngine:
+    problem = problem_of(problem)
+    try:  # the memory estimate only: the engine tests sample independence itself
+        N, m, _work, rest = _applicable_sizes(problem, curvature, False)
+    except (GramNotApplicableError, NotImplementedError):
+        pass  # GramEngine says why
+    else:
+        check_memory(
+            gram_memory(problem, N, m, rest),
+            f"the observation-space kernel (M = {N * m} samples x outputs)",
+            "use fewer samples (a curvature batch), method='dense' or 'chain'",
+            budget=budget,
+        )
+    return GramEngine(problem, curvature)
+
+
+GRAM = EngineSpec(
+    "gram",
+    gram_cost,
+    build_gram,
+    "the GGN by Woodbury in observation space: O(M^3 + M P) for M samples x outputs",
+)

@@ -16,8 +16,9 @@ from hesse._autodiff import products as _products
 from hesse._autodiff.problem import Problem
 from hesse._chain.chain import Chain
 from hesse._factor.base import shift
+from hesse._factor.cost import problem_of
 from hesse._factor.results import Inertia
-from hesse._linalg.factorize import METHODS, factorize
+from hesse._linalg.factorize import ENGINES, check_method, factorize
 from hesse._operators.curvature import curvature_operator
 from hesse._util.checks import check_curvature
 from hesse._util.memory import MemoryBudgetError
@@ -29,10 +30,6 @@ __all__ = [
     "newton_step",
     "solve",
 ]
-
-
-def _problem_of(obj: Problem | Chain) -> Problem:
-    return obj.problem if isinstance(obj, Chain) else obj
 
 
 def solve(
@@ -61,7 +58,8 @@ def solve(
             conventions); a warning reports the residual when they do not converge.
     """
     check_curvature(curvature)
-    prob = _problem_of(problem)
+    check_method(method, "cg")
+    prob = problem_of(problem)
     d = prob.parameters.as_diagonal(damping)  # before any work, on every route
     prob.agree("solve", v=prob.as_flat(v, "v"), damping=damping, method=method, rtol=rtol)
     if method == "auto":
@@ -69,10 +67,8 @@ def solve(
             return factorize(problem, damping, curvature, method="auto").solve(v)
         except MemoryBudgetError:
             method = "cg"
-    if method in METHODS:
+    if method in ENGINES:
         return factorize(problem, damping, curvature, method=method).solve(v)
-    if method != "cg":
-        raise ValueError(f"method must be 'auto', 'dense', 'gram', 'chain' or 'cg'; got {method!r}")
     as_list = isinstance(v, (list, tuple))
     x = _krylov(prob, prob.as_flat(v, "v"), d, curvature, rtol, maxiter)
     return prob.unflatten(x) if as_list else x
@@ -158,7 +154,7 @@ def newton_step(
     Returns a `NewtonStep` (flat tensors, shape ``(P,)``). The predicted change uses
     ``dx^T (C + eps I) dx = -g . dx``: ``m = 1/2 g . dx - 1/2 eps |dx|^2``.
     """
-    prob = _problem_of(problem)
+    prob = problem_of(problem)
     d = prob.parameters.as_diagonal(damping)
     g = _products.gradient(prob)
     dx = solve(problem, -g, d, curvature, method=method)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff.problem import Problem
 from hesse._linalg.eigen import eigenvalue
-from hesse._linalg.factorize import METHODS, factorize
+from hesse._linalg.factorize import check_method, factorize
 from hesse._operators.curvature import HessianOperator, curvature_operator
 from hesse._spectral.lanczos import eigs
 from hesse.optim._base import Closure, SecondOrderOptimizer
@@ -100,8 +100,7 @@ class Newton(SecondOrderOptimizer):
         saddle_free: int | None = None,
         **common: Any,
     ) -> None:
-        if method not in ("auto", *METHODS):
-            raise ValueError(f"method must be 'auto', 'dense', 'gram' or 'chain'; got {method!r}")
+        check_method(method)
         if damping < 0 or lr <= 0:
             raise ValueError("damping must be >= 0 and lr > 0")
         if trust_region is not None and trust_region <= 0:
