@@ -51,6 +51,40 @@ def test_bishop_equals_autodiff(act, loss, widths, bias):
     assert rel_err(hesse.ggn(prob_sub, method="bishop"), G[idx][:, idx]) < 1e-10
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11])
+def test_bishop_in_slices_of_samples_equals_torch_func(chunk, reduction):
+    """A batch over the working memory is propagated in slices of ``bishop_chunk``
+    samples: the loss's reduction counts the whole batch (mean over 11 valid of 13, with
+    ignore_index), and every slice size, uneven ones included, gives torch.func's
+    Hessian and GGN; the dense engine and the plan take the same rule."""
+    from conftest import Case
+
+    from hesse._autodiff.bishop import bishop_chunk, bishop_hessian, bishop_memory
+
+    g = torch.Generator().manual_seed(chunk)
+    torch.manual_seed(7)
+    model = mlp([4, 6, 5, 3], nn.Tanh).double()
+    X = torch.randn(13, 4, generator=g)
+    y = torch.randint(0, 3, (13,), generator=g)
+    lf = nn.CrossEntropyLoss(reduction=reduction)
+    # two batches (13 = 11 + 2: the problem weighs each by its size), then one batch with
+    # ignored targets (the mean over its 11 valid samples)
+    y_ignored = y.clone()
+    y_ignored[[2, 9]] = -100
+    for data, targets in (([(X[:11], y[:11]), (X[11:], y[11:])], y), ((X, y_ignored), y_ignored)):
+        prob = hesse.Problem(model, lf, data)
+        work = bishop_memory(prob, chunk)
+        assert bishop_chunk(prob, work) == chunk
+        ref = Reference(Case("mlp", model, X, targets, lf))
+        H, G = ref.hessian(), ref.ggn()
+        assert rel_err(bishop_hessian(prob, work=work), H) < 1e-10
+        assert rel_err(bishop_hessian(prob, True, work=work), G) < 1e-10
+        assert rel_err(hesse.hessian(prob, method="bishop", max_memory=work), H) < 1e-10
+    assert hesse.engine(prob, "ggn", method="dense").formed_by == "bishop"
+    assert bishop_chunk(prob, 0) == 0  # not one sample fits: the products' route
+
+
 def test_decompose_takes_bishop_where_it_applies_and_products_elsewhere():
     """``decompose``'s default: Bishop's propagation for an MLP (equal to the independent
     product route), the products for a CNN and for tied weights, which Bishop refuses;

@@ -36,6 +36,7 @@ from hesse._autodiff.problem import Problem
 __all__ = [
     "BISHOP_WORK",
     "bishop_applies",
+    "bishop_chunk",
     "bishop_hessian",
     "bishop_memory",
     "bishop_route",
@@ -168,13 +169,14 @@ def _add_batch(
                 H[c0 : c0 + cs, r0 : r0 + rs] += blk.T
 
 
-def bishop_memory(problem: Problem) -> int:
-    """Bytes of working memory `bishop_hessian` needs beyond its ``(P, P)`` result, for
-    the largest batch: per layer ``k`` the derivatives ``g`` and ``b`` ``(n, u_l, u_k)``
-    over the later layers, and the largest block contraction's intermediate ``(n,
-    inputs_k, u_m, u_k)`` (an upper bound; measured peaks are below it)."""
+def bishop_memory(problem: Problem, chunk: int | None = None) -> int:
+    """Bytes of working memory `bishop_hessian` needs beyond its ``(P, P)`` result for
+    ``chunk`` samples at a time (default: the largest batch): per layer ``k`` the
+    derivatives ``g`` and ``b`` ``(n, u_l, u_k)`` over the later layers, and the largest
+    block contraction's intermediate ``(n, inputs_k, u_m, u_k)`` (an upper bound; measured
+    peaks are below it). Linear in ``n``."""
     _pre, layers = mlp_layers(problem.model)
-    n = max(problem.batch_sizes, default=0)
+    n = max(problem.batch_sizes, default=0) if chunk is None else chunk
     outs = [lin.out_features for _, lin, _ in layers]
     ins = [lin.in_features + (lin.bias is not None) for _, lin, _ in layers]
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
@@ -184,6 +186,17 @@ def bishop_memory(problem: Problem) -> int:
         blocks = max(ins[k] * outs[m] for m in range(k, len(layers)))
         worst = max(worst, n * outs[k] * (2 * later + blocks))
     return worst * itemsize
+
+
+def bishop_chunk(problem: Problem, work: float | None = None) -> int:
+    """The most samples Bishop's propagation takes at a time within ``work`` bytes
+    (default `BISHOP_WORK`): the largest batch when it fits, else fewer (each batch is
+    propagated in slices of this many samples; the sum over samples is the same), 0 when
+    not even one sample fits."""
+    per_sample = bishop_memory(problem, 1)
+    largest = max(problem.batch_sizes, default=0)
+    budget = BISHOP_WORK if work is None else work
+    return int(min(largest, budget // max(per_sample, 1)))
 
 
 def bishop_applies(problem: Problem) -> str | None:
@@ -208,24 +221,28 @@ over ``P`` products by itself: the bound the products' column chunks keep to."""
 
 
 def bishop_route(problem: Problem, work: float | None = None) -> int | None:
-    """Bishop's working memory (bytes) when `bishop_hessian` takes ``problem`` and that
-    memory fits in ``work`` (default `BISHOP_WORK`), else ``None``: the one rule by which
-    the dense engine, the plan's prediction of it and `decompose` choose Bishop's
-    propagation over ``P`` products."""
+    """Bishop's working memory (bytes, at `bishop_chunk`'s slice of samples) when
+    `bishop_hessian` takes ``problem`` within ``work`` (default `BISHOP_WORK`), else
+    ``None``: the one rule by which the dense engine, the plan's prediction of it and
+    `decompose` choose Bishop's propagation over ``P`` products."""
     if bishop_applies(problem) is not None:
         return None
-    need = bishop_memory(problem)
-    return need if need <= (BISHOP_WORK if work is None else work) else None
+    chunk = bishop_chunk(problem, work)
+    return bishop_memory(problem, chunk) if chunk >= 1 else None
 
 
-def bishop_hessian(problem: Problem, gauss_newton: bool = False) -> Tensor:
+def bishop_hessian(
+    problem: Problem, gauss_newton: bool = False, work: float | None = None
+) -> Tensor:
     """Dense Hessian ``(P, P)`` of an MLP by Bishop's forward/backward propagation, or
     with ``gauss_newton=True`` its generalised Gauss-Newton matrix ``J^T H_z J``.
 
     The model must be an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise
     activations with one 2-D output ``(n, C)``, and the loss a sum of per-sample
-    terms. Memory: ``O(n u^2)`` per layer pair for ``u`` units per layer, plus the
-    ``(P, P)`` result.
+    terms. Memory: ``O(n u^2)`` per layer pair for ``u`` units per layer and ``n``
+    samples at a time, plus the ``(P, P)`` result; a batch whose working memory is over
+    ``work`` bytes (default `BISHOP_WORK`) is propagated in slices of `bishop_chunk`
+    samples (one at a time when not even one fits: then over ``work``).
 
     Every term of Bishop's propagation that is not ``J^T H_z J`` carries the output
     gradient ``dE/dz`` (through the back-propagated ``sigma`` and the ``h'' dE/dz``
@@ -239,6 +256,7 @@ def bishop_hessian(problem: Problem, gauss_newton: bool = False) -> Tensor:
     lay = _Layout(layers, problem.names)
     H = torch.zeros(lay.total, lay.total, dtype=problem.dtype, device=problem.device)
     Ws = [lin.weight.detach() for _, lin, _ in layers]
+    chunk = max(bishop_chunk(problem, work), 1)
     for inputs, targets, w in problem.batches():
         with torch.no_grad():
             x = pre_fn(inputs)
@@ -249,10 +267,15 @@ def bishop_hessian(problem: Problem, gauss_newton: bool = False) -> Tensor:
             )
         fwd = _forward(layers, x)
         z = fwd[3]
+        # the loss's derivatives over the whole batch (its reduction counts the batch),
+        # then the propagation in slices of samples: H is a sum over samples
         dEdz = losses.output_gradient(problem.loss_fn, z, targets, w)
         if gauss_newton:
             dEdz = torch.zeros_like(dEdz)
         Hz = losses.output_hessian_blocks(problem.loss_fn, z, targets, w)
-        _add_batch(H, lay, Ws, x, fwd, dEdz, Hz)
+        for a in range(0, x.shape[0], chunk):
+            sl = slice(a, a + chunk)
+            part = ([t[sl] for t in fwd[0]], [t[sl] for t in fwd[1]], [t[sl] for t in fwd[2]])
+            _add_batch(H, lay, Ws, x[sl], (*part, z[sl]), dEdz[sl], Hz[sl])
     idx = lay.order.to(problem.device)
     return problem.reduce(H[idx][:, idx], "Bishop's Hessian")  # the ranks' samples summed

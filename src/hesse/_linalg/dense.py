@@ -58,7 +58,7 @@ class DenseEngine(Engine):
                 "use the chain or observation-space engine (hesse.plan lists them)",
                 problem.device,
             )
-            self.matrix = bishop_hessian(problem, gauss_newton=curvature == "ggn")
+            self.matrix = bishop_hessian(problem, curvature == "ggn", max_memory)
             self.formed_by = "bishop"
         else:
             self.matrix = op.to_dense(max_memory=max_memory, progress=progress)

@@ -109,7 +109,7 @@ def _formed(
         op = HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)
         return op.to_dense(max_memory=max_memory, progress=progress)
     if method == "bishop":
-        return bishop_hessian(problem, gauss_newton=curvature == "ggn")
+        return bishop_hessian(problem, curvature == "ggn", max_memory)
     raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
@@ -254,8 +254,8 @@ def decompose(
     if reason is not None:
         raise ValueError(f"decompose(method='bishop'): {reason}")
     if method == "bishop" or (method == "auto" and bishop_route(problem, max_memory) is not None):
-        H = bishop_hessian(problem)
-        G = bishop_hessian(problem, gauss_newton=True)
+        H = bishop_hessian(problem, work=max_memory)
+        G = bishop_hessian(problem, gauss_newton=True, work=max_memory)
         return Decomposition(hessian=H, ggn=G, residual=H - G)
     kw = {"max_memory": max_memory, "progress": progress}
     return Decomposition(
