@@ -13,7 +13,7 @@ of the chain solution against the dense one, and the peak resident memory of a f
 process running the chain solve (growth over its state before the call).
 Table 2 (w=16, b=16, L=32): the structured sweep against the naive form of the same
 sweep, in which every stage derivative (A, B, G) is a dense matrix over the whole
-flattened batch from torch.func (hesse.Chain(..., _generic=True)), at equal accuracy.
+flattened batch from torch.func (hesse.Chain(..., generic=True)), at equal accuracy.
 Both sweeps share the dense pivot work (factor each pivot, the Schur update), timed
 inside each run: the naive time over the structured sweep's pivot work bounds the
 speed-up any stage structure can give at this size.
@@ -83,14 +83,14 @@ def child(kind: str, L: int, w: int, b: int, out: str) -> None:
     )
     before = _rss_mb()
     if kind != "dense":  # one untimed call: the first call pays one-time start-up costs
-        hesse.factorize(hesse.Chain.from_problem(prob, _generic=(kind == "naive")), EPS).solve(v)
+        hesse.factorize(hesse.Chain.from_problem(prob, generic=(kind == "naive")), EPS).solve(v)
     spent["pivot_s"] = 0.0
     t = time.perf_counter()
     if kind == "dense":
         H = hesse.hessian(prob, progress=False)
         x = torch.linalg.solve(H + EPS * torch.eye(len(H), dtype=H.dtype), v)
     else:
-        chain = hesse.Chain.from_problem(prob, _generic=(kind == "naive"))
+        chain = hesse.Chain.from_problem(prob, generic=(kind == "naive"))
         x = hesse.factorize(chain, EPS).solve(v)
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before

@@ -99,7 +99,7 @@ def test_chain_generic_stages_equal_structured_and_dense():
     prob = _setup(CONFIGS[0], "ce", seed=3)
     H = hesse.hessian(prob)
     v = torch.randn(prob.num_params, dtype=torch.float64)
-    naive = hesse.Chain.from_problem(prob, _generic=True)
+    naive = hesse.Chain.from_problem(prob, generic=True)
     assert all(type(s).__name__ == "GenericStage" for s in naive.stages)
     for eps in (0.5, -0.01):
         ref = torch.linalg.solve(H + eps * torch.eye(len(H)), v)

@@ -496,9 +496,9 @@ class Problem:
         self._data = [data] if _is_single_batch(data) else data
         if isinstance(self._data, Iterator):  # one-shot iterables: keep the batches
             self._data = list(self._data)
-        self._sizes = self._scan_data()
+        self._batch_sizes = self._scan_data()
         self._checked_data = self._data_versions()
-        self.local_samples = sum(self._sizes)
+        self.local_samples = sum(self._batch_sizes)
         self.num_samples = self.local_samples
         if self.group is not None:  # every rank: the samples of all ranks
             self.group.check_same_model(self.names, self.params)
@@ -680,7 +680,7 @@ class Problem:
     @property
     def batch_sizes(self) -> list[int]:
         """Number of samples in each batch."""
-        return list(self._sizes)
+        return list(self._batch_sizes)
 
     # ------------------------------------------------------------------ flattening
     @property
@@ -908,7 +908,7 @@ class Problem:
     def __repr__(self) -> str:
         return (
             f"Problem(model={type(self.model).__name__}, P={self.num_params}, "
-            f"N={self.num_samples}, batches={len(self._sizes)}, "
+            f"N={self.num_samples}, batches={len(self._batch_sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
 

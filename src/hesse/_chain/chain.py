@@ -36,6 +36,13 @@ class Chain:
     batches are concatenated; the loss's reduction is honoured as in `Problem`).
     Memory grows with ``(n * width)^2`` per stage: the solver is for deep, narrow
     networks and moderate batches.
+
+    Args:
+        stages: the modules, one stage each, in order.
+        loss_fn, data, params: as for `Problem`.
+        generic: every stage through ``torch.func``'s dense derivatives of the flattened
+            batch, without the structured fast paths (the same answers, slower: a
+            reference for tests and ``bench/bench_chain.py``).
     """
 
     def __init__(
@@ -45,7 +52,7 @@ class Chain:
         data: Any,
         params: Sequence[str | Tensor] | None = None,
         *,
-        _generic: bool = False,
+        generic: bool = False,
     ) -> None:
         if isinstance(stages, nn.Module):
             raise TypeError(
@@ -55,7 +62,7 @@ class Chain:
         self._init(
             Problem(model, loss_fn, data, params=params),
             [(str(i), m) for i, m in enumerate(stages)],
-            _generic,
+            generic,
         )
 
     @classmethod
@@ -66,8 +73,9 @@ class Chain:
         return cls.from_problem(Problem(model, loss_fn, data, params=params))
 
     @classmethod
-    def from_problem(cls, problem: Problem, *, _generic: bool = False) -> Chain:
-        """The chain of a `Problem` whose model is an ``nn.Sequential``."""
+    def from_problem(cls, problem: Problem, *, generic: bool = False) -> Chain:
+        """The chain of a `Problem` whose model is an ``nn.Sequential`` (``generic`` as
+        for the constructor)."""
         if not isinstance(problem.model, nn.Sequential):
             raise ValueError(
                 f"the chain solver needs an nn.Sequential model (or stages declared with "
@@ -77,7 +85,7 @@ class Chain:
                 "counts, and hesse.solve(..., method='cg') solves at any size."
             )
         self = cls.__new__(cls)
-        self._init(problem, flatten_sequential(problem.model), _generic)
+        self._init(problem, flatten_sequential(problem.model), generic)
         return self
 
     def _init(self, problem: Problem, modules: list[tuple[str, nn.Module]], generic: bool) -> None:

@@ -255,4 +255,4 @@ def promoted(chain: Chain) -> Chain:
     """The same chain on a float64 copy of the model and data."""
     prob = chain.problem
     p64 = float64_problem(prob.model, prob.loss_fn, chain.inputs, chain.targets, prob.names)
-    return Chain.from_problem(p64, _generic=chain.generic)
+    return Chain.from_problem(p64, generic=chain.generic)
