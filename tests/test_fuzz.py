@@ -469,6 +469,63 @@ def _api_cases() -> list[Bad]:
                 "damping must be",
             )
         )
+    for name, make, match in (
+        (
+            "newton-saddle-free-0",
+            lambda: hesse.optim.Newton(model, ce, saddle_free=0),
+            "saddle_free must be an integer >= 1",
+        ),
+        (
+            "newton-max-radius",
+            lambda: hesse.optim.Newton(model, ce, trust_region=1.0, max_radius=-1),
+            "max_radius must be a finite number > 0",
+        ),
+        (
+            "newton-lr-inf",
+            lambda: hesse.optim.Newton(model, ce, lr=math.inf),
+            "lr must be a finite number > 0",
+        ),
+        (
+            "newton-radius-nan",
+            lambda: hesse.optim.Newton(model, ce, trust_region=math.nan),
+            "trust_region must be",
+        ),
+        (
+            "hf-warm-start-nan",
+            lambda: hesse.optim.HessianFree(model, ce, warm_start_decay=math.nan),
+            "warm_start_decay must be a finite number >= 0 and <= 1",
+        ),
+        (
+            "hf-warm-start-2",
+            lambda: hesse.optim.HessianFree(model, ce, warm_start_decay=2.0),
+            "warm_start_decay",
+        ),
+        (
+            "hf-cg-iter-0",
+            lambda: hesse.optim.HessianFree(model, ce, cg_max_iter=0),
+            "cg_max_iter must be an integer >= 1",
+        ),
+        (
+            "hf-cg-tol-bool",
+            lambda: hesse.optim.HessianFree(model, ce, cg_max_iter=True),
+            "cg_max_iter must be an integer",
+        ),
+        (
+            "newton-load-sgd-state",
+            lambda: hesse.optim.Newton(model, ce).load_state_dict(
+                torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
+            ),
+            "not a Newton state_dict",
+        ),
+        (
+            "newton-load-hf-state",
+            lambda: hesse.optim.Newton(model, ce).load_state_dict(
+                hesse.optim.HessianFree(model, ce).state_dict()
+            ),
+            r"lacks \['adapt_damping'|not a Newton state_dict",
+        ),
+    ):
+        add(Bad(name, make, ValueError, match))
     add(
         Bad(
             "hf-lr-nan",
@@ -832,3 +889,44 @@ def test_lanczos_basis_grows_with_the_steps_taken(monkeypatch):
     monkeypatch.setattr(_memory, "available_memory", lambda device="cpu": 20 * P * 8 / 0.8)
     with pytest.raises(hesse.MemoryBudgetError, match="Lanczos basis of 32 vectors"):
         hesse.eigs(op, 1, tol=1e-8)
+
+
+def test_integer_inputs_empty_parameters_and_scalar_outputs_get_clear_answers():
+    """Issue 21 section 4: an integer-input model (nn.Embedding first) is refused by the
+    chain by name (it was torch.finfo's TypeError) and taken by the dense engine; an empty
+    parameter tensor changes nothing (it was _foreach_norm's RuntimeError); a 0-dim output
+    makes the plan say the observation-space engine does not apply (an IndexError)."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (6,))
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2)).double()
+    prob = hesse.Problem(emb, nn.CrossEntropyLoss(), (torch.randint(0, 10, (6, 2)), y))
+    with pytest.raises(ValueError, match=r"floating-point input.*torch.int64.*method='dense'"):
+        hesse.factorize(prob, 0.1, method="chain")
+    assert not hesse.plan(prob).costs["chain"].applies
+    H = hesse.hessian(prob)
+    ref = torch.linalg.slogdet(H + 0.1 * torch.eye(len(H), dtype=H.dtype))[1]
+    assert abs(hesse.factorize(prob, 0.1).logdet()[1] - float(ref)) <= 1e-10 * abs(float(ref))
+
+    X = torch.randn(6, 3, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    plain = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    want = hesse.factorize(plain, 0.1, "ggn", method="dense").logdet()[1]
+    model.register_parameter("empty", nn.Parameter(torch.empty(0, dtype=torch.float64)))
+    with_empty = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    assert with_empty.num_params == plain.num_params
+    for method in ("dense", "gram"):
+        got = hesse.factorize(with_empty, 0.1, "ggn", method=method).logdet()[1]
+        assert abs(got - want) <= 1e-10 * abs(want), method
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, x):
+            return self.lin(x).sum()
+
+    scalar = hesse.Problem(Scalar(), nn.MSELoss(), (X, torch.tensor(1.0, dtype=torch.float64)))
+    p = hesse.plan(scalar, "ggn")
+    assert not p.costs["gram"].applies and "batch dimension" in p.costs["gram"].reason
+    assert p.choice == "dense"

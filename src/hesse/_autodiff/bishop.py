@@ -201,10 +201,11 @@ def bishop_chunk(problem: Problem, work: float | None = None) -> int:
 
 def bishop_applies(problem: Problem) -> str | None:
     """``None`` when `bishop_hessian` takes ``problem`` (an ``nn.Sequential`` MLP, every
-    parameter used once, tensor inputs), else why not. The inputs' and outputs' shapes
-    are checked by `bishop_hessian` itself, on its first batch."""
+    selected parameter a Linear weight or bias used once, tensor inputs), else why not.
+    The inputs' and outputs' shapes are checked by `bishop_hessian` itself, on its first
+    batch."""
     try:
-        mlp_layers(problem.model)
+        _Layout(mlp_layers(problem.model)[1], problem.names)  # every parameter placed
     except ValueError as err:
         return str(err)
     if problem.parameters.aliases:

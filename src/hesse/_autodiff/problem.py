@@ -123,7 +123,10 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
     norm: all finite; a non-finite one may also be an overflow of huge entries, which
     the caller's exact check then clears)."""
     with torch.no_grad():
-        norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+        present = [t.detach() for t in tensors if t.numel()]  # an empty tensor is finite
+        if not present:
+            return True
+        norms = torch._foreach_norm(present, float("inf"))
         return bool(torch.isfinite(torch.stack(norms)).all())
 
 

@@ -107,6 +107,18 @@ class Chain:
                 f"{problem.names}; every selected parameter must belong to exactly one stage"
             )
         self.inputs, self.targets = problem.as_one_batch()
+        if not isinstance(self.inputs, Tensor) or not self.inputs.is_floating_point():
+            got = (
+                f"{self.inputs.dtype} inputs"
+                if isinstance(self.inputs, Tensor)
+                else f"inputs of type {type(self.inputs).__name__}"
+            )
+            raise ValueError(
+                "the chain solver needs one floating-point input tensor (it differentiates "
+                f"every stage through its input activations); got {got}. "
+                "method='dense' takes integer inputs (an nn.Embedding first), "
+                "'gram' too for the GGN"
+            )
         self.loss_stage = LossStage(problem.loss_fn, self.targets)
         # each stage's block of a flat vector, and x_internal = x[perm] over all stages
         # (each stage's internal order, see Stage.perm)

@@ -602,6 +602,10 @@ def gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
         o = problem.outputs([p.detach() for p in problem.params], inputs)
     if not isinstance(o, Tensor):
         raise GramNotApplicableError("the model's output is not one tensor")
+    if o.ndim == 0:
+        raise GramNotApplicableError(
+            "the model's output is 0-dimensional (no sample dimension to take the kernel over)"
+        )
     N, m = problem.num_samples, int(o[0].numel())
     M = N * m
     covered, work = 0, 0

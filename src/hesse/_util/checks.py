@@ -10,6 +10,7 @@ __all__ = [
     "check_budget",
     "check_curvature",
     "check_int",
+    "check_number",
     "check_positive",
     "check_rank_rtol",
     "check_shift",
@@ -85,3 +86,37 @@ def check_budget(name: str, value: object) -> float | None:
             f"'2GB' or '512MiB'; got {value!r}"
         )
     return num
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
+    """The one check of a numeric option (the optimisers' at construction): a finite real
+    (``integer``: an ``int``) with the given bounds, or ``None`` when ``optional``; else a
+    `ValueError` naming the option, what it must be and what was given."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)  # type: ignore[arg-type]
+    parts = []
+    if above is not None:
+        parts.append(f"> {above:g}")
+        ok = ok and value > above  # type: ignore[operator]
+    if at_least is not None:
+        parts.append(f">= {at_least:g}")
+        ok = ok and value >= at_least  # type: ignore[operator]
+    if at_most is not None:
+        parts.append(f"<= {at_most:g}")
+        ok = ok and value <= at_most  # type: ignore[operator]
+    if not ok:
+        bounds = f" {' and '.join(parts)}" if parts else ""
+        none = " (or None)" if optional else ""
+        raise ValueError(f"{name} must be {kind}{bounds}{none}; got {value!r}")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.problem import Parameters, Problem
-from hesse._util.checks import check_curvature
+from hesse._util.checks import check_curvature, check_number
 
 __all__ = ["Closure", "SecondOrderOptimizer"]
 
@@ -136,10 +136,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("no parameter requires grad: nothing to optimise")
         checked = {"lr": defaults.get("lr"), "damping": defaults.get("damping")}
         for key, value in (checked | {"weight_decay": weight_decay}).items():
-            if value is not None and not (
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"{key} must be a finite number >= 0; got {value!r}")
+            check_number(key, value, at_least=0.0, optional=True)
         self.space = Parameters(model, names)
         self._model, self._loss_fn, self._names = model, loss_fn, self.space.names
         group = resolve_group(process_group)
@@ -159,6 +156,28 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         defaults = {**defaults, "step": 0, "skipped": 0}
         super().__init__(list(self.space.tensors), defaults)
         self.last: dict[str, Any] = {}  # statistics of the last step, for logging
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """`torch.optim.Optimizer.load_state_dict`, refusing (before anything is loaded)
+        a state whose parameter groups lack this optimiser's options or hold others: the
+        state of another optimiser class (a ``torch.optim.SGD``'s, a ``HessianFree``'s
+        into a ``Newton``), which torch would load and the next step would fail on."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            got = "no param_groups" if not isinstance(groups, list) else f"{len(groups)} groups"
+            raise ValueError(
+                f"not a {type(self).__name__} state_dict: expected "
+                f"{len(self.param_groups)} parameter group(s); got {got}"
+            )
+        for mine, theirs in zip(self.param_groups, groups, strict=True):
+            want, have = set(mine) - {"params"}, set(theirs) - {"params"}
+            if want != have:
+                raise ValueError(
+                    f"not a {type(self).__name__} state_dict (another optimiser's?): its "
+                    f"parameter group lacks {sorted(want - have)} and has "
+                    f"{sorted(have - want)} that {type(self).__name__} does not take"
+                )
+        super().load_state_dict(state_dict)
 
     @staticmethod
     def _resolve(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.stochastic import empirical_fisher_diagonal
+from hesse._util.checks import check_number
 from hesse.optim._base import Closure, SecondOrderOptimizer
 from hesse.optim._parts import (
     CGResult,
@@ -78,9 +78,11 @@ class HessianFree(SecondOrderOptimizer):
     ) -> None:
         if preconditioner not in (None, "martens"):
             raise ValueError(f"preconditioner must be None or 'martens'; got {preconditioner!r}")
-        for key, value in (("damping", damping), ("lr", lr)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{key} must be a positive finite number; got {value!r}")
+        check_number("damping", damping, above=0.0)
+        check_number("lr", lr, above=0.0)
+        check_number("cg_max_iter", cg_max_iter, at_least=1, integer=True)
+        check_number("cg_progress_tol", cg_progress_tol, above=0.0)
+        check_number("warm_start_decay", warm_start_decay, at_least=0.0, at_most=1.0)
         options = {
             "cg_max_iter": cg_max_iter,
             "cg_progress_tol": cg_progress_tol,

@@ -17,6 +17,7 @@ from hesse._linalg.eigen import eigenvalue
 from hesse._linalg.factorize import check_method, factorize
 from hesse._operators.curvature import HessianOperator, curvature_operator
 from hesse._spectral.lanczos import eigs
+from hesse._util.checks import check_number
 from hesse.optim._base import Closure, SecondOrderOptimizer
 from hesse.optim._parts import (
     armijo,
@@ -101,10 +102,11 @@ class Newton(SecondOrderOptimizer):
         **common: Any,
     ) -> None:
         check_method(method)
-        if damping < 0 or lr <= 0:
-            raise ValueError("damping must be >= 0 and lr > 0")
-        if trust_region is not None and trust_region <= 0:
-            raise ValueError(f"trust_region radius must be positive; got {trust_region}")
+        check_number("lr", lr, above=0.0)
+        check_number("damping", damping, at_least=0.0)
+        check_number("trust_region", trust_region, above=0.0, optional=True)
+        check_number("max_radius", max_radius, above=0.0)
+        check_number("saddle_free", saddle_free, at_least=1, integer=True, optional=True)
         options = {
             "method": method,
             "adapt_damping": adapt_damping,

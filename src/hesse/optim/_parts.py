@@ -16,6 +16,7 @@ from hesse._factor.results import SingularPivotError
 
 _SINGULAR = (SingularPivotError, torch.linalg.LinAlgError)
 
+
 __all__ = [
     "CGResult",
     "TrustRegionResult",
