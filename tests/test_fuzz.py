@@ -662,6 +662,27 @@ def test_cli_numbers_are_validated(cmd, flag, value, capsys, tmp_path):
     assert f"argument {flag}" in err and "expected" in err and repr(value) in err
 
 
+def test_cli_takes_a_negative_shift_and_says_when_a_step_does_not_exist(capsys, tmp_path):
+    """``--damping -1e6`` is a legal shift (argparse took ``-1e6`` for an option); at
+    ``--damping 0`` a singular ``H`` has no Newton step: the analysis says so in its line
+    and finishes (it was a traceback after the whole analysis)."""
+    out = tmp_path / "a.json"
+    assert _cli.main(["analyze", *SMALL, "--damping", "-1e6", "--json", str(out)]) == 0
+    import json
+
+    exact = json.loads(out.read_text())["exact"]
+    # H - 1e6 I: every eigenvalue of this small model's H is below 1e6, so all negative
+    assert exact["damping"] == -1e6
+    assert exact["inertia"] == [sum(exact["inertia"]), 0, 0]
+    capsys.readouterr()
+    assert _cli.main(["analyze", *SMALL, "--damping", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Newton: none (singular," in text and "raise --damping" in text
+    exact = json.loads(out.read_text())["exact"]
+    assert exact["hessian_step_predicted_change"] is None
+    assert exact["hessian_step_singular"].startswith("singular, ")
+
+
 def _cli_cases(tmp) -> list[tuple[str, list[str], str]]:
     afile = tmp / "afile.txt"
     afile.write_text("x")

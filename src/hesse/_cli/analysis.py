@@ -173,7 +173,15 @@ class Analysis:
         g = hesse.gradient(prob)
         ggn = hesse.factorize(prob, eps, "ggn", method=self.method, progress=self.progress)
         for curvature, fac in (("hessian", f), ("ggn", ggn)):
-            step = fac.solve(-g)
+            try:
+                step = fac.solve(-g)
+            except hesse.SingularPivotError:  # --damping 0 on a singular C: say so
+                out[f"{curvature}_step_predicted_change"] = None
+                out[f"{curvature}_step_norm"] = None
+                out[f"{curvature}_step_singular"] = (
+                    f"singular, {fac.inertia().zero} zero eigenvalues"
+                )
+                continue
             out[f"{curvature}_step_predicted_change"] = 0.5 * float(g @ step) - 0.5 * eps * float(
                 step @ step
             )

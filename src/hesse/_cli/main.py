@@ -108,7 +108,9 @@ def _analyze_parser(sub: Any) -> None:
         default="auto",
         help="the exact section's engine (auto: the fastest the plan predicts)",
     )
-    pa.add_argument("--damping", type=_FLOAT, default=1e-3, help="eps of H + eps I")
+    pa.add_argument(
+        "--damping", type=_FLOAT, default=1e-3, help="eps of H + eps I (negative: a shift)"
+    )
     pa.add_argument(
         "--report",
         metavar="DIR",
@@ -231,9 +233,28 @@ def _terminated(signum: int, _frame: Any) -> None:
     raise SystemExit(f"hesse: stopped by signal {signum}; nothing half-written was kept")
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--option -1e6`` as ``--option=-1e6``: argparse takes a value that starts with
+    ``-`` for an option unless it looks like ``-1`` or ``-0.5`` (an exponent, ``-1e6``,
+    does not), and a negative damping is a legal shift."""
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        if out and out[-1].startswith("--") and "=" not in out[-1] and a.startswith("-"):
+            try:
+                float(a)
+            except ValueError:
+                pass
+            else:
+                if i > 0 and argv[i - 1] == out[-1]:
+                    out[-1] = f"{out[-1]}={a}"
+                    continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``hesse`` command; returns the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_attach_negative_numbers(sys.argv[1:] if argv is None else argv))
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:

@@ -96,11 +96,7 @@ def _format_exact(c: dict[str, Any]) -> list[str]:
             f"{c['logdet']:.6g}   (sign {c['logdet_sign']:+.0f}; "
             f"inertia {c['inertia'][0]} negative, {c['inertia'][2]} positive)",
         ),
-        _row(
-            "predicted loss change",
-            f"Newton {c['hessian_step_predicted_change']:.4e}, "
-            f"Gauss-Newton {c['ggn_step_predicted_change']:.4e}",
-        ),
+        _row("predicted loss change", _steps(c)),
         _row(
             "pivoting (stable sweep)",
             f"largest delayed front {c['pivoting']['max_delayed']}, "
@@ -148,3 +144,16 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("exact"):
         lines += ["", s["plan"], *_format_exact(s["exact"])]
     return "\n".join(lines)
+
+
+def _steps(c: dict[str, Any]) -> str:
+    """The damped Newton and Gauss-Newton steps' predicted loss change, or why a step does
+    not exist (a singular ``C + eps I`` at ``--damping 0``)."""
+    parts = []
+    for key, name in (("hessian", "Newton"), ("ggn", "Gauss-Newton")):
+        value = c[f"{key}_step_predicted_change"]
+        if value is None:
+            parts.append(f"{name}: none ({c[f'{key}_step_singular']}; raise --damping)")
+        else:
+            parts.append(f"{name} {value:.4e}")
+    return ", ".join(parts)
