@@ -7,12 +7,13 @@ Usage:
 float64, CPU, cross-entropy MLPs, the GGN (every engine applies; ``--curvature
 hessian``: dense and chain), damping 1e-3. For each problem shape (P from 1e3 to 1e5,
 samples x outputs M from 1e2 to 1e4, depth 2 to 64) each engine runs in a fresh process:
-``hesse.factorize(..., method=m)`` then one solve and the log-determinant; the wall time
-of a warm call (the second; the first pays the kernels' start-up, unless it took over
-30 s) and the peak growth of the resident set over the first call (VmHWM). Engines the
-plan predicts over ``--max-seconds`` or over the memory budget are not run (the table
-says so, with the prediction). The last columns: auto's choice (the plan, computed in
-the parent) and auto's time over the fastest engine measured.
+``hesse.engine(..., method=m).factor(1e-3)`` (not `factorize`, which caches) then one
+solve and the log-determinant; the wall time of a warm call (the second; the first pays
+the kernels' start-up, unless it took over 30 s) and the peak growth of the resident set
+over the first call (VmHWM). Engines the plan predicts over ``--max-seconds`` or over
+the memory budget are not run (the table says so, with the prediction). The last
+columns: auto's choice (the plan, computed in the parent) and auto's time over the
+fastest engine measured.
 
 Table 2, the reference paper's configuration (8 bias-free ReLU layers 768-24x7-10,
 batch 64, P = 22,128, M = 640; GGN, damping 1e-3): solve + log-determinant by the
@@ -61,7 +62,9 @@ def hwm():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
 def run():
-    f = hesse.factorize(prob, 1e-3, {curvature!r}, method={method!r})
+    # hesse.engine, not factorize: factorize keeps the engine and the factorisation on the
+    # problem, so a second call would time the cache
+    f = hesse.engine(prob, {curvature!r}, method={method!r}).factor(1e-3)
     f.solve(v)
     f.logdet()
 before = rss()
