@@ -80,7 +80,7 @@ def test_bishop_in_slices_of_samples_equals_torch_func(chunk, reduction):
         H, G = ref.hessian(), ref.ggn()
         assert rel_err(bishop_hessian(prob, work=work), H) < 1e-10
         assert rel_err(bishop_hessian(prob, True, work=work), G) < 1e-10
-        assert rel_err(hesse.hessian(prob, method="bishop", max_memory=work), H) < 1e-10
+        assert rel_err(hesse.hessian(prob, method="bishop", chunk_memory=work), H) < 1e-10
     assert hesse.engine(prob, "ggn", method="dense").formed_by == "bishop"
     assert bishop_chunk(prob, 0) == 0  # not one sample fits: the products' route
 

@@ -62,6 +62,14 @@ def test_train_keeps_an_earlier_run_unless_told(tmp_path, capsys):
     with pytest.raises(SystemExit, match="already holds curves.png"):
         _cli.main([*argv[:-3], "--out", str(mine), "--no-progress"])
     assert (mine / "curves.png").read_bytes() == b"my figure"
+    odd = tmp_path / "odd"  # a folder named like a run's checkpoint is never replaced
+    (odd / "checkpoint_adam.pt").mkdir(parents=True)
+    for extra in (["--overwrite"], ["--resume"]):
+        with pytest.raises(SystemExit, match="checkpoint_adam.pt, which is not a file hesse"):
+            _cli.main([*argv[:-3], "--out", str(odd), "--no-progress", *extra])
+    assert (odd / "checkpoint_adam.pt").is_dir() and [p.name for p in odd.iterdir()] == [
+        "checkpoint_adam.pt"
+    ]
     assert _cli.main([*argv, "--overwrite", "--steps", "3"]) == 0
     from hesse._cli.training import read_csv
 

@@ -241,7 +241,14 @@ def _api_cases() -> list[Bad]:
             "op-block-unknown", lambda: op.block("0.weight", "nope"), (KeyError, ValueError), "nope"
         )
     )
-    add(Bad("op-max-memory-negative", lambda: op.to_dense(max_memory=-1), ValueError, "max_memory"))
+    add(
+        Bad(
+            "op-max-memory-negative",
+            lambda: op.to_dense(chunk_memory=-1),
+            ValueError,
+            "chunk_memory",
+        )
+    )
     # --- spectral
     for k in (0, P + 1, 1.5, -1):
         add(Bad(f"eigs-k={k}", lambda k=k: hesse.eigs(op, k), ValueError, "k must be"))
@@ -951,3 +958,42 @@ def test_integer_inputs_empty_parameters_and_scalar_outputs_get_clear_answers():
     p = hesse.plan(scalar, "ggn")
     assert not p.costs["gram"].applies and "batch dimension" in p.costs["gram"].reason
     assert p.choice == "dense"
+
+
+def test_bool_inputs_an_identity_subclass_and_a_spent_generator():
+    """Issue 21 section 4: bool inputs to a model that cannot take them fail with the
+    inputs named (it was torch's bare "mat1 and mat2" error); an ``nn.Identity`` subclass
+    with its own forward is a generic stage, exact on every engine; a generator of
+    batches handed to `SpectrumTracker` is read once and kept (its second record said
+    "data is empty")."""
+    torch.manual_seed(0)
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    linear = nn.Sequential(nn.Linear(3, 3)).double()
+    bad = hesse.Problem(linear, nn.CrossEntropyLoss(), (X > 0, y))
+    with pytest.raises(
+        RuntimeError, match=r"the model's forward failed on inputs of torch.bool \(6, 3\)"
+    ):
+        hesse.factorize(bad, 0.1)
+
+    class Twice(nn.Identity):  # an Identity by type, not by what it computes
+        def forward(self, x):
+            return 2 * x + x**2
+
+    model = nn.Sequential(nn.Linear(3, 4), Twice(), nn.Linear(4, 3)).double()
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    for curvature, methods in (
+        ("hessian", ("dense", "chain")),
+        ("ggn", ("dense", "gram", "chain")),
+    ):
+        C = hesse.hessian(prob) if curvature == "hessian" else hesse.ggn(prob)
+        ref = float(torch.linalg.slogdet(C + 0.5 * torch.eye(len(C), dtype=C.dtype))[1])
+        for method in methods:
+            got = hesse.factorize(prob, 0.5, curvature, method=method).logdet()[1]
+            assert abs(got - ref) <= 1e-10 * abs(ref), (curvature, method)
+
+    batches = [(X[i : i + 2], y[i : i + 2]) for i in range(0, 6, 2)]
+    from_list = hesse.SpectrumTracker(model, nn.CrossEntropyLoss(), batches, every=1)
+    from_gen = hesse.SpectrumTracker(model, nn.CrossEntropyLoss(), iter(batches), every=1)
+    for _ in range(2):
+        a, b = from_list.step(), from_gen.step()
+        assert b is not None and b["top_eigenvalue"] == pytest.approx(a["top_eigenvalue"], rel=1e-6)

@@ -124,7 +124,12 @@ def test_operator_interface(setting):
         < TOL64
     )
     # tiny memory budget: one column per chunk, same result
-    assert rel_err(op.to_dense(max_memory=1), H) < TOL64
+    assert rel_err(op.to_dense(chunk_memory=1), H) < TOL64
+    # the former name of chunk_memory still works, with a warning; both at once is refused
+    with pytest.warns(DeprecationWarning, match="chunk_memory"):
+        assert rel_err(op.to_dense(max_memory=1), H) < TOL64
+    with pytest.raises(TypeError, match="chunk_memory= only"):
+        op.to_dense(chunk_memory=1, max_memory=1)
 
 
 def test_scipy_export(setting):
@@ -140,6 +145,58 @@ def test_scipy_export(setting):
     glin = hesse.GGNOperator(prob).to_scipy() + sla.aslinearoperator(np.eye(prob.num_params))
     sol, info = sla.cg(glin, x, rtol=1e-12, maxiter=2000)
     assert info == 0 and np.allclose(sol, np.linalg.solve(G, x), rtol=1e-8, atol=1e-10)
+
+
+def test_operator_algebra(setting):
+    """Sums, scalings and shifts of operators (design note, "The operator algebra") equal
+    the same combinations of the dense references; the results are operators again."""
+    _, ref, prob = setting
+    H, G = ref.hessian(), ref.ggn()
+    P = prob.num_params
+    Id = torch.eye(P, dtype=torch.float64)
+    V = _vecs(prob, 3, 7)
+    hop, gop = hesse.HessianOperator(prob), hesse.GGNOperator(prob)
+    A = 2 * hop - gop / 4 + 0.5
+    assert isinstance(A, hesse.CurvatureOperator) and A.shape == (P, P) and not A.psd
+    assert rel_err(A.to_dense(), 2 * H - G / 4 + 0.5 * Id) < TOL64
+    assert rel_err((1.0 - hop) @ V, V - H @ V) < TOL64 and rel_err((-gop) @ V, -G @ V) < TOL64
+    # a damping in any form the engines take: a dict per tensor, a (P,) tensor, a sequence
+    values = {n: 0.5 + i for i, n in enumerate(prob.names)}
+    D = torch.cat(
+        [torch.full((s,), values[n]) for n, s in zip(prob.names, prob.sizes, strict=True)]
+    )
+    for damping in (values, D, [values[n] for n in prob.names]):
+        B = gop + damping
+        assert B.psd and rel_err(B @ V, G @ V + D[:, None] * V) < TOL64
+    assert rel_err((gop + values).diagonal(), G.diagonal() + D) < TOL64
+    # shifts merge, zeros in a diagonal are allowed (an L2 term on some tensors only)
+    Z = D.clone()
+    Z[: prob.sizes[0]] = 0.0
+    assert rel_err(((hop + Z) + 1.0) @ V, H @ V + Z[:, None] * V + V) < TOL64
+    # products on lists, scipy and the inverse
+    out = A @ prob.unflatten(V[:, 0])
+    assert rel_err(prob.flatten(out), (2 * H - G / 4 + 0.5 * Id) @ V[:, 0]) < TOL64
+    x = V[:, 1].numpy()
+    sol, info = sla.cg((gop + 1.0).to_scipy(), x, rtol=1e-12, maxiter=2000)
+    assert info == 0 and np.allclose(
+        sol, np.linalg.solve((G + Id).numpy(), x), rtol=1e-8, atol=1e-10
+    )
+    inv = hesse.factorize(prob, 1.0, "ggn").inverse()
+    assert rel_err((inv + gop) @ V, torch.linalg.solve(G + Id, V) + G @ V) < 1e-9
+    # refused: another problem's parameters, a non-finite scale, a wrong shape, a string
+    other = hesse.Problem(
+        torch.nn.Linear(2, 1).double(), torch.nn.MSELoss(), (torch.ones(3, 2), torch.ones(3, 1))
+    )
+    with pytest.raises(ValueError, match="different parameters"):
+        hop + hesse.HessianOperator(other)
+    with pytest.raises(ValueError, match="finite"):
+        hop * float("nan")
+    with pytest.raises(ValueError, match="shape"):
+        hop + torch.ones(P + 1)
+    with pytest.raises(ValueError, match="finite"):
+        hop + {n: float("inf") for n in prob.names}
+    with pytest.raises(TypeError):
+        hop + "1"
 
 
 def test_hessian_blocks(setting):

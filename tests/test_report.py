@@ -149,7 +149,22 @@ def test_report_directory_rules(tmp_path):
         _cli.main(["analyze", *SMALL, "--report", str(afile)])
     with pytest.raises(SystemExit, match="cannot write the report"):
         _cli.main(["analyze", *SMALL, "--report", str(afile / "sub")])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "fresh", "rep"]
+    # a symbolic link to a folder elsewhere (another file system, in practice): the
+    # report goes into that folder, the link stays, no temporaries beside either
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "real").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere / "real", target_is_directory=True)
+    assert _cli.main(["analyze", *SMALL, "--report", str(link)]) == 0
+    assert link.is_symlink() and _check_report(elsewhere / "real")["figures"] == first["figures"]
+    assert [p.name for p in elsewhere.iterdir()] == ["real"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere",
+        "file.txt",
+        "fresh",
+        "link",
+        "rep",
+    ]
 
 
 def test_report_read_only_directory(tmp_path):

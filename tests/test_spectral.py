@@ -83,7 +83,7 @@ def test_trace_exact_and_diagonal(hess):
     assert t.estimate == pytest.approx(float(ev.sum()), rel=1e-10, abs=1e-12)
     d = hesse.diagonal(op)
     assert torch.allclose(d, torch.diagonal(H), atol=1e-12)
-    assert torch.allclose(hesse.diagonal(op, max_memory=1), d, atol=1e-13)
+    assert torch.allclose(hesse.diagonal(op, chunk_memory=1), d, atol=1e-13)
     est = hesse.diagonal(
         op, method="hutchinson", num_products=400, generator=torch.Generator().manual_seed(0)
     )

@@ -363,8 +363,8 @@ class Laplace:
         spec = self._spectrum_of_C() if scalar_form else None
         out: dict[str, Any] = {}
         if spec is not None and self.curvature == "ggn":
-            lam = self.scale * spec + float(d)
-            tr_inv = float((1.0 / lam).sum())
+            eig_post = self.scale * spec + float(d)  # the posterior precision's eigenvalues
+            tr_inv = float((1.0 / eig_post).sum())
             out["log_prior_precision"] = -0.5 * (
                 float(d) * tr_inv - P + float(d) * float(delta @ delta)
             )

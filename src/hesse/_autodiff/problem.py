@@ -258,13 +258,16 @@ class Parameters:
             raise ValueError(f"{name} has non-finite entries (nan or inf)")
         return v.to(device=self.device, dtype=self.dtype)
 
-    def as_diagonal(self, value: Any, what: str = "damping") -> float | Tensor:
+    def as_diagonal(
+        self, value: Any, what: str = "damping", positive: bool = True
+    ) -> float | Tensor:
         """A diagonal ``D`` over the parameters from what users write: a number (``D =
         eps I``, any sign: returned as a float), a ``(P,)`` tensor, a dict ``{name:
         value}`` over the selected parameters, or a sequence of values in their order
         (laplace-torch's "layerwise" prior precision), each value a number or a tensor of
-        its parameter's shape. A non-scalar ``D`` must be finite and positive; the
-        offending parameter is named. A ``D`` equal on every parameter comes back as a
+        its parameter's shape. A non-scalar ``D`` must be finite and positive (finite
+        only, when not ``positive``: the operator algebra's ``op + D``); the offending
+        parameter is named. A ``D`` equal on every parameter comes back as a
         float."""
         if isinstance(value, Tensor) and value.ndim == 0:
             value = float(value)
@@ -311,10 +314,11 @@ class Parameters:
                     f"{what} for {name!r}: expected a number or a tensor of shape {shape}; "
                     f"got shape {tuple(t.shape)}"
                 )
-            bad = ~torch.isfinite(t) | (t <= 0)
+            bad = ~torch.isfinite(t) | (t <= 0) if positive else ~torch.isfinite(t)
             if bool(bad.any()):
+                rule = "finite and positive" if positive else "finite"
                 raise ValueError(
-                    f"{what} for {name!r} must be finite and positive (a diagonal D of C + D); "
+                    f"{what} for {name!r} must be {rule} (a diagonal D of C + D); "
                     f"got {float(t.reshape(-1)[bad.reshape(-1)][0])}"
                 )
             flat.append(t.reshape(-1))
@@ -722,7 +726,18 @@ class Problem:
         args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, None)
         if not isinstance(args, tuple):
             args = (args,)
-        out = functional_call(self.model, mapping, args, kwargs)
+        try:
+            out = functional_call(self.model, mapping, args, kwargs)
+        except (RuntimeError, TypeError) as err:  # the user's forward: say on what inputs
+            if str(err).startswith("the model's forward"):
+                raise
+            seen = sorted({f"{t.dtype} {tuple(t.shape)}" for t in tensor_leaves(inputs)})
+            msg = f"the model's forward failed on inputs of {', '.join(seen) or 'no tensors'}"
+            try:
+                wrapped = type(err)(f"{msg}: {err}")
+            except Exception:  # an exception type that takes other arguments
+                raise err from None
+            raise wrapped from err
         return self.select(out)
 
     def select(self, out: Any) -> Any:

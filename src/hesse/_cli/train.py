@@ -13,6 +13,13 @@ def _out_error(out: Path, ours: list[str], replace: bool) -> str | None:
     """Why ``--out`` cannot take this run, from what is on disk (``None``: it can, as far
     as can be told without making it): an earlier run's files, or a nearest existing
     folder that is a file or not writable."""
+    not_files = [n for n in ours if (out / n).exists() and not (out / n).is_file()]
+    if not_files:  # a folder (or a device) named like a run's file: never replaced
+        return (
+            f"--out {str(out)!r} holds {', '.join(not_files[:4])}, which "
+            f"{'is' if len(not_files) == 1 else 'are'} not a file hesse wrote (a folder?); "
+            "hesse replaces only its own files: move it or choose another --out"
+        )
     there = [n for n in ours if (out / n).exists()]
     if there and not replace:
         return (

@@ -228,7 +228,7 @@ class Factorization(abc.ABC):
     def inverse(self, max_refine: int = 10) -> InverseOperator:
         """``(C + D)^-1`` as an operator like every other (`InverseOperator`): ``@`` on
         ``(P,)``, ``(P, k)`` and per-parameter lists, ``.shape``, ``.dtype``,
-        ``.to_dense(max_memory=)``, ``.to_scipy()``; `hesse.trace`, `hesse.diagonal`,
+        ``.to_dense(chunk_memory=)``, ``.to_scipy()``; `hesse.trace`, `hesse.diagonal`,
         `hesse.eigs` and ``scipy.sparse.linalg`` take it. Each product is a refined
         solve (``max_refine`` steps at most); a singular ``C + D`` is refused here."""
         if self.status.inertia.zero:

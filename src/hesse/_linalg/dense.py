@@ -29,7 +29,7 @@ class DenseEngine(Engine):
     Args:
         problem: the problem (in the dtype to factor in).
         curvature: ``"hessian"`` or ``"ggn"``.
-        max_memory: working memory of the column chunks (bytes; default 1 GiB).
+        chunk_memory: working memory of the column chunks (bytes; default 1 GiB).
         progress: a bar over the columns (default: when stderr is a terminal).
     """
 
@@ -40,16 +40,16 @@ class DenseEngine(Engine):
         problem: Problem,
         curvature: str,
         *,
-        max_memory: int | None = None,
+        chunk_memory: int | None = None,
         progress: bool | None = None,
     ) -> None:
         self.problem, self.curvature = problem, curvature
         op = curvature_operator(problem, curvature)
         # an MLP's matrix by Bishop's propagation (B1): one pass over the data instead of
-        # P products, when its working memory fits in max_memory (default 1 GiB), the
+        # P products, when its working memory fits in chunk_memory (default 1 GiB), the
         # bound the products' column chunks keep to
         self.formed_by = "products"
-        work = bishop_route(problem, max_memory)
+        work = bishop_route(problem, chunk_memory)
         if work is not None:
             P = problem.num_params
             check_memory(
@@ -58,10 +58,10 @@ class DenseEngine(Engine):
                 "use the chain or observation-space engine (hesse.plan lists them)",
                 problem.device,
             )
-            self.matrix = bishop_hessian(problem, curvature == "ggn", max_memory)
+            self.matrix = bishop_hessian(problem, curvature == "ggn", chunk_memory)
             self.formed_by = "bishop"
         else:
-            self.matrix = op.to_dense(max_memory=max_memory, progress=progress)
+            self.matrix = op.to_dense(chunk_memory=chunk_memory, progress=progress)
 
     def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> DenseFactorization:
         """``C + D`` factored (``D = eps I`` or a positive diagonal: (D1))."""
@@ -145,31 +145,33 @@ class DenseFactorization(Factorization):
 def dense_memory(problem: Problem, curvature: str) -> float:
     """Peak memory of the dense engine: forming ``C`` (the matrix and Bishop's or the
     products' working memory) or factoring it (measured, tests/test_memory.py: Cholesky
-    about 3.5, LU and LDL^T about 4.5 ``P x P`` arrays: ``C``, the shifted copy, the
-    factors and LAPACK's copies)."""
+    and Bunch-Kaufman's LDL^T alike about 3.5 ``P x P`` arrays: ``C``, the shifted copy,
+    the factor and LAPACK's copies)."""
     P = problem.num_params
     item = torch.empty((), dtype=problem.dtype).element_size()
-    work = bishop_route(problem)  # DenseEngine's own rule (it is built without max_memory)
+    work = bishop_route(problem)  # DenseEngine's own rule (it is built without chunk_memory)
     if work is not None:
         build = P * P * item + work
     else:
         build = curvature_operator(problem, curvature).dense_memory()
-    return max(build, (3.5 if curvature == "ggn" else 4.5) * P * P * item)
+    return max(build, 3.5 * P * P * item)
 
 
 def dense_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[EngineCost, None]:
     """``P`` products for ``C`` (Bishop's one pass for an MLP, about ``2 n p_k p_m`` flops
     a sample and layer pair, ``N P^2`` in all: measured on the digits MLP 0.9 s,
-    predicted 0.8 s), then Cholesky (``P^3 / 3``; the GGN) or LU and Bunch-Kaufman
-    (``P^3``; the Hessian)."""
+    predicted 0.8 s), then Cholesky (``P^3 / 3``; the GGN) or Bunch-Kaufman (``P^3 / 3``
+    too, the Hessian; LAPACK's ``sytrf`` runs at about half ``potrf``'s rate: 0.55 s
+    against 0.26 s at ``P = 2,410``, so it is timed as twice the flops)."""
     problem = problem_of(problem)
     P = problem.num_params
-    factor_flops = (P**3 / 3) if curvature == "ggn" else P**3
+    factor_flops = P**3 / 3
+    rate = timing.chol if curvature == "ggn" else timing.chol / 2
     if bishop_route(problem) is not None:
         form = problem.local_samples * P * P / timing.chol
     else:
         form = P * timing.column
-    seconds = form + factor_flops / timing.chol
+    seconds = form + factor_flops / rate
     memory = dense_memory(problem, curvature)
     return EngineCost("dense", True, factor_flops, memory, seconds), None
 

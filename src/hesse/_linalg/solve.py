@@ -84,10 +84,7 @@ def _krylov(
 ) -> Tensor:
     import scipy.sparse.linalg as sla  # half a second to import: only when a Krylov solve runs
 
-    op = curvature_operator(prob, curvature).to_scipy()
-    P = prob.num_params
-    d = damping.cpu().numpy() if isinstance(damping, Tensor) else damping
-    shifted = sla.LinearOperator((P, P), matvec=lambda x: op @ x + d * x, dtype=op.dtype)
+    shifted = (curvature_operator(prob, curvature) + damping).to_scipy()  # C + D
     use_cg = curvature == "ggn" and (isinstance(damping, Tensor) or damping > 0)
     cols = V.unsqueeze(1) if V.ndim == 1 else V
     out = []

@@ -6,10 +6,19 @@ the ``@`` operator on flat vectors, matrices and per-parameter lists, dense
 materialisation in memory-bounded column chunks with a progress bar, per-block
 views, and the export to ``scipy.sparse.linalg.LinearOperator``. A subclass only
 chooses its product (``_matmat``).
+
+Operators combine like scipy's ``LinearOperator``s (design note, "The operator
+algebra"): ``a + b`` and ``a - b`` of two operators over the same parameters, ``alpha *
+op``, ``op / alpha``, ``-op``, and ``op + damping`` for a damping in any form the engines
+take (a number: ``C + eps I``; a ``(P,)`` tensor, a dict ``{name: value}`` or a sequence
+per parameter tensor: ``C + D``). The results are operators again (`SumOperator`,
+`ScaledOperator`, `ShiftedOperator`).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +27,13 @@ import torch
 from torch import Tensor
 
 from hesse._autodiff.problem import Problem
-from hesse._util.memory import check_memory
+from hesse._util.memory import check_memory, renamed_chunk_memory
 from hesse._util.progress import progress_bar
 
 if TYPE_CHECKING:  # scipy.sparse.linalg costs half a second to import: only when used
     from scipy.sparse.linalg import LinearOperator
 
-__all__ = ["CurvatureOperator"]
+__all__ = ["CurvatureOperator", "ScaledOperator", "ShiftedOperator", "SumOperator"]
 
 _DEFAULT_MAX_MEMORY = 2**30  # bytes of working memory for a chunk of columns
 
@@ -109,13 +118,17 @@ class CurvatureOperator:
         return self._matmat(V)
 
     # ---------------------------------------------------------------- dense
-    def chunk_size(self, max_memory: int | None = None) -> int:
-        """Columns per chunk so that the batched products stay within ``max_memory``
+    def chunk_size(self, chunk_memory: int | None = None) -> int:
+        """Columns per chunk so that the batched products stay within ``chunk_memory``
         bytes: a column costs about one parameter vector plus one set of
         activations of the largest batch, for each pass that is batched."""
-        if max_memory is not None and not (isinstance(max_memory, (int, float)) and max_memory > 0):
-            raise ValueError(f"max_memory must be a positive number of bytes; got {max_memory!r}")
-        budget = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+        if chunk_memory is not None and not (
+            isinstance(chunk_memory, (int, float)) and chunk_memory > 0
+        ):
+            raise ValueError(
+                f"chunk_memory must be a positive number of bytes; got {chunk_memory!r}"
+            )
+        budget = _DEFAULT_MAX_MEMORY if chunk_memory is None else int(chunk_memory)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         P = self.problem.num_params
         per_col = 4 * itemsize * (P + self.activation_numel())
@@ -147,12 +160,19 @@ class CurvatureOperator:
         return self._act_numel
 
     def columns(
-        self, cols: Sequence[int], max_memory: int | None = None, progress: bool | None = False
+        self,
+        cols: Sequence[int],
+        chunk_memory: int | None = None,
+        progress: bool | None = False,
+        *,
+        max_memory: int | None = None,
     ) -> Tensor:
         """``self @ I[:, cols]`` as ``(P, len(cols))``, in chunks of columns whose batched
-        products stay within ``max_memory`` bytes (default 1 GiB)."""
+        products stay within ``chunk_memory`` bytes (default 1 GiB; ``max_memory`` is its
+        deprecated name)."""
+        chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "columns")
         P = self.problem.num_params
-        chunk = self.chunk_size(max_memory)
+        chunk = self.chunk_size(chunk_memory)
         out = torch.empty(P, len(cols), dtype=self.dtype, device=self.device)
         bar = progress_bar(len(cols), f"{self.name} columns", progress, unit="col")
         try:
@@ -166,62 +186,74 @@ class CurvatureOperator:
             bar.close()
         return out
 
-    def to_dense(self, max_memory: int | None = None, progress: bool | None = None) -> Tensor:
+    def to_dense(
+        self,
+        chunk_memory: int | None = None,
+        progress: bool | None = None,
+        *,
+        max_memory: int | None = None,
+    ) -> Tensor:
         """The dense ``(P, P)`` matrix, cross-parameter blocks included.
 
         Built from ``P`` products in chunks of columns, each chunk in one batched
-        pass per data batch. ``max_memory`` (bytes, default 1 GiB) bounds the working
+        pass per data batch. ``chunk_memory`` (bytes, default 1 GiB) bounds the working
         memory of a chunk; the result itself needs ``P^2`` numbers. ``progress``
         shows a tqdm bar (default: when stderr is a terminal and the job is long).
         The result is symmetrised, ``(M + M^T)/2``, to remove round-off asymmetry.
+        ``max_memory`` is the deprecated name of ``chunk_memory``.
         """
+        chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "to_dense")
         P = self.problem.num_params
         check_memory(
-            self.dense_memory(max_memory),
+            self.dense_memory(chunk_memory),
             f"the dense {P} x {P} {self.name} matrix",
             "use hessian_blocks / block() for the blocks you need, eigs / trace / "
             "spectral_density for spectra, or the chain solver (hesse.factorize) for "
-            "solves, log-determinants and counts; a smaller max_memory shrinks only the "
+            "solves, log-determinants and counts; a smaller chunk_memory shrinks only the "
             "working memory of the column chunks",
             self.device,
         )
-        M = self.columns(range(P), max_memory, progress)
+        M = self.columns(range(P), chunk_memory, progress)
         return _symmetrize_(M)
 
-    def dense_memory(self, max_memory: int | None = None) -> int:
+    def dense_memory(self, chunk_memory: int | None = None) -> int:
         """Bytes `to_dense` needs at its peak: the ``P x P`` result and one chunk of
         columns (the unit vectors, their products and the batched pass's working memory,
-        see ``max_memory``)."""
+        see ``chunk_memory``)."""
         P = self.problem.num_params
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        chunk = self.chunk_size(max_memory)
+        chunk = self.chunk_size(chunk_memory)
         # measured (tests/test_memory.py): a column costs about two parameter vectors and
         # two sets of activations while its chunk is in flight (the Hessian's double
         # backward; the Gauss-Newton family's forward-mode product somewhat less)
         per_col = self.column_memory * itemsize * (P + self.activation_numel())
         return P * P * itemsize + chunk * per_col
 
-    def block(self, row: str, col: str, max_memory: int | None = None) -> Tensor:
+    def block(
+        self, row: str, col: str, chunk_memory: int | None = None, *, max_memory: int | None = None
+    ) -> Tensor:
         """The block of rows for parameter ``row`` and columns for ``col``, shaped
         ``row_param.shape + col_param.shape``; costs one product per column of ``col``."""
+        chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "block")
         sl = self.problem.slices
         for n in (row, col):
             if n not in sl:
                 raise ValueError(f"unknown parameter {n!r}; selected: {self.problem.names}")
         cols = range(sl[col].start, sl[col].stop)
-        M = self.columns(cols, max_memory, progress=False)[sl[row]]
+        M = self.columns(cols, chunk_memory, progress=False)[sl[row]]
         shapes = dict(zip(self.problem.names, self.problem.shapes, strict=True))
         return M.reshape((*shapes[row], *shapes[col]))
 
-    def diagonal(self, max_memory: int | None = None) -> Tensor:
+    def diagonal(self, chunk_memory: int | None = None, *, max_memory: int | None = None) -> Tensor:
         """The exact diagonal ``(P,)``: ``P`` products, one chunk of columns at a time
         (``P x chunk`` memory)."""
+        chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "diagonal")
         P = self.problem.num_params
-        chunk = self.chunk_size(max_memory)
+        chunk = self.chunk_size(chunk_memory)
         out = torch.empty(P, dtype=self.dtype, device=self.device)
         for start in range(0, P, chunk):
             stop = min(P, start + chunk)
-            out[start:stop] = self.columns(range(start, stop), max_memory)[start:stop].diagonal()
+            out[start:stop] = self.columns(range(start, stop), chunk_memory)[start:stop].diagonal()
         return out
 
     # ---------------------------------------------------------------- scipy
@@ -247,3 +279,157 @@ class CurvatureOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, psd={self.psd})"
+
+    # ---------------------------------------------------------------- algebra
+    def __add__(self, other: object) -> CurvatureOperator:
+        if isinstance(other, CurvatureOperator):
+            return SumOperator(self, other)
+        if _is_damping(other):
+            return ShiftedOperator(self, other)
+        return NotImplemented
+
+    def __radd__(self, other: object) -> CurvatureOperator:
+        return self.__add__(other)
+
+    def __sub__(self, other: object) -> CurvatureOperator:
+        if isinstance(other, CurvatureOperator):
+            return SumOperator(self, ScaledOperator(other, -1.0))
+        if _is_number(other):
+            return ShiftedOperator(self, -float(other))  # type: ignore[arg-type]
+        return NotImplemented
+
+    def __rsub__(self, other: object) -> CurvatureOperator:
+        if _is_number(other):
+            return ShiftedOperator(ScaledOperator(self, -1.0), float(other))  # type: ignore[arg-type]
+        return NotImplemented
+
+    def __mul__(self, alpha: object) -> CurvatureOperator:
+        if _is_number(alpha):
+            return ScaledOperator(self, float(alpha))  # type: ignore[arg-type]
+        return NotImplemented
+
+    def __rmul__(self, alpha: object) -> CurvatureOperator:
+        return self.__mul__(alpha)
+
+    def __truediv__(self, alpha: object) -> CurvatureOperator:
+        if _is_number(alpha):
+            if float(alpha) == 0.0:  # type: ignore[arg-type]
+                raise ZeroDivisionError("an operator divided by 0")
+            return ScaledOperator(self, 1.0 / float(alpha))  # type: ignore[arg-type]
+        return NotImplemented
+
+    def __neg__(self) -> CurvatureOperator:
+        return ScaledOperator(self, -1.0)
+
+
+def _is_number(x: object) -> bool:
+    if isinstance(x, Tensor):
+        return x.ndim == 0 and x.dtype != torch.bool and not x.is_complex()
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_damping(x: object) -> bool:
+    return _is_number(x) or isinstance(x, (Tensor, dict, list, tuple))
+
+
+class SumOperator(CurvatureOperator):
+    """``A + B`` of two operators over the same parameters (``a + b``; ``a - b`` is ``a +
+    (-1) b``). Products are ``A V + B V``; the dtype is the wider of the two."""
+
+    def __init__(self, a: CurvatureOperator, b: CurvatureOperator) -> None:
+        pa, pb = a.problem, b.problem
+        if pa is not pb and (pa.names != pb.names or pa.num_params != pb.num_params):
+            raise ValueError(
+                f"{a.name} + {b.name}: the operators are over different parameters "
+                f"({pa.num_params} parameters {pa.names} and {pb.num_params} {pb.names})"
+            )
+        if a.device != b.device:
+            raise ValueError(f"{a.name} + {b.name}: on {a.device} and {b.device}")
+        super().__init__(pa)
+        self.terms = (a, b)
+        self.psd = a.psd and b.psd
+        self.column_memory = max(a.column_memory, b.column_memory)
+        self.name = f"{a.name} + {b.name}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.promote_types(self.terms[0].dtype, self.terms[1].dtype)
+
+    @property
+    def random(self) -> bool:
+        return any(t.random for t in self.terms)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        a, b = self.terms
+        return a._matmat(V.to(a.dtype)).to(self.dtype) + b._matmat(V.to(b.dtype)).to(self.dtype)
+
+
+class ScaledOperator(CurvatureOperator):
+    """``alpha A`` for a real number ``alpha`` (``alpha * op``, ``op / alpha``, ``-op``)."""
+
+    def __init__(self, op: CurvatureOperator, alpha: float) -> None:
+        if not math.isfinite(alpha):
+            raise ValueError(f"an operator scaled by {alpha!r}; expected a finite number")
+        if isinstance(op, ScaledOperator):  # one scaling, not a tower of them
+            op, alpha = op.op, op.alpha * alpha
+        super().__init__(op.problem)
+        self.op, self.alpha = op, float(alpha)
+        self.psd = op.psd and self.alpha >= 0
+        self.column_memory = op.column_memory
+        self.name = f"{self.alpha:g} {op.name}"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def random(self) -> bool:
+        return self.op.random
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.alpha * self.op._matmat(V)
+
+
+class ShiftedOperator(CurvatureOperator):
+    """``A + D``: ``D = eps I`` for a number ``eps``, or a diagonal from a ``(P,)`` tensor,
+    a dict ``{name: value}`` or a sequence of per-tensor values (`Parameters.as_diagonal`,
+    as every engine's damping; any finite sign here, positive for a factorisation).
+    ``op + damping``."""
+
+    def __init__(self, op: CurvatureOperator, damping: object) -> None:
+        d = op.problem.parameters.as_diagonal(damping, "the diagonal of op + D", positive=False)
+        if isinstance(op, ShiftedOperator):  # one diagonal
+            d = _add_diagonals(op.damping, d)
+            op = op.op
+        super().__init__(op.problem)
+        self.op, self.damping = op, d
+        low = float(d.min()) if isinstance(d, Tensor) else d
+        self.psd = op.psd and low >= 0
+        self.column_memory = op.column_memory
+        self.name = f"{op.name} + D" if isinstance(d, Tensor) else f"{op.name} + {d:g} I"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def random(self) -> bool:
+        return self.op.random
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        d = self.damping
+        shift = d.to(V)[:, None] * V if isinstance(d, Tensor) else d * V
+        return self.op._matmat(V) + shift
+
+    def diagonal(self, chunk_memory: int | None = None, *, max_memory: int | None = None) -> Tensor:
+        """The exact diagonal: the operator's plus ``D``'s."""
+        chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "diagonal")
+        d = self.damping
+        base = self.op.diagonal(chunk_memory)
+        return base + (d.to(base) if isinstance(d, Tensor) else d)
+
+
+def _add_diagonals(a: float | Tensor, b: float | Tensor) -> float | Tensor:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.as_tensor(a, dtype=torch.float64) + torch.as_tensor(b, dtype=torch.float64)
+    return a + b

@@ -17,7 +17,7 @@ from hesse._operators.curvature import (
     HessianOperator,
     ResidualOperator,
 )
-from hesse._util.memory import check_memory
+from hesse._util.memory import check_memory, renamed_chunk_memory
 
 __all__ = [
     "Decomposition",
@@ -82,6 +82,7 @@ def hessian(
     problem: Problem,
     *,
     method: str = "autodiff",
+    chunk_memory: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
 ) -> Tensor:
@@ -93,23 +94,26 @@ def hessian(
             memory-bounded chunks of columns) or ``"bishop"`` (Bishop's 1992
             propagation, for ``nn.Sequential`` MLPs of ``Linear`` layers and
             element-wise activations).
-        max_memory: bytes of working memory per chunk (default 1 GiB).
+        chunk_memory: bytes of working memory per chunk of columns (default 1 GiB; the
+            result's ``P^2`` numbers come on top). ``max_memory`` is its deprecated name
+            (``max_memory`` is a whole budget in `factorize`, `plan`, `Laplace`).
         progress: show a progress bar (default: when stderr is a terminal).
 
     Cost: about ``P`` gradient evaluations (autodiff); memory ``P^2`` for the result.
     """
-    return _formed(problem, "hessian", method, max_memory, progress)
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.hessian")
+    return _formed(problem, "hessian", method, chunk_memory, progress)
 
 
 def _formed(
-    problem: Problem, curvature: str, method: str, max_memory: int | None, progress: bool | None
+    problem: Problem, curvature: str, method: str, chunk_memory: int | None, progress: bool | None
 ) -> Tensor:
     """The dense Hessian or GGN by ``method`` (``"autodiff"`` or ``"bishop"``)."""
     if method == "autodiff":
         op = HessianOperator(problem) if curvature == "hessian" else GGNOperator(problem)
-        return op.to_dense(max_memory=max_memory, progress=progress)
+        return op.to_dense(chunk_memory=chunk_memory, progress=progress)
     if method == "bishop":
-        return bishop_hessian(problem, curvature == "ggn", max_memory)
+        return bishop_hessian(problem, curvature == "ggn", chunk_memory)
     raise ValueError(f"method must be 'autodiff' or 'bishop'; got {method!r}")
 
 
@@ -117,6 +121,7 @@ def ggn(
     problem: Problem,
     *,
     method: str = "autodiff",
+    chunk_memory: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
 ) -> Tensor:
@@ -126,15 +131,17 @@ def ggn(
         method: ``"autodiff"`` (default: ``P`` Gauss-Newton-vector products in chunks of
             columns) or ``"bishop"`` (Bishop's propagation with the output gradient set
             to zero, design note (B1), for the MLPs ``hessian(method="bishop")`` takes).
-        max_memory, progress: as for `hessian`.
+        chunk_memory, progress: as for `hessian`.
     """
-    return _formed(problem, "ggn", method, max_memory, progress)
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.ggn")
+    return _formed(problem, "ggn", method, chunk_memory, progress)
 
 
 def hessian_blocks(
     problem: Problem,
     pairs: str | Sequence[tuple[str, str]] = "diagonal",
     *,
+    chunk_memory: int | None = None,
     max_memory: int | None = None,
 ) -> dict[tuple[str, str], Tensor]:
     """Blocks of the Hessian addressed by parameter names.
@@ -148,6 +155,7 @@ def hessian_blocks(
         ``{(row, col): tensor of shape row_param.shape + col_param.shape}``. Cost: one
         Hessian-vector product per column of each distinct ``col`` parameter.
     """
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.hessian_blocks")
     names = problem.names
     if pairs == "diagonal":
         pairs = [(n, n) for n in names]
@@ -165,7 +173,7 @@ def hessian_blocks(
     out: dict[tuple[str, str], Tensor] = {}
     for col in dict.fromkeys(b for _, b in pairs):  # one pass of products per column block
         sl = problem.slices[col]
-        cols = op.columns(range(sl.start, sl.stop), max_memory)
+        cols = op.columns(range(sl.start, sl.stop), chunk_memory)
         for a, b in pairs:
             if b == col:
                 out[(a, b)] = cols[problem.slices[a]].reshape((*shapes[a], *shapes[b]))
@@ -220,6 +228,7 @@ def decompose(
     problem: Problem,
     *,
     method: str = "auto",
+    chunk_memory: int | None = None,
     max_memory: int | None = None,
     progress: bool | None = None,
 ) -> Decomposition:
@@ -234,11 +243,12 @@ def decompose(
             ``nn.Sequential`` MLPs of ``Linear`` layers and element-wise activations,
             about 10x faster (one pass over the data a matrix instead of ``P``
             products). ``"auto"`` (default): ``"bishop"`` where it applies and its
-            working memory fits in ``max_memory`` (default 1 GiB), else ``"autodiff"``.
-        max_memory, progress: as for `hessian` (the ``"autodiff"`` route).
+            working memory fits in ``chunk_memory`` (default 1 GiB), else ``"autodiff"``.
+        chunk_memory, progress: as for `hessian` (the ``"autodiff"`` route).
 
     Memory: the three ``(P, P)`` results, refused up front when they do not fit.
     """
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.decompose")
     if method not in ("auto", "autodiff", "bishop"):
         raise ValueError(f"method must be 'auto', 'autodiff' or 'bishop'; got {method!r}")
     P = problem.num_params
@@ -253,11 +263,11 @@ def decompose(
     reason = bishop_applies(problem) if method == "bishop" else None
     if reason is not None:
         raise ValueError(f"decompose(method='bishop'): {reason}")
-    if method == "bishop" or (method == "auto" and bishop_route(problem, max_memory) is not None):
-        H = bishop_hessian(problem, work=max_memory)
-        G = bishop_hessian(problem, gauss_newton=True, work=max_memory)
+    if method == "bishop" or (method == "auto" and bishop_route(problem, chunk_memory) is not None):
+        H = bishop_hessian(problem, work=chunk_memory)
+        G = bishop_hessian(problem, gauss_newton=True, work=chunk_memory)
         return Decomposition(hessian=H, ggn=G, residual=H - G)
-    kw = {"max_memory": max_memory, "progress": progress}
+    kw = {"chunk_memory": chunk_memory, "progress": progress}
     return Decomposition(
         hessian=HessianOperator(problem).to_dense(**kw),
         ggn=GGNOperator(problem).to_dense(**kw),

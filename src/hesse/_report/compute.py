@@ -173,13 +173,13 @@ def _landscape(problem: Problem, top: EigResult, loss: float, g: Tensor) -> dict
     """The loss along the top eigenvector (a 1-D slice of the landscape) against the
     quadratic model ``L + a g.v + a^2 lambda_1 / 2``."""
     v = top.eigenvectors[:, 0]
-    lam = float(top.eigenvalues[0])
-    radius = math.sqrt(2 * max(loss, 1e-3) / max(lam, 1e-12))
+    top_eig = float(top.eigenvalues[0])
+    radius = math.sqrt(2 * max(loss, 1e-3) / max(top_eig, 1e-12))
     alphas = torch.linspace(-radius, radius, 41, dtype=problem.dtype)
     theta = problem.param_vector()
     losses = [float(problem.loss(problem.unflatten(theta + a * v))) for a in alphas]
     gv = float(g @ v)
-    quad = [loss + float(a) * gv + 0.5 * lam * float(a) ** 2 for a in alphas]
+    quad = [loss + float(a) * gv + 0.5 * top_eig * float(a) ** 2 for a in alphas]
     return {"alphas": alphas.tolist(), "losses": losses, "quadratic": quad}
 
 

@@ -89,8 +89,10 @@ def _not_a_report(folder: Path) -> list[str]:
 def write_report(report: dict[str, Any], path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``report.json`` and the figures into ``path`` atomically: everything goes to
     a temporary directory beside it, which is then renamed into place."""
-    target = prepare_report_dir(path, overwrite)
-    tmp = Path(tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.tmp."))
+    # a symbolic link is followed: its target folder is replaced, the link kept, and the
+    # temporary folders sit beside that target (a rename cannot cross file systems)
+    target = prepare_report_dir(path, overwrite).resolve()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp."))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the report gets the usual mode
@@ -101,9 +103,7 @@ def write_report(report: dict[str, Any], path: str | os.PathLike, overwrite: boo
             json.dump(report, f, indent=1)
             f.write("\n")
         if target.exists():
-            trash = Path(
-                tempfile.mkdtemp(dir=target.resolve().parent, prefix=f".{target.name}.old.")
-            )
+            trash = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
             os.replace(target, trash / "old")
             os.replace(tmp, target)
             shutil.rmtree(trash, ignore_errors=True)
@@ -112,4 +112,4 @@ def write_report(report: dict[str, Any], path: str | os.PathLike, overwrite: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+    return Path(path)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hesse._operators.base import CurvatureOperator
 from hesse._util.checks import check_int, check_positive
-from hesse._util.memory import check_memory
+from hesse._util.memory import check_memory, renamed_chunk_memory
 
 __all__ = ["Counted", "EigResult", "Operator", "eigs", "eigvalsh", "lanczos", "tridiag"]
 
@@ -308,9 +308,12 @@ def eigs(
     return EigResult(theta[idx].to(A.device), X, A.count, res, converged)
 
 
-def eigvalsh(op: Operator, *, max_memory: int | None = None) -> Tensor:
+def eigvalsh(
+    op: Operator, *, chunk_memory: int | None = None, max_memory: int | None = None
+) -> Tensor:
     """All eigenvalues, ascending, from the dense matrix (``P`` products and
     ``O(P^3)``): the reference for small models."""
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.eigvalsh")
     A = Counted(op)
-    M = op if isinstance(op, Tensor) else op.to_dense(max_memory=max_memory, progress=False)
+    M = op if isinstance(op, Tensor) else op.to_dense(chunk_memory=chunk_memory, progress=False)
     return torch.linalg.eigvalsh(M.to(A.dtype))

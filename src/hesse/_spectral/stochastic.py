@@ -19,6 +19,7 @@ from hesse._autodiff.problem import Problem
 from hesse._operators.curvature import FisherOperator
 from hesse._spectral.lanczos import Counted, Operator, lanczos, tridiag
 from hesse._util.checks import check_int
+from hesse._util.memory import renamed_chunk_memory
 
 __all__ = [
     "SpectralDensity",
@@ -105,17 +106,19 @@ def diagonal(
     method: str = "exact",
     num_products: int = 100,
     generator: torch.Generator | None = None,
+    chunk_memory: int | None = None,
     max_memory: int | None = None,
 ) -> Tensor:
     """The diagonal ``(P,)`` of a symmetric operator: ``"exact"`` (``P`` products in
     memory-bounded chunks) or ``"hutchinson"`` (Bekas, Kokiopoulou, Saad 2007:
     ``mean(v * A v)`` over Rademacher ``v``, unbiased)."""
+    chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "hesse.diagonal")
     A = Counted(op)
     A.agree("diagonal", method=method, num_products=num_products)
     if method == "exact":
         if isinstance(op, Tensor):
             return torch.diagonal(op).clone()
-        return op.diagonal(max_memory)
+        return op.diagonal(chunk_memory)
     if method == "hutchinson":
         V = A.share(rademacher(A.P, num_products, generator, A.dtype, A.device))
         return (V * A(V)).mean(1)

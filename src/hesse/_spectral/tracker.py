@@ -4,6 +4,7 @@ few steps, and a plot of their history (matplotlib imported only to plot)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ class SpectrumTracker:
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1; got {every}")
+        if isinstance(data, Iterator):  # a generator is spent by the first record: keep it
+            data = list(data)
         self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, params
         self.every, self.trace_products = every, trace_products
         self._gen = torch.Generator().manual_seed(seed)

@@ -62,3 +62,22 @@ def check_memory(
             f"{what} would need about {format_bytes(estimate)}, more than the "
             f"{format_bytes(budget)} available to it; {way_out}"
         )
+
+
+def renamed_chunk_memory(chunk_memory: int | None, max_memory: int | None, call: str) -> int | None:
+    """``chunk_memory``, or the former name ``max_memory`` with a `DeprecationWarning`:
+    the working memory of one chunk of columns was ``max_memory`` here, the name that
+    `hesse.factorize`, `hesse.plan` and `hesse.Laplace` give a whole memory budget."""
+    if max_memory is None:
+        return chunk_memory
+    if chunk_memory is not None:
+        raise TypeError(f"{call}: give chunk_memory= only (max_memory= is its former name)")
+    import warnings
+
+    warnings.warn(
+        f"{call}(max_memory=) is now chunk_memory= (the working memory of one chunk of "
+        "columns; max_memory is a whole budget in factorize, plan and Laplace)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return max_memory

@@ -213,9 +213,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         """``wd/2 |theta|^2`` of the L2 term (0 when decoupled or without decay)."""
         return 0.5 * float((self._wd * theta * theta).sum()) if self.l2 else 0.0
 
-    def curvature_term(self, v: Tensor) -> Tensor:
-        """The L2 term's curvature applied to ``v``: ``wd * v`` (0 when decoupled)."""
-        return self._wd * v if self.l2 else torch.zeros_like(v)
+    @property
+    def curvature_shift(self) -> float | Tensor:
+        """The L2 term's curvature, a diagonal: the ``(P,)`` weight decays (0 when
+        decoupled). ``op + curvature_shift`` is the objective's curvature operator."""
+        return self._wd if self.l2 else 0.0
 
     # ------------------------------------------------------------------ flat parameters
     def _theta(self) -> Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from hesse._autodiff.problem import Problem
+from hesse._operators.base import CurvatureOperator
 from hesse._operators.curvature import curvature_operator
 from hesse._spectral.stochastic import empirical_fisher_diagonal
 from hesse._util.checks import check_number
@@ -30,18 +30,18 @@ class HessianFree(SecondOrderOptimizer):
     """Hessian-free optimisation (Martens 2010), faithful to its parts.
 
     Each step: the gradient from the closure; truncated conjugate gradients on
-    ``(C + lam I) d = -g`` with ``C`` the Gauss-Newton matrix (default) or the Hessian on a
+    ``(C + damping I) d = -g`` with ``C`` the Gauss-Newton matrix (default) or the Hessian on a
     separate curvature batch, started from ``decay`` times the previous solution, stopped
     by the relative-progress rule; backtracking through the CG iterates; the reduction
-    ratio ``rho`` adapts the Levenberg-Marquardt damping ``lam``; an Armijo line search;
-    optionally Martens' diagonal preconditioner ``(diag(EF) + lam)^0.75``.
+    ratio ``rho`` adapts the Levenberg-Marquardt ``damping``; an Armijo line search;
+    optionally Martens' diagonal preconditioner ``(diag(EF) + damping)^0.75``.
 
     Args:
         params_or_model, loss_fn, and ``model``, ``params``, ``weight_decay``,
             ``decoupled_weight_decay`` (keywords): see `SecondOrderOptimizer` (the model,
             or parameters and groups in ``torch.optim`` style with ``model=``).
         lr: the initial step length of the line search (1: the CG step).
-        damping: initial ``lam``.
+        damping: the initial Levenberg-Marquardt damping.
         curvature: ``"ggn"`` or ``"hessian"``.
         cg_max_iter, cg_progress_tol: CG budget and Martens' ``epsilon``.
         warm_start_decay: ``0`` disables the warm start.
@@ -96,11 +96,11 @@ class HessianFree(SecondOrderOptimizer):
             params_or_model, loss_fn, options, lr=lr, damping=damping, curvature=curvature, **common
         )
 
-    def _preconditioner(self, prob: Problem, lam: float) -> Tensor:
-        """Martens' ``(diag(EF) + lam)^0.75``, the empirical Fisher's diagonal from
+    def _preconditioner(self, prob: Problem, damping: float) -> Tensor:
+        """Martens' ``(diag(EF) + damping)^0.75``, the empirical Fisher's diagonal from
         per-sample gradients of the curvature batch."""
         diag = empirical_fisher_diagonal(prob)
-        return (diag + self.curvature_term(torch.ones_like(diag)) + lam) ** 0.75
+        return (diag + self.curvature_shift + damping) ** 0.75
 
     def step(  # type: ignore[override]
         self, closure: Closure, curvature_batch: Any = None, *, samples: int | None = None
@@ -121,8 +121,7 @@ class HessianFree(SecondOrderOptimizer):
         op = curvature_operator(prob, group["curvature"])
         theta = self._theta()
 
-        def curv(v: Tensor) -> Tensor:  # C v, the L2 term's curvature included
-            return op @ v + self.curvature_term(v)
+        curv = op + self.curvature_shift  # C, the L2 term's curvature included
 
         res = self._cg(prob, curv, g)
 
@@ -133,17 +132,17 @@ class HessianFree(SecondOrderOptimizer):
             d, f_d, it = cg_backtrack(res.iterates, loss_at)
         else:
             d, f_d, it = res.x, loss_at(res.x), res.iterations
-        lam = group["damping"]
-        rho = reduction_ratio(f_d - f0, float(g @ d) + 0.5 * float(d @ curv(d)))
+        damping = group["damping"]
+        rho = reduction_ratio(f_d - f0, float(g @ d) + 0.5 * float(d @ (curv @ d)))
         if group["adapt_damping"]:
-            group["damping"] = lm_damping(lam, rho)
+            group["damping"] = lm_damping(damping, rho)
         alpha, f_new = self._line_search(loss_at, d, f0, f_d, float(g @ d))
         self._finish(theta, alpha * d)
         self.last = {
             "loss": f0,
             "new_loss": f_new,
             "rho": rho,
-            "damping": lam,
+            "damping": damping,
             "cg_iterations": res.iterations,
             "cg_stop": res.reason,
             "backtracked_to": it,
@@ -151,18 +150,20 @@ class HessianFree(SecondOrderOptimizer):
         }
         return loss0
 
-    def _cg(self, prob: Problem, curv: Callable[[Tensor], Tensor], g: Tensor) -> CGResult:
-        """Truncated CG on ``(C + lam I) d = -g``, warm-started from the previous step's
+    def _cg(self, prob: Problem, curv: CurvatureOperator, g: Tensor) -> CGResult:
+        """Truncated CG on ``(C + damping I) d = -g``, warm-started from the previous step's
         solution; stores this one for the next step."""
         group = self.param_groups[0]
-        lam = group["damping"]
-        precond = self._preconditioner(prob, lam) if group["preconditioner"] == "martens" else None
+        damping = group["damping"]
+        precond = (
+            self._preconditioner(prob, damping) if group["preconditioner"] == "martens" else None
+        )
         x0 = None
         warm = [self.state[p].get("cg_warm") for p in self.space.tensors]
         if group["warm_start_decay"] > 0 and all(w is not None for w in warm):
             x0 = group["warm_start_decay"] * self.space.flatten(warm)
         res = truncated_cg(
-            lambda v: curv(v) + lam * v,
+            (curv + damping).__matmul__,
             -g,
             x0,
             max_iter=group["cg_max_iter"],

@@ -60,7 +60,7 @@ def saddle_free_direction(
 
 
 class Newton(SecondOrderOptimizer):
-    """Exact damped Gauss-Newton (default) or Newton steps: ``d = -(C + lam I)^-1 g``
+    """Exact damped Gauss-Newton (default) or Newton steps: ``d = -(C + damping I)^-1 g``
     solved exactly by the cheapest engine of `hesse.factorize` (dense, observation space
     or chain; ``method``), with Levenberg-Marquardt damping adapted by the reduction
     ratio.
@@ -71,13 +71,14 @@ class Newton(SecondOrderOptimizer):
             ``"chain"`` (``nn.Sequential``).
         trust_region: an initial radius; each step then solves the trust-region
             subproblem exactly (Moré-Sorensen: the exact inertia tells whether
-            ``C + lam I`` is positive definite, the hard case included) and adapts the
+            ``C + lam I`` is positive definite for the multiplier ``lam``, the hard case
+            included) and adapts the
             radius by the reduction ratio (`trust_radius_update`).
         saddle_free: ``k``; the step is `saddle_free_direction`.
         params_or_model, loss_fn, and ``model``, ``params``, ``weight_decay``,
             ``decoupled_weight_decay`` (keywords): see `SecondOrderOptimizer`. L2 weight
             decay must be the same for every parameter here: an exact factorisation takes
-            one scalar shift, ``C + (lam + wd) I``.
+            one scalar shift, ``C + (damping + wd) I``.
 
     Usage::
 
@@ -166,7 +167,7 @@ class Newton(SecondOrderOptimizer):
         q = float(g @ d) + 0.5 * float(d @ curv(d))
         f_d = self._loss_at(closure, theta + group["lr"] * d)
         rho = reduction_ratio(f_d - f0, q)
-        lam = group["damping"]
+        damping = group["damping"]
         if group["radius"] is not None and not group["saddle_free"]:
             alpha, f_d = self._accept_trust_region(rho, float(d.norm()), f0, f_d)
         else:
@@ -176,7 +177,7 @@ class Newton(SecondOrderOptimizer):
             "loss": f0,
             "new_loss": f_d,
             "rho": rho,
-            "damping": lam,
+            "damping": damping,
             "alpha": alpha,
             "step_norm": float(d.norm()) * alpha,
             **info,
@@ -190,12 +191,12 @@ class Newton(SecondOrderOptimizer):
         """The step's direction, the curvature of its quadratic model (``v -> C v``, the
         L2 term included) and what to log."""
         group = self.param_groups[0]
-        curvature, lam, shift = group["curvature"], group["damping"], self._shift()
+        curvature, damping, shift = group["curvature"], group["damping"], self._shift()
         method = group["method"]
         op = curvature_operator(prob, curvature)
         info: dict[str, Any] = {}
         if group["saddle_free"]:
-            d, op = saddle_free_direction(prob, g, group["saddle_free"], lam + shift)
+            d, op = saddle_free_direction(prob, g, group["saddle_free"], damping + shift)
         elif group["radius"] is not None:
             tr = trust_region_subproblem(
                 g,
@@ -207,8 +208,8 @@ class Newton(SecondOrderOptimizer):
             d = tr.step
             info |= {"multiplier": tr.lam, "hard_case": tr.hard_case}
         else:
-            d = factorize(prob, lam + shift, curvature, method=method).solve(-g)
-        return d, (lambda v: op @ v + self.curvature_term(v)), info
+            d = factorize(prob, damping + shift, curvature, method=method).solve(-g)
+        return d, (op + self.curvature_shift).__matmul__, info
 
     # ------------------------------------------------------------------ acceptance
     def _accept_trust_region(

@@ -264,7 +264,7 @@ def trust_region_subproblem(
         rtol: stop when ``| |d| - Delta | <= rtol Delta``.
 
     The exact inertia decides whether ``C + lam I`` is positive definite; the hard case
-    (``g`` orthogonal to the eigenvectors of ``lambda_1``) adds ``tau u_1`` to reach the
+    (``g`` orthogonal to the eigenvectors of ``lambda_1``) adds ``t u_1`` to reach the
     boundary.
     """
     if not (math.isfinite(radius) and radius > 0):
@@ -311,7 +311,7 @@ def _just_above(
 
 
 def _hard_case_step(g: Tensor, d_lo: Tensor, u: Tensor, radius: float) -> Tensor:
-    """Just above ``-lambda_1`` the step is still inside the region: add ``tau u_1`` to
+    """Just above ``-lambda_1`` the step is still inside the region: add ``t u_1`` to
     reach the boundary (the component of ``d`` along ``u`` is unreliable this close to
     singular: it is removed first)."""
     d_h = d_lo - (u @ d_lo) * u
