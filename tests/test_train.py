@@ -253,6 +253,10 @@ def test_train_refuses_bad_user_inputs_before_any_work(tmp_path):
         ),
         (["--model", f"{models}:mlp", "--data", str(img)], "does not accept the data's inputs"),
         (["--model", f"{models}:mlp", "--data", str(reg), "--loss", "ce"], "integer class labels"),
+        (  # MSELoss would broadcast (N, 3) outputs against (N, 1) labels, with a warning
+            ["--model", f"{models}:cnn", "--data", str(img), "--loss", "mse"],
+            r"MSELoss needs targets shaped like the model's outputs.*\(3,\).*\(1,\).*--loss ce",
+        ),
         (["--model", f"{models}:nothing", "--data", str(reg)], "no callable 'nothing'"),
     ]
     for extra, message in cases:

@@ -163,19 +163,35 @@ def make_loss(kind: str, y: Tensor, dtype: torch.dtype) -> tuple[nn.Module, Tens
 
 
 def check_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> None:
-    """Refuse (``SystemExit``) outputs the loss cannot take (two samples tried)."""
+    """Refuse (``SystemExit``) outputs the loss cannot take (two samples tried), and
+    outputs that MSELoss would broadcast against its targets (it only warns)."""
     try:
         with torch.no_grad():
-            value = loss_fn(model(X[:2]), y[:2])
+            out = model(X[:2])
+            value = loss_fn(out, y[:2]) if not _broadcasts(loss_fn, out, y) else None
     except Exception as err:
         raise SystemExit(
             f"{type(loss_fn).__name__} does not accept the model's outputs with the data's "
             f"targets (y of shape {tuple(y.shape[1:])} a sample): {_first_line(err)}"
         ) from None
+    if value is None:
+        hint = " (integer labels: --loss ce for classes, or one-hot y)"
+        raise SystemExit(
+            f"MSELoss needs targets shaped like the model's outputs: the outputs are "
+            f"{tuple(out.shape[1:])} a sample, y {tuple(y.shape[1:])}"
+            f"{'' if y.is_floating_point() else hint}"
+        )
     if value.ndim != 0:
         raise SystemExit(
             f"{type(loss_fn).__name__} returned shape {tuple(value.shape)}, not a scalar"
         )
+
+
+def _broadcasts(loss_fn: nn.Module, out: object, y: Tensor) -> bool:
+    """Whether MSELoss would broadcast ``out`` against ``y`` (a silently wrong loss)."""
+    return (
+        isinstance(loss_fn, nn.MSELoss) and isinstance(out, Tensor) and out.shape[1:] != y.shape[1:]
+    )
 
 
 def _load_model(args: argparse.Namespace, X: Tensor, dtype: torch.dtype) -> tuple[nn.Module, str]:
