@@ -5,9 +5,11 @@ Usage:
                                   [--max-seconds 90] [--no-paper] [--json out.json]
 
 float64, CPU, cross-entropy MLPs, the GGN (every engine applies; ``--curvature
-hessian``: dense and chain), damping 1e-3. For each problem shape (P from 1e3 to 1e5,
-samples x outputs M from 1e2 to 1e4, depth 2 to 64) each engine runs in a fresh process:
-``hesse.engine(..., method=m).factor(1e-3)`` (not `factorize`, which caches) then one
+hessian``: dense and chain), damping 1e-3 (the ``tiny-damping`` row: ``1e-6 ||C||``,
+where the chain's delayed front grows and ``auto`` hands over to the dense engine). For
+each problem shape (P from 1e3 to 1e5, samples x outputs M from 1e2 to 1e4, depth 2 to
+64) each engine runs in a fresh process:
+``hesse.engine(..., method=m).factor(eps)`` (not `factorize`, which caches) then one
 solve and the log-determinant; the wall time of a warm call (the second; the first pays
 the kernels' start-up, unless it took over 30 s) and the peak growth of the resident set
 over the first call (VmHWM). Engines the plan predicts over ``--max-seconds`` or over
@@ -51,14 +53,19 @@ ROWS = {
     "paper": (768, [24] * 7, 10, 64, False, "relu"),
     "wide": (256, [128], 10, 32, True, "tanh"),
     "P=1e5": (512, [192], 10, 16, True, "tanh"),
+    # issue 23's tiny damping: eps = 1e-6 ||C|| on 8 tanh layers of width 32, batch 32
+    "tiny-damping": (16, [32] * 7, 10, 32, True, "tanh", 1e-6),
 }
+"""name: (input, hidden widths, classes, batch, bias, activation[, eps / ||C||]); eps is
+1e-3 unless the row gives it relative to ``C``'s largest eigenvalue magnitude."""
 
 _CHILD = """
 import json, resource, sys, time, torch
 sys.path.insert(0, {bench!r})
-from bench_engines import problem
+from bench_engines import damping, problem
 import hesse
 prob = problem({name!r})
+eps = damping({name!r}, prob, {curvature!r})
 v = torch.ones(prob.num_params, dtype=torch.float64)
 def rss():
     with open("/proc/self/statm") as f:
@@ -72,12 +79,12 @@ def run():
     if {method!r} == "auto":  # as a user calls it: plan, build, factor; a fresh problem,
         p = problem({name!r})  # so that the second call is not a hit in its cache
         t0 = time.perf_counter()
-        f = hesse.factorize(p, 1e-3, {curvature!r})
+        f = hesse.factorize(p, eps, {curvature!r})
     else:
         # hesse.engine, not factorize: factorize keeps the engine and the factorisation
         # on the problem, so a second call would time the cache
         t0 = time.perf_counter()
-        f = hesse.engine(prob, {curvature!r}, method={method!r}).factor(1e-3)
+        f = hesse.engine(prob, {curvature!r}, method={method!r}).factor(eps)
     f.solve(v)
     f.logdet()
     return time.perf_counter() - t0, f.status.method
@@ -90,8 +97,18 @@ print(json.dumps({{"seconds": first, "peak": peak, "method": used}}))
 """
 
 
+def damping(name: str, prob: hesse.Problem, curvature: str) -> float:
+    """The row's eps: 1e-3, or its relative eps times ``||C||`` (Lanczos, seeded)."""
+    rel = ROWS[name][6:]
+    if not rel:
+        return 1e-3
+    op = hesse.HessianOperator(prob) if curvature == "hessian" else hesse.GGNOperator(prob)
+    top = hesse.eigs(op, 1, "magnitude", generator=torch.Generator().manual_seed(0))
+    return float(rel[0] * top.eigenvalues.abs().max())
+
+
 def problem(name: str) -> hesse.Problem:
-    d_in, hidden, classes, n, bias, act = ROWS[name]
+    d_in, hidden, classes, n, bias, act = ROWS[name][:6]
     torch.manual_seed(0)
     widths = [d_in, *hidden, classes]
     layers: list[nn.Module] = []
@@ -125,6 +142,7 @@ def engine_table(names: list[str], max_seconds: float, curvature: str) -> list[d
             "P": prob.num_params,
             "M": plan.num_outputs,
             "depth": len(ROWS[name][1]) + 1,
+            "damping": damping(name, prob, curvature),
             "auto": plan.choice,
             "plan_choice": plan.choice,  # the plan in this process (auto's own may differ)
             "engines": {},

@@ -292,7 +292,8 @@ def _case_dead_rank(rank: int, world: int) -> dict:
 
 def _zoo_quantities(prob: hesse.Problem) -> dict:
     """What the issue's bar names, on a zoo model: gradient, HVP, GGN and Fisher products,
-    the dense Hessian, the top-3 eigenvalues and a seeded Hutch++ trace."""
+    the dense Hessian, the split's residual, the top-3 eigenvalues and a seeded Hutch++
+    trace."""
     V = torch.randn(prob.num_params, 2, generator=torch.Generator().manual_seed(3))
     V = V.to(torch.float64)
     seeded = {"generator": torch.Generator().manual_seed(4)}
@@ -302,6 +303,9 @@ def _zoo_quantities(prob: hesse.Problem) -> dict:
         "ggn_vp": hesse.ggn_vp(prob, V),
         "fisher_vp": hesse.fisher_vp(prob, V, kind="empirical"),
         "hessian": hesse.hessian(prob),
+        # Bishop's propagation on an MLP, P products otherwise: decided alike on every rank
+        # (an empty shard once chose the products and the collectives did not match)
+        "residual": hesse.decompose(prob).residual,
         "top3": hesse.eigs(hesse.HessianOperator(prob), 3, **seeded).eigenvalues,
         "trace": torch.tensor(
             [hesse.trace(hesse.GGNOperator(prob), num_products=24, **seeded).estimate],

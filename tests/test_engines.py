@@ -289,3 +289,74 @@ def test_a_new_engine_is_one_registry_entry(monkeypatch):
     )
     with pytest.raises(ValueError, match=r"'auto', 'dense', 'gram', 'chain', 'twin' or 'cg'"):
         hesse.solve(prob, v, 0.3, "ggn", method="nope")
+
+
+def _deep_tanh(L: int = 8, w: int = 8, n: int = 8) -> hesse.Problem:
+    """A deep tanh chain whose Hessian at tiny damping makes the sweep delay about 40% of
+    ``P`` (near-null directions spanning the layers)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(5, w), nn.Tanh()]
+    for _ in range(L - 2):
+        layers += [nn.Linear(w, w), nn.Tanh()]
+    layers.append(nn.Linear(w, 3))
+    X, y = torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+    return hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X, y))
+
+
+def test_the_chain_hands_a_growing_front_over_to_the_dense_engine(monkeypatch):
+    """Design note, "The hand-over": a sweep whose delayed front outgrows the break-even
+    stops, and that damping and every smaller one are factored densely (built once);
+    exact either way, ``status`` says which engine and why. ``auto`` offers the hand-over
+    where the dense engine applies and fits, not otherwise."""
+    from hesse._linalg import dense as _dense
+
+    prob = _deep_tanh()
+    H = hesse.hessian(prob)
+    P = prob.num_params
+    eps = 1e-6 * float(torch.linalg.matrix_norm(H, 2))
+    builds: list[int] = []
+
+    def build_dense():
+        builds.append(1)
+        return hesse.engine(prob, method="dense")
+
+    eng = hesse.engine(prob, method="chain")
+    assert eng.handover is None and eng.factor(eps).status.max_delayed > 0.3 * P
+    eng.handover = (0.0, build_dense)  # a dense engine predicted free: hand over at once
+    v = torch.randn(P, dtype=torch.float64)
+    for d in (eps, eps / 10, -eps):  # the smaller and the negative go straight to dense
+        f = eng.factor(d)
+        assert f.status.method == "dense" and "delayed front reached" in f.status.handed_over
+        A = H + d * torch.eye(P, dtype=H.dtype)
+        ref = torch.linalg.slogdet(A)
+        assert f.logdet()[0] == float(ref.sign)
+        assert abs(f.logdet()[1] - float(ref.logabsdet)) <= 1e-8 * abs(float(ref.logabsdet))
+        ev = torch.linalg.eigvalsh(A)
+        assert float(ev.abs().min()) > 1e-9 * float(ev.abs().max())  # counts well defined
+        assert tuple(f.inertia()) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+        x = f.solve(v)
+        assert torch.linalg.norm(A @ x - v) <= 1e-8 * torch.linalg.norm(v) * torch.linalg.cond(A)
+    assert builds == [1]  # the dense matrix formed once
+    f = eng.factor(1e3 * eps)  # a larger damping tries the chain again
+    assert f.status.method == "chain" or f.status.handed_over
+    eng.handover = (1e9, build_dense)  # the dense engine dear: the chain sweeps on
+    assert eng.factor(1e4 * eps).status.method == "chain"
+
+    # auto: offered when the plan takes the chain and the dense engine fits
+    import dataclasses
+
+    from hesse._factor.cost import EngineSpec
+    from hesse._linalg import factorize as fz
+
+    chain_spec = fz.ENGINES["chain"]
+
+    def cheap_chain(problem, curvature, timing):  # the plan takes the chain
+        cost, built = chain_spec.cost(problem, curvature, timing)
+        return dataclasses.replace(cost, seconds=0.0), built
+
+    spec = EngineSpec("chain", cheap_chain, chain_spec.build, chain_spec.summary)
+    monkeypatch.setitem(fz.ENGINES, "chain", spec)
+    auto = hesse.engine(prob)
+    assert auto.method == "chain" and auto.handover is not None and auto.handover[0] > 0
+    monkeypatch.setattr(_dense, "dense_memory", lambda problem, curvature: 1e30)
+    assert hesse.engine(prob).handover is None  # the dense engine does not fit

@@ -192,9 +192,12 @@ def bishop_chunk(problem: Problem, work: float | None = None) -> int:
     """The most samples Bishop's propagation takes at a time within ``work`` bytes
     (default `BISHOP_WORK`): the largest batch when it fits, else fewer (each batch is
     propagated in slices of this many samples; the sum over samples is the same), 0 when
-    not even one sample fits."""
+    not even one sample fits. Across ranks, the largest batch of any rank (a collective:
+    every rank decides alike)."""
     per_sample = bishop_memory(problem, 1)
     largest = max(problem.batch_sizes, default=0)
+    if problem.group is not None:  # one answer on every rank: a rank's shard may be empty
+        largest = int(problem.group.max(largest, "largest batch of Bishop's propagation"))
     budget = BISHOP_WORK if work is None else work
     return int(min(largest, budget // max(per_sample, 1)))
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import ChainFactorization, as_chain
-from hesse._factor.base import Engine
+from hesse._chain.factorization import ChainFactorization, FrontGrewError, as_chain
+from hesse._factor.base import Engine, Factorization
 from hesse._factor.cost import STAGE_SECONDS, EngineCost, EngineSpec, Timing
 from hesse._util.memory import check_memory
 
@@ -16,9 +17,17 @@ from hesse._util.memory import check_memory
 class ChainEngine(Engine):
     """The chain sweep as an engine: the chain and its linearisation (one forward and one
     backward pass: every stage's input and output adjoint) are kept, so each damping costs
-    one sweep."""
+    one sweep.
+
+    With a ``handover`` (`method="auto"`, where the dense engine applies and fits: its
+    predicted seconds and how to build it), a sweep whose delayed front outgrows the
+    break-even stops and that damping, and every smaller one after it, is factored by
+    the dense engine instead, built once (design note, "The hand-over");
+    ``status.handed_over`` says why.
+    """
 
     method = "chain"
+    handover: tuple[float, Callable[[], Engine]] | None = None
 
     def __init__(self, chain: Chain, curvature: str, progress: bool | None = None) -> None:
         self.chain, self.problem, self.curvature, self.progress = (
@@ -28,18 +37,37 @@ class ChainEngine(Engine):
             progress,
         )
         self._linearisation: tuple[list[Tensor], list[Tensor]] | None = None
+        self._dense: Engine | None = None
+        self._handed_at = -1.0  # dampings at most this (in magnitude) go to the dense engine
+        self._why = ""
 
-    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> ChainFactorization:
+    def _factor(self, damping: float | Tensor, rank_rtol: float | None) -> Factorization:
+        size = float(damping.min()) if isinstance(damping, Tensor) else abs(damping)
+        if self._dense is not None and size <= self._handed_at:
+            return self._dense_factor(damping, rank_rtol)
         if self._linearisation is None:
             self._linearisation = self.chain.forward_backward()
-        return ChainFactorization(
-            self.chain,
-            damping,
-            self.curvature,
-            self.progress,
-            rank_rtol,
-            linearisation=self._linearisation,
-        )
+        try:
+            return ChainFactorization(
+                self.chain,
+                damping,
+                self.curvature,
+                self.progress,
+                rank_rtol,
+                linearisation=self._linearisation,
+                handover=None if self.handover is None else self.handover[0],
+            )
+        except FrontGrewError as err:
+            self._handed_at = max(self._handed_at, size)
+            self._why = str(err)
+            if self._dense is None:
+                self._dense = self.handover[1]()  # type: ignore[index]
+            return self._dense_factor(damping, rank_rtol)
+
+    def _dense_factor(self, damping: float | Tensor, rank_rtol: float | None) -> Factorization:
+        f = self._dense._factor(damping, rank_rtol)  # type: ignore[union-attr]
+        f.status = f.status._replace(handed_over=self._why)
+        return f
 
 
 def chain_cost(problem: Any, curvature: str, timing: Timing) -> tuple[EngineCost, Chain | None]:

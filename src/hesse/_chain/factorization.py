@@ -30,6 +30,11 @@ __all__ = ["ChainFactorization", "as_chain", "promoted"]
 
 
 # ----------------------------------------------------------------------------- factorisation
+class FrontGrewError(ArithmeticError):
+    """The sweep's delayed front outgrew its break-even against the dense engine
+    (``handover``): the rest of the sweep would cost more than factoring densely."""
+
+
 @dataclass
 class _StageFactor:
     stage: Stage
@@ -75,6 +80,7 @@ class ChainFactorization(Factorization):
         rank_rtol: float | None = None,
         *,
         linearisation: tuple[list[Tensor], list[Tensor]] | None = None,
+        handover: float | None = None,
     ) -> None:
         self.chain, self.curvature = chain, curvature
         self.damping = damping if isinstance(damping, Tensor) else float(damping)
@@ -116,10 +122,31 @@ class ChainFactorization(Factorization):
                 scale = max(scale, elim.scale)
                 growth = max(growth, elim.growth / max(elim.ref, 1e-300))
             factors.append(_StageFactor(stage, d, m_in, elim))
+            if handover is not None and state.m and l_ > 0:
+                self._check_front(state.m, l_, handover, bar)
         bar.close()
         factors.reverse()
         self._factors = factors
         self.status = self._summarise(scale, growth, dtype)
+
+    def _check_front(self, m: int, left: int, dense_seconds: float, bar: object) -> None:
+        """Raise `FrontGrewError` when the ``left`` stages still to go, each with a pivot
+        of its own ``P / L`` directions plus the ``m`` delayed ones at the eigen tier's
+        price (about 10 Cholesky factorisations of that size), are predicted to cost
+        more than the dense engine's whole ``dense_seconds`` (design note, (H1))."""
+        from hesse._factor.cost import device_rates
+
+        chain = self.chain
+        _gemm, chol = device_rates(str(chain.inputs.device), chain.inputs.dtype)
+        per_stage = self.num_params / max(len(chain.stages), 1) + m
+        rest = left * 10 * per_stage**3 / 3 / chol
+        if rest > dense_seconds:
+            bar.close()  # type: ignore[attr-defined]
+            raise FrontGrewError(
+                f"the delayed front reached {m} directions with {left} stages to go "
+                f"(predicted {rest:.3g} s for the rest of the sweep, {dense_seconds:.3g} s "
+                "for the dense engine)"
+            )
 
     def _stage_damping(self, l_: int, dtype: torch.dtype) -> float | Tensor:
         """Stage ``l``'s part of ``D`` in its internal order: ``eps`` for ``C + eps I``

@@ -175,11 +175,12 @@ def check_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> No
             f"targets (y of shape {tuple(y.shape[1:])} a sample): {_first_line(err)}"
         ) from None
     if value is None:
-        hint = " (integer labels: --loss ce for classes, or one-hot y)"
+        labels = not y.is_floating_point() or bool((y == y.round()).all())
+        hint = " (y holds whole numbers: for class labels --loss ce, or one-hot y)"
         raise SystemExit(
             f"MSELoss needs targets shaped like the model's outputs: the outputs are "
             f"{tuple(out.shape[1:])} a sample, y {tuple(y.shape[1:])}"
-            f"{'' if y.is_floating_point() else hint}"
+            f"{hint if labels else ''}"
         )
     if value.ndim != 0:
         raise SystemExit(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from hesse._autodiff import products
-from hesse._autodiff.problem import Problem
+from hesse._autodiff.problem import Problem, tensor_leaves
 from hesse._operators.curvature import curvature_operator
 
 STAGE_SECONDS = 2.5e-3
@@ -95,13 +95,19 @@ class Timing:
 
     @functools.cached_property
     def gradient(self) -> float:
+        return _measured(self.problem, "gradient", self._time_gradient)
+
+    @functools.cached_property
+    def column(self) -> float:
+        return _measured(self.problem, f"column {self.curvature}", self._time_column)
+
+    def _time_gradient(self) -> float:
         products.gradient(self.problem)
         t0 = time.perf_counter()
         products.gradient(self.problem)
         return time.perf_counter() - t0
 
-    @functools.cached_property
-    def column(self) -> float:
+    def _time_column(self) -> float:
         problem = self.problem
         op = curvature_operator(problem, self.curvature)
         V = torch.zeros(problem.num_params, 8, dtype=problem.dtype, device=problem.device)
@@ -110,6 +116,43 @@ class Timing:
         t0 = time.perf_counter()
         op.matmat(V)
         return (time.perf_counter() - t0) / 8
+
+
+_MEASURED: dict[tuple[Any, ...], float] = {}
+"""Timings by what they depend on, the problem's shapes (`_signature`), not its values: a
+fresh `Problem` of the same model and batch shapes (an optimiser's step, a second
+`factorize`) is planned without timing its gradient and products again. Not across ranks:
+a timing's products are collectives, and a rank that remembered would skip its part."""
+
+
+def _signature(problem: Problem, what: str) -> tuple[Any, ...]:
+    """What a timing depends on: the model (its printed structure), the selected
+    parameters' shapes, the batches' sizes and input shapes, the loss, dtype and device."""
+    first = next(iter(problem.batches()), None)
+    inputs = () if first is None else tuple(tuple(t.shape) for t in tensor_leaves(first[0]))
+    loss = problem.loss_fn
+    return (
+        what,
+        repr(problem.model),
+        tuple(zip(problem.names, map(tuple, problem.shapes), strict=True)),
+        tuple(problem.batch_sizes),
+        inputs,
+        type(loss).__name__,
+        getattr(loss, "reduction", None),
+        str(problem.device),
+        problem.dtype,
+    )
+
+
+def _measured(problem: Problem, what: str, measure: Callable[[], float]) -> float:
+    if problem.group is not None:  # every rank must time (its products are collectives)
+        return measure()
+    key = _signature(problem, what)
+    if key not in _MEASURED:
+        if len(_MEASURED) >= 256:  # a bounded memory of shapes
+            _MEASURED.pop(next(iter(_MEASURED)))
+        _MEASURED[key] = measure()
+    return _MEASURED[key]
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ class FactorizationStatus(NamedTuple):
         method: the engine that factored: ``"chain"``, ``"dense"`` or ``"gram"``
             (`hesse.factorize`); the chain-only fields (``delayed``) are empty or 0 for
             the others.
+        handed_over: why ``method="auto"``'s chain sweep handed this damping over to
+            the dense engine (its delayed front outgrew the break-even: design note,
+            "The hand-over"); empty when it did not.
     """
 
     kinds: tuple[str, ...]
@@ -69,6 +72,7 @@ class FactorizationStatus(NamedTuple):
     min_pivot: float
     dtype: torch.dtype
     method: str = "chain"
+    handed_over: str = ""
 
 
 class SolveResult(NamedTuple):

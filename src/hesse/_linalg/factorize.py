@@ -199,9 +199,32 @@ def engine(
         if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
             method = group.gather_objects(method, "choice of the engine")[0]
     eng = _build(problem, curvature, method, max_memory, progress, built.get(method))
+    if built and method == "chain" and group is None:
+        _offer_handover(eng, p, problem, curvature, max_memory, progress)  # type: ignore[arg-type]
     eng.out_dtype = out_dtype
     eng.group = group  # the ranks' dampings are compared in Engine.factor
     return eng
+
+
+def _offer_handover(
+    eng: Any,
+    p: Plan,
+    problem: Problem,
+    curvature: str,
+    max_memory: float | None,
+    progress: bool | None,
+) -> None:
+    """`auto`'s chain may hand a damping over to the dense engine when the sweep's
+    delayed front outgrows the break-even (design note, "The hand-over"), where the
+    dense engine applies and fits the budget (on one process: the ranks' timings
+    differ, their engines must not)."""
+    dense = p.costs.get("dense")
+    if dense is None or not dense.applies or not dense.memory <= p.budget:
+        return
+    eng.handover = (
+        dense.seconds,
+        lambda: _build(problem, curvature, "dense", max_memory, progress),
+    )
 
 
 def _auto(problem: Problem, curvature: str, max_memory: float | None) -> Plan:
