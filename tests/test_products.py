@@ -199,6 +199,82 @@ def test_operator_algebra(setting):
         hop + "1"
 
 
+def test_an_operator_without_a_problem():
+    """The operator base needs no `Problem` (design note, "The operator algebra"): an
+    operator from a symmetric matrix or a function, over vectors split into named tensors
+    of odd shapes, takes ``@`` on flat vectors, matrices and lists, blocks, the diagonal,
+    the algebra, scipy and the spectral methods, each equal to the dense reference; it
+    adds to a problem's operator over the same shapes, and bad input is refused."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (3, 4), "b": (1,)}
+    P = 13
+    R = torch.randn(P, P, generator=g, dtype=torch.float64)
+    A = R + R.T  # indefinite
+    V = torch.randn(P, 5, generator=g, dtype=torch.float64)
+    ops = [
+        hesse.CurvatureOperator.from_matmat(A, shapes),
+        hesse.CurvatureOperator.from_matmat(lambda X: A @ X, shapes, dtype=torch.float64),
+    ]
+    for op in ops:
+        assert op.problem is None and op.shape == (P, P) and op.dtype == torch.float64
+        assert rel_err(op @ V, A @ V) < TOL64 and rel_err(op @ V[:, 0], A @ V[:, 0]) < TOL64
+        w, b = op @ [V[:12, 0].reshape(3, 4), V[12:, 0]]
+        assert w.shape == (3, 4) and b.shape == (1,)
+        assert rel_err(torch.cat([w.reshape(-1), b]), A @ V[:, 0]) < TOL64
+        assert rel_err(op.to_dense(chunk_memory=1), A) < TOL64
+        assert rel_err(op.block("w", "b").reshape(12, 1), A[:12, 12:]) < TOL64
+        assert rel_err(op.diagonal(), A.diagonal()) < TOL64
+        B = 2 * op - 1.0 + {"w": 0.5, "b": 3.0}
+        D = torch.tensor([0.5] * 12 + [3.0], dtype=torch.float64)
+        assert rel_err(B.to_dense(), 2 * A - torch.eye(P, dtype=torch.float64) + D.diag()) < TOL64
+        assert B.problem is None
+        ev = torch.linalg.eigvalsh(A)
+        top = hesse.eigs(op, 2, generator=torch.Generator().manual_seed(1)).eigenvalues
+        assert rel_err(top.sort().values, ev[-2:]) < 1e-9
+        assert rel_err(hesse.eigvalsh(op), ev) < TOL64
+        exact = hesse.trace(op, method="exact").estimate
+        assert abs(exact - float(A.trace())) <= 1e-12 * float(A.abs().sum())
+        x = V[:, 1].numpy()
+        shift = 1.0 - float(ev[0])  # A + shift I: positive definite
+        sol, info = sla.cg((op + shift).to_scipy(), x, rtol=1e-12, maxiter=500)
+        want = np.linalg.solve((A + shift * torch.eye(P, dtype=torch.float64)).numpy(), x)
+        assert info == 0 and np.allclose(sol, want, rtol=1e-8, atol=1e-10)
+    # one flat tensor without names; a problem's operator over the same shapes adds to it
+    flat = hesse.CurvatureOperator.from_matmat(A)
+    assert flat.space.names == ["x"] and rel_err(flat @ V, A @ V) < TOL64
+    model = torch.nn.Linear(4, 3).double()
+    prob = hesse.Problem(
+        model,
+        torch.nn.MSELoss(),
+        (torch.randn(6, 4, generator=g, dtype=torch.float64), torch.ones(6, 3)),
+    )
+    prior = hesse.CurvatureOperator.from_matmat(
+        torch.eye(15, dtype=torch.float64) * 2.0, dict(zip(prob.names, prob.shapes, strict=True))
+    )
+    H = hesse.hessian(prob)
+    both = hesse.HessianOperator(prob) + prior
+    assert both.problem is prob and rel_err(both.to_dense(), H + 2 * torch.eye(15)) < TOL64
+    with pytest.raises(ValueError, match="different parameters"):
+        hesse.HessianOperator(prob) + hesse.CurvatureOperator.from_matmat(torch.eye(15))
+    # refused: no problem and no shapes, a non-square matrix, shapes that do not fit it, a
+    # function without shapes, a product of the wrong shape, a problem with shapes
+    with pytest.raises(TypeError, match="needs a hesse.Problem or shapes"):
+        hesse.CurvatureOperator()
+    with pytest.raises(ValueError, match="square"):
+        hesse.CurvatureOperator.from_matmat(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="hold 4 entries"):
+        hesse.CurvatureOperator.from_matmat(torch.eye(3), {"a": (2, 2)})
+    with pytest.raises(TypeError, match="needs shapes"):
+        hesse.CurvatureOperator.from_matmat(lambda X: X)
+    bad = hesse.CurvatureOperator.from_matmat(lambda X: X[:2], 3)
+    with pytest.raises(ValueError, match=r"took a \(3, 1\) matrix to \(2, 1\)"):
+        bad @ torch.ones(3)
+    with pytest.raises(ValueError, match="at least 1"):
+        hesse.CurvatureOperator.from_matmat(lambda X: X, 0)
+    with pytest.raises(TypeError, match="the problem's"):
+        hesse.CurvatureOperator(prob, shapes=3)
+
+
 def test_hessian_blocks(setting):
     _, ref, prob = setting
     H = ref.hessian()

@@ -19,8 +19,9 @@ import copy
 import hashlib
 import itertools
 import math
+import numbers
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,6 +179,50 @@ class Parameters:
             for n, p in zip(self.names, self.tensors, strict=True)
             if len(every[id(p)]) > 1
         }
+
+    @classmethod
+    def of_shapes(
+        cls,
+        shapes: int | Mapping[str, Sequence[int]],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Parameters:
+        """The flattening of vectors split into tensors of the given shapes, with no model
+        behind them (an operator without a `Problem`): ``shapes`` is ``P`` (one tensor
+        ``"x"`` of shape ``(P,)``) or ``{name: shape}`` in flattening order. ``dtype``
+        (default torch's default dtype) and ``device`` (default the CPU) are the vectors'.
+        Only the flattening is available (`vector`, `assign` and `grad_vector` need a
+        model)."""
+        if isinstance(shapes, numbers.Integral) and not isinstance(shapes, bool):
+            if shapes < 1:
+                raise ValueError(f"an operator's size must be at least 1; got {shapes}")
+            shapes = {"x": (int(shapes),)}
+        if not isinstance(shapes, Mapping) or not shapes:
+            raise TypeError(
+                "shapes must be a positive int P or a non-empty dict {name: shape}; got "
+                f"{shapes!r}"
+            )
+        out = cls.__new__(cls)
+        out.names = [str(n) for n in shapes]
+        out.tensors = []
+        out.shapes = []
+        for n, shape in shapes.items():
+            dims = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
+            if not all(isinstance(d, numbers.Integral) and d >= 0 for d in dims):
+                raise ValueError(f"the shape of {n!r} must be non-negative ints; got {shape!r}")
+            out.shapes.append(tuple(int(d) for d in dims))
+        out.sizes = [math.prod(s) for s in out.shapes]
+        out.num_params = sum(out.sizes)
+        if out.num_params < 1:
+            raise ValueError(f"the shapes {dict(shapes)} hold no entries")
+        offsets = [0, *itertools.accumulate(out.sizes)]
+        out.slices = {
+            n: slice(a, b) for n, a, b in zip(out.names, offsets, offsets[1:], strict=False)
+        }
+        out.dtype = torch.get_default_dtype() if dtype is None else dtype
+        out.device = torch.device("cpu" if device is None else device)
+        out.aliases = {}
+        return out
 
     def vector(self) -> Tensor:
         """Current values as one flat ``(P,)`` tensor (detached)."""

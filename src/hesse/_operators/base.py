@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hesse._autodiff.problem import Problem
+from hesse._autodiff.problem import Parameters, Problem
 from hesse._util.memory import check_memory, renamed_chunk_memory
 from hesse._util.progress import progress_bar
 
@@ -53,15 +53,51 @@ def _symmetrize_(M: Tensor, block: int = 2048) -> Tensor:
     return M
 
 
+class _Space:
+    """The vector space of an operator without a `Problem`: the flattening of its
+    vectors (`Parameters.of_shapes`), one process, nothing random. It answers the part of
+    `Problem`'s interface that operators and the spectral methods use."""
+
+    group = None
+    random = False
+
+    def __init__(self, parameters: Parameters) -> None:
+        self.parameters = parameters
+        self.names, self.shapes = parameters.names, parameters.shapes
+        self.slices = parameters.slices
+        self.num_params, self.dtype, self.device = (
+            parameters.num_params,
+            parameters.dtype,
+            parameters.device,
+        )
+        self.as_flat, self.unflatten = parameters.as_flat, parameters.unflatten
+
+    def agree(self, call: str, **args: Any) -> None:
+        """One process: nothing to agree on."""
+
+    def shared_random(self, t: Tensor) -> Tensor:
+        return t
+
+
 class CurvatureOperator:
-    """A symmetric ``(P, P)`` curvature matrix of a `Problem`, applied matrix-free.
+    """A symmetric ``(P, P)`` curvature matrix, applied matrix-free: of a `Problem` (its
+    parameters' flattening, device and dtype), or of a vector space of its own.
 
     Supports ``op @ v`` for a flat vector ``(P,)``, a matrix ``(P, k)`` of column
     vectors, or a list of per-parameter tensors (the result has the same form),
     ``.shape``, ``.dtype``, ``.device``, ``.to_dense()``, ``.block(name_i, name_j)``
     and ``.to_scipy()``.
 
+    Args:
+        problem: the `Problem` whose curvature this is; or ``None`` with ``shapes``.
+        shapes: for an operator without a problem (a factorisation's inverse from
+            elsewhere, a matrix of the user's): ``P``, or ``{name: shape}`` to split its
+            vectors into named tensors (`Parameters.of_shapes`); ``dtype`` (default torch's
+            default dtype) and ``device`` (default the CPU) are its vectors'.
+            `from_matmat` builds one from a function or a matrix.
+
     Attributes:
+        problem: the `Problem`, or ``None`` for an operator without one.
         symmetric: always ``True`` for curvature matrices.
         psd: ``True`` when the matrix is positive semi-definite by construction
             (Gauss-Newton, Fisher), ``False`` when it may be indefinite (Hessian).
@@ -72,10 +108,68 @@ class CurvatureOperator:
     column_memory: float = 2.0  # vectors of (P + activations) a column costs in flight
     name: str = "curvature"
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(
+        self,
+        problem: Problem | None = None,
+        *,
+        shapes: int | Mapping[str, Sequence[int]] | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if problem is None:
+            if shapes is None:
+                raise TypeError("an operator needs a hesse.Problem or shapes=P / {name: shape}")
+            self.problem = None
+            self.space: Problem | _Space = _Space(Parameters.of_shapes(shapes, dtype, device))
+            return
         if not isinstance(problem, Problem):
             raise TypeError(f"expected a hesse.Problem; got {type(problem).__name__}")
-        self.problem = problem
+        if shapes is not None or dtype is not None or device is not None:
+            raise TypeError("shapes, dtype and device are the problem's: pass one or the other")
+        self.problem = self.space = problem
+
+    @classmethod
+    def from_matmat(
+        cls,
+        matmat: Callable[[Tensor], Tensor] | Tensor,
+        shapes: int | Mapping[str, Sequence[int]] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        psd: bool = False,
+        name: str = "operator",
+    ) -> CurvatureOperator:
+        """An operator without a `Problem` from ``matmat``, a function taking a flat
+        ``(P, k)`` matrix to ``C V`` ``(P, k)`` (``C`` symmetric: the caller's promise),
+        or from a symmetric ``(P, P)`` tensor (its shape, dtype and device are the
+        operator's). ``shapes`` as the constructor's; ``psd`` whether ``C`` is positive
+        semi-definite. Everything that takes an operator takes it: ``@``, the algebra,
+        ``to_dense``, ``to_scipy``, `eigs`, `trace`, `diagonal`, `spectral_density`."""
+        if isinstance(matmat, Tensor):
+            M = matmat
+            if M.ndim != 2 or M.shape[0] != M.shape[1] or not M.is_floating_point():
+                raise ValueError(
+                    f"from_matmat needs a square floating-point matrix; got shape "
+                    f"{tuple(M.shape)}, {M.dtype}"
+                )
+            if dtype is not None or device is not None:
+                raise TypeError("a matrix's dtype and device are the operator's")
+            shapes = M.shape[0] if shapes is None else shapes
+            op = _FunctionOperator(M.__matmul__, shapes, M.dtype, M.device, psd, name)
+            if op.shape != tuple(M.shape):
+                raise ValueError(
+                    f"shapes hold {op.shape[0]} entries; the matrix is {tuple(M.shape)}"
+                )
+            return op
+        if not callable(matmat):
+            raise TypeError(f"matmat must be a function or a tensor; got {type(matmat).__name__}")
+        if shapes is None:
+            raise TypeError("from_matmat(function) needs shapes=P or {name: shape}")
+        return _FunctionOperator(matmat, shapes, dtype, device, psd, name)
+
+    def _share_space(self, other: CurvatureOperator) -> None:
+        """Take ``other``'s problem (or space without one): for operators built on it."""
+        self.problem, self.space = other.problem, other.space
 
     # ---------------------------------------------------------------- interface
     def _matmat(self, V: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -85,28 +179,28 @@ class CurvatureOperator:
     def random(self) -> bool:
         """Whether products are random: a module of the model is Dropout in training mode
         (each product draws new masks)."""
-        return self.problem.random
+        return self.space.random
 
     @property
     def shape(self) -> tuple[int, int]:
-        P = self.problem.num_params
+        P = self.space.num_params
         return (P, P)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.problem.dtype
+        return self.space.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.problem.device
+        return self.space.device
 
     def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         as_list = isinstance(v, (list, tuple))
-        flat = self.problem.as_flat(v)
-        self.problem.agree(f"{type(self).__name__} @ v", v=flat)
+        flat = self.space.as_flat(v)
+        self.space.agree(f"{type(self).__name__} @ v", v=flat)
         out = self._matmat(flat.unsqueeze(1) if flat.ndim == 1 else flat)
         out = out.squeeze(1) if flat.ndim == 1 else out
-        return self.problem.unflatten(out) if as_list else out
+        return self.space.unflatten(out) if as_list else out
 
     def matvec(self, v: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
         """Same as ``self @ v``."""
@@ -130,13 +224,15 @@ class CurvatureOperator:
             )
         budget = _DEFAULT_MAX_MEMORY if chunk_memory is None else int(chunk_memory)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        P = self.problem.num_params
+        P = self.space.num_params
         per_col = 4 * itemsize * (P + self.activation_numel())
         return max(1, min(P, budget // max(per_col, 1)))
 
     def activation_numel(self) -> int:
         """Numbers in one forward pass over the first batch (every module's output),
-        measured once: the unit of the working-memory estimates."""
+        measured once: the unit of the working-memory estimates (0 without a problem)."""
+        if self.problem is None:
+            return 0
         if not hasattr(self, "_act_numel"):
             numel = 0
 
@@ -171,7 +267,7 @@ class CurvatureOperator:
         products stay within ``chunk_memory`` bytes (default 1 GiB; ``max_memory`` is its
         deprecated name)."""
         chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "columns")
-        P = self.problem.num_params
+        P = self.space.num_params
         chunk = self.chunk_size(chunk_memory)
         out = torch.empty(P, len(cols), dtype=self.dtype, device=self.device)
         bar = progress_bar(len(cols), f"{self.name} columns", progress, unit="col")
@@ -203,7 +299,7 @@ class CurvatureOperator:
         ``max_memory`` is the deprecated name of ``chunk_memory``.
         """
         chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "to_dense")
-        P = self.problem.num_params
+        P = self.space.num_params
         check_memory(
             self.dense_memory(chunk_memory),
             f"the dense {P} x {P} {self.name} matrix",
@@ -220,7 +316,7 @@ class CurvatureOperator:
         """Bytes `to_dense` needs at its peak: the ``P x P`` result and one chunk of
         columns (the unit vectors, their products and the batched pass's working memory,
         see ``chunk_memory``)."""
-        P = self.problem.num_params
+        P = self.space.num_params
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         chunk = self.chunk_size(chunk_memory)
         # measured (tests/test_memory.py): a column costs about two parameter vectors and
@@ -235,20 +331,20 @@ class CurvatureOperator:
         """The block of rows for parameter ``row`` and columns for ``col``, shaped
         ``row_param.shape + col_param.shape``; costs one product per column of ``col``."""
         chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "block")
-        sl = self.problem.slices
+        sl = self.space.slices
         for n in (row, col):
             if n not in sl:
-                raise ValueError(f"unknown parameter {n!r}; selected: {self.problem.names}")
+                raise ValueError(f"unknown parameter {n!r}; selected: {self.space.names}")
         cols = range(sl[col].start, sl[col].stop)
         M = self.columns(cols, chunk_memory, progress=False)[sl[row]]
-        shapes = dict(zip(self.problem.names, self.problem.shapes, strict=True))
+        shapes = dict(zip(self.space.names, self.space.shapes, strict=True))
         return M.reshape((*shapes[row], *shapes[col]))
 
     def diagonal(self, chunk_memory: int | None = None, *, max_memory: int | None = None) -> Tensor:
         """The exact diagonal ``(P,)``: ``P`` products, one chunk of columns at a time
         (``P x chunk`` memory)."""
         chunk_memory = renamed_chunk_memory(chunk_memory, max_memory, "diagonal")
-        P = self.problem.num_params
+        P = self.space.num_params
         chunk = self.chunk_size(chunk_memory)
         out = torch.empty(P, dtype=self.dtype, device=self.device)
         for start in range(0, P, chunk):
@@ -337,15 +433,15 @@ class SumOperator(CurvatureOperator):
     (-1) b``). Products are ``A V + B V``; the dtype is the wider of the two."""
 
     def __init__(self, a: CurvatureOperator, b: CurvatureOperator) -> None:
-        pa, pb = a.problem, b.problem
-        if pa is not pb and (pa.names != pb.names or pa.num_params != pb.num_params):
+        pa, pb = a.space, b.space
+        if pa is not pb and (pa.names != pb.names or pa.shapes != pb.shapes):
             raise ValueError(
                 f"{a.name} + {b.name}: the operators are over different parameters "
                 f"({pa.num_params} parameters {pa.names} and {pb.num_params} {pb.names})"
             )
         if a.device != b.device:
             raise ValueError(f"{a.name} + {b.name}: on {a.device} and {b.device}")
-        super().__init__(pa)
+        self._share_space(a)
         self.terms = (a, b)
         self.psd = a.psd and b.psd
         self.column_memory = max(a.column_memory, b.column_memory)
@@ -372,7 +468,7 @@ class ScaledOperator(CurvatureOperator):
             raise ValueError(f"an operator scaled by {alpha!r}; expected a finite number")
         if isinstance(op, ScaledOperator):  # one scaling, not a tower of them
             op, alpha = op.op, op.alpha * alpha
-        super().__init__(op.problem)
+        self._share_space(op)
         self.op, self.alpha = op, float(alpha)
         self.psd = op.psd and self.alpha >= 0
         self.column_memory = op.column_memory
@@ -397,11 +493,11 @@ class ShiftedOperator(CurvatureOperator):
     ``op + damping``."""
 
     def __init__(self, op: CurvatureOperator, damping: object) -> None:
-        d = op.problem.parameters.as_diagonal(damping, "the diagonal of op + D", positive=False)
+        d = op.space.parameters.as_diagonal(damping, "the diagonal of op + D", positive=False)
         if isinstance(op, ShiftedOperator):  # one diagonal
             d = _add_diagonals(op.damping, d)
             op = op.op
-        super().__init__(op.problem)
+        self._share_space(op)
         self.op, self.damping = op, d
         low = float(d.min()) if isinstance(d, Tensor) else d
         self.psd = op.psd and low >= 0
@@ -427,6 +523,32 @@ class ShiftedOperator(CurvatureOperator):
         d = self.damping
         base = self.op.diagonal(chunk_memory)
         return base + (d.to(base) if isinstance(d, Tensor) else d)
+
+
+class _FunctionOperator(CurvatureOperator):
+    """`CurvatureOperator.from_matmat`'s operator: a function's products."""
+
+    def __init__(
+        self,
+        matmat: Callable[[Tensor], Tensor],
+        shapes: int | Mapping[str, Sequence[int]],
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+        psd: bool,
+        name: str,
+    ) -> None:
+        super().__init__(shapes=shapes, dtype=dtype, device=device)
+        self._fn, self.psd, self.name = matmat, bool(psd), name
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = self._fn(V)
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(V.shape):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{self.name}'s matmat took a {tuple(V.shape)} matrix to {got}; expected "
+                f"{tuple(V.shape)}"
+            )
+        return out.to(self.dtype)
 
 
 def _add_diagonals(a: float | Tensor, b: float | Tensor) -> float | Tensor:

@@ -36,8 +36,8 @@ class Counted:
             self.P, self.dtype, self.device = op.shape[0], op.dtype, op.device
             self._mm: Callable[[Tensor], Tensor] = op.matmat
             self.random = op.random
-            self.share = op.problem.shared_random
-            self.agree = op.problem.agree  # type: ignore[method-assign]
+            self.share = op.space.shared_random
+            self.agree = op.space.agree  # type: ignore[method-assign]
             if self.random:
                 warnings.warn(
                     f"{type(op).__name__} is random: the model has Dropout in training mode, "
