@@ -460,7 +460,21 @@ class SumOperator(CurvatureOperator):
         return a._matmat(V.to(a.dtype)).to(self.dtype) + b._matmat(V.to(b.dtype)).to(self.dtype)
 
 
-class ScaledOperator(CurvatureOperator):
+class _OnOperator(CurvatureOperator):
+    """An operator made from one other, ``op``: its dtype and randomness."""
+
+    op: CurvatureOperator
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def random(self) -> bool:
+        return self.op.random
+
+
+class ScaledOperator(_OnOperator):
     """``alpha A`` for a real number ``alpha`` (``alpha * op``, ``op / alpha``, ``-op``)."""
 
     def __init__(self, op: CurvatureOperator, alpha: float) -> None:
@@ -474,19 +488,11 @@ class ScaledOperator(CurvatureOperator):
         self.column_memory = op.column_memory
         self.name = f"{self.alpha:g} {op.name}"
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def random(self) -> bool:
-        return self.op.random
-
     def _matmat(self, V: Tensor) -> Tensor:
         return self.alpha * self.op._matmat(V)
 
 
-class ShiftedOperator(CurvatureOperator):
+class ShiftedOperator(_OnOperator):
     """``A + D``: ``D = eps I`` for a number ``eps``, or a diagonal from a ``(P,)`` tensor,
     a dict ``{name: value}`` or a sequence of per-tensor values (`Parameters.as_diagonal`,
     as every engine's damping; any finite sign here, positive for a factorisation).
@@ -503,14 +509,6 @@ class ShiftedOperator(CurvatureOperator):
         self.psd = op.psd and low >= 0
         self.column_memory = op.column_memory
         self.name = f"{op.name} + D" if isinstance(d, Tensor) else f"{op.name} + {d:g} I"
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def random(self) -> bool:
-        return self.op.random
 
     def _matmat(self, V: Tensor) -> Tensor:
         d = self.damping
