@@ -162,13 +162,7 @@ class Parameters:
 
     def __init__(self, model: nn.Module, params: Sequence[str | Tensor] | None = None) -> None:
         self.names, self.tensors = _select(model, params)
-        self.shapes = [tuple(p.shape) for p in self.tensors]
-        self.sizes = [p.numel() for p in self.tensors]
-        self.num_params = sum(self.sizes)
-        offsets = [0, *itertools.accumulate(self.sizes)]
-        self.slices = {
-            n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:], strict=False)
-        }
+        self._lay_out([tuple(p.shape) for p in self.tensors])
         self.dtype = self.tensors[0].dtype
         self.device = self.tensors[0].device
         every: dict[int, list[str]] = {}
@@ -205,24 +199,30 @@ class Parameters:
         out = cls.__new__(cls)
         out.names = [str(n) for n in shapes]
         out.tensors = []
-        out.shapes = []
+        dims_of = []
         for n, shape in shapes.items():
             dims = (shape,) if isinstance(shape, numbers.Integral) else tuple(shape)
             if not all(isinstance(d, numbers.Integral) and d >= 0 for d in dims):
                 raise ValueError(f"the shape of {n!r} must be non-negative ints; got {shape!r}")
-            out.shapes.append(tuple(int(d) for d in dims))
-        out.sizes = [math.prod(s) for s in out.shapes]
-        out.num_params = sum(out.sizes)
+            dims_of.append(tuple(int(d) for d in dims))
+        out._lay_out(dims_of)
         if out.num_params < 1:
             raise ValueError(f"the shapes {dict(shapes)} hold no entries")
-        offsets = [0, *itertools.accumulate(out.sizes)]
-        out.slices = {
-            n: slice(a, b) for n, a, b in zip(out.names, offsets, offsets[1:], strict=False)
-        }
         out.dtype = torch.get_default_dtype() if dtype is None else dtype
         out.device = torch.device("cpu" if device is None else device)
         out.aliases = {}
         return out
+
+    def _lay_out(self, shapes: list[tuple[int, ...]]) -> None:
+        """``shapes``, ``sizes``, ``num_params`` and ``slices`` of ``self.names``'s tensors
+        of these shapes, in flattening order."""
+        self.shapes = shapes
+        self.sizes = [math.prod(s) for s in shapes]
+        self.num_params = sum(self.sizes)
+        offsets = [0, *itertools.accumulate(self.sizes)]
+        self.slices = {
+            n: slice(a, b) for n, a, b in zip(self.names, offsets, offsets[1:], strict=False)
+        }
 
     def vector(self) -> Tensor:
         """Current values as one flat ``(P,)`` tensor (detached)."""

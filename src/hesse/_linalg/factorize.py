@@ -190,6 +190,7 @@ def engine(
     if promote and out_dtype != torch.float64:
         problem = promoted(problem) if isinstance(problem, Chain) else problem.promoted()
     built: dict[str, Any] = {}
+    p: Plan | None = None  # auto's plan
     if method == "auto":
         if isinstance(problem, Chain):
             method = "chain"
@@ -199,7 +200,7 @@ def engine(
         if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
             method = group.gather_objects(method, "choice of the engine")[0]
     eng = _build(problem, curvature, method, max_memory, progress, built.get(method))
-    if built and method == "chain" and group is None:
+    if p is not None and method == "chain" and group is None:
         _offer_handover(eng, p, problem, curvature, max_memory, progress)  # type: ignore[arg-type]
     eng.out_dtype = out_dtype
     eng.group = group  # the ranks' dampings are compared in Engine.factor
