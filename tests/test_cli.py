@@ -126,6 +126,43 @@ def test_user_model_data_and_weights(tmp_path, capsys):
     assert "MSELoss" in s["model"]
 
 
+BATCHNORM_FACTORY = """
+from torch import nn
+
+def make():
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
+"""
+
+
+def test_a_train_mode_batchnorm_model_is_analysed_in_eval_mode(tmp_path):
+    """A factory returns its model in train mode: the one-sample probe must not refuse
+    BatchNorm, and no probe may move the running statistics of the loaded weights."""
+    (tmp_path / "m.py").write_text(BATCHNORM_FACTORY)
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((40, 4)), rng.standard_normal((40, 2))
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    net(torch.randn(64, 4, dtype=torch.float64) * 3 + 2)  # train mode: running stats move
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "s.json"
+    args = ["analyze", "--model", f"{tmp_path / 'm.py'}:make", "--data", str(tmp_path / "d.npz")]
+    args += ["--weights", str(tmp_path / "w.pt"), "--json", str(out), "--no-progress"]
+    assert _cli.main(args) == 0
+    net.eval()
+    with torch.no_grad():
+        expected = nn.MSELoss()(net(torch.tensor(X)), torch.tensor(y))
+    assert json.loads(out.read_text())["loss"] == pytest.approx(float(expected), rel=1e-12)
+    ns = _cli.argparse.Namespace(model=f"{tmp_path / 'm.py'}:make", data=str(tmp_path / "d.npz"))
+    ns.__dict__.update(weights=str(tmp_path / "w.pt"), loss="auto", samples=0, hidden=5)
+    ns.__dict__.update(train_steps=0, seed=0, dtype="float64")
+    setup = _cli.build_setup(ns)
+    assert not setup.model.training
+    bn = setup.model[1]
+    assert torch.equal(bn.running_mean, net[1].running_mean)
+    assert torch.equal(bn.running_var, net[1].running_var)
+
+
 def test_check_command(tmp_path, capsys):
     out = tmp_path / "c.json"
     assert _cli.main(["check", *SMALL, "--json", str(out)]) == 0

@@ -154,3 +154,58 @@ def test_report_into_the_current_folder_and_a_full_disk_get_one_line(tmp_path, m
     assert msg.startswith("hesse: analyze: could not write") and "No space left" in msg
     assert "s.json" in msg and "\n" not in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def _full_disk(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_disk_that_fills_mid_write_keeps_the_earlier_files_and_leaves_no_temporary(
+    tmp_path, monkeypatch
+):
+    """ENOSPC where a real full disk raises it, after bytes were written: at the flush of
+    a file (``--json``, a checkpoint), and amid a report's figures. Each run ends in one
+    ``hesse: ...`` line; the earlier file or report is as it was; no temporary remains."""
+    import os
+
+    from hesse._cli import main as _cli
+    from hesse._report import files as report_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.json").write_text("earlier")
+    rep = tmp_path / "rep"
+    assert _cli.main(["analyze", *SMALL, "--chain-samples", "0", "--report", str(rep)]) == 0
+    before = {p.name: p.read_bytes() for p in rep.iterdir()}
+
+    def one_line(argv, command):
+        with pytest.raises(SystemExit) as ex:
+            _cli.main(argv)
+        msg = str(ex.value.code)
+        assert msg.startswith(f"hesse: {command}: could not write"), msg
+        assert "No space left on device" in msg and "\n" not in msg
+
+    with monkeypatch.context() as m:  # the flush of --json's temporary file
+        m.setattr(os, "fsync", _full_disk)
+        one_line(["analyze", *SMALL, "--chain-samples", "0", "--json", "s.json"], "analyze")
+    assert (tmp_path / "s.json").read_text() == "earlier"
+
+    draw = report_files.draw_figures
+
+    def draw_then_fill(report, folder):
+        draw(report, folder)  # the figures are on disk in the temporary folder
+        _full_disk()
+
+    with monkeypatch.context() as m:  # amid the report, over an earlier one
+        m.setattr(report_files, "draw_figures", draw_then_fill)
+        argv = ["analyze", *SMALL, "--chain-samples", "0", "--report", str(rep), "--overwrite"]
+        one_line(argv, "analyze")
+    assert {p.name: p.read_bytes() for p in rep.iterdir()} == before
+
+    with monkeypatch.context() as m:  # hesse train's first checkpoint
+        m.setattr(os, "fsync", _full_disk)
+        argv = ["train", "--optimizer", "adam", "--steps", "2", "--checkpoint-every", "1"]
+        one_line([*argv, "--out", "run", "--no-progress"], "train")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep", "run", "s.json"]
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]

@@ -165,6 +165,9 @@ class Two(nn.Module):  # not an nn.Sequential: no chain
 
 def two():
     return Two()
+
+def bn():
+    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
 """
 
 
@@ -258,11 +261,23 @@ def test_train_refuses_bad_user_inputs_before_any_work(tmp_path):
             r"MSELoss needs targets shaped like the model's outputs.*\(3,\).*\(1,\).*--loss ce",
         ),
         (["--model", f"{models}:nothing", "--data", str(reg)], "no callable 'nothing'"),
+        (  # the chain's refusal of a train-mode BatchNorm, before hf trains for seconds
+            ["--model", f"{models}:bn", "--data", str(reg)],
+            r"chain-newton cannot train this model \(stage '1': BatchNorm.*--optimizer hf",
+        ),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):
             _cli.main(["train", "--steps", "1", "--out", str(out), *FAST, *extra])
         assert not out.exists()  # refused before --out was made
+
+
+def test_train_a_batchnorm_model_without_the_chain(tmp_path):
+    """A train-mode BatchNorm model passes the one-sample probe (run in eval mode) and
+    trains with the optimisers that take it."""
+    models = _user_files(tmp_path)
+    assert _train_user(tmp_path / "out", f"{models}:bn", tmp_path / "reg.npz", "adam", 2) == 0
+    assert (tmp_path / "out" / "weights_adam.pt").is_file()
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_built(tmp_path, monkeypatch):

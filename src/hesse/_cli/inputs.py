@@ -4,8 +4,10 @@ data (the digits, or an ``.npz``) and the loss, checked before any heavy work.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +58,12 @@ def train_default(setup: Setup, steps: int, seed: int) -> float:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(setup.model.parameters(), lr=1e-2)
     start = time.perf_counter()
+    setup.model.train()
     for _ in range(steps):
         opt.zero_grad()
         setup.loss_fn(setup.model(setup.X), setup.y).backward()
         opt.step()
+    setup.model.eval()
     return time.perf_counter() - start
 
 
@@ -125,10 +129,24 @@ def _load_data(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Tensor, Te
     return X, y, desc
 
 
+@contextlib.contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """A probe's forward: no graph, eval mode (a train-mode BatchNorm refuses one sample
+    and would move its running statistics), the model's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def check_accepts(model: nn.Module, X: Tensor) -> None:
     """Refuse (``SystemExit``) a model that cannot take one sample of the data."""
     try:
-        with torch.no_grad():
+        with _probing(model):
             model(X[:1])
     except Exception as err:  # the user's model meets the user's data: any error
         raise SystemExit(
@@ -166,7 +184,7 @@ def check_loss(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> No
     """Refuse (``SystemExit``) outputs the loss cannot take (two samples tried), and
     outputs that MSELoss would broadcast against its targets (it only warns)."""
     try:
-        with torch.no_grad():
+        with _probing(model):
             out = model(X[:2])
             value = loss_fn(out, y[:2]) if not _broadcasts(loss_fn, out, y) else None
     except Exception as err:
@@ -196,13 +214,17 @@ def _broadcasts(loss_fn: nn.Module, out: object, y: Tensor) -> bool:
 
 
 def _load_model(args: argparse.Namespace, X: Tensor, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """The model (``--model`` or the built-in one) in ``dtype``, checked against one
-    sample, with ``--weights`` loaded; and its description."""
+    """The model (``--model`` or the built-in one) in ``dtype`` and in eval mode,
+    checked against one sample, with ``--weights`` loaded; and its description.
+
+    Eval mode comes first: hesse analyses the model in eval mode, and a probe in train
+    mode would refuse a BatchNorm model on one sample and move its running statistics.
+    """
     if args.model:
         model, desc = load_factory(args.model), f"{args.model}"
     else:
         model, desc = default_model(args.hidden, args.seed), f"tanh MLP 64-{args.hidden}-10"
-    model = model.to(dtype)
+    model = model.to(dtype).eval()
     check_accepts(model, X)
     if args.weights:
         load_weights(model, args.weights)

@@ -35,7 +35,9 @@ from torch import Tensor, nn
 
 from hesse import optim
 from hesse._autodiff.distributed import Group
+from hesse._autodiff.layers import flatten_sequential
 from hesse._autodiff.problem import Parameters
+from hesse._chain.chain import make_stage
 from hesse._cli.data import load_digits_data, shard_bounds
 from hesse._util.files import atomic_path, save_png
 from hesse._util.progress import progress_bar
@@ -148,7 +150,17 @@ def make_optimizer(
     if kind == "hf":
         return optim.HessianFree(ex.model, ex.loss_fn, lr=lr, damping=damping, cg_max_iter=50)
     if kind == "chain-newton":
-        return optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
+        opt = optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
+        for name, module in flatten_sequential(ex.model):  # the chain's refusals, up front:
+            try:  # hesse train trains in train mode (a BatchNorm, a Dropout)
+                make_stage(name, module, [])
+            except ValueError as err:
+                reason = str(err).split("; call model.eval()")[0]
+                raise ValueError(
+                    f"chain-newton cannot train this model ({reason}; hesse train trains in "
+                    "train mode): leave it out, e.g. --optimizer hf,adam,sgd"
+                ) from None
+        return opt
     raise ValueError(f"unknown optimizer {kind!r}; choose from {OPTIMIZERS}")
 
 
