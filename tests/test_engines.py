@@ -219,6 +219,42 @@ def test_zero_damping_on_a_rank_deficient_ggn_is_singular_for_every_engine():
             f.solve(torch.ones(prob.num_params))
 
 
+@pytest.mark.parametrize("classes", [1, 2, 3, 10])
+@pytest.mark.parametrize("targets", ["labels", "soft"])
+def test_the_cross_entropy_kernel_has_n_times_classes_minus_one_rows(classes, targets):
+    """(O4): softmax cross-entropy's Lambda_n has the null vector 1, so its factor has
+    ``C - 1`` rows: ``B^T B`` is the GGN (torch.func's ``J^T Lambda J``) on a kernel of
+    ``N (C - 1)`` rows, and the factorisation's log-determinant and inertia are dense's
+    (the shift below and above ``P - M``'s zeros: 9 samples, P = 13 + 7 C)."""
+    from hesse._linalg.gram import GramEngine
+
+    g = torch.Generator().manual_seed(classes)
+    torch.manual_seed(classes)
+    model = mlp([3, 4, classes]).double()
+    X = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    if targets == "labels":
+        y = torch.randint(0, classes, (9,), generator=g)
+    else:  # unnormalised soft targets: Lambda_n scales with the mass
+        y = torch.rand(9, classes, generator=g, dtype=torch.float64) * 2
+    case = Case("ce", model, X, y, nn.CrossEntropyLoss(reduction="sum"))
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    eng = GramEngine(prob, "ggn")
+    rows = 9 * max(classes - 1, 1)
+    assert eng.kernel.shape == (rows, rows)
+    ggn = Reference(case).ggn()
+    P = ggn.shape[0]
+    BtB = eng.Bt(eng.B(torch.eye(P, dtype=torch.float64)))
+    scale = float(torch.linalg.matrix_norm(ggn, 2)) or 1.0  # one class: C = 0
+    assert float((BtB - ggn).abs().max()) <= 1e-13 * scale
+    for eps in (1e-6 * scale, 1e-1 * scale, -1e-3 * scale):
+        f = eng.factor(eps)
+        ev = torch.linalg.eigvalsh(ggn) + eps
+        assert tuple(f.inertia()) == (int((ev < 0).sum()), 0, int((ev > 0).sum()))
+        sign, logabs = f.logdet()
+        assert sign == float(torch.sign(ev).prod())
+        assert logabs == pytest.approx(float(ev.abs().log().sum()), rel=1e-10, abs=1e-9)
+
+
 def test_gram_engine_refuses_what_it_cannot_take():
     case = make_case("mlp-tanh", "ce", seed=0)
     l1 = hesse.Problem(case.model, nn.L1Loss(), (case.X, torch.randn(7, 3)))

@@ -646,7 +646,7 @@ class Laplace:
         for inputs, targets, w in prob.batches():
             ps = [p.detach().requires_grad_(True) for p in prob.params]
             o = prob.outputs(ps, inputs)
-            F = output_factor(prob.loss_fn, o, targets, w)  # (n, m, m)
+            F = output_factor(prob.loss_fn, o, targets, w)  # (n, r, m)
             z = torch.randn(k, *F.shape[:2], generator=gen, dtype=torch.float64).to(F)
             U = torch.einsum("nac,kna->knc", F, z).reshape(k, *o.shape)  # F^T z
             out += products.apply_batched(o, ps, U).T
