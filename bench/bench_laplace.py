@@ -282,15 +282,21 @@ def plot(table: list[dict], path: str) -> None:
         if which in ("kron", "diag"):
             gap = [r["hesse"]["evidence"] - r[which]["evidence"] for r in rows]
             ax_e.plot(P, gap, mark, label=names[which])
-    for r in table:
-        if "error" in r["full"]:
-            ax_t.annotate(
-                "FullLaplace: P x P does not fit",
-                (r["P"], r["hesse"].get("seconds", 1.0)),
-                textcoords="offset points",
-                xytext=(-150, 16),
-                fontsize=7,
-            )
+    unfit = [r["P"] for r in table if "error" in r["full"]]
+    if unfit:  # one shaded band, labelled once at the top (not a label a row over the lines)
+        from matplotlib.transforms import blended_transform_factory
+
+        lo, hi = min(unfit) / 1.25, max(unfit) * 1.25
+        ax_t.axvspan(lo, hi, color="C1", alpha=0.08, lw=0)
+        ax_t.text(
+            (lo * hi) ** 0.5,
+            0.97,
+            "FullLaplace:\nP x P does not fit",
+            transform=blended_transform_factory(ax_t.transData, ax_t.transAxes),
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
     ax_t.set(
         xscale="log",
         yscale="log",
