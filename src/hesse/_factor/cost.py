@@ -41,28 +41,60 @@ class EngineCost:
     reason: str = ""
 
 
+SMALL, LARGE = 384, 1152
+"""The two sizes the factorisation rates are measured at (`device_rates`): LAPACK's rate
+grows with the size (on the 2-core CPU: Cholesky 18 GF/s at 384, 44 at 1,152 and 45 at
+2,410; Bunch-Kaufman 17, 30 and 43)."""
+
+
 @functools.cache
 def device_rates(device: str, dtype: torch.dtype) -> tuple[float, float]:
     """Flops per second of a matrix product and of a Cholesky factorisation on this
-    device and dtype, measured once a process (best of three, ``n = 384``)."""
-    n = 384
+    device and dtype at ``n = 384``, measured once a process (best of three)."""
+    rates = _factor_rates(device, dtype)
+    return rates["gemm"], rates[("chol", SMALL)]
+
+
+@functools.cache
+def _factor_rates(device: str, dtype: torch.dtype) -> dict[Any, float]:
+    """``gemm`` and ``(kind, n)`` for ``kind`` in ``"chol"``, ``"ldl"`` and ``n`` in
+    `SMALL`, `LARGE`: flops per second (``2 n^3`` a product, ``n^3 / 3`` a
+    factorisation), best of three (of two at `LARGE`: about 60 ms once a process)."""
+    out: dict[Any, float] = {}
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    S = A @ A.T + n * torch.eye(n, dtype=dtype, device=device)
+    for n in (SMALL, LARGE):
+        A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        S = A @ A.T + n * torch.eye(n, dtype=dtype, device=device)
 
-    def best(fn: Any) -> float:
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        return max(min(ts), 1e-9)
+        def best(fn: Any, k: int = 3 if n == SMALL else 2) -> float:
+            ts = []
+            for _ in range(k):
+                t0 = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            return max(min(ts), 1e-9)
 
-    gemm = 2 * n**3 / best(lambda: A @ A)
-    chol = (n**3 / 3) / best(lambda: torch.linalg.cholesky(S))
-    return gemm, chol
+        if n == SMALL:
+            out["gemm"] = 2 * n**3 / best(lambda: A @ A)  # noqa: B023 - called at once
+        out[("chol", n)] = (n**3 / 3) / best(lambda: torch.linalg.cholesky(S))  # noqa: B023
+        out[("ldl", n)] = (n**3 / 3) / best(lambda: torch.linalg.ldl_factor_ex(S))  # noqa: B023
+    return out
+
+
+def factor_rate(device: str, dtype: torch.dtype, kind: str, n: int) -> float:
+    """Flops per second of an ``n x n`` Cholesky (``kind="chol"``) or Bunch-Kaufman
+    (``"ldl"``) factorisation: the rate at `SMALL` below it, at `LARGE` above it, and
+    log-linear in ``n`` between."""
+    rates = _factor_rates(device, dtype)
+    lo, hi = rates[(kind, SMALL)], rates[(kind, LARGE)]
+    if n <= SMALL:
+        return lo
+    if n >= LARGE:
+        return hi
+    t = math.log(n / SMALL) / math.log(LARGE / SMALL)
+    return lo * (hi / lo) ** t
 
 
 class Timing:
@@ -92,6 +124,11 @@ class Timing:
     @property
     def chol(self) -> float:
         return self._rates[1]
+
+    def factor_rate(self, kind: str, n: int) -> float:
+        """`factor_rate` on the problem's device and dtype: ``kind`` ``"chol"`` or
+        ``"ldl"``, an ``n x n`` matrix."""
+        return factor_rate(str(self.problem.device), self.problem.dtype, kind, n)
 
     @functools.cached_property
     def gradient(self) -> float:

@@ -158,17 +158,18 @@ def dense_memory(problem: Problem, curvature: str) -> float:
 
 
 def dense_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[EngineCost, None]:
-    """``P`` products for ``C`` (Bishop's one pass for an MLP, about ``2 n p_k p_m`` flops
-    a sample and layer pair, ``N P^2`` in all: measured on the digits MLP 0.9 s,
-    predicted 0.8 s), then Cholesky (``P^3 / 3``; the GGN) or Bunch-Kaufman (``P^3 / 3``
-    too, the Hessian; LAPACK's ``sytrf`` runs at about half ``potrf``'s rate: 0.55 s
-    against 0.26 s at ``P = 2,410``, so it is timed as twice the flops)."""
+    """``C`` formed from ``P`` products, or for an MLP by Bishop's one pass (``N P^2``
+    flops at about a quarter of the matrix-product rate, plus ``1000 P^2 / gemm`` seconds
+    for assembling the ``P x P`` matrix: fitted on the 2-core CPU, digits MLPs of 10 to
+    1,000 samples, 12 ns an entry), then Cholesky (the GGN) or Bunch-Kaufman (the
+    Hessian), ``P^3 / 3`` flops each at the rate LAPACK reaches at that size
+    (`Timing.factor_rate`)."""
     problem = problem_of(problem)
     P = problem.num_params
     factor_flops = P**3 / 3
-    rate = timing.chol if curvature == "ggn" else timing.chol / 2
+    rate = timing.factor_rate("chol" if curvature == "ggn" else "ldl", P)
     if bishop_route(problem) is not None:
-        form = problem.local_samples * P * P / timing.chol
+        form = (4 * problem.local_samples + 1000) * P * P / timing.gemm
     else:
         form = P * timing.column
     seconds = form + factor_flops / rate

@@ -685,9 +685,9 @@ def gram_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[EngineC
     flops = kernel_flops + R**3 / 3
     grad = timing.gradient
     seconds = (3 + 0.3 * m) * grad + M * grad * (rest > 0)
-    seconds += kernel_flops / timing.gemm + (R**3 / 3) / timing.chol
-    if R >= P:
-        seconds += P**3 / timing.chol  # no smaller than the dense problem: never preferred
+    seconds += kernel_flops / timing.gemm + (R**3 / 3) / timing.factor_rate("chol", R)
+    if R >= P:  # no smaller than the dense problem: never preferred
+        seconds += P**3 / timing.factor_rate("chol", P)
     memory = gram_memory(problem, N, m, rest)
     return EngineCost("gram", True, flops, memory, seconds), None
 
