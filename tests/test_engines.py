@@ -396,3 +396,29 @@ def test_the_chain_hands_a_growing_front_over_to_the_dense_engine(monkeypatch):
     assert auto.method == "chain" and auto.handover is not None and auto.handover[0] > 0
     monkeypatch.setattr(_dense, "dense_memory", lambda problem, curvature: 1e30)
     assert hesse.engine(prob).handover is None  # the dense engine does not fit
+
+
+def test_the_plan_and_its_build_check_once_and_a_mode_change_is_seen(monkeypatch):
+    """`hesse.engine(method="auto")` plans and builds on one forward pass for the sizes and
+    one test of sample independence (`Problem._sharing`); outside a call nothing is kept,
+    and `model.train()` changes the problem's state, so `factorize` does not reuse the
+    eval-mode engine for a train-mode Dropout model: it refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 60), nn.Tanh(), nn.Dropout(0.5), nn.Linear(60, 3)).double()
+    model.eval()
+    X = torch.randn(9, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    calls = []
+    coupling = hesse.Problem._coupling
+    monkeypatch.setattr(hesse.Problem, "_coupling", lambda self: calls.append(1) or coupling(self))
+    f = hesse.factorize(prob, 0.1, "ggn")
+    assert f.status.method == "gram" and len(calls) == 1  # the plan's check served the build
+    state = prob.state()
+    model.train()
+    assert prob.state() != state
+    with pytest.raises(ValueError, match="samples that do not interact.*Dropout"):
+        hesse.factorize(prob, 0.1, "ggn", method="gram")
+    model.eval()
+    again = hesse.factorize(prob, 0.1, "ggn")
+    assert again.logdet() == f.logdet()

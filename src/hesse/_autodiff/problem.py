@@ -15,6 +15,7 @@ with ``w_b = n_b / N`` for ``reduction="mean"`` (so that ``L`` is the mean over 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -813,6 +814,11 @@ class Problem:
 
     def coupling(self) -> str | None:
         """Why sample ``n``'s outputs are not a function of its own inputs alone (``None``
+        when they are); see `_coupling` (computed once while the problem's `state` holds)."""
+        return self._memo("coupling", self._coupling)
+
+    def _coupling(self) -> str | None:
+        """Why sample ``n``'s outputs are not a function of its own inputs alone (``None``
         when they are): the one test of sample independence (the observation-space
         engine's kernel and per-sample quantities need it). On the first batch: the
         outputs must be deterministic, and each sample's output must equal the batch's
@@ -948,7 +954,33 @@ class Problem:
         h = hashlib.sha256()
         for t in [*self.parameters.tensors, *self.model.buffers()]:
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return (h.hexdigest(), data)
+        # and every module's mode: model.train() turns a Dropout random, a BatchNorm coupling
+        modes = tuple(m.training for m in self.model.modules())
+        return (h.hexdigest(), data, modes)
+
+    def _memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once within `_sharing` (a plan and the engine it builds ask for
+        the same sizes and checks: one forward pass, not several); outside it, every
+        time."""
+        scratch = self.__dict__.get("_scratch")
+        if scratch is None:
+            return compute()
+        if key not in scratch:
+            scratch[key] = compute()
+        return scratch[key]
+
+    @contextlib.contextmanager
+    def _sharing(self) -> Iterator[None]:
+        """Within the block, `_memo`'s values are computed once (nothing may change the
+        problem there: `hesse.engine` plans and builds inside one)."""
+        if self.__dict__.get("_scratch") is not None:  # nested: the outer block's
+            yield
+            return
+        self.__dict__["_scratch"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__["_scratch"] = None
 
     def with_data(self, data: Any, process_group: Any = "local") -> Problem:
         """This problem's model, loss, parameters, reduction and output on other data

@@ -148,11 +148,12 @@ def plan(
     budget = _budget(prob, max_memory)
     timing = Timing(prob, curvature)
     out = Plan(curvature, prob.num_params, 0, budget)
-    for name, spec in ENGINES.items():
-        out.costs[name], built = spec.cost(problem, curvature, timing)
-        if built is not None:  # handed to the engine `auto` builds (the chain)
-            out.built[name] = built
-    out.num_outputs = gram_outputs(prob)
+    with prob._sharing():  # the engines' costs share one forward pass for the sizes
+        for name, spec in ENGINES.items():
+            out.costs[name], built = spec.cost(problem, curvature, timing)
+            if built is not None:  # handed to the engine `auto` builds (the chain)
+                out.built[name] = built
+        out.num_outputs = gram_outputs(prob)
     return out
 
 
@@ -191,15 +192,16 @@ def engine(
         problem = promoted(problem) if isinstance(problem, Chain) else problem.promoted()
     built: dict[str, Any] = {}
     p: Plan | None = None  # auto's plan
-    if method == "auto":
-        if isinstance(problem, Chain):
-            method = "chain"
-        else:
-            p = _auto(problem, curvature, max_memory)
-            method, built = p.choice, p.built  # type: ignore[assignment]
-        if group is not None:  # rank 0's choice (the plan's timings are each rank's own)
-            method = group.gather_objects(method, "choice of the engine")[0]
-    eng = _build(problem, curvature, method, max_memory, progress, built.get(method))
+    with problem_of(problem)._sharing():  # the plan's sizes and checks serve the build
+        if method == "auto":
+            if isinstance(problem, Chain):
+                method = "chain"
+            else:
+                p = _auto(problem, curvature, max_memory)
+                method, built = p.choice, p.built  # type: ignore[assignment]
+            if group is not None:  # rank 0's choice (the plan's timings: each rank's own)
+                method = group.gather_objects(method, "choice of the engine")[0]
+        eng = _build(problem, curvature, method, max_memory, progress, built.get(method))
     if p is not None and method == "chain" and group is None:
         _offer_handover(eng, p, problem, curvature, max_memory, progress)  # type: ignore[arg-type]
     eng.out_dtype = out_dtype

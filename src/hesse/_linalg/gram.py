@@ -615,7 +615,12 @@ class GramFactorization(Factorization):
 # ----------------------------------------------------------------------------- its cost
 def gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
     """``(N, m, linear work, other parameters)``: samples, outputs a sample, the flops of
-    the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers."""
+    the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers
+    (one forward pass, kept while the problem's state holds)."""
+    return problem._memo("gram_sizes", lambda: _gram_sizes(problem))
+
+
+def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
     inputs, _t, _w = next(iter(problem.batches()))
     with torch.no_grad():
         o = problem.outputs([p.detach() for p in problem.params], inputs)
