@@ -814,7 +814,7 @@ class Problem:
 
     def coupling(self) -> str | None:
         """Why sample ``n``'s outputs are not a function of its own inputs alone (``None``
-        when they are); see `_coupling` (computed once while the problem's `state` holds)."""
+        when they are); see `_coupling` (computed once within `_sharing`)."""
         return self._memo("coupling", self._coupling)
 
     def _coupling(self) -> str | None:

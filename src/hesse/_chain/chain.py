@@ -17,7 +17,7 @@ from hesse._chain.generic import GenericStage
 from hesse._chain.linear import LinearStage
 from hesse._chain.stages import ElementwiseStage, IdentityStage, LossStage, Stage
 
-__all__ = ["Chain", "make_stage"]
+__all__ = ["Chain", "make_stage", "train_mode_refusal"]
 
 
 class Chain:
@@ -227,6 +227,19 @@ class Chain:
         return [t.detach() for t in ins], [*(lam.detach() for lam in lams), one]
 
 
+def train_mode_refusal(module: nn.Module) -> str | None:
+    """Why the chain cannot take ``module`` in its current (training) mode, else ``None``:
+    a Dropout that draws, a BatchNorm that couples the samples."""
+    if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+        return "Dropout in training mode makes the chain random"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        return (
+            "BatchNorm in training mode couples the samples and updates its running "
+            "statistics on every pass"
+        )
+    return None
+
+
 def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = False) -> Stage:
     """The structured stage for ``module`` if there is one, else a `GenericStage`.
 
@@ -234,15 +247,9 @@ def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = F
     ``"weight"``, ``"bias"``; `Parameters.within`); ``generic=True`` forces the dense
     path (the benchmark's naive baseline).
     """
-    if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-        raise ValueError(
-            f"stage {name!r}: Dropout in training mode makes the chain random; call model.eval()"
-        )
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-        raise ValueError(
-            f"stage {name!r}: BatchNorm in training mode couples the samples and "
-            "updates its running statistics on every pass; call model.eval()"
-        )
+    why = train_mode_refusal(module)
+    if why is not None:
+        raise ValueError(f"stage {name!r}: {why}; call model.eval()")
     if generic:  # the naive baseline: dense derivatives over the flattened batch
         return GenericStage(name, module, local, per_sample=False)
     if isinstance(module, nn.Linear):

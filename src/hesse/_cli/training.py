@@ -37,7 +37,7 @@ from hesse import optim
 from hesse._autodiff.distributed import Group
 from hesse._autodiff.layers import flatten_sequential
 from hesse._autodiff.problem import Parameters
-from hesse._chain.chain import make_stage
+from hesse._chain.chain import train_mode_refusal
 from hesse._cli.data import load_digits_data, shard_bounds
 from hesse._util.files import atomic_path, save_png
 from hesse._util.progress import progress_bar
@@ -152,14 +152,12 @@ def make_optimizer(
     if kind == "chain-newton":
         opt = optim.ChainNewton(ex.model, ex.loss_fn, lr=lr, damping=damping)
         for name, module in flatten_sequential(ex.model):  # the chain's refusals, up front:
-            try:  # hesse train trains in train mode (a BatchNorm, a Dropout)
-                make_stage(name, module, [])
-            except ValueError as err:
-                reason = str(err).split("; call model.eval()")[0]
+            why = train_mode_refusal(module)  # hesse train trains in train mode
+            if why is not None:
                 raise ValueError(
-                    f"chain-newton cannot train this model ({reason}; hesse train trains in "
-                    "train mode): leave it out, e.g. --optimizer hf,adam,sgd"
-                ) from None
+                    f"chain-newton cannot train this model (stage {name!r}: {why}; hesse "
+                    "train trains in train mode): leave it out, e.g. --optimizer hf,adam,sgd"
+                )
         return opt
     raise ValueError(f"unknown optimizer {kind!r}; choose from {OPTIMIZERS}")
 

@@ -62,24 +62,15 @@ def _factor_rates(device: str, dtype: torch.dtype) -> dict[Any, float]:
     factorisation), best of three (of two at `LARGE`: about 60 ms once a process)."""
     out: dict[Any, float] = {}
     g = torch.Generator().manual_seed(0)
+    cuda = device.startswith("cuda")
     for n in (SMALL, LARGE):
         A = torch.randn(n, n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
         S = A @ A.T + n * torch.eye(n, dtype=dtype, device=device)
-
-        def best(fn: Any, k: int = 3 if n == SMALL else 2) -> float:
-            ts = []
-            for _ in range(k):
-                t0 = time.perf_counter()
-                fn()
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            return max(min(ts), 1e-9)
-
+        k = 3 if n == SMALL else 2
         if n == SMALL:
-            out["gemm"] = 2 * n**3 / best(lambda: A @ A)  # noqa: B023 - called at once
-        out[("chol", n)] = (n**3 / 3) / best(lambda: torch.linalg.cholesky(S))  # noqa: B023
-        out[("ldl", n)] = (n**3 / 3) / best(lambda: torch.linalg.ldl_factor_ex(S))  # noqa: B023
+            out["gemm"] = 2 * n**3 / _quickest(functools.partial(torch.mm, A, A), k, cuda=cuda)
+        for kind, factor in (("chol", torch.linalg.cholesky), ("ldl", torch.linalg.ldl_factor_ex)):
+            out[(kind, n)] = (n**3 / 3) / _quickest(functools.partial(factor, S), k, cuda=cuda)
     return out
 
 
@@ -140,7 +131,7 @@ class Timing:
 
     def _time_gradient(self) -> float:
         products.gradient(self.problem)  # the kernels' start-up
-        return _quickest(lambda: products.gradient(self.problem))
+        return _quickest(lambda: products.gradient(self.problem), enough=0.05)
 
     def _time_column(self) -> float:
         problem = self.problem
@@ -148,21 +139,26 @@ class Timing:
         V = torch.zeros(problem.num_params, 8, dtype=problem.dtype, device=problem.device)
         V[0] = 1.0
         op.matmat(V[:, :1])
-        return _quickest(lambda: op.matmat(V)) / 8
+        return _quickest(lambda: op.matmat(V), enough=0.05) / 8
 
 
-def _quickest(run: Callable[[], Any], cheap: float = 0.05) -> float:
-    """Seconds of ``run()``: the best of three where one run is under ``cheap`` seconds (a
-    cold process's first runs are slow, and a plan read from them picked the slower
-    engine on small problems), else of one."""
+def _quickest(
+    run: Callable[[], Any], repeats: int = 3, enough: float = math.inf, cuda: bool = False
+) -> float:
+    """Seconds of ``run()``, the best of ``repeats`` runs (stopping once one takes
+    ``enough`` seconds: a cold process's first runs are slow, and a plan read from them
+    picked the slower engine on small problems; a dear run is not repeated); ``cuda``
+    synchronises before each reading."""
     best = math.inf
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         run()
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-        if best >= cheap:
+        if best >= enough:
             break
-    return best
+    return max(best, 1e-9)
 
 
 _MEASURED: dict[tuple[Any, ...], float] = {}

@@ -616,7 +616,7 @@ class GramFactorization(Factorization):
 def gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
     """``(N, m, linear work, other parameters)``: samples, outputs a sample, the flops of
     the layer-wise kernels and the number of parameters outside ``nn.Linear`` layers
-    (one forward pass, kept while the problem's state holds)."""
+    (one forward pass, computed once within `Problem._sharing`)."""
     return problem._memo("gram_sizes", lambda: _gram_sizes(problem))
 
 
