@@ -4,7 +4,8 @@ Usage:
     python bench/bench_core.py [--dtype float32|float64] [--repeats 30] [--json out.json]
 
 Table 1: the digits MLP 64-128-128-10 at batch 512 (cross-entropy); every time is
-a ratio to one gradient (forward + backward) measured in the same process.
+a ratio to one gradient (forward + backward) measured in the same process, with the
+plain-PyTorch floor of each product (no flattening, no checks) beside hesse's.
 Table 2: the dense Hessian of a 64-16-10 tanh net at batch 512, hesse vs
 ``torch.func.hessian``; each runs in its own subprocess so that its peak memory
 (resident set growth over the process's state before the call) is its own.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call, grad, jvp, vjp
 
 import hesse
@@ -84,21 +86,39 @@ def products_table(dtype: torch.dtype, repeats: int) -> list[dict]:
     gop = hesse.GGNOperator(prob)
     V8 = torch.randn(prob.num_params, 8, dtype=dtype)
 
+    own = list(model.parameters())
+
     def plain_gradient():  # the baseline: what a training step computes
-        return torch.autograd.grad(lf(model(X), y), list(model.parameters()))
+        return torch.autograd.grad(lf(model(X), y), own)
+
+    def plain_hvp():  # the floor of reverse-over-reverse: no flattening, no checks
+        gs = torch.autograd.grad(lf(model(X), y), own, create_graph=True)
+        return torch.autograd.grad(gs, own, vs)
+
+    def plain_ggn():  # the floor of forward-mode J v, closed-form Lambda, then J^T
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p, t) for n, p, t in zip(names, own, vs, strict=True)}
+            o, jv = fwAD.unpack_dual(functional_call(model, duals, (X,)))
+        p = torch.softmax(o.detach(), -1)
+        return torch.autograd.grad(o, own, (p * jv - p * (p * jv).sum(-1, keepdim=True)) / len(X))
 
     rows = [
         ("gradient (baseline, plain PyTorch)", plain_gradient, 1),
         ("hesse gradient", lambda: hesse.gradient(prob), 1),
+        ("plain PyTorch hvp (reverse-over-reverse)", plain_hvp, 1),
         ("hesse hvp (reverse-over-reverse)", lambda: hop_r @ v, 1),
         ("hesse hvp (forward-over-reverse)", lambda: hop_f @ v, 1),
         ("torch.func hvp jvp(grad)", lambda: jvp(grad(f), (params,), (vs,)), 1),
+        ("plain PyTorch ggn_vp (forward J v, J^T)", plain_ggn, 1),
         ("hesse ggn_vp", lambda: gop @ v, 1),
         ("torch.func ggn_vp jvp+vjp", func_ggn, 1),
         ("hesse hvp, 8 columns (per column)", lambda: hop_r @ V8, 8),
         ("hesse ggn_vp, 8 columns (per column)", lambda: gop @ V8, 8),
     ]
-    times = [timeit(fn, repeats) / cols for _, fn, cols in rows]
+    # rounds over all rows, each row's best round median: a drift of the machine's speed
+    # during the run falls on every row alike
+    rounds = [[timeit(fn, repeats) / cols for _, fn, cols in rows] for _ in range(3)]
+    times = [min(col) for col in zip(*rounds, strict=True)]
     return [
         {"operation": name, "seconds": t, "ratio_to_gradient": t / times[0]}
         for (name, _, _), t in zip(rows, times, strict=True)
@@ -178,9 +198,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.dtype}")
     prods = products_table(dtype, args.repeats)
     print("\nDigits MLP 64-128-128-10, batch 512, cross-entropy: time / one gradient")
-    print(f"{'operation':<40}{'ms':>9}{'ratio':>8}")
+    print(f"{'operation':<44}{'ms':>9}{'ratio':>8}")
     for r in prods:
-        print(f"{r['operation']:<40}{1e3 * r['seconds']:>9.2f}{r['ratio_to_gradient']:>8.2f}")
+        print(f"{r['operation']:<44}{1e3 * r['seconds']:>9.2f}{r['ratio_to_gradient']:>8.2f}")
     dense = dense_table(dtype)
     print(f"\nDense Hessian, tanh MLP 64-16-10 (P = {dense[0]['P']}), batch 512")
     print(f"{'method':<22}{'s':>8}{'time ratio':>12}{'peak MB':>10}{'mem ratio':>11}")

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "hesse._util.files": 0,
     "hesse._util.memory": 0,
     "hesse._util.checks": 0,
+    "hesse._util.calls": 0,
     "hesse._autodiff": 0,
     "hesse._operators": 0,
     "hesse._spectral": 0,

@@ -397,3 +397,98 @@ def test_fisher_honours_ignore_index(reduction):
     ref = c * J.T @ J
     assert rel_err(hesse.FisherOperator(prob, kind="empirical").to_dense(), ref) < TOL64
     assert rel_err(empirical_fisher_diagonal(prob), torch.diagonal(ref)) < TOL64
+
+
+def _autodiff_output_hessian_product(lf, o, t, w, U):
+    """``Lambda U`` by a double backward through the loss (the reference)."""
+    oo = o.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(lf(oo, t) * w, [oo], create_graph=True)
+    return torch.stack([torch.autograd.grad(g, [oo], u, retain_graph=True)[0] for u in U])
+
+
+@pytest.mark.parametrize(
+    "which",
+    [
+        "ce-labels",
+        "ce-sum",
+        "ce-ignore",
+        "ce-soft",
+        "mse",
+        "mse-sum",
+        "bce",
+        "ce-smoothing",
+        "ce-weights",
+        "bce-pos-weight",
+    ],
+)
+def test_the_loss_hessian_in_closed_form_equals_autodiff(which):
+    """The Gauss-Newton products take cross-entropy's, MSE's and BCE's ``Lambda`` in
+    closed form; where a loss has options the closed form does not cover, autodiff."""
+    from torch import nn
+
+    from hesse._autodiff import losses
+
+    g = torch.Generator().manual_seed(7)
+    n, C = 6, 4
+    o = torch.randn(n, C, generator=g, dtype=torch.float64)
+    U = torch.randn(3, n, C, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (n,), generator=g)
+    probs = torch.rand(n, C, generator=g, dtype=torch.float64)
+    lf, t = {
+        "ce-labels": (nn.CrossEntropyLoss(), labels),
+        "ce-sum": (nn.CrossEntropyLoss(reduction="sum"), labels),
+        "ce-ignore": (nn.CrossEntropyLoss(ignore_index=2), torch.tensor([2, 1, 2, 0, 3, 1])),
+        "ce-soft": (nn.CrossEntropyLoss(), 2.0 * probs),  # unnormalised: mass != 1
+        "mse": (nn.MSELoss(), probs),
+        "mse-sum": (nn.MSELoss(reduction="sum"), probs),
+        "bce": (nn.BCEWithLogitsLoss(), probs),
+        "ce-smoothing": (nn.CrossEntropyLoss(label_smoothing=0.1), labels),
+        "ce-weights": (nn.CrossEntropyLoss(weight=torch.rand(C, dtype=torch.float64)), labels),
+        "bce-pos-weight": (
+            nn.BCEWithLogitsLoss(pos_weight=torch.rand(C, dtype=torch.float64)),
+            probs,
+        ),
+    }[which]
+    closed = losses._likelihood_hessian_product(lf, o, t, 0.3, U)
+    covered = which not in ("ce-smoothing", "ce-weights", "bce-pos-weight")
+    assert (closed is not None) == covered
+    ref = _autodiff_output_hessian_product(lf, o, t, 0.3, U)
+    got = losses.output_hessian_product(lf, o, t, 0.3, U)
+    assert rel_err(got, ref) < 1e-13
+
+
+def test_a_module_used_twice_and_hooks_leave_the_model_and_the_products_as_they_are():
+    """One ``nn.Linear`` at two places: torch's ``functional_call`` would leave a detached
+    copy in the model in place of the user's parameter (the user's optimiser would then
+    train a tensor the model no longer uses). A gradient hook on a parameter does not
+    enter hesse's derivatives, and a parameter assigned after the problem was built does
+    not silently zero them: the products are those of the problem's tensors."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    held = [(m, name, t) for m in model.modules() for name, t in m._parameters.items()]
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    case = type("C", (), {"model": model, "loss_fn": nn.CrossEntropyLoss(), "X": X, "y": y})
+    ref = Reference(case)
+    H, grad0 = ref.hessian(), ref.gradient()
+    for m, name, t in held:  # (the reference runs torch's functional_call: put them back)
+        m._parameters[name] = t
+    V = _vecs(prob, 2, 3).double()
+    hesse.gradient(prob), hesse.hvp(prob, V), hesse.ggn_vp(prob, V[:, 0]), hesse.hessian(prob)
+    hesse.per_sample_gradients(prob)
+    assert all(m._parameters[name] is t for m, name, t in held)
+    assert rel_err(hesse.hvp(prob, V), H @ V) < TOL64
+
+    handle = model[4].weight.register_hook(lambda gr: 10.0 * gr)
+    assert rel_err(hesse.gradient(prob), grad0) < TOL64
+    assert rel_err(hesse.hvp(prob, V), H @ V) < TOL64
+    handle.remove()
+
+    own = model[4].weight
+    model[4].weight = nn.Parameter(own.detach() + 1.0)  # assigned after the problem
+    assert rel_err(hesse.gradient(prob), grad0) < TOL64
+    assert rel_err(hesse.hvp(prob, V), H @ V) < TOL64

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from hesse._autodiff.losses import weighted_loss
 from hesse._autodiff.problem import Problem, map_tensors, tensor_leaves
+from hesse._util.calls import swapped_call
 from hesse._util.memory import check_memory
 
 __all__ = ["per_sample_gradient_chunks", "per_sample_gradients"]
@@ -40,7 +41,7 @@ def _chunk_gradients(problem: Problem, inputs: Any, targets: Any, w: float) -> T
         args, kwargs = ((), x) if isinstance(x, dict) else (x, None)
         if not isinstance(args, tuple):
             args = (args,)
-        out = problem.select(functional_call(problem.model, mapping, args, kwargs))
+        out = problem.select(swapped_call(problem.model, mapping, args, kwargs))
         return weighted_loss(problem.loss_fn, out, t, weight)
 
     leaves = list(tensor_leaves(inputs)) + list(tensor_leaves(targets))

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from hesse._autodiff.distributed import LOCAL as _LOCAL
 from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.kernels import find_module
 from hesse._autodiff.losses import weighted_loss
+from hesse._util.calls import swapped_call
 from hesse._util.checks import check_shift
 
 __all__ = ["Batch", "Parameters", "Problem", "float64_problem", "map_tensors", "tensor_leaves"]
@@ -300,7 +300,9 @@ class Parameters:
             )
         if not (v.is_floating_point()):
             raise TypeError(f"{name} has dtype {v.dtype}; expected a floating-point dtype")
-        if not bool(torch.isfinite(v).all()):
+        # a finite sum: every entry finite (a nan or inf makes the sum non-finite); a
+        # non-finite sum may be an overflow of finite entries, which the full test clears
+        if not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} has non-finite entries (nan or inf)")
         return v.to(device=self.device, dtype=self.dtype)
 
@@ -528,6 +530,15 @@ class Problem:
 
         self.parameters = Parameters(model, params)
         sel = self.parameters
+        # every place the model holds a selected parameter (a tied one: several), for
+        # `_runs_as_is`'s test that the model still holds the problem's tensors
+        selected = {id(t) for t in sel.tensors}
+        self._held = [
+            (m._parameters, attr, t)
+            for m in model.modules()
+            for attr, t in m._parameters.items()
+            if t is not None and id(t) in selected
+        ]
         self.names, self.shapes, self.sizes = sel.names, sel.shapes, sel.sizes
         self.num_params, self.slices = sel.num_params, sel.slices
         self.dtype, self.device = sel.dtype, sel.device
@@ -759,21 +770,52 @@ class Problem:
         return self.parameters.as_flat(v, name)
 
     # ------------------------------------------------------------------ evaluation
+    def leaves(self, at: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """The tensors a product differentiates with respect to, one per selected
+        parameter: the model's own parameters when `outputs` can run the model on them
+        as it is (`_runs_as_is`: one plain forward, no parameter swap), else fresh
+        leaves holding their values, or the values ``at``."""
+        if at is None and self._runs_as_is():
+            return list(self.parameters.tensors)
+        src = self.parameters.tensors if at is None else at
+        return [p.detach().requires_grad_(True) for p in src]
+
+    def _runs_as_is(self) -> bool:
+        """Whether differentiating the model's own forward gives what `outputs` on
+        detached copies would: the model still holds the problem's parameter tensors
+        (not ones assigned since), each requires grad and has no gradient hook (a hook
+        would edit the derivative), and no module in training mode holds buffers (those
+        run on copies, `outputs`)."""
+        if any(store.get(attr) is not t for store, attr, t in self._held):
+            return False
+        if any(not p.requires_grad or p._backward_hooks for p in self.parameters.tensors):
+            return False
+        return not any(m.training and m._buffers for m in self.model.modules())
+
     def outputs(self, params: Sequence[Tensor], inputs: Any) -> Any:
         """The model's outputs on ``inputs`` with the selected parameters replaced by
-        ``params`` (all other parameters and buffers are the model's own)."""
-        mapping = dict(zip(self.names, params, strict=True))
-        # no side effects: a module in training mode (BatchNorm) updates its buffers on a
-        # copy, so the model's running statistics are the same after every hesse call
-        for mod_name, mod in self.model.named_modules():
-            if mod.training:
-                for b_name, buf in mod.named_buffers(recurse=False):
-                    mapping[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.clone()
+        ``params`` (all other parameters and buffers are the model's own). ``params``
+        that are the model's own parameters (`leaves`) run the model as it is."""
+        own = self.parameters.tensors
+        if len(params) == len(own) and all(a is b for a, b in zip(params, own, strict=True)):
+            mapping = None if self._runs_as_is() else dict(zip(self.names, own, strict=True))
+        else:
+            mapping = dict(zip(self.names, params, strict=True))
+        if mapping is not None and any(m.training and m._buffers for m in self.model.modules()):
+            # no side effects: a module in training mode (BatchNorm) updates its buffers
+            # on a copy, so the model's running statistics are the same after every call
+            for mod_name, mod in self.model.named_modules():
+                if mod.training:
+                    for b_name, buf in mod.named_buffers(recurse=False):
+                        mapping[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.clone()
         args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, None)
         if not isinstance(args, tuple):
             args = (args,)
         try:
-            out = functional_call(self.model, mapping, args, kwargs)
+            if mapping is None:
+                out = self.model(*args, **(kwargs or {}))
+            else:
+                out = swapped_call(self.model, mapping, args, kwargs)
         except (RuntimeError, TypeError) as err:  # the user's forward: say on what inputs
             if str(err).startswith("the model's forward"):
                 raise

@@ -32,6 +32,7 @@ from torch import Tensor
 from hesse._autodiff import losses
 from hesse._autodiff.kernels import check_twice_differentiable, with_fallback
 from hesse._autodiff.problem import Problem
+from hesse._util.calls import swapped_call
 
 __all__ = [
     "apply_batched",
@@ -46,9 +47,8 @@ __all__ = [
 
 
 def _leaves(problem: Problem, at: Sequence[Tensor] | None = None) -> list[Tensor]:
-    """Fresh leaf tensors holding the current parameter values (or ``at``)."""
-    src = problem.params if at is None else at
-    return [p.detach().requires_grad_(True) for p in src]
+    """The tensors to differentiate with respect to (`Problem.leaves`)."""
+    return problem.leaves(at)
 
 
 def _flat(
@@ -180,7 +180,7 @@ def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
     out = torch.zeros_like(V)
     for inputs, targets, w in problem.batches():
         for j in range(V.shape[1]):
-            tangents = problem.unflatten(V[:, j])
+            tangents = problem.parameters.split(V[:, j])
             ps = _leaves(problem)
             with fwAD.dual_level():
                 duals = [fwAD.make_dual(p, t) for p, t in zip(ps, tangents, strict=True)]
@@ -234,7 +234,7 @@ def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
 
 def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
-    out = torch.zeros_like(V)
+    out: Tensor | None = None
     k = V.shape[1]
     for inputs, targets, w in problem.batches():
         ps = _leaves(problem)
@@ -242,7 +242,7 @@ def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
             with fwAD.dual_level():
                 duals = [
                     fwAD.make_dual(p, t)
-                    for p, t in zip(ps, problem.unflatten(V[:, 0]), strict=True)
+                    for p, t in zip(ps, problem.parameters.split(V[:, 0]), strict=True)
                 ]
                 o_dual = _require_tensor_output(problem.outputs(duals, inputs))
                 o, jv = fwAD.unpack_dual(o_dual)
@@ -256,8 +256,9 @@ def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
             check_twice_differentiable(problem, o)  # the double-vjp trick differentiates J^T u
             JV = _jvp_batched(o, ps, V)
         LJV = output_map(o.detach(), targets, w, JV.detach())
-        out += apply_batched(o, ps, LJV).T
-    return out
+        CV = apply_batched(o, ps, LJV).T
+        out = CV.contiguous() if out is None else out.add_(CV)
+    return torch.zeros_like(V) if out is None else out  # no batch depends on the parameters
 
 
 def _bind(problem: Problem, product: Callable[..., Tensor]) -> OutputMap:
@@ -362,7 +363,7 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
     and the inputs and targets tensors. ``None`` when the model cannot be vmapped over
     samples (`hesse._spectral.stochastic.empirical_fisher_diagonal` then falls back to
     products)."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
 
     lf = losses.fisher_loss(problem.loss_fn)
     per_sample = losses.per_sample_loss(lf)
@@ -375,9 +376,7 @@ def empirical_fisher_diagonal_vmap(problem: Problem) -> Tensor | None:
             ps = [p.detach() for p in problem.params]
 
             def loss_i(params: list[Tensor], x: Tensor, t: Tensor) -> Tensor:
-                o = functional_call(
-                    problem.model, dict(zip(names, params, strict=True)), (x[None],)
-                )
+                o = swapped_call(problem.model, dict(zip(names, params, strict=True)), (x[None],))
                 return per_sample(o, t[None])
 
             gs = vmap(grad(loss_i), in_dims=(None, 0, 0))(ps, inputs, targets)

@@ -30,6 +30,12 @@ __all__ = ["ChainFactorization", "as_chain", "promoted"]
 
 
 # ----------------------------------------------------------------------------- factorisation
+EIGEN_CHOLESKIES = 20
+"""The eigen tier's price in Cholesky factorisations of the same size (LAPACK's
+``syevd`` with vectors: 17-20 from ``n = 200`` to ``3,000`` on this project's CPUs, and
+the tiers tried before it), for the hand-over test (H1)."""
+
+
 class FrontGrewError(ArithmeticError):
     """The sweep's delayed front outgrew its break-even against the dense engine
     (``handover``): the rest of the sweep would cost more than factoring densely."""
@@ -130,16 +136,23 @@ class ChainFactorization(Factorization):
         self.status = self._summarise(scale, growth, dtype)
 
     def _check_front(self, m: int, left: int, dense_seconds: float, bar: object) -> None:
-        """Raise `FrontGrewError` when the ``left`` stages still to go, each with a pivot
-        of its own ``P / L`` directions plus the ``m`` delayed ones at the eigen tier's
-        price (about 10 Cholesky factorisations of that size), are predicted to cost
-        more than the dense engine's whole ``dense_seconds`` (design note, (H1))."""
-        from hesse._factor.cost import device_rates
+        """Raise `FrontGrewError` when the ``left`` stages still to go are predicted to
+        cost more than the dense engine's whole ``dense_seconds`` (design note, (H1)):
+        each stage ``j`` of them with a state eliminates its ``p_j`` parameters and the
+        ``m`` delayed directions at the eigen tier's price (``EIGEN_CHOLESKIES``
+        Cholesky factorisations of that size, at that size's rate); the first stage has
+        no state to delay to, so its pivot is one Bunch-Kaufman factorisation."""
+        from hesse._factor.cost import factor_rate
 
         chain = self.chain
-        _gemm, chol = device_rates(str(chain.inputs.device), chain.inputs.dtype)
-        per_stage = self.num_params / max(len(chain.stages), 1) + m
-        rest = left * 10 * per_stage**3 / 3 / chol
+        where, dtype = str(chain.inputs.device), chain.inputs.dtype
+        rest = 0.0
+        for j in range(left):
+            n = chain.stages[j].num_params + m
+            if j == 0:
+                rest += n**3 / 3 / factor_rate(where, dtype, "ldl", n)
+            else:
+                rest += EIGEN_CHOLESKIES * n**3 / 3 / factor_rate(where, dtype, "chol", n)
         if rest > dense_seconds:
             bar.close()  # type: ignore[attr-defined]
             raise FrontGrewError(

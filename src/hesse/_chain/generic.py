@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, hessian, jacrev, vmap
+from torch.func import hessian, jacrev, vmap
 
 from hesse._autodiff.problem import Parameters
 from hesse._chain.stages import Stage, StageDerivatives
+from hesse._util.calls import swapped_call
 
 __all__ = ["GenericStage"]
 
@@ -135,7 +136,7 @@ class GenericStage(Stage):
     def _f(self, zf: Tensor, xf: Tensor, shape: torch.Size) -> Tensor:
         space = self._space
         params = {} if space is None else dict(zip(space.names, space.split(xf), strict=True))
-        return functional_call(self.module, params, (zf.view(shape),)).reshape(-1)
+        return swapped_call(self.module, params, (zf.view(shape),)).reshape(-1)
 
     def _blockwise(self, z: Tensor, lam: Tensor, x0: Tensor) -> StageDerivatives | None:
         """Per-sample blocks by ``vmap``; ``None`` when the samples interact or the
