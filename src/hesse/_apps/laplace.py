@@ -175,7 +175,7 @@ class Laplace:
             return
         inputs, targets, _w = first
         with torch.no_grad():
-            o = self.problem.outputs([p.detach() for p in self.problem.params], inputs)
+            o = self.problem.outputs(self.problem.params, inputs)
         if not isinstance(o, Tensor):
             raise ValueError(f"the model's output must be one tensor; got {type(o).__name__}")
         self.n_outputs = int(o[0].numel()) if o.ndim else 1

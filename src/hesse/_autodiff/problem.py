@@ -869,7 +869,7 @@ class Problem:
         alone). Agreement to ``sqrt(u)`` of the outputs' scale."""
         inputs, _t, _w = next(iter(self.batches()))
         n = self._batch_size(inputs, _t, 0)
-        ps = [p.detach() for p in self.params]
+        ps = self.params  # under no_grad: the model runs as it is where it can
 
         def out(x: Any) -> Tensor:
             o = self.outputs(ps, x)
@@ -932,7 +932,7 @@ class Problem:
 
     def loss(self, params: Sequence[Tensor] | None = None) -> Tensor:
         """The objective ``L`` at ``params`` (default: the current parameters)."""
-        ps = [p.detach() for p in self.params] if params is None else list(params)
+        ps = self.params if params is None else list(params)  # (no_grad below)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for inputs, targets, w in self.batches():

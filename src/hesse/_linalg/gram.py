@@ -623,7 +623,7 @@ def gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
 def _gram_sizes(problem: Problem) -> tuple[int, int, int, int]:
     inputs, _t, _w = next(iter(problem.batches()))
     with torch.no_grad():
-        o = problem.outputs([p.detach() for p in problem.params], inputs)
+        o = problem.outputs(problem.params, inputs)
     if not isinstance(o, Tensor):
         raise GramNotApplicableError("the model's output is not one tensor")
     if o.ndim == 0:

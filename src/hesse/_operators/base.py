@@ -255,7 +255,7 @@ class CurvatureOperator:
         try:
             if first is not None:
                 with torch.no_grad():
-                    problem.outputs([p.detach() for p in problem.params], first[0])
+                    problem.outputs(problem.params, first[0])
         finally:
             handle.remove()
         if problem.group is not None:  # the same chunks on every rank
