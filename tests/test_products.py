@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import torch
-from conftest import LOSSES, MODELS, Reference, make_case, rel_err
+from conftest import LOSSES, MODELS, Case, Reference, make_case, rel_err
 
 import hesse
 
@@ -472,8 +472,7 @@ def test_a_module_used_twice_and_hooks_leave_the_model_and_the_products_as_they_
     y = torch.randint(0, 3, (9,))
     held = [(m, name, t) for m in model.modules() for name, t in m._parameters.items()]
     prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
-    case = type("C", (), {"model": model, "loss_fn": nn.CrossEntropyLoss(), "X": X, "y": y})
-    ref = Reference(case)
+    ref = Reference(Case("shared", model, X, y, nn.CrossEntropyLoss()))
     H, grad0 = ref.hessian(), ref.gradient()
     for m, name, t in held:  # (the reference runs torch's functional_call: put them back)
         m._parameters[name] = t

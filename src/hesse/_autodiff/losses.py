@@ -153,19 +153,17 @@ def _likelihood_hessian_product(
             return None
         if not targets.is_floating_point() and targets.shape != o.shape[:1]:
             return None
-        c = reduction_factor(loss_fn, o, targets, weight)
-        mass = ce_target_mass(loss_fn, o, targets)
-        p = torch.softmax(o.detach(), dim=-1)
-        return (c * mass)[:, None] * (p * U - p * (p * U).sum(-1, keepdim=True))
-    if o.shape != targets.shape:
+    elif o.shape != targets.shape or (
+        kind is nn.BCEWithLogitsLoss
+        and (loss_fn.weight is not None or loss_fn.pos_weight is not None)
+    ):
         return None
-    c = reduction_factor(loss_fn, o, targets, weight)
-    if kind is nn.MSELoss:
-        return (2.0 * c) * U
-    if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-        return None
-    s = torch.sigmoid(o.detach())
-    return c * s * (1 - s) * U
+    # the Fisher's closed form is the loss Hessian for these likelihoods, up to soft
+    # cross-entropy targets' mass s_n (1 for labels, where it also masks ignore_index)
+    out = true_fisher_product(loss_fn, o.detach(), targets, weight, U)
+    if kind is nn.CrossEntropyLoss and targets.is_floating_point():
+        out = out * ce_target_mass(loss_fn, o, targets)[:, None]
+    return out
 
 
 def output_gradient(loss_fn: Any, outputs: Tensor, targets: Any, weight: float) -> Tensor:

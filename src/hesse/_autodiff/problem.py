@@ -804,7 +804,12 @@ class Problem:
             return False
         if any(not p.requires_grad or p._backward_hooks for p in self.parameters.tensors):
             return False
-        return not any(m.training and m._buffers for m in self.model.modules())
+        return not self._updates_buffers()
+
+    def _updates_buffers(self) -> bool:
+        """Whether a module in training mode holds buffers (a BatchNorm's running
+        statistics: a forward pass would update them)."""
+        return any(m.training and m._buffers for m in self.model.modules())
 
     def outputs(self, params: Sequence[Tensor], inputs: Any) -> Any:
         """The model's outputs on ``inputs`` with the selected parameters replaced by
@@ -815,7 +820,7 @@ class Problem:
             mapping = None if self._runs_as_is() else dict(zip(self.names, own, strict=True))
         else:
             mapping = dict(zip(self.names, params, strict=True))
-        if mapping is not None and any(m.training and m._buffers for m in self.model.modules()):
+        if mapping is not None and self._updates_buffers():
             # no side effects: a module in training mode (BatchNorm) updates its buffers
             # on a copy, so the model's running statistics are the same after every call
             for mod_name, mod in self.model.named_modules():

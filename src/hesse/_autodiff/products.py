@@ -46,11 +46,6 @@ __all__ = [
 ]
 
 
-def _leaves(problem: Problem, at: Sequence[Tensor] | None = None) -> list[Tensor]:
-    """The tensors to differentiate with respect to (`Problem.leaves`)."""
-    return problem.leaves(at)
-
-
 def _flat(
     tensors: Sequence[Tensor | None], like: Sequence[Tensor], batch: tuple[int, ...] = ()
 ) -> Tensor:
@@ -119,7 +114,7 @@ def loss_and_gradient(
     total: Tensor | None = None
     grad: Tensor | None = None
     for inputs, targets, w in problem.batches():
-        ps = _leaves(problem, at)
+        ps = problem.leaves(at)
         loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
         gs = torch.autograd.grad(loss, ps, allow_unused=True, materialize_grads=True)
         flat = _flat(gs, ps)
@@ -164,7 +159,7 @@ def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Ten
         out: Tensor | None = None
         cot = _param_cotangents(problem, V)
         for inputs, targets, w in problem.batches():
-            ps = _leaves(problem)
+            ps = problem.leaves()
             loss = problem.batch_loss(problem.outputs(ps, inputs), targets, w)
             check_twice_differentiable(problem, loss)
             gs = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
@@ -181,7 +176,7 @@ def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
     for inputs, targets, w in problem.batches():
         for j in range(V.shape[1]):
             tangents = problem.parameters.split(V[:, j])
-            ps = _leaves(problem)
+            ps = problem.leaves()
             with fwAD.dual_level():
                 duals = [fwAD.make_dual(p, t) for p, t in zip(ps, tangents, strict=True)]
                 # torch 2.13: mse_loss's backward under forward AD fails on a target
@@ -237,7 +232,7 @@ def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     out: Tensor | None = None
     k = V.shape[1]
     for inputs, targets, w in problem.batches():
-        ps = _leaves(problem)
+        ps = problem.leaves()
         if k == 1:  # one forward-mode pass: cheaper than the double-vjp trick
             with fwAD.dual_level():
                 duals = [
@@ -297,7 +292,7 @@ def _residual_matmat(problem: Problem, V: Tensor) -> Tensor:
     out = torch.zeros_like(V)
     cot = _param_cotangents(problem, V)
     for inputs, targets, w in problem.batches():
-        ps = _leaves(problem)
+        ps = problem.leaves()
         o = _require_tensor_output(problem.outputs(ps, inputs))
         if not o.requires_grad:
             continue
@@ -344,7 +339,7 @@ def _jacobian(problem: Problem, chunk_size: int = 256) -> Tensor | None:
     """
     rows = []
     for inputs, _targets, _w in problem.batches():
-        ps = _leaves(problem)
+        ps = problem.leaves()
         o = _require_tensor_output(problem.outputs(ps, inputs))
         m = o.numel()
         flat_o = o.reshape(-1)
