@@ -8,16 +8,16 @@ float64, CPU, cross-entropy MLPs, the GGN (every engine applies; ``--curvature
 hessian``: dense and chain), damping 1e-3 (the ``tiny-damping`` row: ``1e-6 ||C||``,
 where the chain's delayed front grows and ``auto`` hands over to the dense engine). For
 each problem shape (P from 1e3 to 1e5, samples x outputs M from 1e2 to 1e4, depth 2 to
-64) each engine runs in a fresh process:
-``hesse.engine(..., method=m).factor(eps)`` (not `factorize`, which caches) then one
-solve and the log-determinant; the wall time of a warm call (the second; the first pays
-the kernels' start-up, unless it took over 30 s) and the peak growth of the resident set
+64) each engine runs in a fresh process: ``hesse.factorize(problem, eps, method=m)`` on
+a fresh problem (a second call on the same one would time its cache), then one solve
+and the log-determinant; the wall time of a warm call (the second; the first pays the
+kernels' start-up, unless it took over 30 s) and the peak growth of the resident set
 over the first call (VmHWM). Engines the plan predicts over ``--max-seconds`` or over
 the memory budget are not run (the table says so, with the prediction). The last
-columns: ``method="auto"`` itself, in a process of its own (``hesse.factorize`` on a
-fresh problem: the plan, its calibration after the first call, the build and the
-factorisation): the engine it chose, its time over the fastest engine measured, and over
-naming its engine (the planning overhead).
+columns: ``method="auto"`` itself, the same way in a process of its own (the plan, its
+calibration after the first call, the build and the factorisation): the engine it
+chose, its time over the fastest engine measured, and over naming its engine (the
+planning overhead: the same call with ``method=`` its engine).
 
 Table 3 (``--curvature hessian``): one exact trust-region Newton step on the digits row,
 its factorisations counted, against planning, building and factoring anew for each of
@@ -76,15 +76,12 @@ def hwm():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
 def run():
-    if {method!r} == "auto":  # as a user calls it: plan, build, factor; a fresh problem,
-        p = problem({name!r})  # so that the second call is not a hit in its cache
-        t0 = time.perf_counter()
-        f = hesse.factorize(p, eps, {curvature!r})
-    else:
-        # hesse.engine, not factorize: factorize keeps the engine and the factorisation
-        # on the problem, so a second call would time the cache
-        t0 = time.perf_counter()
-        f = hesse.engine(prob, {curvature!r}, method={method!r}).factor(eps)
+    # as a user calls it (auto: plan, build, factor; a named engine: build, factor), on
+    # a fresh problem: factorize keeps the engine and the factorisation on the problem,
+    # so a second call on the same one would time that cache
+    p = problem({name!r})
+    t0 = time.perf_counter()
+    f = hesse.factorize(p, eps, {curvature!r}, method={method!r})
     f.solve(v)
     f.logdet()
     return time.perf_counter() - t0, f.status.method

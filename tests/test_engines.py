@@ -19,6 +19,8 @@ from conftest import Case, Reference, make_case, mlp
 from torch import nn
 
 import hesse
+from hesse._factor.cost import Timing
+from hesse._linalg.factorize import ENGINES, _plan
 
 U = torch.finfo(torch.float64).eps
 
@@ -193,6 +195,26 @@ def test_auto_picks_the_fastest_predicted_engine(build, curvature, expected):
     assert p.choice == min(feasible, key=lambda m: p.costs[m].seconds)
     assert p.choice == expected, str(p)
     assert "<- auto" in str(p) and expected in str(p)
+
+
+@pytest.mark.parametrize(("build", "curvature", "expected"), PLANS, ids=[p[2] for p in PLANS])
+def test_auto_skips_only_engines_whose_floor_is_over_the_choice(build, curvature, expected):
+    """``method="auto"``'s quick plan skips an engine whose floor (a lower bound of its
+    prediction from the sizes alone) is over the prediction of one that fits: its choice
+    is the full plan's, and every floor is at most its engine's full prediction."""
+    prob = build()
+    full = hesse.plan(prob, curvature)  # the timings are kept: both plans read the same
+    quick = _plan(prob, curvature, None, True, quick=True)
+    assert quick.choice == full.choice == expected
+    for m, cost in full.costs.items():
+        floor = ENGINES[m].floor
+        if cost.applies and floor is not None:
+            assert floor(prob, curvature, Timing(prob, curvature)) <= cost.seconds, m
+    for m, floor in quick.skipped.items():
+        assert m not in quick.costs and floor > quick.costs[quick.choice].seconds
+    assert set(quick.costs) | set(quick.skipped) == set(full.costs)
+    if expected == "gram":  # 64 x 3 samples x outputs against P = 6803: dense skipped
+        assert "dense" in quick.skipped and "not predicted further" in str(quick)
 
 
 def test_plan_says_which_engines_do_not_apply():

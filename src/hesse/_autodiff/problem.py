@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import hashlib
 import itertools
 import math
 import numbers
@@ -1002,22 +1001,23 @@ class Problem:
         group = self.group.group if self.group is not None else _LOCAL
         return self._like(model, _Converted(self._data, dtype), group)
 
-    def state(self) -> tuple[Any, ...] | None:
-        """A token that changes whenever the objective may have changed: the identity and
-        version counter of every selected parameter and buffer and of the data held in
-        memory; ``None`` when that cannot be told (an iterable that makes new tensors on
-        each pass, a distributed problem): nothing is cached then."""
+    def state(self) -> State | None:
+        """A token that changes whenever the objective may have changed (``==`` tells):
+        the bytes of every selected parameter and buffer, the version counters of the
+        data held in memory and every module's mode; ``None`` when that cannot be told
+        (an iterable that makes new tensors on each pass, a distributed problem):
+        nothing is cached then."""
         data = self._data_versions()
         if data is None or self.group is not None:
             return None
         # the values themselves for parameters and buffers (a write through .data leaves
-        # the version counter alone): one hash of their bytes, O(P)
-        h = hashlib.sha256()
-        for t in [*self.parameters.tensors, *self.model.buffers()]:
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        # the version counter alone): one copy of their bytes, O(P), compared exactly
+        tensors = [*self.parameters.tensors, *self.model.buffers()]
+        raw = [t.detach().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
+        values = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.uint8)
         # and every module's mode: model.train() turns a Dropout random, a BatchNorm coupling
         modes = tuple(m.training for m in self.model.modules())
-        return (h.hexdigest(), data, modes)
+        return State(values, (data, modes, tuple(t.dtype for t in tensors)))
 
     def _memo(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, once within `_sharing` (a plan and the engine it builds ask for
@@ -1067,6 +1067,28 @@ class Problem:
             f"N={self.num_samples}, batches={len(self._batch_sizes)}, "
             f"reduction={self.reduction!r}, dtype={self.dtype})"
         )
+
+
+class State:
+    """`Problem.state`'s token: ``values`` (the parameters' and buffers' bytes, one
+    ``uint8`` tensor) and ``key`` (what else the objective depends on: the data's version
+    counters, the modules' modes, the dtypes); equal when both are (bytewise: exact)."""
+
+    __slots__ = ("key", "values")
+
+    def __init__(self, values: Tensor, key: tuple[Any, ...]) -> None:
+        self.values, self.key = values, key
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, State)
+            and self.key == other.key
+            and self.values.shape == other.values.shape
+            and self.values.device == other.values.device
+            and torch.equal(self.values, other.values)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _Converted:

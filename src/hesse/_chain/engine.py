@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
+from hesse._autodiff.layers import flatten_sequential
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import ChainFactorization, FrontGrewError, as_chain
 from hesse._factor.base import Engine, Factorization
@@ -85,6 +86,17 @@ def chain_cost(problem: Any, curvature: str, timing: Timing) -> tuple[EngineCost
     return EngineCost("chain", True, flops, chain.memory_estimate(), seconds), chain
 
 
+def chain_floor(problem: Any, curvature: str, timing: Timing) -> float:
+    """`chain_cost`'s fixed cost a stage alone (its lower bound, from the number of
+    stages: no stage built); 0 where the chain may not apply."""
+    if isinstance(problem, Chain):
+        return STAGE_SECONDS * len(problem)
+    model = getattr(problem, "model", None)
+    if not isinstance(model, nn.Sequential):
+        return 0.0
+    return STAGE_SECONDS * (len(flatten_sequential(model)) + 1)  # len(Chain): + the loss
+
+
 def build_chain(
     problem: Any, curvature: str, budget: float, built: Chain | None, progress: bool | None
 ) -> ChainEngine:
@@ -105,4 +117,5 @@ CHAIN = EngineSpec(
     chain_cost,
     build_chain,
     "the stable Riccati sweep, linear in depth, for nn.Sequential models",
+    chain_floor,
 )

@@ -177,6 +177,13 @@ def dense_cost(problem: Problem, curvature: str, timing: Timing) -> tuple[Engine
     return EngineCost("dense", True, factor_flops, memory, seconds), None
 
 
+def dense_floor(problem: Problem, curvature: str, timing: Timing) -> float:
+    """`dense_cost`'s factorisation alone, ``P^3 / 3`` flops at LAPACK's rate (its lower
+    bound, from ``P`` alone)."""
+    P = problem_of(problem).num_params
+    return P**3 / 3 / timing.factor_rate("chol" if curvature == "ggn" else "ldl", P)
+
+
 def build_dense(
     problem: Problem, curvature: str, budget: float, built: None, progress: bool | None
 ) -> DenseEngine:
@@ -197,4 +204,5 @@ DENSE = EngineSpec(
     build_dense,
     "C formed in column chunks (Bishop's propagation for an MLP), factored by Cholesky / "
     "Bunch-Kaufman / eigen tiers: O(P^3), O(P^2) memory",
+    dense_floor,
 )

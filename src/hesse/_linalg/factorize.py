@@ -22,6 +22,7 @@ number of dampings; `factorize` does both for one damping.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,9 @@ class Plan:
     num_outputs: int
     budget: float
     costs: dict[str, EngineCost] = field(default_factory=dict)
+    # method="auto"'s plan only: engines not predicted in full, by their floor (seconds),
+    # which was over the prediction of an engine that fits
+    skipped: dict[str, float] = field(default_factory=dict)
     # what the plan built on the way (the chain's linearisation): `engine` hands it to
     # the engine it picks, so ``method="auto"`` builds it once
     built: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -111,6 +115,8 @@ class Plan:
                 f"  {m:<7}{c.flops / 1e9:>10.3g}{format_bytes(c.memory):>12}"
                 f"{c.seconds:>10.3g} s{mark}{over}"
             )
+        for m, floor in self.skipped.items():
+            lines.append(f"  {m:<7}{'-':>10}{'-':>12}  > {floor:.3g} s (not predicted further)")
         return "\n".join(lines)
 
 
@@ -138,6 +144,22 @@ def plan(
     Cost: one timed product and one gradient of the problem, a forward pass for the
     sizes, and (once a process) a few small matrix products and factorisations.
     """
+    return _plan(problem, curvature, max_memory, promote, quick=False)
+
+
+def _plan(
+    problem: Problem | Chain,
+    curvature: str,
+    max_memory: float | None,
+    promote: bool,
+    quick: bool,
+) -> Plan:
+    """`plan`; ``quick`` (``method="auto"``'s) predicts the engines in the order of their
+    floors (`EngineSpec.floor`) and skips one whose floor is over the prediction of an
+    engine that applies and fits: its prediction would be over it too, so the choice is
+    the plan's (design note (H2)), without the skipped engines' forward passes and
+    stage builds (a few ms on a deep model: the tax of ``auto`` where the factorisation
+    itself takes ms)."""
     check_curvature(curvature)
     if isinstance(problem, Problem) and problem.distributed:
         problem = problem.gathered()  # what engine() factors
@@ -148,11 +170,20 @@ def plan(
     budget = _budget(prob, max_memory)
     timing = Timing(prob, curvature)
     out = Plan(curvature, prob.num_params, 0, budget)
+    specs = list(ENGINES.values())
+    floors = {s.name: s.floor(problem, curvature, timing) if s.floor else 0.0 for s in specs}
+    if quick:
+        specs.sort(key=lambda s: floors[s.name])  # stable: the registry's order at ties
     with prob._sharing():  # the engines' costs share one forward pass for the sizes
-        for name, spec in ENGINES.items():
-            out.costs[name], built = spec.cost(problem, curvature, timing)
+        for spec in specs:
+            best = min((out.costs[m].seconds for m in out.feasible), default=math.inf)
+            if quick and floors[spec.name] > best:
+                out.skipped[spec.name] = floors[spec.name]
+                continue
+            out.costs[spec.name], built = spec.cost(problem, curvature, timing)
             if built is not None:  # handed to the engine `auto` builds (the chain)
-                out.built[name] = built
+                out.built[spec.name] = built
+        out.costs = {m: out.costs[m] for m in ENGINES if m in out.costs}  # the table's order
         out.num_outputs = gram_outputs(prob)
     return out
 
@@ -172,7 +203,9 @@ def engine(
     the chain's linearisation. Arguments as `factorize`. The engine holds ``C`` at the
     parameters it was built at."""
     check_curvature(curvature)
-    _budget(problem_of(problem), max_memory)  # a malformed budget, before any work
+    # a malformed budget refused before any work; the default read once (it is the
+    # memory available now: the plan and the build use the same figure)
+    max_memory = _budget(problem_of(problem), max_memory)
     check_method(method)
     group = problem.group if isinstance(problem, Problem) else None
     if group is not None:
@@ -222,6 +255,8 @@ def _offer_handover(
     dense engine applies and fits the budget (on one process: the ranks' timings
     differ, their engines must not)."""
     dense = p.costs.get("dense")
+    if dense is None and "dense" in p.skipped:  # the quick plan's: predict it now
+        dense, _ = ENGINES["dense"].cost(problem, curvature, Timing(problem, curvature))
     if dense is None or not dense.applies or not dense.memory <= p.budget:
         return
     eng.handover = (
@@ -231,7 +266,7 @@ def _offer_handover(
 
 
 def _auto(problem: Problem, curvature: str, max_memory: float | None) -> Plan:
-    p = plan(problem, curvature, max_memory=max_memory, promote=False)
+    p = _plan(problem, curvature, max_memory, promote=False, quick=True)
     if p.choice is None:
         raise MemoryBudgetError(
             "no exact engine fits the memory budget; the plan:\n"
@@ -297,9 +332,9 @@ def factorize(
         (``status.method`` names the engine).
 
     The engine is kept on the problem and reused by the next call with the same
-    curvature, method and budget while the problem's parameters, buffers and in-memory
-    data are unchanged (their version counters; `Problem.state`), and so is the
-    factorisation of the last few dampings: `hesse.logdet`, `hesse.inertia`,
+    curvature, method and budget while the problem's parameters and buffers (their
+    bytes) and in-memory data (its version counters) are unchanged (`Problem.state`),
+    and so is the factorisation of the last few dampings: `hesse.logdet`, `hesse.inertia`,
     `hesse.solve` and `hesse.count_eigenvalues` on one problem prepare ``C`` once. For
     several dampings, `engine` builds ``C``'s representation once. Reference: design
     note ``docs/design/chain-curvature.md``.
@@ -333,33 +368,19 @@ def prepared(
     """`engine`, kept on a `Problem` and reused while its state is unchanged (the one
     preparation that `factorize`, the counts, `eigenvalue` and the optimisers share)."""
     key = (curvature, method, promote, repr(max_memory))
-    cache = isinstance(problem, Problem)
-    eng = _cached(problem, key) if cache else None  # type: ignore[arg-type]
-    if eng is None:
-        eng = engine(
-            problem,
-            curvature,
-            method=method,
-            promote=promote,
-            max_memory=max_memory,
-            progress=progress,
-        )
-        if cache:
-            _store(problem, key, eng)  # type: ignore[arg-type]
-    return eng
-
-
-def _cached(problem: Problem, key: tuple[Any, ...]) -> Engine | None:
-    """The engine `factorize` built for this problem and key, while the problem's state
-    (`Problem.state`: parameters, buffers, data) is what it was built at."""
-    state = problem.state()
-    entry = problem.__dict__.get("_engines", {}).get(key)
-    if state is None or entry is None or entry[0] != state:
-        return None
-    return entry[1]
-
-
-def _store(problem: Problem, key: tuple[Any, ...], eng: Engine) -> None:
-    state = problem.state()
+    # the state once (a copy of the parameters' bytes): the lookup's and the entry's
+    state = problem.state() if isinstance(problem, Problem) else None
+    entry = problem.__dict__.get("_engines", {}).get(key) if state is not None else None
+    if entry is not None and entry[0] == state:
+        return entry[1]
+    eng = engine(
+        problem,
+        curvature,
+        method=method,
+        promote=promote,
+        max_memory=max_memory,
+        progress=progress,
+    )
     if state is not None:  # one engine per key: a new state replaces the old one
         problem.__dict__.setdefault("_engines", {})[key] = (state, eng)
+    return eng
