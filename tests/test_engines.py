@@ -217,6 +217,27 @@ def test_auto_skips_only_engines_whose_floor_is_over_the_choice(build, curvature
         assert "dense" in quick.skipped and "not predicted further" in str(quick)
 
 
+def test_the_chain_on_the_hessian_is_predicted_as_a_range_and_wide_stages_in_range_terms():
+    """The chain's Hessian prediction is a range: up to every pivot at the eigen tier
+    (``upper``); the GGN's is one figure. A wide first stage (p = 4,104 against 6 x 24
+    outputs) is priced as (W1) computes it, in range coordinates: its flops are below
+    the ``2 n p^2`` of the p x p block it never forms (the estimate was above it)."""
+    torch.manual_seed(0)
+    model = mlp([170, 24, 24, 3]).double()
+    X, y = torch.randn(6, 170, dtype=torch.float64), torch.randint(0, 3, (6,))
+    prob = hesse.Problem(model, nn.CrossEntropyLoss(), (X, y))
+    h, g = hesse.plan(prob, "hessian").costs["chain"], hesse.plan(prob, "ggn").costs["chain"]
+    assert h.upper > h.seconds and math.isnan(g.upper)
+    text = str(hesse.plan(prob, "hessian"))
+    assert ("near-singular" in text) == (h.upper > 1.5 * h.seconds)
+    p0 = 170 * 24 + 24
+    assert h.flops < 2 * 6 * p0**2 / 4, h.flops
+    # and the engine it prices factors exactly (against the dense GGN)
+    f = hesse.engine(prob, "ggn", method="chain").factor(1e-3)
+    ref = hesse.engine(prob, "ggn", method="dense").factor(1e-3)
+    assert abs(f.logdet()[1] - ref.logdet()[1]) <= 1e-9 * abs(ref.logdet()[1])
+
+
 def test_plan_says_which_engines_do_not_apply():
     case = make_case("cnn", "ce", seed=0)
     prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))

@@ -161,6 +161,12 @@ class Chain:
         counted)."""
         return self._estimates()[1]
 
+    def pivot_sizes(self) -> list[int]:
+        """Each parameterised stage's pivot size ``n_u`` (no delayed directions), from the
+        same sizes: what the eigen tier factors where a pivot is near-singular."""
+        self._estimates()
+        return self._pivot_sizes
+
     def _estimates(self) -> tuple[int, int]:
         if self._memory_estimate is None:
             self._memory_estimate, self._flops_estimate = self._estimate()
@@ -171,6 +177,7 @@ class Chain:
         itemsize = torch.empty((), dtype=self.inputs.dtype).element_size()
         z = self.inputs.detach()
         stored, transient, flops = 0, 0, 0
+        self._pivot_sizes: list[int] = []
         with torch.no_grad():
             for index, stage in enumerate(self.stages):
                 # the first stage has no state (dz_0 = 0): no coupling, no Q_zz
@@ -182,6 +189,7 @@ class Chain:
                     transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
                     continue
                 n_u = stage.pivot_size(a_out)
+                self._pivot_sizes.append(n_u)
                 wide = n_u < p
                 stored += n_u * n_u + n_u * a_in + (p * n // max(a_out, 1) if wide else 0)
                 blocks = a_out * a_out + 2 * a_in * a_in + a_out * a_in

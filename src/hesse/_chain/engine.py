@@ -9,7 +9,12 @@ from torch import Tensor, nn
 
 from hesse._autodiff.layers import flatten_sequential
 from hesse._chain.chain import Chain
-from hesse._chain.factorization import ChainFactorization, FrontGrewError, as_chain
+from hesse._chain.factorization import (
+    EIGEN_CHOLESKIES,
+    ChainFactorization,
+    FrontGrewError,
+    as_chain,
+)
 from hesse._factor.base import Engine, Factorization
 from hesse._factor.cost import STAGE_SECONDS, EngineCost, EngineSpec, Timing
 from hesse._util.memory import check_memory
@@ -83,7 +88,12 @@ def chain_cost(problem: Any, curvature: str, timing: Timing) -> tuple[EngineCost
     grad = timing.gradient
     seconds = 3 * grad + flops / timing.gemm + 0.3 * flops / timing.chol
     seconds += STAGE_SECONDS * len(chain)
-    return EngineCost("chain", True, flops, chain.memory_estimate(), seconds), chain
+    cost = EngineCost("chain", True, flops, chain.memory_estimate(), seconds)
+    if curvature == "hessian":  # indefinite: a stage's pivot may take the eigen tier
+        cost.upper = seconds + sum(
+            EIGEN_CHOLESKIES * n**3 / 3 / timing.factor_rate("chol", n) for n in chain.pivot_sizes()
+        )
+    return cost, chain
 
 
 def chain_floor(problem: Any, curvature: str, timing: Timing) -> float:

@@ -130,6 +130,15 @@ class LinearStage(Stage):
         # with J = i + 1; then B^T (S B), B^T (S A) and A^T (S A) per sample
         i, o = self.module.in_features, self.module.out_features
         J = i + 1
+        if self.num_params > a_out:  # wide (W1): the QR of Zhat^T, (R (x) I) S (R^T (x) I),
+            # S A, its range rows and A^T S A; no p x p block is formed
+            J = i + int(self.use_b)
+            return (
+                2 * J * n * n
+                + 4 * n * a_out * a_out
+                + 2 * a_out * a_out * i
+                + (2 * n * a_out * a_in + 2 * o * a_in * a_in)
+            )
         return 2 * a_out * a_out * (J + i) + 2 * n * J * o * (J * o + a_in) + 2 * n * i * o * a_in
 
     def pivot_size(self, a_out: int) -> int:

@@ -27,6 +27,11 @@ from hesse._operators.curvature import curvature_operator
 STAGE_SECONDS = 2.5e-3
 """The chain sweep's fixed cost a stage (measured on a 2-core CPU: many small kernels)."""
 
+LAYER_SECONDS = 5e-4
+"""The observation-space engine's fixed cost a Linear layer (its Jacobian's blocks, its
+kernel's and its products' kernels; measured on a 2-core CPU: 0.3-0.5 ms a layer on 8
+to 64 layers at ``M <= 640``)."""
+
 
 @dataclass
 class EngineCost:
@@ -39,6 +44,12 @@ class EngineCost:
     memory: float = math.nan
     seconds: float = math.nan
     reason: str = ""
+    upper: float = math.nan
+    """Where the time depends on values the plan cannot see (the chain on the Hessian:
+    a near-singular pivot takes the eigen tier, about 20 Choleskies), the seconds if it
+    did at every stage, with no direction delayed (a delayed front, at small damping,
+    costs more: the sweep's hand-over bounds it); ``nan`` where ``seconds`` is the whole
+    prediction."""
 
 
 SMALL, LARGE = 384, 1152
@@ -59,7 +70,8 @@ def device_rates(device: str, dtype: torch.dtype) -> tuple[float, float]:
 def _factor_rates(device: str, dtype: torch.dtype) -> dict[Any, float]:
     """``gemm`` and ``(kind, n)`` for ``kind`` in ``"chol"``, ``"ldl"`` and ``n`` in
     `SMALL`, `LARGE`: flops per second (``2 n^3`` a product, ``n^3 / 3`` a
-    factorisation), best of three (of two at `LARGE`: about 60 ms once a process)."""
+    factorisation), best of three (of two at `LARGE`: about 60 ms once a process); and
+    ``stream``, bytes per second of an element-wise pass at `LARGE`."""
     out: dict[Any, float] = {}
     g = torch.Generator().manual_seed(0)
     cuda = device.startswith("cuda")
@@ -71,6 +83,10 @@ def _factor_rates(device: str, dtype: torch.dtype) -> dict[Any, float]:
             out["gemm"] = 2 * n**3 / _quickest(functools.partial(torch.mm, A, A), k, cuda=cuda)
         for kind, factor in (("chol", torch.linalg.cholesky), ("ldl", torch.linalg.ldl_factor_ex)):
             out[(kind, n)] = (n**3 / 3) / _quickest(functools.partial(factor, S), k, cuda=cuda)
+        if n == LARGE:  # bytes a second of an element-wise pass (read two, write one)
+            C = torch.empty_like(S)
+            add = functools.partial(torch.add, A, S, out=C)
+            out["stream"] = 3 * S.numel() * S.element_size() / _quickest(add, k, cuda=cuda)
     return out
 
 
@@ -115,6 +131,11 @@ class Timing:
     @property
     def chol(self) -> float:
         return self._rates[1]
+
+    @property
+    def stream(self) -> float:
+        """Bytes a second of an element-wise pass over arrays larger than the caches."""
+        return _factor_rates(str(self.problem.device), self.problem.dtype)["stream"]
 
     def factor_rate(self, kind: str, n: int) -> float:
         """`factor_rate` on the problem's device and dtype: ``kind`` ``"chol"`` or

@@ -111,9 +111,15 @@ class Plan:
                 continue
             mark = " <- auto" if m == self.choice else ""
             over = "  (over budget)" if c.memory > self.budget else ""
+            upto = ""
+            if c.upper > 1.5 * c.seconds:  # value-dependent: say how far it may go
+                upto = (
+                    f"  (up to {c.upper:.3g} s if its pivots are near-singular, more if "
+                    "it delays directions across stages: at small damping)"
+                )
             lines.append(
                 f"  {m:<7}{c.flops / 1e9:>10.3g}{format_bytes(c.memory):>12}"
-                f"{c.seconds:>10.3g} s{mark}{over}"
+                f"{c.seconds:>10.3g} s{mark}{over}{upto}"
             )
         for m, floor in self.skipped.items():
             lines.append(f"  {m:<7}{'-':>10}{'-':>12}  > {floor:.3g} s (not predicted further)")
