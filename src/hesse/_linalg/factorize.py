@@ -177,8 +177,9 @@ def _plan(
     timing = Timing(prob, curvature)
     out = Plan(curvature, prob.num_params, 0, budget)
     specs = list(ENGINES.values())
-    floors = {s.name: s.floor(problem, curvature, timing) if s.floor else 0.0 for s in specs}
-    if quick:
+    floors: dict[str, float] = {}
+    if quick:  # the floors serve the quick plan only
+        floors = {s.name: s.floor(problem, curvature, timing) if s.floor else 0.0 for s in specs}
         specs.sort(key=lambda s: floors[s.name])  # stable: the registry's order at ties
     with prob._sharing():  # the engines' costs share one forward pass for the sizes
         for spec in specs:
