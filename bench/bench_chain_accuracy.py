@@ -77,23 +77,21 @@ def paper_net(seed: int = 0) -> hesse.Problem:
 def unpivoted() -> Iterator[None]:
     """The sweep as it was before it pivoted, for the "before" columns: every stage
     takes the first factorisation that succeeds (Cholesky, else Bunch-Kaufman), with no
-    growth or rank test and no eigen tier, and a wide Linear stage never takes its
-    dense pivot. A patch of two internals, here and nowhere in the library."""
-    eliminate, coupling = Elimination._eliminate, _Wide._complement_coupling
+    growth or rank test and no eigen tier, and a wide Linear stage eliminates its
+    whole complement (W3), delaying none of it (W5). A patch of two internals, here
+    and nowhere in the library."""
+    eliminate, split = Elimination._eliminate, _Wide._split
 
     def no_tests(self, Q_uu, Q_uz, Q_zz, tol, limit):
         return eliminate(self, Q_uu, Q_uz, Q_zz, -math.inf, math.inf)
 
-    def never_dense(d, Qz, ctx):
-        return coupling(d, Qz, ctx._replace(damping=math.inf))[0], False
-
     Elimination._eliminate = no_tests
-    _Wide._complement_coupling = staticmethod(never_dense)
+    _Wide._split = staticmethod(lambda d, Pz, ctx: None)
     try:
         yield
     finally:
         Elimination._eliminate = eliminate
-        _Wide._complement_coupling = staticmethod(coupling)
+        _Wide._split = staticmethod(split)
 
 
 def _factor(prob: hesse.Problem, eps: float, curvature: str) -> hesse.Factorization:

@@ -293,3 +293,45 @@ def test_eigenvalue_refuses_bad_k_and_tol_and_never_loops():
         hesse.count_eigenvalues(prob, below=float("nan"), method="chain")
     with pytest.raises(ValueError, match="bounds must be two finite numbers"):
         hesse.eigenvalue(prob, 1, bounds=(1.0, 0.0), method="chain")
+
+
+@pytest.mark.parametrize("i", [2, 6])
+def test_wide_stages_delay_only_the_complement_directions_that_fail(i):
+    """Wide middle stages of the Hessian at small damping (fan-in 10 and 12 against
+    batches 3 and 5): the complement's pivot ``eps`` fails the threshold test against
+    its coupling, and the stage splits the complement in the basis that diagonalises
+    that coupling (design note (W5)) instead of factoring its dense pivot. Only the
+    directions that fail are delayed (at most ``min(J - n, i) min(n, o)`` a stage), and
+    the unrefined solve, the log-determinant and the inertia are those of the dense
+    factorisation: within what a backward error of ``64 sqrt(P) u ||C + eps I||``
+    allows (the split's Schur terms and solve products come from the eliminated
+    directions alone; through the delayed ones' couplings, ``~||lam|| / eps`` here,
+    they lost 1e4 of that at ``1e-8``)."""
+    depth, width, n, loss, bias, seed, act = _params(i)
+    case = _case(depth, width, n, loss, bias, seed, act)
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    H = _dense(case, "hessian")
+    P, u = len(H), torch.finfo(torch.float64).eps
+    ev = torch.linalg.eigvalsh(H)
+    norm = float(ev.abs().max())
+    J = width + int(bias)  # a middle stage's input rows, with the bias row
+    per_stage = min(J - n, width) * min(n, width)
+    V = torch.randn(P, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for rel in (1e-4, 1e-6, 1e-8):
+        eps = rel * norm
+        f = hesse.factorize(prob, eps, method="chain")
+        st = f.status
+        assert all(k in ("wide", "none") for k in st.kinds), st.kinds
+        assert 0 < st.max_delayed <= per_stage * (depth - 1), st.delayed
+        Ce = H + eps * torch.eye(P, dtype=torch.float64)
+        X = f.solve(V, max_refine=0)
+        r = torch.linalg.vector_norm(Ce @ X - V, dim=0)
+        floor = 64 * math.sqrt(P) * u * float(torch.linalg.matrix_norm(Ce, 2))
+        assert bool((r <= floor * torch.linalg.vector_norm(X, dim=0)).all()), (rel, r)
+        sign, la = torch.linalg.slogdet(Ce)
+        fs, fla = f.logdet()
+        mu = ev + eps
+        assert fs == float(sign)
+        assert abs(fla - float(la)) <= float((floor / mu.abs()).sum()), (rel, fla, float(la))
+        neg = int((mu < 0).sum())
+        assert f.inertia() == (neg, 0, P - neg)

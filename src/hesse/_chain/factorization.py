@@ -8,7 +8,7 @@ cite. The backward (Riccati) sweep (R1)-(R7) is block Gaussian elimination of
 from the pivots (L1, L2), and solves are refined against the true operator (S7). The
 sweep knows no layer type: it sees stages only through `StageDerivatives` (their A, B
 and G products, the blocks of Q, and a stage's own structured elimination where it has
-one, e.g. a wide ``Linear`` stage's (W1)-(W4); `hesse._chain.stages`).
+one, e.g. a wide ``Linear`` stage's (W1)-(W5); `hesse._chain.stages`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The ``nn.Linear`` stage of the chain solver, and its wide form (design note:
-docs/design/chain-curvature.md, "Linear stages" and "Wide stages", (W1)-(W4)).
+docs/design/chain-curvature.md, "Linear stages" and "Wide stages", (W1)-(W5)).
 
 ``A = I_n (x) W`` (block diagonal over samples), ``B = Zhat (x) I_o`` with
 ``Zhat = [z, 1]``, ``G_zz = G_xx = 0``, ``G_xz[(o, j), (m, i)] = lam[m, o] delta_ij``:
@@ -9,6 +9,8 @@ orthonormal basis of the range of ``B^T`` and never forms its ``p x p`` pivot.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -159,75 +161,116 @@ class LinearStage(Stage):
 
 
 # ----------------------------------------------------------------------------- wide stages
+class _Delayed(NamedTuple):
+    """The complement directions a wide stage delays (design note (W5)): ``X``
+    ``(p, k)`` orthonormal, in the stage's internal layout; ``C`` ``(k, a_in)`` their
+    couplings to the state (``X^T G_xz``); ``Lzz`` ``(n, r)`` and ``pairs``, the
+    eliminated complement's Schur term in factors: ``(Lzz Lzz^T) (x) P_z`` from the
+    ``lam`` directions that delay nothing, plus ``(l_b l_b^T) (x) (Y_b Y_b^T)`` for each
+    ``(l_b, Y_b)`` in ``pairs`` (``Y_b`` the eliminated directions' input rows)."""
+
+    X: Tensor
+    C: Tensor
+    Lzz: Tensor
+    VF: Tensor  # (o, |F|): the lam directions that delay nothing (Lzz = lam VF)
+    pairs: list[tuple[Tensor, Tensor, Tensor]]  # (l_b, v_b, Y_b (J, |E_b|))
+
+
 class _Wide:
     """A wide ``Linear`` stage, ``p = o J`` parameters against ``a = n o`` activations
     (``J > n``), eliminated without forming its ``p x p`` pivot (design note, "Wide
-    stages", (W1)-(W4)). With the thin QR ``Zhat^T = Q_z R_z``,
+    stages", (W1)-(W5)). With the thin QR ``Zhat^T = Q_z R_z``,
     ``B^T = (Q_z (x) I_o)(R_z (x) I_o)``, so in the orthonormal basis
     ``[Q_z, Q_z^perp] (x) I_o`` of the parameters ``Q_xx`` is block diagonal:
     ``Q_uu = eps I + (R_z (x) I) S (R_z^T (x) I)`` (``a x a``) on the range of ``B^T``,
     ``eps I`` on its complement (``G_xx = 0``, and ``B`` vanishes there). The complement
     is eliminated first, exactly: it couples to the state only through ``G_xz`` (the
     Hessian), adding ``-G_xz^T P G_xz / eps = -(lam lam^T) (x) P_z / eps`` to ``Q_zz``
-    (W3). The range part goes through a stable `Elimination` (it may delay directions).
-
-    `build` returns ``None`` when the complement's pivot ``eps`` fails the threshold test
-    against its coupling (the Hessian at small ``eps``) and the dense pivot is affordable:
-    the sweep then treats the stage like any other.
+    (W3). Where its pivot ``eps`` fails the threshold test against that coupling (the
+    Hessian at small ``eps``), the complement is split in the basis that diagonalises
+    its coupling (the singular vectors of ``lam`` and of the complement's input rows):
+    the directions that fail are delayed to the stage before, the rest eliminated
+    (W5). The range part goes through a stable `Elimination` (it may delay directions).
     """
 
     kind = "wide"
 
-    def __init__(self, d: _LinearDerivs, Qz: Tensor, Rz: Tensor, Pz: Tensor | None) -> None:
+    def __init__(
+        self, d: _LinearDerivs, Qz: Tensor, Rz: Tensor, Pz: Tensor | None, dl: _Delayed | None
+    ) -> None:
         self.d, self.Qz, self._Pz = d, Qz, Pz
         self.Rz = Rz
+        self.delayed = dl
+        self.kc = 0 if dl is None else dl.X.shape[1]  # complement directions delayed
         self.extra = d.p - d.a_out  # the complement: eigenvalue eps, this many times
-        self.eps_pivots = self.extra
+        self.eps_pivots = self.extra - self.kc
         self._PG: Tensor | None = None
 
     @staticmethod
-    def _complement_coupling(
-        d: _LinearDerivs, Qz: Tensor, ctx: StageContext
-    ) -> tuple[Tensor | None, bool]:
-        """``P_z`` (the complement projector on the inputs' rows, ``(J, i)``; ``None``
-        without coupling to speak of) and whether the sweep must take the dense pivot
-        instead: the complement's pivot ``eps`` fails the threshold test against its
-        coupling ``|Pz_j| |lam_:o|`` (W3) and the dense pivot fits in memory."""
-        Pz = -(Qz @ Qz[: d.i].T)  # P = (I - Q_z Q_z^T) (x) I_o on the inputs' rows j < i
-        Pz[: d.i].diagonal().add_(1.0)
-        # the complement's couplings: row (j, o) of P G_xz has norm |Pz_j| |lam_:o|
-        c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
-            torch.linalg.vector_norm(d.lam, dim=0).max()
-        )
-        damping, tol, stage = ctx.damping, ctx.tol, ctx.stage
-        if not abs(damping) >= TAU * c and c > tol:
-            S = ctx.state.S_zz
-            dense = 4 * d.p * d.p * S.element_size()  # the pivot, its eigenvectors, work
-            if dense <= memory.BUDGET_FRACTION * memory.available_memory(S.device):
-                return Pz, True  # the dense pivot fits: eliminate it like any stage's
-            if damping == 0:
-                raise memory.MemoryBudgetError(
-                    f"stage {stage!r}: at damping 0 the Hessian of a wide Linear stage "
-                    f"({d.p} parameters, {d.a_out} activations) needs its dense pivot, about "
-                    f"{memory.format_bytes(dense)}, more than is available; use a "
-                    "damping != 0, the GGN, or fewer parameters in that layer"
-                )
-        return (None if c <= tol else Pz), False
+    def _split(d: _LinearDerivs, Pz: Tensor, ctx: StageContext) -> _Delayed | None:
+        """The complement directions that fail the threshold test (W5), or ``None``
+        when every one passes (the whole complement is eliminated, (W3)).
+
+        The complement's coupling ``G_xz^T`` restricted to it is a Kronecker product:
+        direction ``y (x) f`` (``y`` in the complement of the inputs' rows, ``f`` in
+        ``R^o``) couples by ``(lam f) (x) y[:i]``. With ``lam = U_l diag(s_l) V_l^T`` and
+        ``Y = Q_perp U_c``, ``Y[:i] = V_c diag(s_c)`` (the SVD of the complement's input
+        rows), the directions ``Y_a (x) V_l,b`` are orthonormal, eigenvectors of the
+        pivot ``eps I``, with orthogonal couplings of norm ``s_c,a s_l,b``: each passes
+        or fails the eigen tier's test (S3) on its own, as in `Elimination`."""
+        eps, tol = abs(float(ctx.damping)), ctx.tol
+        Ul, sl, Vlh = torch.linalg.svd(d.lam, full_matrices=False)  # (n, r), (r,), (r, o)
+        if eps >= TAU * float(sl.max()):  # every coupling is at most s_l,max (s_c <= 1)
+            return None
+        n, i, J = d.n, d.i, d.J
+        zq = torch.linalg.qr(d.zhat.T, mode="complete")[0]  # (J, J): [Q_z, Q_perp]
+        Qp = zq[:, n:]  # the complement of the inputs' rows (J - n columns)
+        Uc, sc, _ = torch.linalg.svd(Qp[:i].T, full_matrices=True)  # (J-n, J-n), (r_c,)
+        Y = Qp @ Uc  # (J, J - n): its input rows Y[:i] have orthogonal columns
+        cpl = sc[:, None] * sl[None, :]  # (r_c, r): the couplings' norms
+        null = (cpl <= tol) & (eps <= tol)
+        elim = ~null & (eps >= TAU * cpl)
+        delay = ~(elim | null)
+        if not bool(delay.any() or null.any()):
+            return None
+        A, B = delay.nonzero(as_tuple=True)
+        Vl = Vlh.T
+        X = (Y[:, A].unsqueeze(1) * Vl[:, B].unsqueeze(0)).reshape(J * d.o, -1)
+        lv = Ul[:, B] * sl[B]  # lam V_l,b = s_l,b U_l,b: (n, k)
+        C = (lv.unsqueeze(1) * Y[:i, A].unsqueeze(0)).reshape(n * i, -1).T
+        # the eliminated complement's Schur term, from the eliminated directions alone
+        # (no cancellation against the delayed ones): per lam direction b
+        full = elim.all(0)  # b with every coupled complement direction eliminated
+        Lzz = Ul[:, full] * sl[full]
+        pairs = []
+        for b in (~full).nonzero().flatten().tolist():
+            a_b = elim[:, b].nonzero().flatten()
+            if a_b.numel():
+                pairs.append((Ul[:, b] * sl[b], Vl[:, b], Y[:, a_b]))
+        # directions beyond r_c or r (no coupling) are eliminated with pivot eps, no term
+        return _Delayed(X, C, Lzz, Vl[:, full], pairs)
 
     @classmethod
-    def build(cls, d: _LinearDerivs, ctx: StageContext) -> _Wide | None:
-        """The wide elimination (W1)-(W4), or ``None`` when the dense pivot must be used
-        (see `_complement_coupling`)."""
+    def build(cls, d: _LinearDerivs, ctx: StageContext) -> _Wide:
+        """The wide elimination (W1)-(W5)."""
         state, damping, gauss_newton, need_z, tol, stage = ctx
         S, S_dz, S_dd = state
         n, o, a = d.n, d.o, d.a_out
         Qz, Rz = torch.linalg.qr(d.zhat.T)  # (J, n), (n, n)
-        Pz = None
+        Pz, dl = None, None
         if need_z and not gauss_newton and d.p > a:
-            Pz, dense = cls._complement_coupling(d, Qz, ctx)
-            if dense:
-                return None
-        self = cls(d, Qz, Rz, Pz)
+            Pz = -(Qz @ Qz[: d.i].T)  # P = (I - Q_z Q_z^T) (x) I_o on the inputs' rows j < i
+            Pz[: d.i].diagonal().add_(1.0)
+            # the complement's couplings in the parameters' own basis: row (j, o) of
+            # P G_xz has norm |Pz_j| |lam_:o|
+            c = float(torch.linalg.vector_norm(Pz, dim=1).max()) * float(
+                torch.linalg.vector_norm(d.lam, dim=0).max()
+            )
+            if c <= tol:
+                Pz = None  # no coupling to speak of
+            elif not abs(float(damping)) >= TAU * c:  # the complement's pivot fails: (W5)
+                dl = cls._split(d, Pz, ctx)
+        self = cls(d, Qz, Rz, Pz, dl)
         self.eps = float(damping)
         self.m = m = state.m
         # (W1): (R (x) I) S (R^T (x) I), a batched product
@@ -249,22 +292,83 @@ class _Wide:
                 Q_uz.view(n, o, n, i).addcmul_(
                     Qz[:i].T.reshape(n, 1, 1, i), d.lam.T.reshape(1, o, n, 1)
                 )
-                if self.extra and Pz is not None:  # (W3)
-                    Q_zz.view(n, i, n, i).addcmul_(
-                        (d.lam @ d.lam.T).view(n, 1, n, 1),
-                        Pz[:i].view(1, i, 1, i),
-                        value=-1 / self.eps,
-                    )
+                if self.extra and Pz is not None:
+                    cls._complement_term(Q_zz.view(n, i, n, i), d, Pz, dl, self.eps)
             if m:
                 Q_uz = torch.cat([Q_uz, Q_dz])
-        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage)
+        # where the complement delays directions, the range part goes to the eigen tier:
+        # the tier the stage's whole pivot would take, its block tiers failing on the
+        # complement's growth (W5)
+        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage, eigen=dl is not None)
         inner = self.elim
         self.pivots = inner.pivots
         self.scale, self.ref, self.growth = inner.scale, inner.ref, inner.growth
         return self
 
+    @staticmethod
+    def _complement_term(
+        Q4: Tensor, d: _LinearDerivs, Pz: Tensor, dl: _Delayed | None, eps: float
+    ) -> None:
+        """Adds the eliminated complement's Schur term to ``Q_zz`` (viewed ``(n, i, n,
+        i)``): ``-(lam lam^T) (x) P_z / eps`` (W3), or with the delayed directions left
+        out, from `_Delayed`'s factors (W5)."""
+        n, i = d.n, d.i
+        if dl is None:
+            Q4.addcmul_((d.lam @ d.lam.T).view(n, 1, n, 1), Pz[:i].view(1, i, 1, i), value=-1 / eps)
+            return
+        if dl.Lzz.shape[1]:
+            Q4.addcmul_(
+                (dl.Lzz @ dl.Lzz.T).view(n, 1, n, 1), Pz[:i].view(1, i, 1, i), value=-1 / eps
+            )
+        for lb, _, Yb in dl.pairs:
+            Yi = Yb[:i]
+            Q4.addcmul_(
+                torch.outer(lb, lb).view(n, 1, n, 1), (Yi @ Yi.T).view(1, i, 1, i), value=-1 / eps
+            )
+
+    def _coupled_T(self, perp: Tensor) -> Tensor:
+        """``G_xz^T P_E q`` (``(a_in, R)``) for ``perp = P_E q`` of the eliminated
+        complement (W5), from the eliminated directions alone: no cancellation against
+        the delayed directions' larger couplings."""
+        dl, d = self.delayed, self.d
+        n, i, J, o = d.n, d.i, d.J, d.o
+        R = perp.shape[1]
+        Q3 = perp.reshape(J, o, R)
+        out = torch.einsum("nf,of,ior->nir", dl.Lzz, dl.VF, Q3[:i])  # type: ignore[union-attr]
+        for lb, vb, Yb in dl.pairs:  # type: ignore[union-attr]
+            t = torch.einsum("jor,o->jr", Q3, vb)
+            w = Yb[:i] @ (Yb.T @ t)  # (Y_b Y_b^T q v_b)[:i]
+            out += lb[:, None, None] * w[None]
+        return out.reshape(n * i, R)
+
+    def _coupled(self, dz: Tensor) -> Tensor:
+        """``P_E G_xz dz`` (``(p, R)``) onto the eliminated complement (W5), from the
+        eliminated directions alone."""
+        dl, d = self.delayed, self.d
+        n, i, J, o = d.n, d.i, d.J, d.o
+        R = dz.shape[1]
+        D3 = dz.reshape(n, i, R)
+        gF = dz.new_zeros(J, dl.Lzz.shape[1], R)  # type: ignore[union-attr]
+        gF[:i] = torch.einsum("nir,nf->ifr", D3, dl.Lzz)  # type: ignore[union-attr]
+        gF = gF - torch.einsum("jk,lk,lfr->jfr", self.Qz, self.Qz, gF)  # P (g V_F)
+        out = torch.einsum("jfr,of->jor", gF, dl.VF)  # type: ignore[union-attr]
+        for lb, vb, Yb in dl.pairs:  # type: ignore[union-attr]
+            t = torch.einsum("nir,n->ir", D3, lb)  # (g v_b)[:i]
+            w = Yb @ (Yb[:i].T @ t)  # Y_b Y_b^T g v_b
+            out += w[:, None, :] * vb[None, :, None]
+        return out.reshape(J * o, R)
+
     def take_state(self) -> SweepState:
-        return self.elim.take_state()
+        """The range part's state, with the delayed complement directions (W5)
+        appended: ``S_dz`` gains their couplings, ``S_dd`` their pivot ``eps``."""
+        st = self.elim.take_state()
+        if not self.kc:
+            return st
+        C = self.delayed.C  # type: ignore[union-attr]
+        Edd = torch.eye(self.kc, dtype=C.dtype, device=C.device) * self.eps
+        if st.S_dz is None:
+            return SweepState(st.S_zz, C, Edd)
+        return SweepState(st.S_zz, torch.cat([st.S_dz, C]), torch.block_diag(st.S_dd, Edd))
 
     @property
     def PG(self) -> Tensor | None:
@@ -291,26 +395,40 @@ class _Wide:
 
     def backward(self, q: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(W4): ``q = [q_x; s_d]``; the range part and the delayed directions through
-        the elimination; on the complement ``Q_xx = eps I`` and ``Q_zx = G_xz^T``.
-        Returns what `Elimination.backward` does, ``k`` holding both parts."""
+        the elimination; on the eliminated complement ``Q_xx = eps I`` and
+        ``Q_zx = G_xz^T``; the delayed complement directions' linear term is passed on
+        (W5). Returns what `Elimination.backward` does, ``k`` holding both parts."""
         q, q_d = q[: self.d.p], q[self.d.p :]
         qu = self._to_u(q)
         perp = q - self._from_u(qu)
+        s_k = None
+        if self.kc:
+            X = self.delayed.X  # type: ignore[union-attr]
+            s_k = X.T @ perp
+            perp = perp - X @ s_k  # the eliminated complement's part
         ku, corr, sd = self.elim.backward(torch.cat([qu, q_d]) if self.m else qu)
-        PG = self.PG
-        if corr is not None and PG is not None:  # G_xz^T P k_perp = -G_xz^T P q / eps
-            corr = corr - PG.T @ q
+        if corr is not None and self._Pz is not None and self.extra:
+            # G_xz^T P_E k_perp = -G_xz^T P_E q / eps: from the eliminated directions
+            # alone where some are delayed (W5), else through P G_xz / eps (W4)
+            coupled = self._coupled_T(perp) / self.eps if self.kc else self.PG.T @ perp  # type: ignore[union-attr]
+            corr = corr - coupled
+        if s_k is not None:
+            sd = s_k if sd is None else torch.cat([sd, s_k])
         return torch.cat([ku, perp / -self.eps if self.extra else perp[:0]]), corr, sd
 
     def forward(self, k: Tensor, dz: Tensor | None, dval: Tensor | None) -> Tensor:
-        """``[x; d]``: the stage's parameters and its incoming delayed directions."""
+        """``[x; d]``: the stage's parameters and its incoming delayed directions, from
+        ``k``, the state and the values of the directions this stage delayed (the range
+        part's, then the complement's (W5))."""
         nk = k.shape[0] - (self.d.p if self.extra else 0)
-        u = self.elim.forward(k[:nk], dz, dval)
+        mr = self.elim.num_delayed
+        u = self.elim.forward(k[:nk], dz, None if dval is None or not mr else dval[:mr])
         a = self.d.a_out
         x = self._from_u(u[:a])
         if self.extra:
             x = x + k[nk:]
-            PG = self.PG
-            if PG is not None and dz is not None:  # K_perp dz = -P G_xz dz / eps
-                x = x - PG @ dz
+            if self._Pz is not None and dz is not None:  # K_perp dz = -P_E G_xz dz / eps
+                x = x - (self._coupled(dz) / self.eps if self.kc else self.PG @ dz)  # type: ignore[operator]
+            if self.kc and dval is not None:
+                x = x + self.delayed.X @ dval[mr:]  # type: ignore[union-attr]
         return torch.cat([x, u[a:]]) if self.m else x

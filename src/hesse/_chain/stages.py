@@ -13,7 +13,7 @@ Structured stages never form matrices they do not need:
 - `hesse._chain.linear.LinearStage` (``nn.Linear``): ``A = I_n (x) W`` (block diagonal
   over samples), ``B = Zhat (x) I_o`` with ``Zhat = [z, 1]``, ``G_zz = G_xx = 0``,
   ``G_xz[(o, j), (m, i)] = lam[m, o] delta_ij``; a wide one (more parameters than
-  activations) eliminates itself in a basis of the range of ``B^T`` (W1)-(W4).
+  activations) eliminates itself in a basis of the range of ``B^T`` (W1)-(W5).
 - `ElementwiseStage` (activations): ``A = diag(h'(z))``, ``G_zz = diag(lam * h''(z))``.
 - `IdentityStage` (``Flatten``, eval-mode ``Dropout``): ``A = I``.
 - `LossStage`: the scalar loss; only its ``G_zz`` (the loss Hessian) matters, since

@@ -164,6 +164,7 @@ class Elimination:
         Q_zz: ``(a, a)``, or ``None`` for the first stage.
         tol: the rank tolerance so far (pivots at most this are zero).
         stage: a label for messages.
+        eigen: go to the eigen tier at once (the caller knows the block tiers fail).
 
     After construction: ``kind``, ``pivots`` (the eliminated pivots' values: Sylvester's
     law gives the inertia and determinant from them), ``num_delayed``, ``growth`` (the
@@ -174,7 +175,13 @@ class Elimination:
     eps_pivots = 0
 
     def __init__(
-        self, Q_uu: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, stage: str
+        self,
+        Q_uu: Tensor,
+        Q_uz: Tensor | None,
+        Q_zz: Tensor | None,
+        tol: float,
+        stage: str,
+        eigen: bool = False,
     ) -> None:
         self.n, self.stage = Q_uu.shape[0], stage
         self.scale = maxabs(Q_uu)
@@ -185,6 +192,9 @@ class Elimination:
         self.S_zz: Tensor | None = Q_zz
         if self.n == 0:
             self.kind, self.pivots = "none", Q_uu.new_zeros(0)
+            return
+        if eigen:  # the caller knows the block tiers would fail (a wide stage's (W5))
+            self._eigen(Q_uu, Q_uz, Q_zz, tol)
             return
         self._eliminate(Q_uu, Q_uz, Q_zz, tol, ref / TAU)
 
