@@ -335,3 +335,42 @@ def test_wide_stages_delay_only_the_complement_directions_that_fail(i):
         assert abs(fla - float(la)) <= float((floor / mu.abs()).sum()), (rel, fla, float(la))
         neg = int((mu < 0).sum())
         assert f.inertia() == (neg, 0, P - neg)
+
+
+def test_the_growth_probe_changes_no_decision(monkeypatch):
+    """The Bunch-Kaufman tier probes its growth test on the 32 largest columns of
+    ``Q_uz`` before its full solve (`Elimination._probe`): a probe over the limit
+    rejects what the full test (the maximum over every column) rejects, so the tiers,
+    the delayed fronts, the log-determinant and the inertia are those of the sweep
+    without the probe, on a ReLU chain with 192 state columns where it does reject."""
+    from hesse._factor import elimination
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    widths = [32] + [12] * 5 + [10]
+    layers: list[nn.Module] = []
+    for i in range(6):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=False))
+        if i < 5:
+            layers.append(nn.ReLU())
+    X, y = torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    prob = hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X.double(), y))
+    probe, verdicts = elimination.Elimination._probe, []
+
+    def spy(*args):
+        verdicts.append(probe(*args))
+        return verdicts[-1]
+
+    for eps in (1e-3, 1e-4, -1e-3):
+        verdicts.clear()
+        with monkeypatch.context() as m:
+            m.setattr(elimination.Elimination, "_probe", staticmethod(spy))
+            a = hesse.engine(prob, "hessian", method="chain").factor(eps)
+        with monkeypatch.context() as m:
+            m.setattr(elimination, "PROBE", 10**9)  # no probe: the full test alone
+            b = hesse.engine(prob, "hessian", method="chain").factor(eps)
+        assert False in verdicts  # the probe did reject a tier
+        assert a.status.kinds == b.status.kinds and a.status.delayed == b.status.delayed
+        assert a.inertia() == b.inertia()
+        la, lb = a.logdet()[1], b.logdet()[1]
+        assert abs(la - lb) <= 1e-12 * abs(lb)

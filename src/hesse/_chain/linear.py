@@ -334,11 +334,12 @@ class _Wide:
         n, i, J, o = d.n, d.i, d.J, d.o
         R = perp.shape[1]
         Q3 = perp.reshape(J, o, R)
-        out = torch.einsum("nf,of,ior->nir", dl.Lzz, dl.VF, Q3[:i])  # type: ignore[union-attr]
+        # (lam V_F V_F^T q)[:i]: L_F (V_F^T q[:i]), as (i, n, R) then (n, i, R)
+        out = torch.matmul(dl.Lzz, torch.matmul(dl.VF.T, Q3[:i])).transpose(0, 1)  # type: ignore[union-attr]
         for lb, vb, Yb in dl.pairs:  # type: ignore[union-attr]
-            t = torch.einsum("jor,o->jr", Q3, vb)
+            t = torch.matmul(Q3.transpose(1, 2), vb)  # q v_b: (J, R)
             w = Yb[:i] @ (Yb.T @ t)  # (Y_b Y_b^T q v_b)[:i]
-            out += lb[:, None, None] * w[None]
+            out = out + lb[:, None, None] * w[None]
         return out.reshape(n * i, R)
 
     def _coupled(self, dz: Tensor) -> Tensor:
@@ -348,14 +349,16 @@ class _Wide:
         n, i, J, o = d.n, d.i, d.J, d.o
         R = dz.shape[1]
         D3 = dz.reshape(n, i, R)
-        gF = dz.new_zeros(J, dl.Lzz.shape[1], R)  # type: ignore[union-attr]
-        gF[:i] = torch.einsum("nir,nf->ifr", D3, dl.Lzz)  # type: ignore[union-attr]
-        gF = gF - torch.einsum("jk,lk,lfr->jfr", self.Qz, self.Qz, gF)  # P (g V_F)
-        out = torch.einsum("jfr,of->jor", gF, dl.VF)  # type: ignore[union-attr]
+        F = dl.Lzz.shape[1]  # type: ignore[union-attr]
+        gF = dz.new_zeros(J, F, R)  # g V_F = E_i dz^T L_F, on the inputs' rows
+        gF[:i] = torch.matmul(D3.permute(1, 2, 0), dl.Lzz).transpose(1, 2)  # type: ignore[union-attr]
+        g2 = gF.view(J, F * R)
+        g2 -= self.Qz @ (self.Qz.T @ g2)  # P (g V_F)
+        out = torch.matmul(dl.VF, gF)  # type: ignore[union-attr]  # (J, o, R)
         for lb, vb, Yb in dl.pairs:  # type: ignore[union-attr]
-            t = torch.einsum("nir,n->ir", D3, lb)  # (g v_b)[:i]
+            t = torch.matmul(D3.permute(1, 2, 0), lb)  # (g v_b)[:i]: (i, R)
             w = Yb @ (Yb[:i].T @ t)  # Y_b Y_b^T g v_b
-            out += w[:, None, :] * vb[None, :, None]
+            out = out + w[:, None, :] * vb[None, :, None]
         return out.reshape(J * o, R)
 
     def take_state(self) -> SweepState:
