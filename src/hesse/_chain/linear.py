@@ -162,18 +162,38 @@ class LinearStage(Stage):
 
 # ----------------------------------------------------------------------------- wide stages
 class _Delayed(NamedTuple):
-    """The complement directions a wide stage delays (design note (W5)): ``X``
-    ``(p, k)`` orthonormal, in the stage's internal layout; ``C`` ``(k, a_in)`` their
-    couplings to the state (``X^T G_xz``); ``Lzz`` ``(n, r)`` and ``pairs``, the
-    eliminated complement's Schur term in factors: ``(Lzz Lzz^T) (x) P_z`` from the
-    ``lam`` directions that delay nothing, plus ``(l_b l_b^T) (x) (Y_b Y_b^T)`` for each
-    ``(l_b, Y_b)`` in ``pairs`` (``Y_b`` the eliminated directions' input rows)."""
+    """The complement directions a wide stage delays (design note (W5)), never formed
+    as ``p``-vectors: ``groups`` holds, per ``lam`` direction ``v_b`` with delayed
+    directions, ``(v_b, Y_Db)`` (``(o,)``, ``(J, d_b)``): the directions
+    ``Y_Db[:, a] (x) v_b`` in the stage's internal layout, in this order. ``C``
+    ``(k, a_in)`` holds their couplings to the state (``X^T G_xz``); ``Lzz``
+    ``(n, |F|)``, ``VF`` and ``pairs`` the eliminated complement's Schur term in factors:
+    ``(Lzz Lzz^T) (x) P_z`` from the ``lam`` directions ``F = lam`` ``VF`` that delay
+    nothing, plus ``(l_b l_b^T) (x) (Y_b[:i] Y_b[:i]^T)`` for each ``(l_b, v_b, Y_b)`` in
+    ``pairs`` (``Y_b`` the eliminated directions of ``v_b``)."""
 
-    X: Tensor
+    groups: list[tuple[Tensor, Tensor]]
     C: Tensor
     Lzz: Tensor
-    VF: Tensor  # (o, |F|): the lam directions that delay nothing (Lzz = lam VF)
-    pairs: list[tuple[Tensor, Tensor, Tensor]]  # (l_b, v_b, Y_b (J, |E_b|))
+    VF: Tensor
+    pairs: list[tuple[Tensor, Tensor, Tensor]]
+
+    def project(self, perp: Tensor) -> Tensor:
+        """``X^T q`` (``(k, R)``) for ``q`` ``(p, R)`` (internal layout)."""
+        v0, Y0 = self.groups[0]
+        Q3 = perp.reshape(Y0.shape[0], v0.shape[0], -1).transpose(1, 2)  # (J, R, o)
+        return torch.cat([Y.T @ torch.matmul(Q3, v) for v, Y in self.groups])
+
+    def expand(self, vals: Tensor) -> Tensor:
+        """``X vals`` (``(p, R)``) for ``vals`` ``(k, R)``."""
+        v0, Y0 = self.groups[0]
+        out, at = None, 0
+        for v, Y in self.groups:
+            w = Y @ vals[at : at + Y.shape[1]]  # (J, R)
+            at += Y.shape[1]
+            t = w[:, None, :] * v[None, :, None]
+            out = t if out is None else out + t
+        return out.reshape(Y0.shape[0] * v0.shape[0], -1)  # type: ignore[union-attr]
 
 
 class _Wide:
@@ -201,7 +221,7 @@ class _Wide:
         self.d, self.Qz, self._Pz = d, Qz, Pz
         self.Rz = Rz
         self.delayed = dl
-        self.kc = 0 if dl is None else dl.X.shape[1]  # complement directions delayed
+        self.kc = 0 if dl is None else dl.C.shape[0]  # complement directions delayed
         self.extra = d.p - d.a_out  # the complement: eigenvalue eps, this many times
         self.eps_pivots = self.extra - self.kc
         self._PG: Tensor | None = None
@@ -222,7 +242,7 @@ class _Wide:
         Ul, sl, Vlh = torch.linalg.svd(d.lam, full_matrices=False)  # (n, r), (r,), (r, o)
         if eps >= TAU * float(sl.max()):  # every coupling is at most s_l,max (s_c <= 1)
             return None
-        n, i, J = d.n, d.i, d.J
+        n, i = d.n, d.i
         zq = torch.linalg.qr(d.zhat.T, mode="complete")[0]  # (J, J): [Q_z, Q_perp]
         Qp = zq[:, n:]  # the complement of the inputs' rows (J - n columns)
         Uc, sc, _ = torch.linalg.svd(Qp[:i].T, full_matrices=True)  # (J-n, J-n), (r_c,)
@@ -233,11 +253,14 @@ class _Wide:
         delay = ~(elim | null)
         if not bool(delay.any() or null.any()):
             return None
-        A, B = delay.nonzero(as_tuple=True)
         Vl = Vlh.T
-        X = (Y[:, A].unsqueeze(1) * Vl[:, B].unsqueeze(0)).reshape(J * d.o, -1)
-        lv = Ul[:, B] * sl[B]  # lam V_l,b = s_l,b U_l,b: (n, k)
-        C = (lv.unsqueeze(1) * Y[:i, A].unsqueeze(0)).reshape(n * i, -1).T
+        groups, rows = [], []
+        for b in delay.any(0).nonzero().flatten().tolist():
+            Yd = Y[:, delay[:, b].nonzero().flatten()]
+            groups.append((Vl[:, b], Yd))
+            # coupling of Y_a (x) v_b: (lam v_b) (x) Y_a[:i], lam v_b = s_l,b U_l,b
+            rows.append(((Ul[:, b] * sl[b])[None, :, None] * Yd[:i].T[:, None, :]).flatten(1))
+        C = torch.cat(rows) if rows else Y.new_zeros(0, n * i)
         # the eliminated complement's Schur term, from the eliminated directions alone
         # (no cancellation against the delayed ones): per lam direction b
         full = elim.all(0)  # b with every coupled complement direction eliminated
@@ -248,7 +271,7 @@ class _Wide:
             if a_b.numel():
                 pairs.append((Ul[:, b] * sl[b], Vl[:, b], Y[:, a_b]))
         # directions beyond r_c or r (no coupling) are eliminated with pivot eps, no term
-        return _Delayed(X, C, Lzz, Vl[:, full], pairs)
+        return _Delayed(groups, C, Lzz, Vl[:, full], pairs)
 
     @classmethod
     def build(cls, d: _LinearDerivs, ctx: StageContext) -> _Wide:
@@ -406,14 +429,15 @@ class _Wide:
         perp = q - self._from_u(qu)
         s_k = None
         if self.kc:
-            X = self.delayed.X  # type: ignore[union-attr]
-            s_k = X.T @ perp
-            perp = perp - X @ s_k  # the eliminated complement's part
+            s_k = self.delayed.project(perp)  # type: ignore[union-attr]
+            perp = perp - self.delayed.expand(s_k)  # type: ignore[union-attr]  # P_E q
         ku, corr, sd = self.elim.backward(torch.cat([qu, q_d]) if self.m else qu)
         if corr is not None and self._Pz is not None and self.extra:
             # G_xz^T P_E k_perp = -G_xz^T P_E q / eps: from the eliminated directions
             # alone where some are delayed (W5), else through P G_xz / eps (W4)
-            coupled = self._coupled_T(perp) / self.eps if self.kc else self.PG.T @ perp  # type: ignore[union-attr]
+            coupled = (
+                self._coupled_T(perp) / self.eps if self.delayed is not None else self.PG.T @ perp
+            )  # type: ignore[union-attr]
             corr = corr - coupled
         if s_k is not None:
             sd = s_k if sd is None else torch.cat([sd, s_k])
@@ -431,7 +455,7 @@ class _Wide:
         if self.extra:
             x = x + k[nk:]
             if self._Pz is not None and dz is not None:  # K_perp dz = -P_E G_xz dz / eps
-                x = x - (self._coupled(dz) / self.eps if self.kc else self.PG @ dz)  # type: ignore[operator]
+                x = x - (self._coupled(dz) / self.eps if self.delayed is not None else self.PG @ dz)  # type: ignore[operator]
             if self.kc and dval is not None:
-                x = x + self.delayed.X @ dval[mr:]  # type: ignore[union-attr]
+                x = x + self.delayed.expand(dval[mr:])  # type: ignore[union-attr]
         return torch.cat([x, u[a:]]) if self.m else x
