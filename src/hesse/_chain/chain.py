@@ -156,7 +156,7 @@ class Chain:
     def flops_estimate(self) -> int:
         """Floating-point operations of one sweep, from the same sizes: each stage's pivot
         factorisation ``n_u^3 / 3``, its coupling ``n_u^2 a_in``, its Schur update
-        ``n_u a_in^2`` and the forming of its blocks (`Stage.block_flops`) (the cost
+        ``2 n_u a_in^2`` (a product) and the forming of its blocks (`Stage.block_flops`) (the cost
         model of `hesse.plan`; delayed directions, which depend on the values, are not
         counted)."""
         return self._estimates()[1]
@@ -185,17 +185,22 @@ class Chain:
                 z = stage.forward(z.clone())
                 a_out, p = z.numel(), stage.num_params
                 flops += stage.block_flops(n, a_in, a_out)
-                if p == 0:
-                    transient = max(transient, 2 * a_out * a_out + 2 * a_in * a_in)
+                if p == 0:  # a diagonal stage scales S in place (D S D); others form Q_zz
+                    diag = isinstance(stage, ElementwiseStage | IdentityStage)
+                    own = a_out * a_out if diag else 2 * a_out * a_out + 2 * a_in * a_in
+                    transient = max(transient, own)
                     continue
                 n_u = stage.pivot_size(a_out)
                 self._pivot_sizes.append(n_u)
                 wide = n_u < p
                 stored += n_u * n_u + n_u * a_in + (p * n // max(a_out, 1) if wide else 0)
-                blocks = a_out * a_out + 2 * a_in * a_in + a_out * a_in
+                # S, S A, Q_zz (in S's memory where it fits) and the tier's update
+                # (the Bunch-Kaufman and eigen tiers' U; Cholesky updates Q_zz in place)
+                fits = a_in * a_in <= a_out * a_out
+                blocks = a_out * a_out + a_out * a_in + (0 if fits else a_in * a_in) + a_in * a_in
                 blocks += 2 * n_u * a_in + (0 if wide else 2 * p * p + a_out * p)
                 transient = max(transient, blocks)
-                flops += n_u**3 // 3 + n_u * n_u * a_in + n_u * a_in * a_in
+                flops += n_u**3 // 3 + n_u * n_u * a_in + 2 * n_u * a_in * a_in
         a_L = z.numel()
         transient = max(transient, 3 * a_L * a_L)  # the loss Hessian: eye, grads, result
         return itemsize * (stored + transient), flops

@@ -60,9 +60,10 @@ class _LinearDerivs(StageDerivatives):
         # S A[(n, o), (m, k)] = sum_q S[(n, o), (m, q)] W[q, k]
         SA = (S.reshape(self.a_out * n, o) @ self.W).view(n, o, a_in)
         Q_xz = (ZT @ SA.view(n, o * a_in)).view(p, a_in)  # B^T (S A)
-        Q_zz = torch.bmm(self.W.T.expand(n, self.i, o), SA).view(
-            a_in, a_in
-        )  # A^T (S A), per sample
+        # A^T (S A), per sample, into S's memory where it fits (S is not needed after)
+        buf = S.view(-1)[: a_in * a_in] if S.is_contiguous() and S.numel() >= a_in**2 else None
+        out = None if buf is None else buf.view(n, self.i, a_in)
+        Q_zz = torch.bmm(self.W.T.expand(n, self.i, o), SA, out=out).view(a_in, a_in)
         if not gauss_newton:  # G_xz[(j, o), (m, k)] = lam[m, o] delta_jk (no bias row)
             i = self.i
             k = min(i, J)

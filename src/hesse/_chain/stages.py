@@ -86,9 +86,12 @@ class StageDerivatives(abc.ABC):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(Q_zz, Q_xx, Q_xz)`` without damping (R1)-(R3): ``Q_zz = G_zz + A^T S A``,
         ``Q_xx = G_xx + B^T S B``, ``Q_xz = G_xz + B^T S A``; ``G`` is dropped for
-        the Gauss-Newton matrix. ``S`` is ``S_l``, ``(a_out, a_out)``. With ``need_z=False``
-        (first stage: ``dz_0 = 0``) ``Q_zz`` and ``Q_xz`` are not formed. A stage without
-        parameters returns ``Q_xx = Q_xz = None``."""
+        the Gauss-Newton matrix. ``S`` is ``S_l``, ``(a_out, a_out)``: the sweep's own
+        state, which the stage may overwrite (its memory may hold ``Q_zz``: a fresh
+        ``a x a`` array costs its page faults, 2-3 GB/s on the 2-core CPU, more than the
+        pass itself). With ``need_z=False`` (first stage: ``dz_0 = 0``) ``Q_zz`` and
+        ``Q_xz`` are not formed. A stage without parameters returns
+        ``Q_xx = Q_xz = None``."""
 
     def eliminate(self, ctx: StageContext) -> StageElimination | None:
         """The stage's own elimination of its pivot variables ``[x; d]`` (design note
@@ -169,7 +172,7 @@ class _DiagDerivs(StageDerivatives):
     def q_blocks(
         self, S: Tensor, gauss_newton: bool, need_z: bool
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        Q_zz = torch.mul(S, self.d1[:, None]).mul_(self.d1)
+        Q_zz = S.mul_(self.d1[:, None]).mul_(self.d1)  # D S D, in the state's memory
         if self.gzz is not None and not gauss_newton:
             Q_zz.diagonal().add_(self.gzz)
         return Q_zz, None, None

@@ -166,7 +166,8 @@ class Elimination:
     Args:
         Q_uu: ``(n, n)``, symmetric (read in full: pass a symmetric matrix).
         Q_uz: ``(n, a)`` coupling to the state, or ``None`` for the first stage.
-        Q_zz: ``(a, a)``, or ``None`` for the first stage.
+        Q_zz: ``(a, a)``, or ``None`` for the first stage; the elimination's own (the
+            Cholesky tier updates it in place into ``S_zz``).
         tol: the rank tolerance so far (pivots at most this are zero).
         stage: a label for messages.
         eigen: go to the eigen tier at once (the caller knows the block tiers fail).
@@ -233,7 +234,7 @@ class Elimination:
             self.growth = float((W * W).sum(0).max()) if W.numel() else 0.0
             if self.growth > limit:
                 return False
-            self.S_zz = torch.addmm(Q_zz, W.T, W, alpha=-1.0)  # (S2): S = Q_zz - W^T W
+            self.S_zz = Q_zz.addmm_(W.T, W, alpha=-1.0)  # (S2): S = Q_zz - W^T W, in place
         self.kind, self.pivots, self.L, self.W = "cholesky", d, L, W
         return True
 
@@ -263,7 +264,7 @@ class Elimination:
         if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
             return False
         if K is not None:
-            self.S_zz = Q_zz + U  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz
+            self.S_zz = U.add_(Q_zz)  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz, in U's memory
         self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
         return True
 
@@ -315,7 +316,7 @@ class Elimination:
             self.KE = KE = -C_E / self.mu_E[:, None]
             U = C_E.T @ KE
             self.growth = maxabs(U)
-            self.S_zz = Q_zz + U  # (S3): S = Q_zz - C_E^T diag(mu_E)^-1 C_E
+            self.S_zz = U.add_(Q_zz)  # (S3): S = Q_zz - C_E^T diag(mu_E)^-1 C_E
             if self.num_delayed:  # (S4): the delayed directions' state
                 self.S_dz, self.S_dd = C[self.D], torch.diag(mu[self.D])
         self.kind = "eigen"
