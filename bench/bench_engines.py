@@ -3,6 +3,7 @@
 Usage:
     python bench/bench_engines.py [--rows a b ...] [--curvature ggn|hessian]
                                   [--max-seconds 90] [--no-paper] [--json out.json]
+    python bench/bench_engines.py --overhead [--rows a b ...] [--curvature ggn|hessian]
 
 float64, CPU, cross-entropy MLPs, the GGN (every engine applies; ``--curvature
 hessian``: dense and chain), damping 1e-3 (the ``tiny-damping`` row: ``1e-6 ||C||``,
@@ -30,6 +31,11 @@ Table 2, the reference paper's configuration (8 bias-free ReLU layers 768-24x7-1
 batch 64, P = 22,128, M = 640; GGN, damping 1e-3): solve + log-determinant by the
 observation-space and the chain engines in HVP-times, one Hessian-vector product timed
 in the same process.
+
+Table 4 (``--overhead``, alone): ``method="auto"`` against the engine it chooses named,
+interleaved in one process, the best of 5 rounds (2 where a call takes over a second;
+rows whose call takes over 30 s are left out): the planning overhead without the drift
+between Table 1's separate processes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -283,6 +290,52 @@ def newton_table(name: str = "digits") -> dict:
     return out
 
 
+def overhead_table(names: list[str], curvature: str) -> list[dict]:
+    """Table 4 (``--overhead``): ``method="auto"`` against naming the engine it chooses,
+    interleaved in this one process (a round times each once, on fresh problems; the
+    best of 5 rounds, of 2 where a call takes over a second): the planning overhead
+    without the drift between the separate processes of Table 1, which moves rows under
+    a second by 20-30% from run to run on a shared machine."""
+    out = []
+    for name in names:
+        eps = damping(name, problem(name), curvature)
+        v = None
+
+        def run(method: str, name: str = name, eps: float = eps) -> tuple[float, str]:
+            nonlocal v
+            p = problem(name)
+            if v is None:
+                v = torch.ones(p.num_params, dtype=torch.float64)
+            t0 = time.perf_counter()
+            f = hesse.factorize(p, eps, curvature, method=method)
+            f.solve(v)
+            f.logdet()
+            return time.perf_counter() - t0, f.status.method
+
+        first, chosen = run("auto")
+        if first > 30:  # a row of minutes: not repeated
+            continue
+        run(chosen)  # warm both
+        rounds = 5 if first < 1 else 2
+        best = {"auto": math.inf, chosen: math.inf}
+        for _ in range(rounds):
+            for m in ("auto", chosen):
+                best[m] = min(best[m], run(m)[0])
+        row = {
+            "row": name,
+            "method": chosen,
+            "auto_s": best["auto"],
+            "named_s": best[chosen],
+            "ratio": best["auto"] / best[chosen],
+        }
+        out.append(row)
+        print(
+            f"| {name} | {chosen} | {best['auto']:.3g} s | {best[chosen]:.3g} s | "
+            f"{row['ratio']:.2f} |"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -290,12 +343,23 @@ def main() -> None:
     ap.add_argument("--curvature", choices=["ggn", "hessian"], default="ggn")
     ap.add_argument("--no-paper", action="store_true", help="skip table 2")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--overhead", action="store_true", help="table 4 alone: auto against its engine named"
+    )
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float64, "
         f"{args.curvature}, eps 1e-3"
     )
+    if args.overhead:
+        print("| row | engine | auto | named | auto / named |")
+        print("|---|---|---|---|---|")
+        table = overhead_table(args.rows, args.curvature)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"overhead": table}, f, indent=1)
+        return
     print(
         "| row | P | M | depth | dense | gram | chain | auto | auto / fastest | auto / named "
         "| predictions off by |"
