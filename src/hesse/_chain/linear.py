@@ -238,11 +238,11 @@ class _Wide:
         ``Y = Q_perp U_c``, ``Y[:i] = V_c diag(s_c)`` (the SVD of the complement's input
         rows), the directions ``Y_a (x) V_l,b`` are orthonormal, eigenvectors of the
         pivot ``eps I``, with orthogonal couplings of norm ``s_c,a s_l,b``: each passes
-        or fails the eigen tier's test (S3) on its own, as in `Elimination`."""
+        or fails the eigen tier's test (S3) on its own, as in `Elimination`. Called where
+        the parameter-basis test failed (`build`): its couplings are at most ``s_l,max``
+        (``s_c <= 1``), so some direction fails here too."""
         eps, tol = abs(float(ctx.damping)), ctx.tol
         Ul, sl, Vlh = torch.linalg.svd(d.lam, full_matrices=False)  # (n, r), (r,), (r, o)
-        if eps >= TAU * float(sl.max()):  # every coupling is at most s_l,max (s_c <= 1)
-            return None
         n, i = d.n, d.i
         zq = torch.linalg.qr(d.zhat.T, mode="complete")[0]  # (J, J): [Q_z, Q_perp]
         Qp = zq[:, n:]  # the complement of the inputs' rows (J - n columns)
