@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "hesse._cli.data": 0,
     # 1-3: the problem, its products, Bishop, checks; the chain's stages
     "hesse._autodiff.problem": 1,
+    "hesse._autodiff.rop": 1,
     "hesse._factor.elimination": 1,
     "hesse._autodiff.products": 2,
     "hesse._autodiff.bishop": 2,

@@ -42,7 +42,7 @@ def test_hessian_dense(setting):
     assert rel_err(hesse.hessian(prob), ref.hessian()) < TOL64
 
 
-@pytest.mark.parametrize("method", ["reverse", "forward"])
+@pytest.mark.parametrize("method", ["auto", "reverse", "forward"])
 def test_hvp_vector_and_matrix(setting, method):
     _, ref, prob = setting
     H = ref.hessian()

@@ -24,13 +24,11 @@ against ``torch.func.hessian``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
 from hesse._autodiff import losses
-from hesse._autodiff.layers import ELEMENTWISE, activation_derivatives, flatten_sequential
+from hesse._autodiff.layers import activation_derivatives, mlp_layers
 from hesse._autodiff.problem import Problem
 
 __all__ = [
@@ -42,44 +40,6 @@ __all__ = [
     "bishop_route",
     "mlp_layers",
 ]
-
-
-def mlp_layers(
-    model: nn.Module,
-) -> tuple[Callable[[Tensor], Tensor], list[tuple[str, nn.Linear, list[nn.Module]]]]:
-    """Split an ``nn.Sequential`` MLP into an input transform and layers
-    ``(name, Linear, [element-wise modules after it])``.
-
-    Raises:
-        ValueError: naming the first module that is neither ``nn.Linear`` nor an
-            element-wise activation (``Flatten`` and eval-mode ``Dropout`` are
-            accepted before the first ``Linear``, ``Dropout`` in eval mode anywhere).
-    """
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"Bishop's method needs an nn.Sequential MLP; got {type(model).__name__}")
-    pre: list[nn.Module] = []
-    layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
-    for name, mod in flatten_sequential(model):
-        if isinstance(mod, nn.Dropout) and not (mod.training and mod.p > 0):
-            continue
-        if isinstance(mod, nn.Linear):
-            layers.append((name, mod, []))
-        elif isinstance(mod, ELEMENTWISE) or (isinstance(mod, nn.Flatten) and not layers):
-            (layers[-1][2] if layers else pre).append(mod)
-        else:
-            raise ValueError(
-                f"Bishop's method supports nn.Linear and element-wise activations; module "
-                f"{name!r} is {type(mod).__name__}"
-            )
-    if not layers:
-        raise ValueError("Bishop's method needs at least one nn.Linear layer")
-
-    def pre_fn(x: Tensor) -> Tensor:
-        for m in pre:
-            x = m(x)
-        return x
-
-    return pre_fn, layers
 
 
 class _Layout:

@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ELEMENTWISE", "activation_derivatives", "autograd_derivatives", "flatten_sequential"]
+__all__ = [
+    "ELEMENTWISE",
+    "activation_derivatives",
+    "autograd_derivatives",
+    "flatten_sequential",
+    "mlp_layers",
+]
 
 ELEMENTWISE = (
     nn.Tanh,
@@ -43,6 +49,44 @@ def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn
             out += flatten_sequential(child, f"{prefix}{name}.")
         return out
     return [(prefix[:-1], model)]
+
+
+def mlp_layers(
+    model: nn.Module,
+) -> tuple[Callable[[Tensor], Tensor], list[tuple[str, nn.Linear, list[nn.Module]]]]:
+    """Split an ``nn.Sequential`` MLP into an input transform and layers
+    ``(name, Linear, [element-wise modules after it])``.
+
+    Raises:
+        ValueError: naming the first module that is neither ``nn.Linear`` nor an
+            element-wise activation (``Flatten`` and eval-mode ``Dropout`` are
+            accepted before the first ``Linear``, ``Dropout`` in eval mode anywhere).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"Bishop's method needs an nn.Sequential MLP; got {type(model).__name__}")
+    pre: list[nn.Module] = []
+    layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
+    for name, mod in flatten_sequential(model):
+        if isinstance(mod, nn.Dropout) and not (mod.training and mod.p > 0):
+            continue
+        if isinstance(mod, nn.Linear):
+            layers.append((name, mod, []))
+        elif isinstance(mod, ELEMENTWISE) or (isinstance(mod, nn.Flatten) and not layers):
+            (layers[-1][2] if layers else pre).append(mod)
+        else:
+            raise ValueError(
+                f"Bishop's method supports nn.Linear and element-wise activations; module "
+                f"{name!r} is {type(mod).__name__}"
+            )
+    if not layers:
+        raise ValueError("Bishop's method needs at least one nn.Linear layer")
+
+    def pre_fn(x: Tensor) -> Tensor:
+        for m in pre:
+            x = m(x)
+        return x
+
+    return pre_fn, layers
 
 
 def _tanh(_m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +124,22 @@ def _silu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return m(a), d1, s * (1 - s) * (2 + a * (1 - 2 * s))
 
 
+def _relu(m: nn.Module, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # autograd's derivative: 0 at a = 0 (threshold_backward), the slope there for LeakyReLU
+    pos = a > 0
+    slope = m.negative_slope if isinstance(m, nn.LeakyReLU) else 0.0
+    z = torch.where(pos, a, a * slope)
+    d1 = (
+        pos.to(a.dtype)
+        if slope == 0.0
+        else torch.where(pos, torch.ones_like(a), torch.full_like(a, slope))
+    )
+    return z, d1, torch.zeros_like(a)
+
+
 _CLOSED_FORMS: dict[type, Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    nn.ReLU: _relu,
+    nn.LeakyReLU: _relu,
     nn.Tanh: _tanh,
     nn.Sigmoid: _sigmoid,
     nn.Softplus: _softplus,

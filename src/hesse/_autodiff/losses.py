@@ -167,9 +167,44 @@ def _likelihood_hessian_product(
 
 
 def output_gradient(loss_fn: Any, outputs: Tensor, targets: Any, weight: float) -> Tensor:
-    """``d (w_b loss_b) / d outputs``, shaped like the outputs (the output adjoint)."""
+    """``d (w_b loss_b) / d outputs``, shaped like the outputs (the output adjoint): in
+    closed form for cross-entropy over class labels (``c (softmax(o) - onehot(y))``,
+    without class weights or label smoothing; ``ignore_index`` rows zero) and for MSE
+    (``2 c (o - y)``), by autodiff otherwise."""
+    closed = _likelihood_gradient(loss_fn, outputs.detach(), targets, weight)
+    if closed is not None:
+        return closed
     o = outputs.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(weighted_loss(loss_fn, o, targets, weight), [o])
+    return g
+
+
+def _likelihood_gradient(loss_fn: Any, o: Tensor, targets: Any, weight: float) -> Tensor | None:
+    """`output_gradient` in closed form where it is short (see there); ``None``: autodiff."""
+    kind = type(loss_fn)
+    if kind not in (nn.CrossEntropyLoss, nn.MSELoss) or not isinstance(targets, Tensor):
+        return None
+    if loss_fn.reduction not in ("mean", "sum"):
+        return None
+    if kind is nn.MSELoss:
+        if targets.shape != o.shape or targets.dtype != o.dtype:
+            return None
+        return (2.0 * reduction_factor(loss_fn, o, targets, weight)) * (o - targets.detach())
+    if (
+        loss_fn.weight is not None
+        or loss_fn.label_smoothing != 0.0
+        or o.ndim != 2
+        or targets.is_floating_point()
+        or targets.shape != o.shape[:1]
+    ):
+        return None
+    valid = valid_samples(loss_fn, o, targets)
+    assert valid is not None  # class labels (n,)
+    c = reduction_factor(loss_fn, o, targets, weight)
+    g = torch.softmax(o, dim=-1)
+    rows = torch.arange(o.shape[0], device=o.device)
+    g[rows, targets.where(valid, 0)] -= 1.0
+    g.mul_(valid[:, None].to(g.dtype) * c)
     return g
 
 

@@ -538,6 +538,7 @@ class Problem:
         self.output = output
         self.fallbacks: set[str] = set()  # products that need the reference kernels
         self.graph_checked = False  # no once-differentiable Function in the graph
+        self._mlp_forward: Any = None  # hesse._autodiff.rop's forward passes at a point
         self._checked_versions: tuple[int, ...] = ()
         self.reduction = self._resolve_reduction(loss_fn, reduction)
 
@@ -1003,7 +1004,7 @@ class Problem:
 
     def state(self) -> State | None:
         """A token that changes whenever the objective may have changed (``==`` tells):
-        the bytes of every selected parameter and buffer, the version counters of the
+        the bytes of every parameter (selected or not) and buffer, the version counters of the
         data held in memory and every module's mode; ``None`` when that cannot be told
         (an iterable that makes new tensors on each pass, a distributed problem):
         nothing is cached then."""
@@ -1011,8 +1012,10 @@ class Problem:
         if data is None or self.group is not None:
             return None
         # the values themselves for parameters and buffers (a write through .data leaves
-        # the version counter alone): one copy of their bytes, O(P), compared exactly
-        tensors = [*self.parameters.tensors, *self.model.buffers()]
+        # the version counter alone): one copy of their bytes, O(P), compared exactly;
+        # every parameter of the model, the ones not selected too (a frozen layer's
+        # weights are part of the objective)
+        tensors = [*self.model.parameters(), *self.model.buffers()]
         raw = [t.detach().reshape(-1).view(torch.uint8) for t in tensors if t.numel()]
         values = torch.cat(raw) if raw else torch.zeros(0, dtype=torch.uint8)
         # and every module's mode: model.train() turns a Dropout random, a BatchNorm coupling

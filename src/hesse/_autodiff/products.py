@@ -22,6 +22,7 @@ the convention of curvlinops.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from hesse._autodiff import losses
+from hesse._autodiff import losses, rop
 from hesse._autodiff.kernels import check_twice_differentiable, with_fallback
 from hesse._autodiff.problem import Problem
 from hesse._util.calls import swapped_call
@@ -133,13 +134,20 @@ def gradient(problem: Problem) -> Tensor:
 
 
 # --------------------------------------------------------------------------- Hessian
-def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tensor:
+HESSIAN_METHODS = ("auto", "mlp", "reverse", "forward")
+"""The routes of ``H V``: ``"auto"`` takes ``"mlp"`` where it applies, else ``"reverse"``."""
+
+
+def hessian_matmat(problem: Problem, V: Tensor, method: str = "auto") -> Tensor:
     """``H V`` for ``V`` of shape ``(P, k)``.
 
-    ``method="reverse"`` (default, fastest on CPU): reverse-over-reverse, the
-    gradient graph is built once per batch and differentiated again for all columns.
-    ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
-    forward pass and one backward per column, ``torch.autograd.forward_ad``).
+    ``method="auto"`` (default): ``"mlp"`` where the model is an MLP the route takes
+    (`hesse._autodiff.rop.mlp_route`), else ``"reverse"``. ``"mlp"``: Pearlmutter's
+    R-operator by hand over the MLP's layers (design note (P1)-(P2); about 2 gradients
+    a column). ``"reverse"``: reverse-over-reverse, the gradient graph built once per
+    batch and differentiated again for all columns. ``"forward"``: Pearlmutter's
+    R-operator as forward-over-reverse autodiff (a dual forward pass and one backward
+    per column, ``torch.autograd.forward_ad``).
     """
     HV = with_fallback(
         problem, "the Hessian-vector product", lambda: _hessian_matmat(problem, V, method)
@@ -147,14 +155,33 @@ def hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tens
     return problem.reduce(HV, "Hessian-vector product")
 
 
-def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Tensor:
-    """``H V`` for ``V`` of shape ``(P, k)``.
+def check_hessian_method(problem: Problem, method: str) -> None:
+    """Refuse an unknown ``method``, or ``"mlp"`` for a problem the route does not take."""
+    if method not in HESSIAN_METHODS:
+        raise ValueError(f"method must be one of {HESSIAN_METHODS}; got {method!r}")
+    if method == "mlp" and rop.mlp_route(problem) is None:
+        raise ValueError(
+            "method='mlp' needs an nn.Sequential of nn.Linear layers and element-wise "
+            "activations that the problem runs as it is (its own parameters, every selected "
+            "parameter a Linear weight or bias, no hooks, no output= selection); use "
+            "method='auto' or 'reverse'"
+        )
 
-    ``method="reverse"`` (default, fastest on CPU): reverse-over-reverse, the
-    gradient graph is built once per batch and differentiated again for all columns.
-    ``method="forward"``: Pearlmutter's R-operator as forward-over-reverse (a dual
-    forward pass and one backward per column, ``torch.autograd.forward_ad``).
-    """
+
+def _hessian_matmat(problem: Problem, V: Tensor, method: str = "auto") -> Tensor:
+    """``H V`` for ``V`` of shape ``(P, k)`` (`hessian_matmat`, without the reduction
+    over ranks)."""
+    if method in ("auto", "mlp"):
+        route = rop.mlp_route(problem)
+        if route is not None:
+            try:
+                return rop.mlp_matmat(problem, route, V)
+            except rop.NoRoute as why:
+                if method == "mlp":
+                    raise ValueError(f"method='mlp' cannot take {why}") from None
+        elif method == "mlp":
+            check_hessian_method(problem, method)
+        method = "reverse"
     if method == "reverse":
         out: Tensor | None = None
         cot = _param_cotangents(problem, V)
@@ -168,7 +195,7 @@ def _hessian_matmat(problem: Problem, V: Tensor, method: str = "reverse") -> Ten
         return torch.zeros_like(V) if out is None else out  # a rank may hold no samples
     if method == "forward":
         return _hessian_matmat_forward(problem, V)
-    raise ValueError(f"method must be 'reverse' or 'forward'; got {method!r}")
+    raise ValueError(f"method must be one of {HESSIAN_METHODS}; got {method!r}")
 
 
 def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
@@ -227,8 +254,14 @@ def jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
     return problem.reduce(CV, "Gauss-Newton / Fisher product")
 
 
-def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap) -> Tensor:
-    """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``."""
+def _jtlj_matmat(problem: Problem, V: Tensor, output_map: OutputMap, route: bool = True) -> Tensor:
+    """``sum_b J_b^T Lambda_b J_b V`` for ``V`` of shape ``(P, k)``: by hand over an MLP's
+    layers (`hesse._autodiff.rop`, design note (P3)) where the route applies and
+    ``route``, else forward-mode ``J V`` and a backward."""
+    mlp = rop.mlp_route(problem) if route else None
+    if mlp is not None:
+        with contextlib.suppress(rop.NoRoute):
+            return rop.mlp_matmat(problem, mlp, V, output_map)
     out: Tensor | None = None
     k = V.shape[1]
     for inputs, targets, w in problem.batches():

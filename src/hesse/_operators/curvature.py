@@ -24,18 +24,21 @@ class HessianOperator(CurvatureOperator):
 
     Args:
         problem: the `Problem`.
-        method: ``"reverse"`` (default: reverse-over-reverse, graph reused for all
-            columns) or ``"forward"`` (Pearlmutter's R-operator, forward-over-reverse).
+        method: ``"auto"`` (default: ``"mlp"`` where it applies, else ``"reverse"``),
+            ``"mlp"`` (Pearlmutter's R-operator by hand over an ``nn.Sequential`` of
+            ``nn.Linear`` layers and element-wise activations: design note (P1)-(P2)),
+            ``"reverse"`` (reverse-over-reverse autodiff, the graph reused for all
+            columns) or ``"forward"`` (forward-over-reverse autodiff).
 
-    Cost of ``H @ V``: about 2-3 gradient evaluations per column.
+    Cost of ``H @ V``: about 2 gradient evaluations per column on the MLP route, 2-3
+    on autodiff's.
     """
 
     name = "Hessian"
 
-    def __init__(self, problem: Problem, method: str = "reverse") -> None:
+    def __init__(self, problem: Problem, method: str = "auto") -> None:
         super().__init__(problem)
-        if method not in ("reverse", "forward"):
-            raise ValueError(f"method must be 'reverse' or 'forward'; got {method!r}")
+        products.check_hessian_method(problem, method)
         self.method = method
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -45,8 +48,9 @@ class HessianOperator(CurvatureOperator):
 class GGNOperator(CurvatureOperator):
     """The generalised Gauss-Newton matrix ``G = sum_b J_b^T (d^2 loss_b/d f^2) J_b``
     (Schraudolph 2002), positive semi-definite for convex losses. ``J`` is the Jacobian
-    of the model's outputs. Cost of ``G @ v``: about 1.5 gradients (one forward-mode
-    pass and one backward)."""
+    of the model's outputs. Cost of ``G @ v``: about 1.3 gradients on an MLP (by hand over
+    its layers: design note (P3)), 1.5-2 otherwise (one forward-mode pass and one
+    backward)."""
 
     name = "GGN"
     psd = True

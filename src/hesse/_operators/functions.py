@@ -55,15 +55,15 @@ def gradient(problem: Problem) -> Tensor:
     return _products.gradient(problem)
 
 
-def hvp(problem: Problem, v: Vector, method: str = "reverse") -> Tensor | list[Tensor]:
+def hvp(problem: Problem, v: Vector, method: str = "auto") -> Tensor | list[Tensor]:
     """Hessian-vector product ``H v`` (Pearlmutter 1994).
 
     Args:
         problem: the `Problem`.
         v: ``(P,)``, ``(P, k)`` or a list of per-parameter tensors; the result has the
             same form.
-        method: ``"reverse"`` (reverse-over-reverse, default, fastest on CPU) or
-            ``"forward"`` (forward-over-reverse R-operator).
+        method: ``"auto"`` (default), ``"mlp"``, ``"reverse"`` or ``"forward"``
+            (`HessianOperator`'s routes).
     """
     return HessianOperator(problem, method=method) @ v
 
