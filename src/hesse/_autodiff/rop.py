@@ -228,11 +228,18 @@ def mlp_matmat(
     """
     hessian = output_map is None
     k = V.shape[1]
-    lead = (k,) if k > 1 else ()  # one column: plain matrix products, no batch dimension
     layers = route.layers
-    # the direction per layer: dW (k, o, i), db (k, 1, o) (without k for one column)
-    dWs = [None if L.w is None else V[L.w].T.reshape(*lead, *L.W.shape) for L in layers]
-    dbs = [None if L.bb is None else V[L.bb].T.reshape(*lead, 1, -1) for L in layers]
+    # the direction per layer as matrices whose products take all k columns at once:
+    # dW^T (i, k o) for the tangents, dW (o, k i) for the backward's delta dW, db (k, o);
+    # the tangents and adjoints are (n, k, width), contiguous, so each product over a
+    # layer is one matrix product of (n k) or n rows
+    dWT, dWo, dbs = [], [], []
+    for L in layers:
+        o, i_ = L.W.shape
+        dW = None if L.w is None else V[L.w].T.reshape(k, o, i_)
+        dWT.append(None if dW is None else dW.permute(2, 0, 1).reshape(i_, k * o))
+        dWo.append(None if dW is None or not hessian else dW.permute(1, 0, 2).reshape(o, k * i_))
+        dbs.append(None if L.bb is None else V[L.bb].T)
     # the first layer with a selected parameter: the backward pass stops there
     first = next(i for i, L in enumerate(layers) if L.w is not None or L.bb is not None)
     out = torch.zeros_like(V)
@@ -240,29 +247,28 @@ def mlp_matmat(
     for i, (inputs, targets, weight) in enumerate(problem.batches()):
         fwd = cache.forward(i, route, inputs, targets, weight)
         zs, d1s, d2s, z = fwd.zs, fwd.d1s, fwd.d2s, fwd.z
-        # the tangents (P1): Ra_l and Rz_l, (k, n, width)
-        Ras: list[Tensor] = []
+        n = z.shape[0]
+        # the tangents (P1): Ra_l and Rz_l, (n, k, width)
+        Ras: list[Tensor | None] = []
         Rzs: list[Tensor | None] = []
         Rz: Tensor | None = None
         for l_, L in enumerate(layers):
-            Ra = None if dWs[l_] is None else torch.matmul(zs[l_], dWs[l_].mT)
+            o = L.W.shape[0]
+            Ra = None if dWT[l_] is None else (zs[l_] @ dWT[l_]).view(n, k, o)
             if Rz is not None:
-                RzW = torch.matmul(Rz, L.W.T)
+                RzW = (Rz.reshape(n * k, -1) @ L.W.T).view(n, k, o)
                 Ra = RzW if Ra is None else Ra.add_(RzW)
             if dbs[l_] is not None:
                 db = dbs[l_]
-                Ra = db.expand(*lead, zs[l_].shape[0], -1).clone() if Ra is None else Ra.add_(db)
-            if Ra is None:  # no selected parameter up to here: no tangent yet
-                Ras.append(None)  # type: ignore[arg-type]
-                Rzs.append(None)
-                continue
+                Ra = db.expand(n, k, o).contiguous() if Ra is None else Ra.add_(db)
             Ras.append(Ra)
-            Rz = Ra if d1s[l_] is None else d1s[l_] * Ra
-            Rzs.append(Rz)
-        if Rz is None:  # the direction moves no selected parameter of this batch
+            if Ra is not None:
+                Rz = Ra if d1s[l_] is None else d1s[l_][:, None] * Ra
+            Rzs.append(None if Ra is None else Rz)
+        if Rz is None:  # the direction moves no selected parameter
             continue
         lf = problem.loss_fn
-        U = Rz if lead else Rz.unsqueeze(0)  # the output maps take (k, *outputs.shape)
+        U = Rz.view(n, k, *z.shape[1:]).movedim(1, 0)  # the output maps take (k, *z.shape)
         with torch.enable_grad():
             if hessian:
                 c = losses.output_hessian_product(lf, z, targets, weight, U)
@@ -272,29 +278,32 @@ def mlp_matmat(
             else:
                 c = output_map(z, targets, weight, U)  # type: ignore[misc]
                 g = None
-        c = c if lead else c[0]
-        # the backward pass (P2): c = R(dE/dz_l), g = dE/dz_l
+        c = c.movedim(0, 1).reshape(n, k, -1)  # back to (n, k, width), contiguous
+        # the backward pass (P2): c = R(dE/dz_l) (n, k, width), g = dE/dz_l (n, width)
         for l_ in range(len(layers) - 1, -1, -1):
             L = layers[l_]
+            o, i_ = L.W.shape
             d1 = d1s[l_]
-            ca = c if d1 is None else c * d1  # R delta_l
+            ca = c if d1 is None else c * d1[:, None]  # R delta_l
             da = None
             if g is not None:
                 da = g if d1 is None else g * d1  # delta_l
-                if d1 is not None and Ras[l_] is not None:
-                    ca = ca.addcmul_(d2s[l_] * g, Ras[l_])  # + h'' Ra dE/dz
-            if L.w is not None:
-                gW = torch.matmul(ca.mT, zs[l_])
-                if da is not None and l_ > 0 and Rzs[l_ - 1] is not None:
-                    gW = gW.add_(torch.matmul(da.T, Rzs[l_ - 1]))
-                out[L.w] += gW.reshape(k, -1).T
+                Ra = Ras[l_]
+                if d1 is not None and Ra is not None:
+                    ca = ca.addcmul_((d2s[l_] * g)[:, None], Ra)  # + h'' Ra dE/dz
+            if L.w is not None:  # R delta^T z_{l-1} (+ delta^T Rz_{l-1}): (k, o, i)
+                gW = (ca.reshape(n, k * o).T @ zs[l_]).view(k, o, i_)
+                Rz_in = Rzs[l_ - 1] if l_ > 0 else None
+                if da is not None and Rz_in is not None:
+                    gW.add_((da.T @ Rz_in.reshape(n, k * i_)).view(o, k, i_).transpose(0, 1))
+                out[L.w] += gW.view(k, -1).T
             if L.bb is not None:
-                out[L.bb] += ca.sum(-2).reshape(k, -1).T
+                out[L.bb] += ca.sum(0).T
             if l_ <= first:
                 break  # no selected parameter below: the rest of the pass is not needed
-            c = torch.matmul(ca, L.W)
+            c = (ca.reshape(n * k, o) @ L.W).view(n, k, i_)
             if da is not None:
-                if dWs[l_] is not None:
-                    c = c.add_(torch.matmul(da, dWs[l_]))
+                if dWo[l_] is not None:
+                    c.add_((da @ dWo[l_]).view(n, k, i_))
                 g = da @ L.W
     return out
