@@ -221,8 +221,7 @@ def _hessian_matmat_forward(problem: Problem, V: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- J^T Lambda J
-OutputMap = Callable[[Tensor, Any, float, Tensor], Tensor]
-"""``(outputs, targets, weight, U) -> Lambda U`` for ``U`` of shape ``(k, *outputs.shape)``."""
+OutputMap = rop.OutputMap  # one definition: the MLP route takes the same maps
 
 
 def _require_tensor_output(out: Any) -> Tensor:

@@ -45,6 +45,7 @@ from hesse._autodiff.layers import activation_derivatives, mlp_layers
 __all__ = ["NoRoute", "mlp_matmat", "mlp_route"]
 
 OutputMap = Callable[[Tensor, Any, float, Tensor], Tensor]
+"""``(outputs, targets, weight, U) -> Lambda U`` for ``U`` of shape ``(k, *outputs.shape)``."""
 
 
 class NoRoute(Exception):  # noqa: N818 (a signal, not an error)
