@@ -85,17 +85,17 @@ def unpivoted() -> Iterator[None]:
     growth or rank test and no eigen tier, and a wide Linear stage eliminates its
     whole complement (W3), delaying none of it (W5). A patch of two internals, here
     and nowhere in the library."""
-    eliminate, split = Elimination._eliminate, _Wide._split
+    blocks, split = Elimination._blocks, _Wide._split
 
     def no_tests(self, Q_uu, Q_uz, Q_zz, tol, limit):
-        return eliminate(self, Q_uu, Q_uz, Q_zz, -math.inf, math.inf)
+        return blocks(self, Q_uu, Q_uz, Q_zz, -math.inf, math.inf)
 
-    Elimination._eliminate = no_tests
+    Elimination._blocks = no_tests
     _Wide._split = staticmethod(lambda d, Pz, ctx: None)
     try:
         yield
     finally:
-        Elimination._eliminate = eliminate
+        Elimination._blocks = blocks
         _Wide._split = staticmethod(split)
 
 

@@ -374,3 +374,67 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
         assert a.inertia() == b.inertia()
         la, lb = a.logdet()[1], b.logdet()[1]
         assert abs(la - lb) <= 1e-12 * abs(lb)
+
+
+def test_parameters_go_first_where_delayed_directions_join_a_stage():
+    """Where a stage's pivot holds directions a later stage delayed and neither block
+    tier takes the whole of it, the stage's own parameters are eliminated first, the
+    delayed directions joining the state, and the delayed directions after them (design
+    note (S8)). On the 32-stage SiLU chain that happens at several dampings, with
+    Cholesky and Bunch-Kaufman first steps and Bunch-Kaufman and eigen second ones;
+    there the sweep alone (no refinement) is backward stable and its log-determinant and
+    inertia are those of ``torch.linalg`` on the dense Hessian."""
+    case = _case(*_params(5))
+    prob = hesse.Problem(case.model, case.loss_fn, (case.X, case.y))
+    C = _dense(case, "hessian")
+    P = len(C)
+    ev = torch.linalg.eigvalsh(C)
+    norm = float(ev.abs().max())
+    u = torch.finfo(torch.float64).eps
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    kinds = set()
+    for rel in (1e-2, 3e-2, 1e-1, -1e-2):
+        eps = rel * norm
+        Ce = C + eps * torch.eye(P, dtype=torch.float64)
+        f = hesse.engine(prob, "hessian", method="chain").factor(eps)
+        split = {k for k in f.status.kinds if "+" in k}
+        assert split, (rel, f.status.kinds)
+        kinds |= split
+        X = f.solve(V, max_refine=0)  # the sweep's own answer
+        be = torch.linalg.vector_norm(Ce @ X - V, dim=0) / (
+            (norm + abs(eps)) * torch.linalg.vector_norm(X, dim=0)
+            + torch.linalg.vector_norm(V, dim=0)
+        )
+        assert float(be.max()) <= 64 * math.sqrt(P) * u, (rel, be)
+        sign, la = torch.linalg.slogdet(Ce)
+        mu = ev + eps
+        backward = 64 * math.sqrt(P) * u * (norm + abs(eps))
+        fs, fla = f.logdet()
+        assert fs == float(sign)
+        assert abs(fla - float(la)) <= 1e-10 * abs(float(la)) + float((backward / mu.abs()).sum())
+        neg = int((mu < 0).sum())
+        assert f.inertia() == (neg, 0, P - neg)
+    firsts, seconds = {k.split("+")[0] for k in kinds}, {k.split("+")[1] for k in kinds}
+    assert firsts == {"cholesky", "ldl"} and {"ldl", "eigen"} <= seconds, kinds
+
+
+@pytest.mark.parametrize(("n", "a"), [(300, 1030), (256, 1024), (255, 1100), (400, 1000)])
+def test_symmetric_product_is_the_product(n, a):
+    """The Schur updates' ``C + alpha A^T B`` (`symmetric_product`) over the upper
+    triangle's block rows, mirrored, where it is large, else the plain product: both
+    within rounding of ``A^T B`` and of its transpose."""
+    from hesse._factor.elimination import symmetric_product
+
+    g = torch.Generator().manual_seed(n + a)
+    A = torch.randn(n, a, generator=g, dtype=torch.float64)
+    L = torch.randn(n, n, generator=g, dtype=torch.float64)
+    B = (L @ L.T) @ A  # A^T B symmetric
+    C = torch.randn(a, a, generator=g, dtype=torch.float64)
+    C = C + C.T
+    ref = C - 0.5 * (A.T @ B)
+    tol = 1e-13 * float((A.abs().T @ B.abs()).max())
+    for out in (symmetric_product(A, B, C.clone(), -0.5), C + symmetric_product(A, B, alpha=-0.5)):
+        assert float((out - ref).abs().max()) <= tol
+    U = symmetric_product(A, B)
+    assert float((U - A.T @ B).abs().max()) <= tol
+    assert float((U - U.T).abs().max()) <= tol

@@ -149,7 +149,8 @@ class Chain:
         stage) plus the largest stage's transient blocks (``S``, ``Q_zz``, ``Q_xx``,
         ``Q_xz`` and the products that form them) and the loss stage's Hessian (built
         from ``a_L`` unit vectors). Delayed directions, which depend on the values, add
-        ``m (m + a)`` a stage; the estimate assumes none (the GGN never delays). Sizes
+        ``m (m + a)`` a stage (and a transient ``(a + m)^2`` where the stage's parameters
+        go first, design note (S8)); the estimate assumes none (the GGN never delays). Sizes
         only: computed once a chain (bisection sweeps the same chain many times)."""
         return self._estimates()[0]
 

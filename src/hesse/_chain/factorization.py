@@ -206,7 +206,9 @@ class ChainFactorization(Factorization):
             Q_uu, Q_uz = S_dd, None
         else:
             Q_uu, Q_uz = Q_xx, Q_xz
-        elim = Elimination(Q_uu, Q_uz, Q_zz if need_z else None, tol, name)
+        # where delayed directions join the stage's parameters, those may go first (S8)
+        lead = p if (m and need_z) else 0
+        elim = Elimination(Q_uu, Q_uz, Q_zz if need_z else None, tol, name, lead=lead)
         return elim, elim.take_state()
 
     def _summarise(self, scale: float, growth: float, dtype: torch.dtype) -> FactorizationStatus:

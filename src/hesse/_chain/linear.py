@@ -323,7 +323,8 @@ class _Wide:
         # where the complement delays directions, the range part goes to the eigen tier:
         # the tier the stage's whole pivot would take, its block tiers failing on the
         # complement's growth (W5)
-        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage, eigen=dl is not None)
+        lead = a if (m and need_z and dl is None) else 0  # the range part first (S8)
+        self.elim = Elimination(small, Q_uz, Q_zz, tol, stage, eigen=dl is not None, lead=lead)
         inner = self.elim
         self.pivots = inner.pivots
         self.scale, self.ref, self.growth = inner.scale, inner.ref, inner.growth

@@ -38,7 +38,9 @@ class FactorizationStatus(NamedTuple):
 
     Attributes:
         kinds: each stage's elimination (``"cholesky"``, ``"ldl"``, ``"eigen"``,
-            ``"wide"``, ``"none"`` for a stage without pivots), first stage first.
+            ``"wide"``, ``"none"`` for a stage without pivots; two joined by ``"+"``,
+            e.g. ``"ldl+eigen"``, where the stage's parameters went first and the
+            delayed directions after them, design note (S8)), first stage first.
         delayed: the number of pivot directions each stage handed on to the one
             before it (the delayed front); 0 everywhere when no pivoting was needed.
         max_delayed: the largest delayed front.
