@@ -272,13 +272,18 @@ class Elimination:
         assert Q_zz is not None
         m = self.n - p
         Q_xs = torch.cat([Q[:p, p:], Q_uz[:p]], 1)
-        Q_ss = torch.cat([torch.cat([Q[p:, p:], Q_uz[p:]], 1), torch.cat([Q_uz[p:].T, Q_zz], 1)])
         first = Elimination.__new__(Elimination)
-        first._setup(Q[:p, :p], Q_xs, Q_ss, self.stage)
-        if not first._blocks(Q[:p, :p], Q_xs, Q_ss, tol, limit):
+        first._setup(Q[:p, :p], Q_xs, None, self.stage)
+        # the tiers test their update alone: Q_ss = [[Q_dd, Q_dz], [Q_zd, Q_zz]] is added
+        # to it only once one passes, and never formed
+        if not first._blocks(Q[:p, :p], Q_xs, None, tol, limit):
             return False
-        S = first.take_state().S_zz  # over s = [d; z]
+        S = first.take_state().S_zz  # the update -Q_sx Q_xx^-1 Q_xs over s = [d; z]
         assert S is not None
+        S[:m, :m] += Q[p:, p:]
+        S[:m, m:] += Q_uz[p:]
+        S[m:, :m] += Q_uz[p:].T
+        S[m:, m:] += Q_zz
         second = Elimination(S[:m, :m], S[:m, m:], S[m:, m:], tol, self.stage, limit=limit)
         self.first, self.second, self.p = first, second, p
         self.kind = f"{first.kind}+{second.kind}"
@@ -334,8 +339,8 @@ class Elimination:
         mu = _block_eigenvalues(LD, piv) if int(info) == 0 else Q.new_zeros(0)
         if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
             return False
-        if K is not None:
-            self.S_zz = U.add_(Q_zz)  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz, in U's memory
+        if K is not None:  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz, in U's memory
+            self.S_zz = U if Q_zz is None else U.add_(Q_zz)
         self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
         return True
 
