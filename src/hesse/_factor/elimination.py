@@ -152,10 +152,10 @@ are one matrix's (Cholesky's ``W^T W``, the eigen tier's ``C_E^T K_E``); Bunch-K
 
 def symmetric_product(A: Tensor, B: Tensor, C: Tensor | None = None, alpha: float = 1.0) -> Tensor:
     """``C + alpha A^T B`` (``A``, ``B`` ``(n, a)``; ``C`` ``(a, a)``, updated in place, or
-    none) for a product known to be symmetric (``B = K`` or ``W`` of the same ``A``'s
-    elimination): above the sizes of `SYMMETRIC_BLOCKS` only the block rows of the upper
-    triangle are multiplied and the blocks below them are their transposes. ``C`` must
-    be symmetric too."""
+    none) for a product known to be symmetric (Cholesky's ``W^T W``, the eigen tier's
+    ``C_E^T K_E`` with ``K_E`` a row scaling of ``C_E``): above the sizes of
+    `SYMMETRIC_BLOCKS` only the block rows of the upper triangle are multiplied and the
+    blocks below them are their transposes. ``C`` must be symmetric too."""
     n, a = A.shape
     if a < 1024 or n < 256:
         if C is None:
