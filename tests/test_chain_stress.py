@@ -339,7 +339,7 @@ def test_wide_stages_delay_only_the_complement_directions_that_fail(i):
 
 def test_the_growth_probe_changes_no_decision(monkeypatch):
     """The Bunch-Kaufman tier probes its growth test on the 32 largest columns of
-    ``Q_uz`` before its full solve (`Elimination._probe`): a probe over the limit
+    ``Q_uz`` before its full triangular solve (`Elimination._probe`): a probe over the limit
     rejects what the full test (the maximum over every column) rejects, so the tiers,
     the delayed fronts, the log-determinant and the inertia are those of the sweep
     without the probe, on a ReLU chain with 192 state columns where it does reject."""
@@ -358,8 +358,9 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
     probe, verdicts = elimination.Elimination._probe, []
 
     def spy(*args):
-        verdicts.append(probe(*args))
-        return verdicts[-1]
+        out = probe(*args)
+        verdicts.append(out[0])
+        return out
 
     for eps in (1e-3, 1e-4, -1e-3):
         verdicts.clear()
@@ -438,3 +439,105 @@ def test_symmetric_product_is_the_product(n, a):
     U = symmetric_product(A, B)
     assert float((U - A.T @ B).abs().max()) <= tol
     assert float((U - U.T).abs().max()) <= tol
+
+
+def _higham(n: int, g: torch.Generator, eps: float = 1e-6) -> torch.Tensor:
+    """A symmetric indefinite ``(n, n)`` whose leading ``[[0, eps, 0], [eps, 0, 1],
+    [0, 1, 1]]`` makes Bunch-Kaufman take a 2x2 pivot with a multiplier ``1 / eps``
+    (its ``L`` is unbounded; Higham, *Accuracy and Stability*, section 11.1.1), the
+    rest random with a zero block (more 2x2 pivots and interchanges)."""
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A + A.T
+    if n >= 8:
+        A[3:5, 3:5] = 0.0
+    if n >= 3:
+        A[:3, :] = A[:, :3] = 0.0
+        A[:3, :3] = torch.tensor([[0.0, eps, 0.0], [eps, 0.0, 1.0], [0.0, 1.0, 1.0]])
+        A[2, 3:] = A[3:, 2] = 0.0
+    return A
+
+
+@pytest.mark.parametrize(
+    ("n", "eps"), [(1, 0.5), (2, 0.5), (3, 1e-6), (9, 1e-6), (9, 0.5), (64, 1e-6), (257, 0.5)]
+)
+def test_bunch_kaufman_factor_reassembles_and_solves(n, eps):
+    """`BunchKaufman.of` turns LAPACK's ``sytrf`` output into ``P^T A P = L D L^T``:
+    entrywise within ``sytrf``'s own bound ``4 n u (|A| + |L| |D| |L^T|)`` (Higham, Thm.
+    11.3), and its three half-steps solve ``A X = B`` with a normwise backward error of
+    ``n u`` order, including where ``L`` holds a multiplier of ``1 / eps = 1e6``."""
+    from hesse._factor.elimination import BunchKaufman
+
+    g = torch.Generator().manual_seed(n)
+    A = _higham(n, g, eps)
+    LD, piv, info = torch.linalg.ldl_factor_ex(A)
+    assert int(info) == 0
+    bk = BunchKaufman.of(LD, piv)
+    Dinv = torch.diag(bk.di) + torch.diag(bk.do, 1) + torch.diag(bk.do, -1)
+    D = torch.linalg.inv(Dinv)
+    u = torch.finfo(torch.float64).eps
+    Ap = A[bk.perm][:, bk.perm]
+    bound = 4 * n * u * (Ap.abs() + bk.L.abs() @ D.abs() @ bk.L.abs().T)
+    assert bool(((Ap - bk.L @ D @ bk.L.T).abs() <= bound).all())
+    assert sorted(bk.perm.tolist()) == list(range(n))
+    if n >= 3:
+        assert float(bk.L.abs().max()) >= 0.99 / eps  # the unbounded multiplier is there
+    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    X = bk.back(bk.dinv(bk.half(B)))
+    back = float((A @ X - B).norm() / (torch.linalg.matrix_norm(A) * X.norm() + B.norm()))
+    assert back <= 8 * n * u, back
+    M = bk.dinv(torch.eye(n, dtype=torch.float64), absolute=True)
+    assert torch.equal(M, Dinv.abs())
+
+
+def _stage(n: int, a: int, g: torch.Generator, pair: float | None):
+    """A stage matrix ``M = [[Q_uu, Q_uz], [Q_zu, Q_zz]]`` with an indefinite ``Q_uu``.
+    With ``pair`` its first two pivots are ``+pair`` and ``-pair`` coupled alike to the
+    state: their updates cancel, so the update is small while Bunch-Kaufman's majorant
+    ``|W|^T |D^-1| |W|`` is ``2 / pair``."""
+    d = torch.rand(n, generator=g, dtype=torch.float64) + 1.0
+    d[1::2] *= -1
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    Q_uz = 0.1 * torch.randn(n, a, generator=g, dtype=torch.float64)
+    if pair is None:
+        Q_uu = (Q * d) @ Q.T
+    else:
+        d[0], d[1] = pair, -pair
+        Q_uu = torch.diag(d)
+        Q_uz[0] = Q_uz[1] = 1.0
+    Z = torch.randn(a, a, generator=g, dtype=torch.float64)
+    return Q_uu, Q_uz, Z + Z.T + 4 * torch.eye(a, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("a", "pair", "own"), [(100, None, True), (5, None, True), (5, 1e-3, False), (100, 1e-3, False)]
+)
+def test_bunch_kaufman_tier_forms_its_update_or_leaves_it_to_lu(a, pair, own):
+    """The Bunch-Kaufman tier forms its Schur update ``-W^T D^-1 W`` from its own factor
+    where the majorant ``|W|^T |D^-1| |W|`` (the rounding's scale) stays within
+    ``limit / TAU``, and from LU where cancellation makes it larger (a ``+-1e-3`` pivot
+    pair coupled alike: majorant 2,000 for an update of order 1); with the probe
+    (``a > 64``) and without. Either way the state ``S_zz`` and the solve of ``M y = -q``
+    through `backward` and `forward` match dense float64 within their error bounds."""
+    from hesse._factor.elimination import Elimination
+
+    n = 13
+    g = torch.Generator().manual_seed(a + n)
+    Q_uu, Q_uz, Q_zz = _stage(n, a, g, pair)
+    M = torch.cat([torch.cat([Q_uu, Q_uz], 1), torch.cat([Q_uz.T, Q_zz], 1)])
+    S_ref = Q_zz - Q_uz.T @ torch.linalg.solve(Q_uu, Q_uz)
+    e = Elimination(Q_uu, Q_uz, Q_zz.clone(), 1e-12, "test")
+    assert e.kind == "ldl" and (e.bk is not None) == own and (e.LU is None) == own
+    S = e.take_state().S_zz
+    u = torch.finfo(torch.float64).eps
+    # both sides' rounding: |Q_zz| and the update's majorant |Q_zu| |Q_uu^-1 Q_uz|
+    K = torch.linalg.solve(Q_uu, Q_uz)
+    scale = float(Q_zz.abs().max() + (Q_uz.abs().T @ K.abs()).max())
+    assert float((S - S_ref).abs().max()) <= 4 * (n + a) * u * scale
+    q = torch.randn(n + a, 3, generator=g, dtype=torch.float64)
+    k, corr, s_d = e.backward(q[:n])
+    assert s_d is None
+    dz = torch.linalg.solve(S, -(q[n:] + corr))
+    y = torch.cat([e.forward(k, dz, None), dz])
+    norm = float(torch.linalg.matrix_norm(M, 2))
+    backward = float((M @ y + q).norm() / (norm * y.norm() + q.norm()))
+    assert backward <= 4 * (n + a) * u * max(1.0, scale / norm), backward

@@ -13,8 +13,10 @@ as much of ``u`` as it can *stably* and hands the rest on as delayed directions:
 1. ``cholesky``: ``Q_uu = L L^T`` and ``W = L^-1 Q_uz``; accepted when the Schur update
    ``W^T W`` stays within ``1 / tau`` of the entries of ``M`` (always so when ``M`` is
    positive semi-definite, e.g. the GGN) and no pivot is within the rank tolerance of 0;
-2. ``ldl``: a symmetric indefinite ``Q_uu`` (Bunch-Kaufman ``LDL^T`` for the inertia, LU
-   for the BLAS-3 solves), accepted under the same growth test;
+2. ``ldl``: a symmetric indefinite ``Q_uu``, Bunch-Kaufman ``P^T Q_uu P = L D L^T``
+   (`BunchKaufman`) for the inertia, the update ``W^T D^-1 W`` (``W = L^-1 P^T Q_uz``)
+   and the solves, accepted under the same growth test; LU forms the update instead
+   where Bunch-Kaufman's majorant ``|W|^T |D^-1| |W|`` exceeds ``ref / tau^2`` (S2b);
 2b. ``lead``: where ``u`` holds delayed directions and tiers 1-2 fail on the whole of
    it, the stage's own parameters (the leading ``lead`` variables) alone by tier 1 or 2,
    the delayed directions joining the state; then the delayed directions from what is
@@ -44,6 +46,7 @@ from hesse._factor.results import SingularPivotError
 
 __all__ = [
     "TAU",
+    "BunchKaufman",
     "Elimination",
     "SingularPivotError",
     "StageContext",
@@ -130,7 +133,12 @@ would not have needed it (bench/bench_chain_accuracy.py)."""
 
 PROBE = 32
 """How many columns of ``Q_uz`` the Bunch-Kaufman tier's growth test probes before its
-full solve (`Elimination._probe`), on stages with more than twice as many."""
+full triangular solve (`Elimination._ldl`), on stages with more than twice as many: the
+columns with the largest norms, where the update's diagonal is likely largest. The
+diagonal on them is part of the diagonal the full test maximises, so a probe over the
+limit rejects exactly what the full test would, at ``PROBE`` of the ``a`` right-hand
+sides (the paper configuration's near-singular stages: 815 and 948 pivots against
+1,536 columns)."""
 
 
 def maxabs(T: Tensor | None) -> float:
@@ -192,6 +200,72 @@ def _block_eigenvalues(LD: Tensor, piv: Tensor) -> Tensor:
             out += [mid - rad, mid + rad]
             k += 2
     return torch.tensor(out, dtype=LD.dtype, device=LD.device)
+
+
+class BunchKaufman(NamedTuple):
+    """``P^T A P = L D L^T`` from LAPACK's ``sytrf`` output (`torch.linalg.ldl_factor`):
+    ``perm`` (``A[perm][:, perm] = L D L^T``), ``L`` unit lower triangular (zeros below the
+    diagonal of ``D``'s 2x2 blocks) and ``D^-1`` as its diagonal ``di`` and first
+    off-diagonal ``do`` (non-zero only inside 2x2 blocks). ``sytrf`` stores
+    ``L = P_1 L_1 P_2 L_2 ...`` with each interchange applied to the trailing matrix
+    only; the interchanges of later steps are applied here to the rows of the earlier
+    columns (``O(n^2)``, one row swap per interchange)."""
+
+    perm: Tensor
+    L: Tensor
+    di: Tensor
+    do: Tensor
+
+    @staticmethod
+    def of(LD: Tensor, piv: Tensor) -> BunchKaufman:
+        n = LD.shape[0]
+        pv = piv.tolist()
+        L = torch.tril(LD, -1)
+        diag = torch.diagonal(LD)
+        di, do = 1.0 / diag, LD.new_zeros(max(n - 1, 0))
+        perm, swaps, two, k = list(range(n)), [], [], 0
+        while k < n:
+            if pv[k] > 0:  # 1x1 block, rows k and pv[k] - 1 interchanged
+                r, kp, step = k, pv[k] - 1, 1
+            else:  # 2x2 block, rows k + 1 and -pv[k] - 1 interchanged
+                r, kp, step = k + 1, -pv[k] - 1, 2
+                two.append(k)
+            if kp != r:
+                swaps.append((k, r, kp))
+            k += step
+        if two:  # D^-1 of [[a, b], [b, c]], scaled as LAPACK's sytrs: b^-1 [[c', -1], [-1, a']]
+            t = torch.tensor(two, device=LD.device)
+            b = LD[t + 1, t]
+            a, c = diag[t] / b, diag[t + 1] / b
+            den = b * (a * c - 1.0)
+            di[t], di[t + 1], do[t] = c / den, a / den, -1.0 / den
+            L[t + 1, t] = 0.0
+        for k, r, kp in swaps:
+            if k:
+                L[[r, kp], :k] = L[[kp, r], :k]
+            perm[r], perm[kp] = perm[kp], perm[r]
+        L.diagonal().fill_(1.0)
+        return BunchKaufman(torch.tensor(perm, device=LD.device), L, di, do)
+
+    def half(self, B: Tensor) -> Tensor:
+        """``L^-1 P^T B`` (``B`` ``(n, R)``)."""
+        return torch.linalg.solve_triangular(self.L, B[self.perm], upper=False, unitriangular=True)
+
+    def dinv(self, Y: Tensor, absolute: bool = False) -> Tensor:
+        """``D^-1 Y``, or ``|D^-1| Y`` (entrywise magnitudes) with ``absolute``."""
+        di, do = (self.di.abs(), self.do.abs()) if absolute else (self.di, self.do)
+        Z = di[:, None] * Y
+        if do.numel():
+            Z[:-1] += do[:, None] * Y[1:]
+            Z[1:] += do[:, None] * Y[:-1]
+        return Z
+
+    def back(self, Y: Tensor) -> Tensor:
+        """``P L^-T Y``."""
+        X = torch.linalg.solve_triangular(self.L.T, Y, upper=True, unitriangular=True)
+        out = torch.empty_like(X)
+        out[self.perm] = X
+        return out
 
 
 class Elimination:
@@ -319,50 +393,98 @@ class Elimination:
     def _ldl(
         self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
     ) -> bool:
+        """Bunch-Kaufman. Its own factor serves the update and the solves where the
+        update's majorant (`_update_diagonal`) stays within ``limit / TAU``; LU
+        (``|L| <= 1``) where it does not (`_lu_update`). Either way the tier is accepted
+        when the update's entries stay within ``limit`` (S2)."""
         if Q_uz is None:  # no Schur update (the dense engine, a first stage): one factor
             return self._ldl_alone(Q, tol)
-        LU, lpiv, info = torch.linalg.lu_factor_ex(Q)
-        if int(info) != 0 or float(torch.diagonal(LU).abs().min()) <= 10 * tol:
-            return False
-        K = None
-        if Q_uz is not None:
-            if Q_uz.shape[1] > 2 * PROBE and not self._probe(LU, lpiv, Q_uz, limit):
-                return False
-            K = -torch.linalg.lu_solve(LU, lpiv, Q_uz)  # K = -Q_uu^-1 Q_uz
-            # the update's diagonal first (O(n a)): a cheap rejection before the O(n a^2)
-            if not float((Q_uz * K).sum(0).abs().max()) <= limit:
-                return False
-            # the exact update is symmetric, LU's is not: its antisymmetric part is
-            # rounding, and the symmetric part is never further from the exact one (a
-            # projection). On the paper configuration the sweep's own residual went from
-            # 1.6e-8 (as computed; 3.4e-7 with one triangle mirrored) to 6.7e-11.
-            U = Q_uz.T @ K
-            U = torch.add(U, U.T).mul_(0.5)
-            self.growth = maxabs(U)
-            if not self.growth <= limit:
-                return False
         # Bunch-Kaufman for the inertia and the determinant (Sylvester over D's blocks)
         LD, piv, info = torch.linalg.ldl_factor_ex(Q)
         mu = _block_eigenvalues(LD, piv) if int(info) == 0 else Q.new_zeros(0)
         if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
             return False
-        if K is not None:  # (S2): S = Q_zz - Q_zu Q_uu^-1 Q_uz, in U's memory
-            self.S_zz = U if Q_zz is None else U.add_(Q_zz)
-        self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
-        return True
+        bk = BunchKaufman.of(LD, piv)
+        del LD
+        own = True  # whether Bunch-Kaufman's factor forms the update
+        if Q_uz.shape[1] > 2 * PROBE:
+            passes, own = self._probe(bk, Q_uz, limit)
+            if not passes:
+                return False
+        if own:
+            W = bk.half(Q_uz)
+            signed, majorant = self._update_diagonal(bk, W)
+            if not signed <= limit:
+                return False
+            if majorant <= limit / TAU:
+                U = symmetric_product(W, bk.dinv(W), None, -1.0)  # -W^T D^-1 W
+                self.growth = maxabs(U)
+                if not self.growth <= limit:
+                    return False
+                self.S_zz = U if Q_zz is None else U.add_(Q_zz)  # (S2), in U's memory
+                self.kind, self.pivots, self.bk, self.W = "ldl", mu, bk, W
+                self.LU = self.K = None
+                return True
+        return self._lu_update(Q, Q_uz, Q_zz, tol, limit, mu)
 
     @staticmethod
-    def _probe(LU: Tensor, lpiv: Tensor, Q_uz: Tensor, limit: float) -> bool:
-        """The update's diagonal on the `PROBE` columns of ``Q_uz`` with the largest
-        norms (where ``|Q_zu Q_uu^-1 Q_uz|`` is likely largest): ``False`` when one is
-        over ``limit``, so that the full test, which takes the maximum over every
-        column, would reject the tier too. It costs ``PROBE`` of the ``a`` right-hand
-        sides of the full solve, which a tier that fails (the paper configuration's
-        near-singular stages: 815 and 948 pivots against 1,536 columns) no longer pays."""
+    def _probe(bk: BunchKaufman, Q_uz: Tensor, limit: float) -> tuple[bool, bool]:
+        """The update's diagonal and majorant on the `PROBE` columns of ``Q_uz`` with the
+        largest norms: whether the diagonal stays within ``limit`` (``False``: the full
+        test, which maximises over every column, would reject the tier too), and whether
+        the majorant stays within ``limit / TAU`` (``False``: LU forms the update)."""
         cols = torch.topk(torch.linalg.vector_norm(Q_uz, dim=0), PROBE).indices
-        Qs = Q_uz[:, cols]
-        Ks = torch.linalg.lu_solve(LU, lpiv, Qs)
-        return bool(float((Qs * Ks).sum(0).abs().max()) <= limit)
+        signed, majorant = Elimination._update_diagonal(bk, bk.half(Q_uz[:, cols]))
+        return signed <= limit, majorant <= limit / TAU
+
+    @staticmethod
+    def _update_diagonal(bk: BunchKaufman, W: Tensor) -> tuple[float, float]:
+        """For ``W = L^-1 P^T Q_uz`` (some of its columns): the largest magnitude on the
+        diagonal of the update ``W^T D^-1 W``, and the largest entry of the majorant
+        ``|W|^T |D^-1| |W| <= (g_j + g_l) / 2`` entrywise, ``g = (r W^2).sum(0)`` with
+        ``r`` the row sums of ``|D^-1|`` (1x1 blocks: ``|W|^T |D^-1| |W|``'s diagonal
+        itself). The majorant bounds the update's entries and the rounding of the product
+        that forms it; Bunch-Kaufman's ``L`` is not bounded, so ``W`` may be large where
+        the update is not (cancellation), and then LU serves the tier instead."""
+        if not W.numel():
+            return 0.0, 0.0
+        signed = float((W * bk.dinv(W)).sum(0).abs().max())
+        r = bk.di.abs()
+        if bk.do.numel():
+            r = r.clone()
+            r[:-1] += bk.do.abs()
+            r[1:] += bk.do.abs()
+        return signed, float((r[:, None] * W * W).sum(0).max())
+
+    def _lu_update(
+        self,
+        Q: Tensor,
+        Q_uz: Tensor,
+        Q_zz: Tensor | None,
+        tol: float,
+        limit: float,
+        mu: Tensor,
+    ) -> bool:
+        """The Bunch-Kaufman tier's update through LU (``|L| <= 1``), where Bunch-Kaufman's
+        own factor would form it with cancellation: ``K = -Q_uu^-1 Q_uz``, ``S = Q_zz +
+        Q_zu K``."""
+        LU, lpiv, info = torch.linalg.lu_factor_ex(Q)
+        if int(info) != 0 or float(torch.diagonal(LU).abs().min()) <= 10 * tol:
+            return False
+        K = -torch.linalg.lu_solve(LU, lpiv, Q_uz)  # K = -Q_uu^-1 Q_uz
+        # the exact update is symmetric, LU's is not: its antisymmetric part is
+        # rounding, and the symmetric part is never further from the exact one (a
+        # projection). On the paper configuration the sweep's own residual went from
+        # 1.6e-8 (as computed; 3.4e-7 with one triangle mirrored) to 6.7e-11.
+        U = Q_uz.T @ K
+        U = torch.add(U, U.T).mul_(0.5)
+        self.growth = maxabs(U)
+        if not self.growth <= limit:
+            return False
+        self.S_zz = U if Q_zz is None else U.add_(Q_zz)  # (S2), in U's memory
+        self.kind, self.pivots, self.LU, self.lpiv, self.K = "ldl", mu, LU, lpiv, K
+        self.bk = None
+        return True
 
     def _ldl_alone(self, Q: Tensor, tol: float) -> bool:
         """Bunch-Kaufman alone where nothing is updated: its factor serves the solves
@@ -372,7 +494,7 @@ class Elimination:
         mu = _block_eigenvalues(LD, piv) if int(info) == 0 else Q.new_zeros(0)
         if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
             return False
-        self.kind, self.pivots, self.K = "ldl", mu, None
+        self.kind, self.pivots, self.K, self.bk = "ldl", mu, None, None
         self.LU, self.LD, self.lpiv = None, LD, piv
         return True
 
@@ -427,6 +549,9 @@ class Elimination:
             k = -torch.linalg.solve_triangular(self.L.T, y, upper=True)
             return k, (None if self.W is None else -(self.W.T @ y)), None
         if self.kind == "ldl":
+            if self.bk is not None:  # Bunch-Kaufman's factor and W = L^-1 P^T Q_uz
+                z = self.bk.dinv(self.bk.half(q))
+                return -self.bk.back(z), -(self.W.T @ z), None
             if self.LU is None:  # Bunch-Kaufman's own factor (`_ldl_alone`)
                 return -torch.linalg.ldl_solve(self.LD, self.lpiv, q), None, None
             k = -torch.linalg.lu_solve(self.LU, self.lpiv, q)
@@ -452,7 +577,11 @@ class Elimination:
                 return k
             return k - torch.linalg.solve_triangular(self.L.T, self.W @ dz, upper=True)
         if self.kind == "ldl":
-            return k if (dz is None or self.K is None) else k + self.K @ dz
+            if dz is None:
+                return k
+            if self.bk is not None:  # K dz = -P L^-T D^-1 W dz
+                return k - self.bk.back(self.bk.dinv(self.W @ dz))
+            return k if self.K is None else k + self.K @ dz
         if self.kind == "none":
             return k
         w = k.new_zeros(self.n, k.shape[1])
