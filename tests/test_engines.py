@@ -217,6 +217,24 @@ def test_auto_skips_only_engines_whose_floor_is_over_the_choice(build, curvature
         assert "dense" in quick.skipped and "not predicted further" in str(quick)
 
 
+def test_timings_are_keyed_by_the_models_structure_as_it_is_now():
+    """A timing is remembered by the model's printed structure (`_signature`), kept while
+    the same modules make it up: a replaced activation or an added layer is a new
+    signature (its timings are measured again), the same model another problem's."""
+    from hesse._factor.cost import _signature
+
+    torch.manual_seed(0)
+    model = mlp([5, 4, 3]).double()
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    key = _signature(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), "gradient")
+    assert _signature(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), "gradient") == key
+    model[1] = nn.ReLU()
+    relu = _signature(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), "gradient")
+    assert relu != key and "ReLU" in repr(relu)
+    model.append(nn.Identity())
+    assert _signature(hesse.Problem(model, nn.CrossEntropyLoss(), (X, y)), "gradient") != relu
+
+
 def test_the_chain_on_the_hessian_is_predicted_as_a_range_and_wide_stages_in_range_terms():
     """The chain's Hessian prediction is a range: up to every pivot at the eigen tier
     (``upper``); the GGN's is one figure. A wide first stage (p = 4,104 against 6 x 24

@@ -87,7 +87,7 @@ def chain_cost(problem: Any, curvature: str, timing: Timing) -> tuple[EngineCost
     flops = chain.flops_estimate()
     grad = timing.gradient
     seconds = 3 * grad + flops / timing.gemm + 0.3 * flops / timing.chol
-    seconds += STAGE_SECONDS * len(chain)
+    seconds += STAGE_SECONDS[curvature] * len(chain)
     cost = EngineCost("chain", True, flops, chain.memory_estimate(), seconds)
     if curvature == "hessian":  # indefinite: a stage's pivot may take the eigen tier
         cost.upper = seconds + sum(
@@ -97,14 +97,17 @@ def chain_cost(problem: Any, curvature: str, timing: Timing) -> tuple[EngineCost
 
 
 def chain_floor(problem: Any, curvature: str, timing: Timing) -> float:
-    """`chain_cost`'s fixed cost a stage alone (its lower bound, from the number of
-    stages: no stage built); 0 where the chain may not apply."""
+    """`chain_cost`'s three gradients and its fixed cost a stage (its lower bound: the
+    gradient's timing, which every engine's prediction takes, and the number of stages,
+    none built); 0 where the chain may not apply."""
     if isinstance(problem, Chain):
-        return STAGE_SECONDS * len(problem)
-    model = getattr(problem, "model", None)
-    if not isinstance(model, nn.Sequential):
-        return 0.0
-    return STAGE_SECONDS * (len(flatten_sequential(model)) + 1)  # len(Chain): + the loss
+        stages = len(problem)
+    else:
+        model = getattr(problem, "model", None)
+        if not isinstance(model, nn.Sequential):
+            return 0.0
+        stages = len(flatten_sequential(model)) + 1  # len(Chain): + the loss
+    return 3 * timing.gradient + STAGE_SECONDS[curvature] * stages
 
 
 def build_chain(

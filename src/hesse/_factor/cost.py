@@ -14,18 +14,23 @@ from __future__ import annotations
 import functools
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from hesse._autodiff import products
 from hesse._autodiff.problem import Problem, tensor_leaves
 from hesse._operators.curvature import curvature_operator
 
-STAGE_SECONDS = 2.5e-3
-"""The chain sweep's fixed cost a stage (measured on a 2-core CPU: many small kernels)."""
+STAGE_SECONDS = {"hessian": 2.5e-3, "ggn": 1e-3}
+"""The chain sweep's fixed cost a stage, by curvature (many small kernels; measured on a
+2-core CPU as the chain's time less its flops' and its 3 gradients': the Hessian 1.7-1.8
+ms a stage on 4 and 128 stages, its tiers' tests and second-order terms; the GGN 0.5-0.7
+ms, where 2.5 ms had over-predicted a 4-stage chain 3x)."""
 
 LAYER_SECONDS = 5e-4
 """The observation-space engine's fixed cost a Linear layer (its Jacobian's blocks, its
@@ -191,6 +196,23 @@ fresh `Problem` of the same model and batch shapes (an optimiser's step, a secon
 a timing's products are collectives, and a rank that remembered would skip its part."""
 
 
+_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+"""A model's printed structure, kept while the same module objects make it up (`repr` of
+a model takes 0.1-0.3 ms: a tenth of the plan on a model that factors in 3 ms)."""
+
+
+def _structure(model: nn.Module) -> str:
+    """``repr(model)``, recomputed when a module of it was replaced or added."""
+    ids = tuple(map(id, model.modules()))
+    hit = _STRUCTURES.get(model)
+    if hit is None or hit[0] != ids:
+        hit = (ids, repr(model))
+        _STRUCTURES[model] = hit
+    return hit[1]
+
+
 def _signature(problem: Problem, what: str) -> tuple[Any, ...]:
     """What a timing depends on: the model (its printed structure), the selected
     parameters' shapes, the batches' sizes and input shapes, the loss, dtype and device."""
@@ -199,7 +221,7 @@ def _signature(problem: Problem, what: str) -> tuple[Any, ...]:
     loss = problem.loss_fn
     return (
         what,
-        repr(problem.model),
+        _structure(problem.model),
         tuple(zip(problem.names, map(tuple, problem.shapes), strict=True)),
         tuple(problem.batch_sizes),
         inputs,
