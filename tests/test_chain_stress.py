@@ -338,8 +338,9 @@ def test_wide_stages_delay_only_the_complement_directions_that_fail(i):
 
 
 def test_the_growth_probe_changes_no_decision(monkeypatch):
-    """The Bunch-Kaufman tier probes its growth test on the 32 largest columns of
-    ``Q_uz`` before its full triangular solve (`Elimination._probe`): a probe over the limit
+    """The Cholesky and Bunch-Kaufman tiers probe their growth tests on the 32 largest
+    columns of ``Q_uz`` before their full triangular solves (`Elimination._cholesky_probe`,
+    `Elimination._probe`): a probe over the limit
     rejects what the full test (the maximum over every column) rejects, so the tiers,
     the delayed fronts, the log-determinant and the inertia are those of the sweep
     without the probe, on a ReLU chain with 192 state columns where it does reject."""
@@ -356,16 +357,22 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
     X, y = torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     prob = hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X.double(), y))
     probe, verdicts = elimination.Elimination._probe, []
+    cholesky_probe, cholesky_verdicts = elimination.Elimination._cholesky_probe, []
 
     def spy(*args):
         out = probe(*args)
         verdicts.append(out[0])
         return out
 
+    def cholesky_spy(*args):
+        cholesky_verdicts.append(cholesky_probe(*args))
+        return cholesky_verdicts[-1]
+
     for eps in (1e-3, 1e-4, -1e-3):
         verdicts.clear()
         with monkeypatch.context() as m:
             m.setattr(elimination.Elimination, "_probe", staticmethod(spy))
+            m.setattr(elimination.Elimination, "_cholesky_probe", staticmethod(cholesky_spy))
             a = hesse.engine(prob, "hessian", method="chain").factor(eps)
         with monkeypatch.context() as m:
             m.setattr(elimination, "PROBE", 10**9)  # no probe: the full test alone
@@ -375,6 +382,18 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
         assert a.inertia() == b.inertia()
         la, lb = a.logdet()[1], b.logdet()[1]
         assert abs(la - lb) <= 1e-12 * abs(lb)
+    assert False in cholesky_verdicts  # the Cholesky probe rejected a tier too
+    cholesky_verdicts.clear()
+    with monkeypatch.context() as m:  # the GGN: positive semi-definite, every probe passes
+        m.setattr(elimination.Elimination, "_cholesky_probe", staticmethod(cholesky_spy))
+        a = hesse.engine(prob, "ggn", method="chain").factor(1e-3)
+    with monkeypatch.context() as m:
+        m.setattr(elimination, "PROBE", 10**9)
+        b = hesse.engine(prob, "ggn", method="chain").factor(1e-3)
+    assert cholesky_verdicts and all(cholesky_verdicts)
+    assert a.status.kinds == b.status.kinds and abs(a.logdet()[1] - b.logdet()[1]) <= 1e-12 * abs(
+        b.logdet()[1]
+    )
 
 
 def test_parameters_go_first_where_delayed_directions_join_a_stage():
