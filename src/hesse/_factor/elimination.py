@@ -169,10 +169,11 @@ def symmetric_product(A: Tensor, B: Tensor, C: Tensor | None = None, alpha: floa
         if C is None:
             return A.T @ B if alpha == 1.0 else torch.mm(A.T, B).mul_(alpha)
         return C.addmm_(A.T, B, alpha=alpha)
-    out = A.new_zeros(a, a) if C is None else C
+    out = A.new_empty(a, a) if C is None else C  # beta = 0 below: nothing read
+    beta = 0.0 if C is None else 1.0
     e = [a * i // SYMMETRIC_BLOCKS for i in range(SYMMETRIC_BLOCKS + 1)]
     for lo, hi in itertools.pairwise(e):
-        out[lo:hi, lo:].addmm_(A[:, lo:hi].T, B[:, lo:], alpha=alpha)
+        out[lo:hi, lo:].addmm_(A[:, lo:hi].T, B[:, lo:], beta=beta, alpha=alpha)
     for lo, hi in itertools.pairwise(e[1:]):
         out[lo:hi, :lo] = out[:lo, lo:hi].T
     return out
@@ -427,11 +428,12 @@ class Elimination:
                 return False
         if own:
             W = bk.half(Q_uz)
-            signed, majorant = self._update_diagonal(bk, W)
+            Z = bk.dinv(W)
+            signed, majorant = self._update_diagonal(bk, W, Z)
             if not signed <= limit:
                 return False
             if majorant <= limit / TAU:
-                U = symmetric_product(W, bk.dinv(W), None, -1.0)  # -W^T D^-1 W
+                U = symmetric_product(W, Z, None, -1.0)  # -W^T D^-1 W
                 self.growth = maxabs(U)
                 if not self.growth <= limit:
                     return False
@@ -448,27 +450,29 @@ class Elimination:
         test, which maximises over every column, would reject the tier too), and whether
         the majorant stays within ``limit / TAU`` (``False``: LU forms the update)."""
         cols = torch.topk(torch.linalg.vector_norm(Q_uz, dim=0), PROBE).indices
-        signed, majorant = Elimination._update_diagonal(bk, bk.half(Q_uz[:, cols]))
+        W = bk.half(Q_uz[:, cols])
+        signed, majorant = Elimination._update_diagonal(bk, W, bk.dinv(W))
         return signed <= limit, majorant <= limit / TAU
 
     @staticmethod
-    def _update_diagonal(bk: BunchKaufman, W: Tensor) -> tuple[float, float]:
-        """For ``W = L^-1 P^T Q_uz`` (some of its columns): the largest magnitude on the
-        diagonal of the update ``W^T D^-1 W``, and the largest entry of the majorant
-        ``|W|^T |D^-1| |W| <= (g_j + g_l) / 2`` entrywise, ``g = (r W^2).sum(0)`` with
-        ``r`` the row sums of ``|D^-1|`` (1x1 blocks: ``|W|^T |D^-1| |W|``'s diagonal
-        itself). The majorant bounds the update's entries and the rounding of the product
-        that forms it; Bunch-Kaufman's ``L`` is not bounded, so ``W`` may be large where
-        the update is not (cancellation), and then LU serves the tier instead."""
+    def _update_diagonal(bk: BunchKaufman, W: Tensor, Z: Tensor) -> tuple[float, float]:
+        """For ``W = L^-1 P^T Q_uz`` (some of its columns) and ``Z = D^-1 W``: the largest
+        magnitude on the diagonal of the update ``W^T D^-1 W``, and the largest entry of
+        the majorant ``|W|^T |D^-1| |W| <= (g_j + g_l) / 2`` entrywise,
+        ``g = (r W^2).sum(0)`` with ``r`` the row sums of ``|D^-1|`` (1x1 blocks:
+        ``|W|^T |D^-1| |W|``'s diagonal itself). The majorant bounds the update's entries
+        and the rounding of the product that forms it; Bunch-Kaufman's ``L`` is not
+        bounded, so ``W`` may be large where the update is not (cancellation), and then
+        LU serves the tier instead."""
         if not W.numel():
             return 0.0, 0.0
-        signed = float((W * bk.dinv(W)).sum(0).abs().max())
+        signed = float((W * Z).sum(0).abs().max())
         r = bk.di.abs()
         if bk.do.numel():
             r = r.clone()
             r[:-1] += bk.do.abs()
             r[1:] += bk.do.abs()
-        return signed, float((r[:, None] * W * W).sum(0).max())
+        return signed, float((W * W).T.mv(r).max())
 
     def _lu_update(
         self,
