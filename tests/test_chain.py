@@ -197,6 +197,9 @@ def test_eigenvalue_bisection_and_counts(curvature):
         hesse.eigenvalue(prob, P + 1, method="chain")
 
 
+# MINRES on the indefinite Hessian stagnates near 1e-9 here, above solve's default rtol of
+# 1e-10, and says so; the step it returns is still checked against the dense solve (1e-7)
+@pytest.mark.filterwarnings("ignore:MINRES stopped early")
 def test_newton_steps_and_methods():
     prob = _setup(CONFIGS[0], "mse", seed=9)
     g = hesse.gradient(prob)
