@@ -132,8 +132,9 @@ would not have needed it (bench/bench_chain_accuracy.py)."""
 
 
 PROBE = 32
-"""How many columns of ``Q_uz`` the Bunch-Kaufman tier's growth test probes before its
-full triangular solve (`Elimination._ldl`), on stages with more than twice as many: the
+"""How many columns of ``Q_uz`` the Cholesky and Bunch-Kaufman tiers' growth tests probe
+before their full triangular solves (`Elimination._cholesky_probe`, `Elimination._probe`),
+on stages with more than twice as many: the
 columns with the largest norms, where the update's diagonal is likely largest. The
 diagonal on them is part of the diagonal the full test maximises, so a probe over the
 limit rejects exactly what the full test would, at ``PROBE`` of the ``a`` right-hand
