@@ -142,6 +142,14 @@ sides (the paper configuration's near-singular stages: 815 and 948 pivots agains
 1,536 columns)."""
 
 
+def _probe_columns(Q_uz: Tensor | None) -> Tensor | None:
+    """The `PROBE` columns of ``Q_uz`` with the largest norms, where it has more than
+    twice as many (else ``None``: no probe)."""
+    if Q_uz is None or Q_uz.shape[1] <= 2 * PROBE:
+        return None
+    return torch.topk(torch.linalg.vector_norm(Q_uz, dim=0), PROBE).indices
+
+
 def maxabs(T: Tensor | None) -> float:
     """The largest magnitude of an entry (0 for none), without a temporary copy."""
     if T is None or not T.numel():
@@ -155,14 +163,16 @@ SYMMETRIC_BLOCKS = 4
 rows is formed as this many block rows of its upper triangle, mirrored
 (`symmetric_product`): ``(k + 1) / 2k`` of the flops, 0.58-0.85 of the time of the full
 product on 2 cores for ``a = 1024 .. 2112``, no gain below. Used where both factors
-are one matrix's (Cholesky's ``W^T W``, the eigen tier's ``C_E^T K_E``); Bunch-Kaufman's
-``Q_zu K`` takes the symmetric part of the full product instead."""
+come from one matrix (Cholesky's ``W^T W``, Bunch-Kaufman's ``W^T D^-1 W``, the eigen
+tier's ``C_E^T K_E``); the LU route's ``Q_zu K`` takes the symmetric part of the full
+product instead."""
 
 
 def symmetric_product(A: Tensor, B: Tensor, C: Tensor | None = None, alpha: float = 1.0) -> Tensor:
     """``C + alpha A^T B`` (``A``, ``B`` ``(n, a)``; ``C`` ``(a, a)``, updated in place, or
-    none) for a product known to be symmetric (Cholesky's ``W^T W``, the eigen tier's
-    ``C_E^T K_E`` with ``K_E`` a row scaling of ``C_E``): above the sizes of
+    none) for a product known to be symmetric (Cholesky's ``W^T W``, Bunch-Kaufman's
+    ``W^T D^-1 W``, the eigen tier's ``C_E^T K_E`` with ``K_E`` a row scaling of
+    ``C_E``): above the sizes of
     `SYMMETRIC_BLOCKS` only the block rows of the upper triangle are multiplied and the
     blocks below them are their transposes. ``C`` must be symmetric too."""
     n, a = A.shape
@@ -335,10 +345,11 @@ class Elimination:
     ) -> bool:
         """The block tiers in turn: Cholesky, then Bunch-Kaufman, each accepted when its
         Schur update stays below ``limit`` (S2) and no pivot is within ``tol`` of 0."""
+        cols = _probe_columns(Q_uz)  # one choice for both tiers' probes
         diag = torch.diagonal(Q_uu)
-        if float(diag.min()) > 10 * tol and self._cholesky(Q_uu, Q_uz, Q_zz, tol, limit):
+        if float(diag.min()) > 10 * tol and self._cholesky(Q_uu, Q_uz, Q_zz, tol, limit, cols):
             return True
-        return self._ldl(Q_uu, Q_uz, Q_zz, tol, limit)
+        return self._ldl(Q_uu, Q_uz, Q_zz, tol, limit, cols)
 
     def _lead(
         self, Q: Tensor, Q_uz: Tensor, Q_zz: Tensor | None, tol: float, limit: float, p: int
@@ -373,7 +384,13 @@ class Elimination:
 
     # ------------------------------------------------------------------------- tiers
     def _cholesky(
-        self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
+        self,
+        Q: Tensor,
+        Q_uz: Tensor | None,
+        Q_zz: Tensor | None,
+        tol: float,
+        limit: float,
+        cols: Tensor | None,
     ) -> bool:
         L, info = torch.linalg.cholesky_ex(Q)
         if int(info) != 0:
@@ -383,7 +400,7 @@ class Elimination:
             return False
         W = None
         if Q_uz is not None:
-            if Q_uz.shape[1] > 2 * PROBE and not self._cholesky_probe(L, Q_uz, limit):
+            if cols is not None and not self._cholesky_probe(L, Q_uz, cols, limit):
                 return False
             W = torch.linalg.solve_triangular(L, Q_uz, upper=False)
             # W^T W is positive semi-definite: its largest entry is on its diagonal
@@ -395,19 +412,24 @@ class Elimination:
         return True
 
     @staticmethod
-    def _cholesky_probe(L: Tensor, Q_uz: Tensor, limit: float) -> bool:
-        """The Cholesky tier's growth on the `PROBE` columns of ``Q_uz`` with the largest
-        norms: ``False`` when one is over ``limit`` (the full test maximises over every
+    def _cholesky_probe(L: Tensor, Q_uz: Tensor, cols: Tensor, limit: float) -> bool:
+        """The Cholesky tier's growth on the columns ``cols`` of ``Q_uz`` (`_probe_columns`):
+        ``False`` when one is over ``limit`` (the full test maximises over every
         column, so it would reject the tier too). On the paper configuration's Hessian a
         stage whose factor succeeded and whose growth failed paid its full triangular
         solve, 15-19 ms; a PSD stage (the GGN), where the test always passes, pays
         ``PROBE`` of its ``a`` columns."""
-        cols = torch.topk(torch.linalg.vector_norm(Q_uz, dim=0), PROBE).indices
         Ws = torch.linalg.solve_triangular(L, Q_uz[:, cols], upper=False)
         return bool(float((Ws * Ws).sum(0).max()) <= limit)
 
     def _ldl(
-        self, Q: Tensor, Q_uz: Tensor | None, Q_zz: Tensor | None, tol: float, limit: float
+        self,
+        Q: Tensor,
+        Q_uz: Tensor | None,
+        Q_zz: Tensor | None,
+        tol: float,
+        limit: float,
+        cols: Tensor | None,
     ) -> bool:
         """Bunch-Kaufman. Its own factor serves the update and the solves where the
         update's majorant (`_update_diagonal`) stays within ``limit / TAU``; LU
@@ -421,10 +443,9 @@ class Elimination:
         if int(info) != 0 or float(mu.abs().min()) <= 10 * tol:
             return False
         bk = BunchKaufman.of(LD, piv)
-        del LD
         own = True  # whether Bunch-Kaufman's factor forms the update
-        if Q_uz.shape[1] > 2 * PROBE:
-            passes, own = self._probe(bk, Q_uz, limit)
+        if cols is not None:
+            passes, own = self._probe(bk, Q_uz, cols, limit)
             if not passes:
                 return False
         if own:
@@ -445,12 +466,11 @@ class Elimination:
         return self._lu_update(Q, Q_uz, Q_zz, tol, limit, mu)
 
     @staticmethod
-    def _probe(bk: BunchKaufman, Q_uz: Tensor, limit: float) -> tuple[bool, bool]:
-        """The update's diagonal and majorant on the `PROBE` columns of ``Q_uz`` with the
-        largest norms: whether the diagonal stays within ``limit`` (``False``: the full
+    def _probe(bk: BunchKaufman, Q_uz: Tensor, cols: Tensor, limit: float) -> tuple[bool, bool]:
+        """The update's diagonal and majorant on the columns ``cols`` of ``Q_uz``
+        (`_probe_columns`): whether the diagonal stays within ``limit`` (``False``: the full
         test, which maximises over every column, would reject the tier too), and whether
         the majorant stays within ``limit / TAU`` (``False``: LU forms the update)."""
-        cols = torch.topk(torch.linalg.vector_norm(Q_uz, dim=0), PROBE).indices
         W = bk.half(Q_uz[:, cols])
         signed, majorant = Elimination._update_diagonal(bk, W, bk.dinv(W))
         return signed <= limit, majorant <= limit / TAU
@@ -468,11 +488,7 @@ class Elimination:
         if not W.numel():
             return 0.0, 0.0
         signed = float((W * Z).sum(0).abs().max())
-        r = bk.di.abs()
-        if bk.do.numel():
-            r = r.clone()
-            r[:-1] += bk.do.abs()
-            r[1:] += bk.do.abs()
+        r = bk.dinv(W.new_ones(W.shape[0], 1), absolute=True)[:, 0]  # |D^-1| 1
         return signed, float((W * W).T.mv(r).max())
 
     def _lu_update(
