@@ -340,7 +340,8 @@ def test_wide_stages_delay_only_the_complement_directions_that_fail(i):
 def test_the_growth_probe_changes_no_decision(monkeypatch):
     """The Cholesky and Bunch-Kaufman tiers probe their growth tests on the 32 largest
     columns of ``Q_uz`` before their full triangular solves (`Elimination._cholesky_probe`,
-    `Elimination._probe`): a probe over the limit
+    `Elimination._probe`), and the update's columns where its diagonal is largest before
+    the full product (`_column_probe`): a probe over the limit
     rejects what the full test (the maximum over every column) rejects, so the tiers,
     the delayed fronts, the log-determinant and the inertia are those of the sweep
     without the probe, on a ReLU chain with 192 state columns where it does reject."""
@@ -358,6 +359,7 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
     prob = hesse.Problem(nn.Sequential(*layers).double(), nn.CrossEntropyLoss(), (X.double(), y))
     probe, verdicts = elimination.Elimination._probe, []
     cholesky_probe, cholesky_verdicts = elimination.Elimination._cholesky_probe, []
+    column_probe, column_verdicts = elimination._column_probe, []
 
     def spy(*args):
         out = probe(*args)
@@ -368,11 +370,16 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
         cholesky_verdicts.append(cholesky_probe(*args))
         return cholesky_verdicts[-1]
 
+    def column_spy(*args):
+        column_verdicts.append(column_probe(*args))
+        return column_verdicts[-1]
+
     for eps in (1e-3, 1e-4, -1e-3):
         verdicts.clear()
         with monkeypatch.context() as m:
             m.setattr(elimination.Elimination, "_probe", staticmethod(spy))
             m.setattr(elimination.Elimination, "_cholesky_probe", staticmethod(cholesky_spy))
+            m.setattr(elimination, "_column_probe", column_spy)
             a = hesse.engine(prob, "hessian", method="chain").factor(eps)
         with monkeypatch.context() as m:
             m.setattr(elimination, "PROBE", 10**9)  # no probe: the full test alone
@@ -383,6 +390,7 @@ def test_the_growth_probe_changes_no_decision(monkeypatch):
         la, lb = a.logdet()[1], b.logdet()[1]
         assert abs(la - lb) <= 1e-12 * abs(lb)
     assert False in cholesky_verdicts  # the Cholesky probe rejected a tier too
+    assert column_verdicts and all(column_verdicts)  # it ran, and its verdicts held above
     cholesky_verdicts.clear()
     with monkeypatch.context() as m:  # the GGN: positive semi-definite, every probe passes
         m.setattr(elimination.Elimination, "_cholesky_probe", staticmethod(cholesky_spy))
@@ -560,3 +568,59 @@ def test_bunch_kaufman_tier_forms_its_update_or_leaves_it_to_lu(a, pair, own):
     norm = float(torch.linalg.matrix_norm(M, 2))
     backward = float((M @ y + q).norm() / (norm * y.norm() + q.norm()))
     assert backward <= 4 * (n + a) * u * max(1.0, scale / norm), backward
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_the_updates_column_probe_rejects_what_the_full_product_rejects(monkeypatch, own):
+    """A Schur update whose diagonal stays within the limit while an off-diagonal entry
+    does not: pivots ``+1`` and ``-1`` coupled to the state by ``c (e_j + e_l)`` and
+    ``0.9 c (e_j - e_l)`` give ``U_jj = -0.19 c^2`` and ``U_jl = -1.81 c^2`` (``c = 10``:
+    19 and 181 against the limit ``ref / TAU = 100``). The column probe
+    (`_column_probe`, on the columns with the largest diagonal) rejects the tier before
+    the full product, as the full test does without it, on Bunch-Kaufman's own route and
+    (with a cancelling ``+-1e-3`` pair, ``own=False``) on LU's. The elimination then
+    takes the eigen tier, which delays the two pivots; its state with them eliminated
+    is the Schur complement of dense float64."""
+    from hesse._factor import elimination
+
+    n, a, j, l_, c = 15, 100, 7, 40, 10.0
+    g = torch.Generator().manual_seed(3)
+    Q_uu, Q_uz, Q_zz = _stage(n, a, g, 1e-3 if not own else None)
+    Q_uu[-2:, :] = Q_uu[:, -2:] = 0.0
+    Q_uu[-2, -2], Q_uu[-1, -1] = 1.0, -1.0
+    Q_uz[-2:] = 0.0
+    Q_uz[-2, [j, l_]] = c
+    Q_uz[-1, j], Q_uz[-1, l_] = 0.9 * c, -0.9 * c
+    S_ref = Q_zz - Q_uz.T @ torch.linalg.solve(Q_uu, Q_uz)
+    U_ref = S_ref - Q_zz
+    limit = float(max(Q_uu.abs().max(), Q_uz.abs().max(), Q_zz.abs().max())) / elimination.TAU
+    diag = float(U_ref.diagonal().abs().max())
+    assert diag <= 0.5 * limit < 1.5 * limit <= float(U_ref.abs().max())  # the case
+    probe, verdicts, routes = elimination._column_probe, [], []
+    lu_update = elimination.Elimination._lu_update
+
+    def spy(*args):
+        verdicts.append(probe(*args))
+        return verdicts[-1]
+
+    def lu_spy(self, *args):
+        routes.append("lu")
+        return lu_update(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(elimination, "_column_probe", spy)
+        m.setattr(elimination.Elimination, "_lu_update", lu_spy)
+        e = elimination.Elimination(Q_uu, Q_uz, Q_zz.clone(), 1e-12, "test")
+    assert verdicts == [False] and routes == ([] if own else ["lu"])
+    with monkeypatch.context() as m:
+        m.setattr(elimination, "PROBE", 10**9)  # the full test alone
+        f = elimination.Elimination(Q_uu, Q_uz, Q_zz.clone(), 1e-12, "test")
+    assert e.kind == f.kind == "eigen" and e.num_delayed == f.num_delayed > 0
+    # the state with its delayed directions eliminated is the whole Schur complement
+    S = e.take_state()
+    assert S.S_dz is not None and S.S_dd is not None
+    S_full = S.S_zz - S.S_dz.T @ torch.linalg.solve(S.S_dd, S.S_dz)
+    u = torch.finfo(torch.float64).eps
+    K = torch.linalg.solve(Q_uu, Q_uz)
+    scale = float(Q_zz.abs().max() + (Q_uz.abs().T @ K.abs()).max())
+    assert float((S_full - S_ref).abs().max()) <= 8 * (n + a) * u * scale
