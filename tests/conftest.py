@@ -7,6 +7,7 @@ loss on all data as one concatenated batch, and use only ``torch.func`` and
 
 from __future__ import annotations
 
+import copy
 import itertools
 import multiprocessing as mp
 from collections.abc import Callable
@@ -134,11 +135,15 @@ LOSSES = ["ce", "mse"]
 
 # ----------------------------------------------------------------------------- references
 class Reference:
-    """Dense float64 references for a `Case`, from ``torch.func`` on one batch."""
+    """Dense float64 references for a `Case`, from ``torch.func`` on one batch, on a
+    copy of its model: ``functional_call`` on a model that uses one module twice leaves
+    plain tensors in place of that module's parameters (torch 2.13), which a problem
+    on the model would then see as assigned since it was built."""
 
     def __init__(self, case: Case, names: list[str] | None = None) -> None:
         self.case = case
-        named = dict(case.model.named_parameters())
+        self.model = copy.deepcopy(case.model)
+        named = dict(self.model.named_parameters())
         self.names = names or list(named)
         self.theta0 = torch.cat([named[n].detach().reshape(-1) for n in self.names])
         self.shapes = [named[n].shape for n in self.names]
@@ -153,7 +158,7 @@ class Reference:
 
     def outputs(self, flat: Tensor, X: Tensor | None = None) -> Tensor:
         X = self.case.X if X is None else X
-        return functional_call(self.case.model, self.params_of(flat), (X,))
+        return functional_call(self.model, self.params_of(flat), (X,))
 
     def loss(self, flat: Tensor) -> Tensor:
         return self.case.loss_fn(self.outputs(flat), self.case.y)

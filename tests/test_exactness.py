@@ -2,7 +2,8 @@
 
 For the conftest zoo and the inputs that broke engines before (tied weights, a module
 used twice, samples coupled by the model, soft and unnormalised cross-entropy targets,
-more observations than parameters): the plan's ``applies`` must say exactly whether the
+more observations than parameters, module hooks and parameters assigned after the
+problem was built): the plan's ``applies`` must say exactly whether the
 engine builds, and every engine that builds must give the log-determinant, inertia and
 solves of an independent dense float64 reference (``torch.func`` + ``torch.linalg``).
 Damping per parameter (``C + D``), the one validation of dampings and budgets, and the
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 import hesse
 
 METHODS = ("dense", "gram", "chain")
+U = torch.finfo(torch.float64).eps
 
 
 # ----------------------------------------------------------------------------- variants
@@ -205,6 +207,147 @@ def test_train_mode_batchnorm_and_dropout_decided_the_same_way_every_time():
 
 
 # ----------------------------------------------------------------------------- C + D
+class _Doubled(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2.0 * super().forward(x)
+
+
+class _Halved(nn.Dropout):
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x
+
+
+def _hooked_problem(case: str) -> tuple[hesse.Problem, tuple, list, str]:
+    """A tanh MLP whose forward is changed after its layers were built: a forward hook on
+    an activation, a forward pre-hook on a ``Linear``, a hook on the ``Sequential``
+    itself, a global module hook, a weight assigned after the problem was built (the
+    problem differentiates at the tensor it selected), or an ``nn.Linear`` subclass with
+    its own ``forward``. Returns the problem, the hooks'
+    handles and what the refusal must name."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = mlp([4, 5, 3]).double()
+    X, y = torch.randn(9, 4, generator=g).double(), torch.randn(9, 3, generator=g).double()
+    handles, names = [], ""
+    if case == "forward hook":
+        handles.append(model[1].register_forward_hook(lambda m, i, o: 2.0 * o))
+        names = "module '1' (Tanh) has a forward hook"
+    elif case == "linear hook":  # on the output a = x W^T + b the gram engine captures
+        handles.append(model[0].register_forward_hook(lambda m, i, o: o**2))
+        names = "module '0' (Linear) has a forward hook"
+    elif case == "pre-hook":
+        handles.append(model[2].register_forward_pre_hook(lambda m, i: (i[0] ** 2,)))
+        names = "module '2' (Linear) has a forward pre-hook"
+    elif case == "model hook":
+        handles.append(model.register_forward_hook(lambda m, i, o: 3.0 * o))
+        names = "the model (Sequential) has a forward hook"
+    elif case == "global hook":
+        from torch.nn.modules.module import register_module_forward_hook
+
+        handles.append(register_module_forward_hook(lambda m, i, o: o))
+        names = "a global module forward hook"
+    if case == "dropout subclass":  # an identity to a route that skips Dropout
+        model = nn.Sequential(*model[:2], _Halved(0.0), *model[2:])
+        names = "module '2' is _Halved"
+    if case == "linear subclass":  # its own forward: 2 (x W^T + b)
+        model[2] = _Doubled(5, 3).double()
+        names = "module '2' is _Doubled, which overrides it"
+    prob = hesse.Problem(model, nn.MSELoss(), (X, y))
+    if case == "assigned":
+        model[2].weight = nn.Parameter(model[2].weight.detach() + 1.0)
+        names = "'2.weight' is no longer the parameter the problem selected"
+    return prob, (X, y), handles, names
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "forward hook",
+        "linear hook",
+        "pre-hook",
+        "model hook",
+        "global hook",
+        "assigned",
+        "linear subclass",
+        "dropout subclass",
+    ],
+)
+def test_hooks_and_assigned_parameters_are_never_read_past(case):
+    """Bishop's propagation and the chain compute from the Linear weights, not by running
+    the model: with a module hook, a weight assigned after the problem was built or a
+    ``Linear`` or ``Dropout`` with its own ``forward``, they computed another function's Hessian
+    (log-determinant off by up to 23) with no word, and so did the observation-space
+    engine's Jacobian of a Linear (its input and output captured) where a hook or its
+    own ``forward`` changes the output. Now the routes that run the model take such
+    problems (the dense engine by autodiff, `decompose`, ``auto``, the observation-space
+    engine's products) and match ``torch.func`` on the model as it runs at the problem's
+    tensors; Bishop's method refuses, naming the hook, the parameter or the module, and
+    the chain refuses too (the plan says why) but for the subclasses, which it
+    differentiates as generic stages. (The ``Dropout`` subclass broke the products' MLP
+    route too.)"""
+    prob, (X, y), handles, names = _hooked_problem(case)
+    try:
+        held = dict(zip(prob.names, prob.parameters.tensors, strict=True))
+        model, shapes = prob.model, [t.shape for t in held.values()]
+
+        def out(flat: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(flat, [math.prod(sh) for sh in shapes])
+            ps = {n: t.view(sh) for n, t, sh in zip(held, parts, shapes, strict=True)}
+            return torch.func.functional_call(model, ps, (X,))
+
+        def loss(flat: torch.Tensor) -> torch.Tensor:
+            return nn.functional.mse_loss(out(flat), y)
+
+        flat = torch.cat([t.detach().reshape(-1) for t in held.values()])
+        H = torch.func.hessian(loss)(flat)
+        P = H.shape[0]
+        A = H + torch.eye(P, dtype=H.dtype)
+        ref = torch.linalg.slogdet(A)
+        # LDL^T is backward stable: the log-determinant moves by at most ~ P u cond(A)
+        bound = 100 * P * U * float(torch.linalg.cond(A))
+        op = hesse.HessianOperator(prob).to_dense()  # the products' default route
+        assert float((op - H).abs().max()) <= bound * float(H.abs().max())
+        D = hesse.decompose(prob).hessian
+        assert float((D - H).abs().max()) <= bound * float(H.abs().max())
+        v = torch.randn(P, dtype=H.dtype, generator=torch.Generator().manual_seed(1))
+        for method in ("dense", "auto"):
+            f = hesse.engine(prob, "hessian", method=method).factor(1.0)
+            sign, logdet = f.logdet()
+            assert sign == float(ref.sign) and abs(logdet - float(ref.logabsdet)) <= bound
+            x = f.solve(v)
+            assert float((A @ x - v).norm() / v.norm()) <= bound
+        # the GGN of the mean squared error, J^T (2 / NC) J, against the observation-space
+        # engine, which forms a Linear's Jacobian from its captured input and output
+        J = torch.func.jacrev(out)(flat).reshape(-1, P)
+        B = J.T @ J * (2.0 / J.shape[0]) + torch.eye(P, dtype=H.dtype)
+        gref, gbound = torch.linalg.slogdet(B), 100 * P * U * float(torch.linalg.cond(B))
+        sign, logdet = hesse.engine(prob, "ggn", method="gram").factor(1.0).logdet()
+        assert sign == 1.0 and abs(logdet - float(gref.logabsdet)) <= gbound
+        with pytest.raises(ValueError, match="Bishop's method") as err:
+            hesse.hessian(prob, method="bishop")
+        assert names in str(err.value)
+        if case.endswith("subclass"):  # the chain differentiates that module generically
+            sign, logdet = hesse.engine(prob, "hessian", method="chain").factor(1.0).logdet()
+            assert sign == float(ref.sign) and abs(logdet - float(ref.logabsdet)) <= bound
+        else:
+            with pytest.raises(ValueError, match="the chain solver") as err:
+                hesse.engine(prob, "ggn", method="chain")
+            assert names in str(err.value)
+            p = hesse.plan(prob, "hessian")
+            assert not p.costs["chain"].applies and p.choice == "dense"
+    finally:
+        for h in handles:
+            h.remove()
+    # the test is of the model as it is now: without the hooks Bishop's route is back
+    if case.endswith("hook"):
+        from hesse._autodiff.bishop import bishop_route
+
+        assert bishop_route(prob) is not None
+        assert hesse.engine(prob, "hessian", method="chain").factor(1.0).inertia() == (
+            hesse.engine(prob, "hessian", method="dense").factor(1.0).inertia()
+        )
+
+
 def _diagonal(prob: hesse.Problem, seed: int) -> tuple[dict[str, float], Tensor]:
     g = torch.Generator().manual_seed(seed)
     per_tensor = {n: float(0.05 + torch.rand((), generator=g)) for n in prob.names}

@@ -164,13 +164,17 @@ def bishop_chunk(problem: Problem, work: float | None = None) -> int:
 
 def bishop_applies(problem: Problem) -> str | None:
     """``None`` when `bishop_hessian` takes ``problem`` (an ``nn.Sequential`` MLP, every
-    selected parameter a Linear weight or bias used once, tensor inputs), else why not.
+    selected parameter a Linear weight or bias used once and still the model's, no
+    module hooks, tensor inputs), else why not.
     The inputs' and outputs' shapes are checked by `bishop_hessian` itself, on its first
     batch."""
     try:
         _Layout(mlp_layers(problem.model)[1], problem.names)  # every parameter placed
     except ValueError as err:
         return str(err)
+    why = problem._direct_refusal()  # it reads the Linear weights, never runs forward
+    if why is not None:
+        return why
     if problem.parameters.aliases:
         return "the model shares parameters (tied weights or a module used twice)"
     inputs = next(iter(problem.batches()), (None,))[0]
@@ -216,6 +220,12 @@ def bishop_hessian(
     problem.parameters.refuse_shared(
         "Bishop's method", "Use hesse.hessian(problem): it differentiates through every use."
     )
+    why = problem._direct_refusal()
+    if why is not None:
+        raise ValueError(
+            f"Bishop's method computes from the Linear weights, not by running the model: "
+            f"{why}. Use hesse.hessian(problem) (method='autodiff'), which runs it as it is"
+        )
     pre_fn, layers = mlp_layers(problem.model)
     lay = _Layout(layers, problem.names)
     H = torch.zeros(lay.total, lay.total, dtype=problem.dtype, device=problem.device)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 __all__ = [
     "ELEMENTWISE",
@@ -37,6 +38,31 @@ ELEMENTWISE = (
     nn.Hardtanh,
     nn.Identity,
 )
+
+
+_HOOKS = (
+    ("forward ", "_forward_hooks"),
+    ("forward pre-", "_forward_pre_hooks"),
+    ("backward ", "_backward_hooks"),
+    ("backward pre-", "_backward_pre_hooks"),
+)
+
+
+def module_hook(model: nn.Module) -> str | None:
+    """The first module hook that could change what ``model``'s forward or backward
+    computes (one of its modules', or a global one), described for a message; ``None``
+    when there is none. A route that computes from the modules' weights instead of
+    running their forward (Bishop's propagation, the chain's stages, the MLP route of
+    the products) would not run it."""
+    for kind, attr in _HOOKS:
+        if getattr(_module, "_global" + attr):
+            return f"a global module {kind}hook is registered (torch.nn.modules.module)"
+    for name, m in model.named_modules():
+        for kind, attr in _HOOKS:
+            if getattr(m, attr):
+                where = f"module {name!r}" if name else "the model"
+                return f"{where} ({type(m).__name__}) has a {kind}hook"
+    return None
 
 
 def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -67,9 +93,14 @@ def mlp_layers(
     pre: list[nn.Module] = []
     layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
     for name, mod in flatten_sequential(model):
-        if isinstance(mod, nn.Dropout) and not (mod.training and mod.p > 0):
+        if type(mod).forward is nn.Dropout.forward and not (mod.training and mod.p > 0):
             continue
         if isinstance(mod, nn.Linear):
+            if type(mod).forward is not nn.Linear.forward:  # its own forward: not x W^T + b
+                raise ValueError(
+                    f"Bishop's method supports nn.Linear with its own forward only; module "
+                    f"{name!r} is {type(mod).__name__}, which overrides it"
+                )
             layers.append((name, mod, []))
         elif isinstance(mod, ELEMENTWISE) or (isinstance(mod, nn.Flatten) and not layers):
             (layers[-1][2] if layers else pre).append(mod)

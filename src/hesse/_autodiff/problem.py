@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from hesse._autodiff.distributed import LOCAL as _LOCAL
 from hesse._autodiff.distributed import Group, resolve_group
 from hesse._autodiff.kernels import find_module
+from hesse._autodiff.layers import module_hook
 from hesse._autodiff.losses import weighted_loss
 from hesse._util.calls import swapped_call
 from hesse._util.checks import check_shift
@@ -548,8 +549,8 @@ class Problem:
         # `_runs_as_is`'s test that the model still holds the problem's tensors
         selected = {id(t) for t in sel.tensors}
         self._held = [
-            (m._parameters, attr, t)
-            for m in model.modules()
+            (m._parameters, attr, t, f"{mn}.{attr}" if mn else attr)
+            for mn, m in model.named_modules()
             for attr, t in m._parameters.items()
             if t is not None and id(t) in selected
         ]
@@ -800,11 +801,27 @@ class Problem:
         (not ones assigned since), each requires grad and has no gradient hook (a hook
         would edit the derivative), and no module in training mode holds buffers (those
         run on copies, `outputs`)."""
-        if any(store.get(attr) is not t for store, attr, t in self._held):
+        if any(store.get(attr) is not t for store, attr, t, _ in self._held):
             return False
         if any(not p.requires_grad or p._backward_hooks for p in self.parameters.tensors):
             return False
         return not self._updates_buffers()
+
+    def _direct_refusal(self) -> str | None:
+        """Why a route that computes from the model's modules and their weights instead
+        of running its forward (Bishop's propagation, the chain's stages, the products'
+        MLP route) would not compute what `outputs` does, or ``None``: a module hook
+        (`module_hook`: it could change the forward or its derivative), or a selected
+        parameter the model no longer holds (assigned since the problem was built: the
+        problem differentiates at the tensor it selected)."""
+        for store, attr, t, name in self._held:
+            if store.get(attr) is not t:
+                return (
+                    f"the model's {name!r} is no longer the parameter the problem selected "
+                    "(assigned since the problem was built; build a new hesse.Problem to "
+                    "use it)"
+                )
+        return module_hook(self.model)
 
     def _updates_buffers(self) -> bool:
         """Whether a module in training mode holds buffers (a BatchNorm's running

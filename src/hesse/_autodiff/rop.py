@@ -37,10 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 from hesse._autodiff import losses
-from hesse._autodiff.layers import activation_derivatives, mlp_layers
+from hesse._autodiff.layers import activation_derivatives, mlp_layers, module_hook
 
 __all__ = ["NoRoute", "mlp_matmat", "mlp_route"]
 
@@ -70,14 +69,7 @@ class MLPRoute:
 
 def _hooked(model: nn.Module) -> bool:
     """Whether a hook could change what the model's forward or backward computes."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return True
-    if _module._global_backward_hooks or _module._global_backward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in model.modules()
-    )
+    return module_hook(model) is not None
 
 
 def mlp_route(problem: Any) -> MLPRoute | None:
@@ -101,8 +93,6 @@ def mlp_route(problem: Any) -> MLPRoute | None:
     }
     out, placed = [], 0
     for _name, lin, acts in layers:
-        if type(lin).forward is not nn.Linear.forward:
-            return None
         w = where.get(id(lin.weight))
         bb = where.get(id(lin.bias)) if lin.bias is not None else None
         placed += (w is not None) + (bb is not None)

@@ -94,6 +94,13 @@ class Chain:
         self._memory_estimate: int | None = None
         self._flops_estimate = 0
         self.generic = generic  # dense derivatives everywhere (the benchmark's baseline)
+        why = problem._direct_refusal()
+        if why is not None:
+            raise ValueError(
+                f"the chain solver differentiates each stage's module by its own rule, "
+                f"not by running the model: {why}. method='dense' (or 'gram' for the "
+                "GGN) differentiates the model as it runs"
+            )
         sel = problem.parameters
         sel.refuse_shared(
             "the chain solver",
@@ -255,7 +262,9 @@ def train_mode_refusal(module: nn.Module) -> str | None:
 
 
 def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = False) -> Stage:
-    """The structured stage for ``module`` if there is one, else a `GenericStage`.
+    """The structured stage for ``module`` if there is one, else a `GenericStage` (an
+    ``nn.Linear`` subclass with its own ``forward`` too: its closed form would not be
+    that forward's).
 
     ``local`` names the module's parameters to differentiate (as in the module:
     ``"weight"``, ``"bias"``; `Parameters.within`); ``generic=True`` forces the dense
@@ -266,10 +275,10 @@ def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = F
         raise ValueError(f"stage {name!r}: {why}; call model.eval()")
     if generic:  # the naive baseline: dense derivatives over the flattened batch
         return GenericStage(name, module, local, per_sample=False)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return LinearStage(name, module, weight="weight" in local, bias="bias" in local)
     if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
         return ElementwiseStage(name, module)
-    if isinstance(module, (nn.Flatten, nn.Dropout)) and not local:
+    if type(module).forward in (nn.Flatten.forward, nn.Dropout.forward) and not local:
         return IdentityStage(name, module)
     return GenericStage(name, module, local)

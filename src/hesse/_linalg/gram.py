@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
@@ -210,13 +211,22 @@ class _Capture:
 
 def linear_modules(problem: Problem) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` modules whose weight or bias is selected, under its own name and
-    used there alone (a tied parameter's Jacobian sums its uses: batched products)."""
+    used there alone (a tied parameter's Jacobian sums its uses: batched products), that
+    compute ``a = x W^T + b`` as `_Capture` sees them: ``nn.Linear``'s own ``forward``
+    and no forward hook that could change ``a`` (the module's, or a global one); the
+    others' Jacobians come from batched products."""
     selected = set(problem.names)
     tied = set(problem.parameters.aliases)
     tied |= {a for names in problem.parameters.aliases.values() for a in names}
+    if _module._global_forward_hooks:
+        return {}
     out = {}
     for name, mod in problem.model.named_modules(remove_duplicate=False):
-        if isinstance(mod, nn.Linear):
+        if (
+            isinstance(mod, nn.Linear)
+            and type(mod).forward is nn.Linear.forward
+            and not mod._forward_hooks
+        ):
             own = {f"{name}.weight", f"{name}.bias"} if name else {"weight", "bias"}
             if own & tied:
                 continue
