@@ -212,6 +212,12 @@ class _Doubled(nn.Linear):
         return 2.0 * super().forward(x)
 
 
+class _Residual(nn.Sequential):
+    def forward(self, x: Tensor) -> Tensor:  # not its children one after another
+        h = self[0](x)
+        return self[2](self[1](h) + h)
+
+
 class _Halved(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         return 0.5 * x
@@ -246,6 +252,9 @@ def _hooked_problem(case: str) -> tuple[hesse.Problem, tuple, list, str]:
 
         handles.append(register_module_forward_hook(lambda m, i, o: o))
         names = "a global module forward hook"
+    if case == "sequential subclass":
+        model = _Residual(*model)
+        names = "_Residual"
     if case == "dropout subclass":  # an identity to a route that skips Dropout
         model = nn.Sequential(*model[:2], _Halved(0.0), *model[2:])
         names = "module '2' is _Halved"
@@ -270,21 +279,23 @@ def _hooked_problem(case: str) -> tuple[hesse.Problem, tuple, list, str]:
         "assigned",
         "linear subclass",
         "dropout subclass",
+        "sequential subclass",
     ],
 )
 def test_hooks_and_assigned_parameters_are_never_read_past(case):
     """Bishop's propagation and the chain compute from the Linear weights, not by running
-    the model: with a module hook, a weight assigned after the problem was built or a
-    ``Linear`` or ``Dropout`` with its own ``forward``, they computed another function's Hessian
-    (log-determinant off by up to 23) with no word, and so did the observation-space
-    engine's Jacobian of a Linear (its input and output captured) where a hook or its
-    own ``forward`` changes the output. Now the routes that run the model take such
-    problems (the dense engine by autodiff, `decompose`, ``auto``, the observation-space
-    engine's products) and match ``torch.func`` on the model as it runs at the problem's
-    tensors; Bishop's method refuses, naming the hook, the parameter or the module, and
-    the chain refuses too (the plan says why) but for the subclasses, which it
-    differentiates as generic stages. (The ``Dropout`` subclass broke the products' MLP
-    route too.)"""
+    the model: with a module hook, a weight assigned after the problem was built, or a
+    ``Linear``, ``Dropout`` or ``Sequential`` with its own ``forward``, they computed
+    another function's Hessian (log-determinant off by up to 23) with no word, and so
+    did the observation-space engine's Jacobian of a Linear (its input and output
+    captured) where a hook or its own ``forward`` changes the output. Now the routes
+    that run the model take such problems (the dense engine by autodiff, `decompose`,
+    ``auto``, the observation-space engine's products) and match ``torch.func`` on the
+    model as it runs at the problem's tensors; Bishop's method refuses, naming the hook,
+    the parameter or the module, and the chain refuses too (the plan says why) but for
+    the ``Linear`` and ``Dropout`` subclasses, which it differentiates as generic
+    stages. (The ``Dropout`` and ``Sequential`` subclasses broke the products' MLP route
+    too.)"""
     prob, (X, y), handles, names = _hooked_problem(case)
     try:
         held = dict(zip(prob.names, prob.parameters.tensors, strict=True))
@@ -326,7 +337,7 @@ def test_hooks_and_assigned_parameters_are_never_read_past(case):
         with pytest.raises(ValueError, match="Bishop's method") as err:
             hesse.hessian(prob, method="bishop")
         assert names in str(err.value)
-        if case.endswith("subclass"):  # the chain differentiates that module generically
+        if case in ("linear subclass", "dropout subclass"):  # a generic stage for it
             sign, logdet = hesse.engine(prob, "hessian", method="chain").factor(1.0).logdet()
             assert sign == float(ref.sign) and abs(logdet - float(ref.logabsdet)) <= bound
         else:

@@ -65,11 +65,18 @@ def module_hook(model: nn.Module) -> str | None:
     return None
 
 
+def is_sequential(model: nn.Module) -> bool:
+    """Whether ``model`` is an ``nn.Sequential`` that runs ``nn.Sequential``'s own
+    ``forward`` (its children one after another): a subclass that overrides it (a
+    residual connection, say) is not a chain of its children."""
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
 def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """The modules of an ``nn.Sequential`` in order, nested Sequentials flattened, each with
     its name in the model (``[("0", Linear), ("1.0", Tanh), ...]``); any other module is
-    one entry."""
-    if isinstance(model, nn.Sequential):
+    one entry, a Sequential with its own ``forward`` too (`is_sequential`)."""
+    if is_sequential(model):
         out = []
         for name, child in model.named_children():
             out += flatten_sequential(child, f"{prefix}{name}.")
@@ -88,8 +95,11 @@ def mlp_layers(
             element-wise activation (``Flatten`` and eval-mode ``Dropout`` are
             accepted before the first ``Linear``, ``Dropout`` in eval mode anywhere).
     """
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"Bishop's method needs an nn.Sequential MLP; got {type(model).__name__}")
+    if not is_sequential(model):
+        own = " with its own forward" if isinstance(model, nn.Sequential) else ""
+        raise ValueError(
+            f"Bishop's method needs an nn.Sequential MLP; got {type(model).__name__}{own}"
+        )
     pre: list[nn.Module] = []
     layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
     for name, mod in flatten_sequential(model):

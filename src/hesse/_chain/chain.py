@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._autodiff.layers import ELEMENTWISE, flatten_sequential
+from hesse._autodiff.layers import ELEMENTWISE, flatten_sequential, is_sequential
 from hesse._autodiff.problem import Problem
 from hesse._chain.generic import GenericStage
 from hesse._chain.linear import LinearStage
@@ -76,10 +76,15 @@ class Chain:
     def from_problem(cls, problem: Problem, *, generic: bool = False) -> Chain:
         """The chain of a `Problem` whose model is an ``nn.Sequential`` (``generic`` as
         for the constructor)."""
-        if not isinstance(problem.model, nn.Sequential):
+        if not is_sequential(problem.model):
+            own = (
+                " (an nn.Sequential that overrides forward: not a chain of its children)"
+                if isinstance(problem.model, nn.Sequential)
+                else ""
+            )
             raise ValueError(
                 f"the chain solver needs an nn.Sequential model (or stages declared with "
-                f"hesse.Chain([...])); got {type(problem.model).__name__}. For other "
+                f"hesse.Chain([...])); got {type(problem.model).__name__}{own}. For other "
                 "models, hesse.factorize's dense and observation-space engines "
                 "(method='auto', 'dense' or 'gram') give exact solves, log-determinants and "
                 "counts, and hesse.solve(..., method='cg') solves at any size."

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from hesse._autodiff.layers import flatten_sequential
+from hesse._autodiff.layers import flatten_sequential, is_sequential
 from hesse._chain.chain import Chain
 from hesse._chain.factorization import (
     EIGEN_CHOLESKIES,
@@ -104,7 +104,7 @@ def chain_floor(problem: Any, curvature: str, timing: Timing) -> float:
         stages = len(problem)
     else:
         model = getattr(problem, "model", None)
-        if not isinstance(model, nn.Sequential):
+        if model is None or not is_sequential(model):
             return 0.0
         stages = len(flatten_sequential(model)) + 1  # len(Chain): + the loss
     return 3 * timing.gradient + STAGE_SECONDS[curvature] * stages

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesse._autodiff.layers import is_sequential
 from hesse._autodiff.problem import Problem
 from hesse._linalg.eigen import eigenvalue
 from hesse._linalg.factorize import check_method, factorize
@@ -268,9 +269,10 @@ class ChainNewton(Newton):
         **kwargs: Any,
     ) -> None:
         model = params_or_model if isinstance(params_or_model, nn.Module) else kwargs.get("model")
-        if not isinstance(model, nn.Sequential):
+        if model is None or not is_sequential(model):
             raise ValueError(
-                "ChainNewton needs an nn.Sequential model (a chain); use Newton "
+                "ChainNewton needs an nn.Sequential model (a chain, running nn.Sequential's "
+                "own forward); use Newton "
                 "(any exact engine) or HessianFree for other models"
             )
         super().__init__(params_or_model, loss_fn, method=method, **kwargs)
