@@ -108,8 +108,8 @@ def mlp_layers(
         if isinstance(mod, nn.Linear):
             if type(mod).forward is not nn.Linear.forward:  # its own forward: not x W^T + b
                 raise ValueError(
-                    f"Bishop's method supports nn.Linear with its own forward only; module "
-                    f"{name!r} is {type(mod).__name__}, which overrides it"
+                    f"Bishop's method takes nn.Linear layers that run nn.Linear's forward; "
+                    f"module {name!r} is {type(mod).__name__}, which overrides it"
                 )
             layers.append((name, mod, []))
         elif isinstance(mod, ELEMENTWISE) or (isinstance(mod, nn.Flatten) and not layers):

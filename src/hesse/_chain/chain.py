@@ -268,8 +268,8 @@ def train_mode_refusal(module: nn.Module) -> str | None:
 
 def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = False) -> Stage:
     """The structured stage for ``module`` if there is one, else a `GenericStage` (an
-    ``nn.Linear`` subclass with its own ``forward`` too: its closed form would not be
-    that forward's).
+    ``nn.Linear``, ``nn.Dropout`` or ``nn.Flatten`` subclass with its own ``forward``
+    too: the structured stage's closed form would not be that forward's).
 
     ``local`` names the module's parameters to differentiate (as in the module:
     ``"weight"``, ``"bias"``; `Parameters.within`); ``generic=True`` forces the dense
