@@ -65,11 +65,17 @@ def module_hook(model: nn.Module) -> str | None:
     return None
 
 
+def runs_forward_of(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether ``module`` is a ``cls`` that runs ``cls``'s own ``forward``: a subclass
+    that overrides it may compute anything, so a closed form of ``cls`` is not its."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
 def is_sequential(model: nn.Module) -> bool:
-    """Whether ``model`` is an ``nn.Sequential`` that runs ``nn.Sequential``'s own
-    ``forward`` (its children one after another): a subclass that overrides it (a
-    residual connection, say) is not a chain of its children."""
-    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+    """Whether ``model`` is an ``nn.Sequential`` that runs its children one after another
+    (`runs_forward_of`): a subclass with its own ``forward`` (a residual connection, say)
+    is not a chain of its children."""
+    return runs_forward_of(model, nn.Sequential)
 
 
 def flatten_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -103,10 +109,10 @@ def mlp_layers(
     pre: list[nn.Module] = []
     layers: list[tuple[str, nn.Linear, list[nn.Module]]] = []
     for name, mod in flatten_sequential(model):
-        if type(mod).forward is nn.Dropout.forward and not (mod.training and mod.p > 0):
+        if runs_forward_of(mod, nn.Dropout) and not (mod.training and mod.p > 0):
             continue
         if isinstance(mod, nn.Linear):
-            if type(mod).forward is not nn.Linear.forward:  # its own forward: not x W^T + b
+            if not runs_forward_of(mod, nn.Linear):  # its own forward: not x W^T + b
                 raise ValueError(
                     f"Bishop's method takes nn.Linear layers that run nn.Linear's forward; "
                     f"module {name!r} is {type(mod).__name__}, which overrides it"

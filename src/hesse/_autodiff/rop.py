@@ -67,11 +67,6 @@ class MLPRoute:
     layers: list[_Layer]
 
 
-def _hooked(model: nn.Module) -> bool:
-    """Whether a hook could change what the model's forward or backward computes."""
-    return module_hook(model) is not None
-
-
 def mlp_route(problem: Any) -> MLPRoute | None:
     """The MLP route of ``problem`` (its layers and where their parameters sit in a flat
     vector), or ``None`` where the products must take autograd's route: a model that is
@@ -81,7 +76,7 @@ def mlp_route(problem: Any) -> MLPRoute | None:
     module hooks), or an ``output=`` selection."""
     if problem.output is not None or problem.parameters.aliases:
         return None
-    if not problem._runs_as_is() or _hooked(problem.model):
+    if not problem._runs_as_is() or module_hook(problem.model) is not None:
         return None
     try:
         pre, layers = mlp_layers(problem.model)

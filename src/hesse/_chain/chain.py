@@ -11,7 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesse._autodiff.layers import ELEMENTWISE, flatten_sequential, is_sequential
+from hesse._autodiff.layers import (
+    ELEMENTWISE,
+    flatten_sequential,
+    is_sequential,
+    runs_forward_of,
+)
 from hesse._autodiff.problem import Problem
 from hesse._chain.generic import GenericStage
 from hesse._chain.linear import LinearStage
@@ -280,10 +285,10 @@ def make_stage(name: str, module: nn.Module, local: list[str], generic: bool = F
         raise ValueError(f"stage {name!r}: {why}; call model.eval()")
     if generic:  # the naive baseline: dense derivatives over the flattened batch
         return GenericStage(name, module, local, per_sample=False)
-    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+    if runs_forward_of(module, nn.Linear):
         return LinearStage(name, module, weight="weight" in local, bias="bias" in local)
     if isinstance(module, ELEMENTWISE) and not any(True for _ in module.parameters()):
         return ElementwiseStage(name, module)
-    if type(module).forward in (nn.Flatten.forward, nn.Dropout.forward) and not local:
+    if (runs_forward_of(module, nn.Flatten) or runs_forward_of(module, nn.Dropout)) and not local:
         return IdentityStage(name, module)
     return GenericStage(name, module, local)

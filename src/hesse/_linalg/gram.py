@@ -36,6 +36,7 @@ from torch.nn.modules import module as _module
 
 from hesse._autodiff import losses, products
 from hesse._autodiff.kernels import with_fallback
+from hesse._autodiff.layers import runs_forward_of
 from hesse._autodiff.problem import Problem
 from hesse._factor.base import Engine, Factorization, PivotSummary, shift
 from hesse._factor.cost import LAYER_SECONDS, EngineCost, EngineSpec, Timing, problem_of
@@ -222,11 +223,7 @@ def linear_modules(problem: Problem) -> dict[str, nn.Linear]:
         return {}
     out = {}
     for name, mod in problem.model.named_modules(remove_duplicate=False):
-        if (
-            isinstance(mod, nn.Linear)
-            and type(mod).forward is nn.Linear.forward
-            and not mod._forward_hooks
-        ):
+        if runs_forward_of(mod, nn.Linear) and not mod._forward_hooks:
             own = {f"{name}.weight", f"{name}.bias"} if name else {"weight", "bias"}
             if own & tied:
                 continue
